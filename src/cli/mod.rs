@@ -1,0 +1,137 @@
+//! The `tenancy` command line: one subcommand per job, each with its own `--help`.
+
+mod emit;
+mod run;
+mod tenants;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConnectionArgs};
+
+/// Blindstrader tenancy: Avro events in Kafka become one MySQL database per tenant.
+///
+/// Connection settings come from flags, else the environment (KAFKA_BOOTSTRAP_SERVERS,
+/// SCHEMA_REGISTRY_URL, DATABASE_URL, REDIS_URL, TENANCY_NAMESPACE), else local defaults.
+#[derive(Debug, Parser)]
+#[command(name = "tenancy", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the stream processors (provisioner) until SIGTERM or ctrl-c.
+    ///
+    /// Joins the consumer group `{ns}.provisioner`; start more copies to scale out. Creates the
+    /// namespace's topics and service databases first if missing. On shutdown the event in
+    /// progress is finished and its offset committed.
+    Run(run::RunArgs),
+    /// Validate JSON lines and produce them as Avro events.
+    ///
+    /// Each line is {"type": "OrganisationCreated", ...fields}; event_id and occurred_at may be
+    /// left out. The whole input is checked first; if any line is bad, every error is printed
+    /// (line and field) and nothing is sent. Prints topic/partition/offset per event.
+    Emit(emit::EmitArgs),
+    /// Serve the Confluent-compatible schema registry (the subset clients use).
+    Registry(RegistryArgs),
+    /// Manage the namespace's Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Inspect the tenant registry ({ns}_platform.tenants).
+    Tenants {
+        #[command(subcommand)]
+        command: tenants::TenantsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create every topic of the namespace that is missing (partitions from --partitions).
+    Create,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RegistryArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    /// Directory holding the registry's state (created if missing).
+    #[arg(
+        long,
+        env = "SCHEMA_REGISTRY_DATA_DIR",
+        default_value = ".stack/registry"
+    )]
+    pub data_dir: PathBuf,
+}
+
+/// Runs the parsed command; the exit code says success, or "not found"/"not allowed" answers.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let config = Config::resolve(&cli.connection)?;
+    match cli.command {
+        Command::Run(args) => run::run(config, args).await,
+        Command::Emit(args) => emit::emit(config, args).await,
+        Command::Registry(args) => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+            tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "schema registry listening");
+            let shutdown = shutdown_on_signal();
+            crate::registry::serve(listener, args.data_dir, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topics {
+            command: TopicsCommand::Create,
+        } => {
+            crate::topics::ensure_topics(&config).await?;
+            for t in crate::topics::Topic::ALL {
+                println!("{}", t.name(&config.namespace));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tenants { command } => tenants::run(config, command).await,
+    }
+}
+
+/// A token cancelled on SIGTERM or ctrl-c.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        ctrl_c.await.ok();
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+    });
+    token
+}
+
+/// One pool per MySQL server: no default database, every query names its database.
+pub async fn connect_pool(config: &Config) -> anyhow::Result<sqlx::MySqlPool> {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(std::time::Duration::from_secs(30))
+        .connect(&config.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
+}

@@ -1,0 +1,126 @@
+//! `tenancy tenants`: the registry's view of every tenant.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::tenancy::tenants::{Status, TenantRecord, Tenants};
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// One line per tenant: type, slug, status, database, organisation id.
+    List {
+        /// Only tenants with this status (provisioning, active, archived, purged, failed).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every field of one tenant, by organisation id or slug. Exit 1 if unknown.
+    Show {
+        id_or_slug: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until at least N tenants have settled (no longer `provisioning`); exit 1 on timeout.
+    Wait {
+        /// Number of settled tenants to wait for.
+        #[arg(long)]
+        expect: usize,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+fn parse_status(s: &str) -> Result<Status, String> {
+    Status::parse(s).ok_or_else(|| {
+        format!("unknown status {s:?}; expected provisioning, active, archived, purged or failed")
+    })
+}
+
+pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<ExitCode> {
+    let pool = super::connect_pool(&config).await?;
+    let tenants = Tenants::new(pool, &config.namespace);
+    let platform_missing = |e: sqlx::Error| {
+        anyhow::anyhow!(
+            "cannot read {}_platform.tenants: {e} (has `tenancy run` started for namespace {}?)",
+            config.namespace,
+            config.namespace
+        )
+    };
+    match command {
+        TenantsCommand::List { status, json } => {
+            let rows = tenants.list(status).await.map_err(platform_missing)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print_table(&rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TenantsCommand::Show { id_or_slug, json } => {
+            let rows = tenants.find(&id_or_slug).await.map_err(platform_missing)?;
+            if rows.is_empty() {
+                eprintln!("no tenant with organisation id or slug {id_or_slug:?}");
+                return Ok(ExitCode::FAILURE);
+            }
+            for r in &rows {
+                if json {
+                    println!("{}", serde_json::to_string(r)?);
+                } else {
+                    println!("{}", serde_json::to_string_pretty(r)?);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TenantsCommand::Wait { expect, timeout } => {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let counts = tenants.counts().await.unwrap_or_default();
+                let settled: i64 = counts
+                    .iter()
+                    .filter(|(s, _)| s != "provisioning")
+                    .map(|(_, n)| n)
+                    .sum();
+                let summary = counts
+                    .iter()
+                    .map(|(s, n)| format!("{s}={n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                if settled as usize >= expect {
+                    eprintln!("{settled} tenant(s) settled: {summary}");
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if Instant::now() >= deadline {
+                    eprintln!("timed out after {timeout}s: {settled}/{expect} settled ({summary})");
+                    return Ok(ExitCode::FAILURE);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+fn print_table(rows: &[TenantRecord]) {
+    println!(
+        "{:<9} {:<24} {:<12} {:<40} ORGANISATION",
+        "TYPE", "SLUG", "STATUS", "DATABASE"
+    );
+    for r in rows {
+        println!(
+            "{:<9} {:<24} {:<12} {:<40} {}",
+            r.organisation_type,
+            r.slug,
+            r.status,
+            r.database_name.as_deref().unwrap_or("-"),
+            r.organisation_id
+        );
+    }
+    eprintln!("{} tenant(s)", rows.len());
+}

@@ -1,0 +1,27 @@
+//! Logs (tracing, structured fields, to stderr so stdout stays for command output) and the
+//! optional Prometheus endpoint.
+
+use std::net::SocketAddr;
+
+use tracing_subscriber::EnvFilter;
+
+/// Logs at `info` unless `RUST_LOG` says otherwise; librdkafka and sqlx chatter kept at warn.
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Serves `/metrics` on `addr` (must be called inside the Tokio runtime).
+pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    Ok(())
+}

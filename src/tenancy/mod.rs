@@ -1,0 +1,33 @@
+//! Tenancy lifecycle: the tenant registry (`{ns}_platform.tenants`), migrations per database
+//! kind, the provisioner, and the outcome events it publishes on `{ns}.tenancy`.
+
+pub mod migrations;
+pub mod outcomes;
+pub mod provisioning;
+pub mod tenants;
+
+use sqlx::mysql::MySqlDatabaseError;
+
+/// Whether a MySQL error is worth retrying (server gone, lock contention) rather than a fact
+/// about the input. The one place MySQL error codes are interpreted.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map(|m| {
+                matches!(
+                    m.number(),
+                    // deadlock, lock wait timeout, too many connections, server gone/shutting down,
+                    // query interrupted
+                    1213 | 1205 | 1040 | 2006 | 2013 | 1053 | 1317 | 1927
+                )
+            })
+            .unwrap_or(false),
+        _ => false,
+    }
+}

@@ -1,0 +1,280 @@
+//! The tenant registry, `{ns}_platform.tenants`: one row per organisation, with its database
+//! and lifecycle status. Every query names the platform database explicitly.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{MySqlPool, Row};
+
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Provisioning,
+    Active,
+    Archived,
+    Purged,
+    Failed,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Provisioning,
+        Status::Active,
+        Status::Archived,
+        Status::Purged,
+        Status::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Provisioning => "provisioning",
+            Status::Active => "active",
+            Status::Archived => "archived",
+            Status::Purged => "purged",
+            Status::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        Status::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// One row of the registry.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantRecord {
+    pub organisation_id: String,
+    pub organisation_type: String,
+    pub slug: String,
+    pub name: String,
+    pub database_name: Option<String>,
+    pub status: String,
+    pub migration_version: Option<i64>,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub provisioned_at: Option<DateTime<Utc>>,
+    pub archived_at: Option<DateTime<Utc>>,
+    pub purge_after: Option<DateTime<Utc>>,
+}
+
+/// What the registry says about provisioning an organisation into a database.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The row is ours (new, or a retry of an unfinished/finished provisioning): go ahead.
+    Proceed,
+    /// Refused, with the reason for TenantProvisioningFailed.
+    Conflict(String),
+    /// The organisation was terminated: a stale OrganisationCreated must not resurrect it.
+    Terminated(Status),
+}
+
+/// Registry access for one namespace.
+#[derive(Clone)]
+pub struct Tenants {
+    pool: MySqlPool,
+    table: String,
+}
+
+const COLUMNS: &str = "organisation_id, organisation_type, slug, name, database_name, status, \
+    migration_version, failure_reason, created_at, provisioned_at, archived_at, purge_after";
+
+impl Tenants {
+    pub fn new(pool: MySqlPool, ns: &Namespace) -> Self {
+        Tenants {
+            pool,
+            table: format!(
+                "{}.tenants",
+                ns.service_database(ServiceDatabase::Platform).quoted()
+            ),
+        }
+    }
+
+    /// Decides, under row locks, whether `organisation_id` may be provisioned into `db`, and if
+    /// so marks it `provisioning` (or keeps it `active`).
+    pub async fn claim(
+        &self,
+        organisation_id: &str,
+        kind: OrganisationType,
+        slug: &str,
+        name: &str,
+        db: &DatabaseName,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<Claim, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT organisation_id, database_name, status FROM {} \
+             WHERE organisation_id = ? OR database_name = ? FOR UPDATE",
+            self.table
+        ))
+        .bind(organisation_id)
+        .bind(db.as_str())
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut own: Option<(Option<String>, Status)> = None;
+        for row in &rows {
+            let org: String = row.try_get("organisation_id")?;
+            let database: Option<String> = row.try_get("database_name")?;
+            let status = Status::parse(row.try_get("status")?).unwrap_or(Status::Failed);
+            if org != organisation_id {
+                return Ok(Claim::Conflict(format!(
+                    "database {db} already belongs to organisation {org}"
+                )));
+            }
+            own = Some((database, status));
+        }
+        let claim = match own {
+            Some((_, status @ (Status::Archived | Status::Purged))) => Claim::Terminated(status),
+            Some((Some(existing), _)) if existing != db.as_str() => Claim::Conflict(format!(
+                "organisation {organisation_id} is already provisioned as {existing}"
+            )),
+            Some(_) => {
+                sqlx::query(&format!(
+                    "UPDATE {} SET database_name = ?, failure_reason = NULL, \
+                     status = IF(status = 'active', 'active', 'provisioning') \
+                     WHERE organisation_id = ?",
+                    self.table
+                ))
+                .bind(db.as_str())
+                .bind(organisation_id)
+                .execute(&mut *tx)
+                .await?;
+                Claim::Proceed
+            }
+            None => {
+                // Never adopt a database nobody registered: it may hold someone's data.
+                let exists: Option<String> = sqlx::query_scalar(
+                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+                )
+                .bind(db.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                if exists.is_some() {
+                    Claim::Conflict(format!(
+                        "database {db} exists but is not registered to any organisation; \
+                         refusing to adopt it"
+                    ))
+                } else {
+                    sqlx::query(&format!(
+                        "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
+                         database_name, status, created_at) \
+                         VALUES (?, ?, ?, ?, ?, 'provisioning', ?)",
+                        self.table
+                    ))
+                    .bind(organisation_id)
+                    .bind(kind.symbol())
+                    .bind(slug)
+                    .bind(name)
+                    .bind(db.as_str())
+                    .bind(occurred_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    Claim::Proceed
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(claim)
+    }
+
+    /// Marks a claimed tenant active at `version`. Only a `provisioning` or `active` row moves:
+    /// a termination processed meanwhile wins.
+    pub async fn activate(&self, organisation_id: &str, version: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET status = 'active', migration_version = ?, \
+             provisioned_at = COALESCE(provisioned_at, UTC_TIMESTAMP(3)) \
+             WHERE organisation_id = ? AND status IN ('provisioning', 'active')",
+            self.table
+        ))
+        .bind(version)
+        .bind(organisation_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a refused provisioning. A row that already exists keeps its status (a duplicate
+    /// or conflicting OrganisationCreated must not break a live tenant); only a `failed` row
+    /// gets the new reason.
+    pub async fn record_failure(
+        &self,
+        organisation_id: &str,
+        kind: OrganisationType,
+        slug: &str,
+        name: &str,
+        reason: &str,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT INTO {} (organisation_id, organisation_type, slug, name, database_name, \
+             status, failure_reason, created_at) VALUES (?, ?, ?, ?, NULL, 'failed', ?, ?) \
+             ON DUPLICATE KEY UPDATE failure_reason = IF(status = 'failed', VALUES(failure_reason), failure_reason)",
+            self.table
+        ))
+        .bind(organisation_id)
+        .bind(kind.symbol())
+        .bind(slug)
+        .bind(name)
+        .bind(reason)
+        .bind(occurred_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list(&self, status: Option<Status>) -> Result<Vec<TenantRecord>, sqlx::Error> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} WHERE (? IS NULL OR status = ?) \
+             ORDER BY organisation_type, slug, organisation_id",
+            self.table
+        );
+        let status = status.map(Status::as_str);
+        let rows = sqlx::query(&sql)
+            .bind(status)
+            .bind(status)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(record).collect()
+    }
+
+    /// By organisation id, or by slug (several types may share a slug: all are returned).
+    pub async fn find(&self, id_or_slug: &str) -> Result<Vec<TenantRecord>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE organisation_id = ? OR slug = ? \
+             ORDER BY organisation_type",
+            self.table
+        ))
+        .bind(id_or_slug)
+        .bind(id_or_slug)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    /// Tenant counts per status.
+    pub async fn counts(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT CAST(status AS CHAR), COUNT(*) FROM {} GROUP BY status ORDER BY status",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
+    Ok(TenantRecord {
+        organisation_id: row.try_get("organisation_id")?,
+        organisation_type: row.try_get("organisation_type")?,
+        slug: row.try_get("slug")?,
+        name: row.try_get("name")?,
+        database_name: row.try_get("database_name")?,
+        status: row.try_get("status")?,
+        migration_version: row.try_get("migration_version")?,
+        failure_reason: row.try_get("failure_reason")?,
+        created_at: row.try_get("created_at")?,
+        provisioned_at: row.try_get("provisioned_at")?,
+        archived_at: row.try_get("archived_at")?,
+        purge_after: row.try_get("purge_after")?,
+    })
+}

@@ -1,0 +1,154 @@
+//! Confluent wire format (magic byte 0, 4-byte big-endian schema id, Avro binary) over the
+//! schema registry, via `schema_registry_converter`.
+//!
+//! Both directions cache per subject / per schema id inside the converter, so the registry is
+//! asked once per schema, not once per message.
+
+use apache_avro::types::Value;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+
+use crate::events::{Event, EventError, EventKind};
+
+/// Why a payload could not be turned into an [`Event`].
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty payload (tombstone or null value)")]
+    Empty,
+    #[error("not Confluent wire format: {0}")]
+    WireFormat(String),
+    #[error("schema id {id} could not be resolved: {cause}")]
+    UnknownSchema { id: u32, cause: String },
+    /// The registry could not be reached: worth retrying, not dead-lettering.
+    #[error("schema registry unavailable while resolving schema id {id}: {cause}")]
+    RegistryUnavailable { id: u32, cause: String },
+    #[error("payload does not decode with schema id {id}: {cause}")]
+    Undecodable { id: u32, cause: String },
+    #[error(transparent)]
+    Event(#[from] EventError),
+}
+
+impl DecodeError {
+    /// Whether waiting and retrying the same message may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DecodeError::RegistryUnavailable { .. })
+    }
+}
+
+/// Splits a Confluent-framed payload into schema id and Avro body.
+pub fn split_frame(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
+    match payload {
+        [] => Err(DecodeError::Empty),
+        [magic, ..] if *magic != 0 => Err(DecodeError::WireFormat(format!(
+            "magic byte is {magic:#04x}, expected 0x00"
+        ))),
+        [0, a, b, c, d, body @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), body)),
+        short => Err(DecodeError::WireFormat(format!(
+            "{} bytes, shorter than the 5-byte header",
+            short.len()
+        ))),
+    }
+}
+
+/// Encoder and decoder sharing one registry configuration.
+pub struct Codec {
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+}
+
+impl Codec {
+    pub fn new(schema_registry_url: &str) -> Self {
+        let settings = SrSettings::new(schema_registry_url.to_owned());
+        Codec {
+            encoder: AvroEncoder::new(settings.clone()),
+            decoder: AvroDecoder::new(settings),
+        }
+    }
+
+    /// Registers (once, then cached) the event's schema under its TopicRecordNameStrategy subject
+    /// and returns the framed bytes.
+    pub async fn encode(
+        &self,
+        topic_name: &str,
+        kind: EventKind,
+        value: Value,
+    ) -> Result<Vec<u8>, SRCError> {
+        let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
+            topic_name.to_owned(),
+            SuppliedSchema::new(
+                Some(kind.full_name()),
+                SchemaType::Avro,
+                kind.schema_json().to_owned(),
+            ),
+        );
+        self.encoder.encode_value(value, &strategy).await
+    }
+
+    /// Decodes a framed payload with the writer's schema (fetched by id, cached) and maps it onto
+    /// our reader schema.
+    pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Event, DecodeError> {
+        let payload = payload.ok_or(DecodeError::Empty)?;
+        let (id, _) = split_frame(payload)?;
+        let schema = match self.decoder.get_schema(id).await {
+            Ok(s) => s,
+            Err(e) if e.retriable => {
+                // Transient errors must not stay cached, or a registry blip poisons the id.
+                self.decoder.remove_errors_from_cache();
+                return Err(DecodeError::RegistryUnavailable {
+                    id,
+                    cause: e.to_string(),
+                });
+            }
+            Err(e) => {
+                return Err(DecodeError::UnknownSchema {
+                    id,
+                    cause: e.to_string(),
+                })
+            }
+        };
+        let decoded =
+            self.decoder
+                .decode(Some(payload))
+                .await
+                .map_err(|e| DecodeError::Undecodable {
+                    id,
+                    cause: e.to_string(),
+                })?;
+        let name = decoded
+            .name
+            .map(|n| n.fullname(None))
+            .or_else(|| match &schema.parsed {
+                apache_avro::Schema::Record(r) => Some(r.name.fullname(None)),
+                _ => None,
+            })
+            .ok_or_else(|| DecodeError::Undecodable {
+                id,
+                cause: "writer schema is not a record".into(),
+            })?;
+        Ok(Event::from_avro(&name, decoded.value)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_checked() {
+        assert!(matches!(split_frame(&[]), Err(DecodeError::Empty)));
+        assert!(matches!(
+            split_frame(&[1, 0, 0, 0, 1, 2]),
+            Err(DecodeError::WireFormat(m)) if m.contains("magic byte is 0x01")
+        ));
+        assert!(matches!(
+            split_frame(&[0, 0, 0]),
+            Err(DecodeError::WireFormat(m)) if m.contains("3 bytes")
+        ));
+        let (id, body) = split_frame(&[0, 0, 0, 1, 2, 42]).unwrap();
+        assert_eq!((id, body), (258, &[42u8][..]));
+    }
+}

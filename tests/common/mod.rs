@@ -1,0 +1,308 @@
+//! Shared test harness: a namespace per test (its own topics, databases and Redis keys), the
+//! real `tenancy` binary, and waiting on conditions with deadlines instead of sleeps.
+//!
+//! The stack must be up (`scripts/test` does it): MariaDB, Redis, Tansu and the registry.
+#![allow(dead_code)]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blindstrader_tenancy::config::Config;
+use blindstrader_tenancy::events::{Event, EventKind};
+use blindstrader_tenancy::tenant::Namespace;
+use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::wire::Codec;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use sqlx::MySqlPool;
+
+pub const DATABASE_URL: &str = "mysql://root@127.0.0.1:3306";
+
+pub fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).unwrap_or_else(|_| default.to_owned())
+}
+
+/// One test's namespace; its databases are dropped when it goes out of scope.
+pub struct TestNs {
+    pub ns: Namespace,
+    pub config: Config,
+}
+
+impl TestNs {
+    pub fn new() -> TestNs {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let ns = Namespace::parse(&format!("t{}", &suffix[..10])).unwrap();
+        let config = Config {
+            kafka_bootstrap_servers: env_or("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+            schema_registry_url: env_or("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"),
+            database_url: env_or("DATABASE_URL", DATABASE_URL),
+            redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
+            namespace: ns.clone(),
+            // Fewer partitions keep Tansu's per-test topic creation quick.
+            partitions: 3,
+        };
+        TestNs { ns, config }
+    }
+
+    pub fn topic(&self, t: Topic) -> String {
+        t.name(&self.ns)
+    }
+
+    /// A `tenancy` command with this namespace's environment.
+    pub fn tenancy(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tenancy"));
+        cmd.env("TENANCY_NAMESPACE", self.ns.as_str())
+            .env("TENANCY_PARTITIONS", self.config.partitions.to_string())
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                &self.config.kafka_bootstrap_servers,
+            )
+            .env("SCHEMA_REGISTRY_URL", &self.config.schema_registry_url)
+            .env("DATABASE_URL", &self.config.database_url)
+            .env("REDIS_URL", &self.config.redis_url)
+            .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn");
+        cmd
+    }
+
+    /// Runs `tenancy emit` on `lines`; returns its output.
+    pub fn emit(&self, lines: &[String], extra: &[&str]) -> Output {
+        use std::io::Write;
+        let mut child = self
+            .tenancy()
+            .arg("emit")
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tenancy emit");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(lines.join("\n").as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Emits and insists it worked.
+    pub fn emit_ok(&self, lines: &[String]) -> String {
+        let out = self.emit(lines, &[]);
+        assert!(
+            out.status.success(),
+            "emit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts `tenancy run` in the background; logs go to a file named after the namespace.
+    pub fn spawn_run(&self, tag: &str) -> Worker {
+        let log = std::env::temp_dir().join(format!("{}-{tag}.log", self.ns));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .tenancy()
+            .args(["run", "--session-timeout-ms", "6000"])
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn tenancy run");
+        Worker { child, log }
+    }
+
+    pub async fn pool(&self) -> MySqlPool {
+        MySqlPool::connect(&self.config.database_url).await.unwrap()
+    }
+
+    /// Every event on `topic` from the beginning, decoded; waits until at least `at_least`.
+    pub async fn read_events(
+        &self,
+        topic: Topic,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<Event> {
+        let codec = Codec::new(&self.config.schema_registry_url);
+        let raw = self.read_raw(topic, at_least, timeout);
+        let mut out = Vec::new();
+        for payload in raw {
+            out.push(
+                codec
+                    .decode(payload.as_deref())
+                    .await
+                    .expect("decodable event"),
+            );
+        }
+        out
+    }
+
+    /// Raw payloads of `topic`, all partitions from offset 0, until at least `at_least` arrived
+    /// or `timeout` passed.
+    pub fn read_raw(
+        &self,
+        topic: Topic,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<Option<Vec<u8>>> {
+        let name = self.topic(topic);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.kafka_bootstrap_servers)
+            .set(
+                "group.id",
+                format!("{}-reader-{}", self.ns, uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.config.partitions {
+            tpl.add_partition_offset(&name, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => out.push(m.payload().map(|p| p.to_vec())),
+                Some(Err(e)) => panic!("reading {name}: {e}"),
+                None if out.len() >= at_least => break,
+                None => {}
+            }
+        }
+        out
+    }
+
+    /// Messages currently on `topic` (sum of high watermarks), 0 if it does not exist.
+    pub fn message_count(&self, topic: Topic) -> i64 {
+        let name = self.topic(topic);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.kafka_bootstrap_servers)
+            .create()
+            .unwrap();
+        let meta = consumer
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .unwrap();
+        let Some(t) = meta.topics().first() else {
+            return 0;
+        };
+        if t.error().is_some() {
+            return 0;
+        }
+        t.partitions()
+            .iter()
+            .map(|p| {
+                let (lo, hi) = consumer
+                    .fetch_watermarks(&name, p.id(), Duration::from_secs(10))
+                    .unwrap();
+                hi - lo
+            })
+            .sum()
+    }
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        // Dropping databases needs async sqlx; a helper thread with its own runtime keeps Drop
+        // usable from inside #[tokio::test].
+        let url = self.config.database_url.clone();
+        let pattern = self.ns.database_like_pattern();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let pool = MySqlPool::connect(&url).await?;
+                let names: Vec<String> = sqlx::query_scalar(
+                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+                )
+                .bind(&pattern)
+                .fetch_all(&pool)
+                .await?;
+                for n in names {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS `{n}`"))
+                        .execute(&pool)
+                        .await?;
+                }
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+/// A background `tenancy run`, killed (SIGKILL) when dropped.
+pub struct Worker {
+    pub child: Child,
+    pub log: std::path::PathBuf,
+}
+
+impl Worker {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL on Unix
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `check` until it returns Some or the deadline passes (then panics with `what`).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// An OrganisationCreated JSON line.
+pub fn created_line(event_id: &str, org: &str, kind: &str, slug: &str) -> String {
+    format!(
+        r#"{{"type":"OrganisationCreated","event_id":"{event_id}","organisation_id":"{org}","organisation_type":"{kind}","slug":"{slug}","name":"{slug} Ltd"}}"#
+    )
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Tenant statuses by organisation id.
+pub async fn statuses(pool: &MySqlPool, ns: &Namespace) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(&format!(
+        "SELECT organisation_id, CAST(status AS CHAR), database_name FROM `{ns}_platform`.tenants ORDER BY organisation_id"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+pub fn kinds_of(events: &[Event]) -> Vec<EventKind> {
+    events.iter().map(Event::kind).collect()
+}

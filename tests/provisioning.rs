@@ -1,0 +1,399 @@
+//! Provisioning end to end against MariaDB, Tansu and the schema registry: events emitted with
+//! the real binary, processed by `tenancy run`, checked in MySQL and on the outcome topic.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use blindstrader_tenancy::events::{Event, EventKind, OrganisationCreated};
+use blindstrader_tenancy::tenant::OrganisationType;
+use blindstrader_tenancy::topics::Topic;
+use common::*;
+use sqlx::MySqlPool;
+
+const SETTLE: Duration = Duration::from_secs(90);
+
+async fn tables(pool: &MySqlPool, db: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME",
+    )
+    .bind(db)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn applied_migrations(pool: &MySqlPool, db: &str) -> Vec<(i64, bool)> {
+    sqlx::query_as(&format!(
+        "SELECT version, success FROM `{db}`._sqlx_migrations ORDER BY version"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn database_exists(pool: &MySqlPool, db: &str) -> bool {
+    sqlx::query_scalar::<_, String>(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+    )
+    .bind(db)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .is_some()
+}
+
+async fn wait_settled(
+    t: &TestNs,
+    pool: &MySqlPool,
+    n: usize,
+) -> Vec<(String, String, Option<String>)> {
+    wait_for(&format!("{n} settled tenants"), SETTLE, || async {
+        let rows = statuses(pool, &t.ns).await;
+        (rows.len() >= n && rows.iter().all(|(_, s, _)| s != "provisioning")).then_some(rows)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_organisation_type_gets_a_migrated_database() {
+    let t = TestNs::new();
+    let (brand, supplier, retailer) = (new_id(), new_id(), new_id());
+    let created_ids = [new_id(), new_id(), new_id()];
+    let out = t.emit_ok(&[
+        created_line(&created_ids[0], &brand, "BRAND", "louvolite"),
+        created_line(&created_ids[1], &supplier, "SUPPLIER", "cassidy"),
+        created_line(&created_ids[2], &retailer, "RETAILER", "newblinds"),
+    ]);
+    // One line per event: topic/partition/offset, type, key.
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("{}/", t.topic(Topic::Organisations))),
+        "{out}"
+    );
+    assert!(
+        lines[0].ends_with(&format!("OrganisationCreated\t{brand}")),
+        "{out}"
+    );
+
+    let mut worker = t.spawn_run("types");
+    let pool = t.pool().await;
+    let rows = wait_settled(&t, &pool, 3).await;
+    assert!(
+        rows.iter().all(|(_, s, _)| s == "active"),
+        "{rows:?}\n{}",
+        worker.log_text()
+    );
+
+    let ns = t.ns.as_str();
+    let expect = [
+        (
+            format!("{ns}_brand_louvolite"),
+            vec!["_sqlx_migrations", "fabrics", "projection_offsets"],
+        ),
+        (
+            format!("{ns}_supplier_cassidy"),
+            vec![
+                "_sqlx_migrations",
+                "brand_access",
+                "brand_fabrics",
+                "projection_offsets",
+            ],
+        ),
+        (
+            format!("{ns}_retailer_newblinds"),
+            vec!["_sqlx_migrations", "domains", "projection_offsets"],
+        ),
+    ];
+    for (db, want) in &expect {
+        assert_eq!(&tables(&pool, db).await, want, "tables of {db}");
+        assert_eq!(
+            applied_migrations(&pool, db).await,
+            vec![(1, true), (2, true)],
+            "{db}"
+        );
+    }
+    for service in [
+        "identity",
+        "supply_chain",
+        "payment",
+        "platform",
+        "notification",
+    ] {
+        assert!(
+            database_exists(&pool, &format!("{ns}_{service}")).await,
+            "{service} db"
+        );
+    }
+
+    let outcomes = t.read_events(Topic::Tenancy, 3, SETTLE).await;
+    let provisioned: Vec<_> = outcomes
+        .iter()
+        .filter_map(|e| match e {
+            Event::TenantProvisioned(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(provisioned.len(), 3, "{outcomes:?}");
+    let by_org: HashMap<&str, _> = provisioned
+        .iter()
+        .map(|p| (p.organisation_id.as_str(), *p))
+        .collect();
+    assert_eq!(
+        by_org[brand.as_str()].database,
+        format!("{ns}_brand_louvolite")
+    );
+    assert_eq!(
+        by_org[supplier.as_str()].organisation_type,
+        OrganisationType::Supplier
+    );
+    assert_eq!(by_org[retailer.as_str()].migration_version, 2);
+    assert_eq!(
+        by_org[brand.as_str()].caused_by.as_deref(),
+        Some(created_ids[0].as_str())
+    );
+
+    // A clean shutdown on SIGTERM.
+    assert!(worker.terminate().success(), "{}", worker.log_text());
+
+    // `tenants list` and `show` see the same.
+    let list = t
+        .tenancy()
+        .args(["tenants", "list", "--status", "active"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&list.stdout);
+    for slug in ["louvolite", "cassidy", "newblinds"] {
+        assert!(text.contains(slug), "{text}");
+    }
+    let show = t
+        .tenancy()
+        .args(["tenants", "show", "cassidy", "--json"])
+        .output()
+        .unwrap();
+    assert!(show.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(v["status"], "active");
+    assert_eq!(v["database_name"], format!("{ns}_supplier_cassidy"));
+    let missing = t
+        .tenancy()
+        .args(["tenants", "show", "nobody"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_event_provisions_once_with_one_outcome_id() {
+    let t = TestNs::new();
+    let org = new_id();
+    let event_id = new_id();
+    let line = created_line(&event_id, &org, "BRAND", "acmeblinds");
+    // The same event twice, as a redelivery would present it.
+    t.emit_ok(&[line.clone(), line]);
+    let _worker = t.spawn_run("redelivery");
+    let pool = t.pool().await;
+    let rows = wait_settled(&t, &pool, 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "active");
+
+    let outcomes = t.read_events(Topic::Tenancy, 2, SETTLE).await;
+    assert_eq!(
+        kinds_of(&outcomes),
+        vec![EventKind::TenantProvisioned; 2],
+        "both deliveries answered"
+    );
+    let ids: HashSet<String> = outcomes
+        .iter()
+        .map(|e| match e {
+            Event::TenantProvisioned(p) => p.event_id.clone(),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "a re-run must publish the same derived id: {ids:?}"
+    );
+    assert_eq!(
+        applied_migrations(&pool, &format!("{}_brand_acmeblinds", t.ns)).await,
+        vec![(1, true), (2, true)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refusals_end_as_failed_tenants_not_crash_loops() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (owner, squatter, bad) = (new_id(), new_id(), new_id());
+    t.emit_ok(&[
+        created_line(&new_id(), &owner, "SUPPLIER", "shadeco"),
+        created_line(&new_id(), &squatter, "SUPPLIER", "shadeco"),
+        // Too long for a MySQL database name under any namespace: 48-char slug + prefix > 64.
+        created_line(&new_id(), &bad, "RETAILER", &format!("a{}", "b".repeat(47))),
+    ]);
+    // `emit` refuses an invalid slug, so a foreign producer is simulated through the library.
+    let invalid_org = new_id();
+    produce_created(&t, &invalid_org, "Bad-Slug; DROP DATABASE mysql").await;
+    let good_after = new_id();
+    t.emit_ok(&[created_line(&new_id(), &good_after, "BRAND", "afterwards")]);
+
+    let worker = t.spawn_run("refusals");
+    let rows = wait_settled(&t, &pool, 5).await;
+    let status: HashMap<&str, (&str, Option<&str>)> = rows
+        .iter()
+        .map(|(o, s, d)| (o.as_str(), (s.as_str(), d.as_deref())))
+        .collect();
+    let ns = t.ns.as_str();
+    let shadeco = format!("{ns}_supplier_shadeco");
+    assert_eq!(
+        status[owner.as_str()],
+        ("active", Some(shadeco.as_str())),
+        "{}",
+        worker.log_text()
+    );
+    assert_eq!(status[squatter.as_str()], ("failed", None));
+    assert_eq!(status[bad.as_str()], ("failed", None));
+    assert_eq!(status[invalid_org.as_str()], ("failed", None));
+    assert_eq!(
+        status[good_after.as_str()].0,
+        "active",
+        "later events still flow"
+    );
+
+    let outcomes = t.read_events(Topic::Tenancy, 5, SETTLE).await;
+    let reasons: HashMap<String, String> = outcomes
+        .iter()
+        .filter_map(|e| match e {
+            Event::TenantProvisioningFailed(f) => {
+                Some((f.organisation_id.clone(), f.reason.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        reasons[&squatter].contains("already belongs to organisation"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[&bad].contains("over the MySQL limit"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[&invalid_org].contains("invalid slug"),
+        "{reasons:?}"
+    );
+    // Nothing was created for the refused ones.
+    let dbs: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ? ORDER BY 1",
+    )
+    .bind(format!("{}\\_%", ns.replace('_', "\\_")))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let tenant_dbs: Vec<&String> = dbs
+        .iter()
+        .filter(|d| d.contains("_brand_") || d.contains("_supplier_") || d.contains("_retailer_"))
+        .collect();
+    assert_eq!(
+        tenant_dbs,
+        vec![&format!("{ns}_brand_afterwards"), &shadeco]
+    );
+}
+
+/// Produces an OrganisationCreated the way another Confluent client would, bypassing emit.
+async fn produce_created(t: &TestNs, org: &str, slug: &str) {
+    use blindstrader_tenancy::wire::Codec;
+    use rdkafka::producer::FutureRecord;
+    blindstrader_tenancy::topics::ensure_topics(&t.config)
+        .await
+        .unwrap();
+    let event = OrganisationCreated {
+        event_id: new_id(),
+        occurred_at: 1_795_946_400_000,
+        organisation_id: org.to_owned(),
+        organisation_type: OrganisationType::Retailer,
+        slug: slug.to_owned(),
+        name: "Foreign".into(),
+    };
+    let value =
+        blindstrader_tenancy::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
+    let topic = t.topic(Topic::Organisations);
+    let payload = Codec::new(&t.config.schema_registry_url)
+        .encode(&topic, EventKind::OrganisationCreated, value)
+        .await
+        .unwrap();
+    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    producer
+        .send(
+            FutureRecord::to(&topic).key(org).payload(&payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_provisioning_converges_after_restart() {
+    let t = TestNs::new();
+    let n = 40;
+    let orgs: Vec<String> = (0..n).map(|_| new_id()).collect();
+    let lines: Vec<String> = orgs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            created_line(
+                &new_id(),
+                o,
+                ["BRAND", "SUPPLIER", "RETAILER"][i % 3],
+                &format!("kill{i}"),
+            )
+        })
+        .collect();
+    t.emit_ok(&lines);
+    let pool = t.pool().await;
+
+    let mut first = t.spawn_run("kill-first");
+    // Kill it once some, but not all, tenants are done.
+    wait_for("first tenants provisioned", SETTLE, || async {
+        let rows = statuses(&pool, &t.ns).await;
+        let active = rows.iter().filter(|(_, s, _)| s == "active").count();
+        (active >= 3).then_some(())
+    })
+    .await;
+    first.kill9();
+    let after_kill = statuses(&pool, &t.ns).await;
+    let active_at_kill = after_kill.iter().filter(|(_, s, _)| s == "active").count();
+    assert!(active_at_kill < n, "kill came too late to test anything");
+
+    let _second = t.spawn_run("kill-second");
+    let rows = wait_settled(&t, &pool, n).await;
+    assert_eq!(rows.len(), n);
+    assert!(rows.iter().all(|(_, s, _)| s == "active"), "{rows:?}");
+    for (_, _, db) in &rows {
+        let db = db.as_deref().unwrap();
+        assert_eq!(
+            applied_migrations(&pool, db).await,
+            vec![(1, true), (2, true)],
+            "{db}"
+        );
+    }
+    // Exactly one TenantProvisioned id per organisation, however often it was published.
+    let outcomes = t.read_events(Topic::Tenancy, n, SETTLE).await;
+    let mut ids_per_org: HashMap<String, HashSet<String>> = HashMap::new();
+    for e in &outcomes {
+        if let Event::TenantProvisioned(p) = e {
+            ids_per_org
+                .entry(p.organisation_id.clone())
+                .or_default()
+                .insert(p.event_id.clone());
+        }
+    }
+    assert_eq!(ids_per_org.len(), n);
+    assert!(
+        ids_per_org.values().all(|ids| ids.len() == 1),
+        "{ids_per_org:?}"
+    );
+}
