@@ -155,7 +155,7 @@ async fn register_is_idempotent_and_ids_are_global() {
 
     let (status, subjects) = registry.get("/subjects").await;
     assert_eq!(status, 200);
-    assert_eq!(subjects, json!([other, SUBJECT]));
+    assert_eq!(subjects, json!([SUBJECT, other]), "sorted by name");
 
     let (status, versions) = registry.get(&format!("/schemas/ids/{id}/versions")).await;
     assert_eq!(status, 200);

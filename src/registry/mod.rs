@@ -13,6 +13,8 @@
 //! * `snapshot` — crash-safe persistence of the state file;
 //! * `http` — the REST routes and Confluent error bodies.
 
+#[cfg(test)]
+mod client_compat;
 mod compatibility;
 mod error;
 mod http;
