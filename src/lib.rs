@@ -12,11 +12,13 @@
 //! - [`wire`]: Confluent wire format over the schema registry.
 //! - [`topics`], [`kafka`]: topic names and creation, producer and consumer settings.
 //! - [`processor`]: the consume → apply → store-offset loop; [`dead_letter`] for poison events.
+//! - [`access`]: supplier → brand permissions and the Redis permission cache.
 //! - [`tenancy`]: the tenant registry, migrations, the provisioner and its outcome events.
 //! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
 //! - [`emit`]: JSON lines → events (`tenancy emit`).
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod dead_letter;

@@ -1,5 +1,7 @@
 //! The `tenancy` command line: one subcommand per job, each with its own `--help`.
 
+mod access;
+mod dead_letter;
 mod emit;
 mod run;
 mod tenants;
@@ -52,6 +54,16 @@ pub enum Command {
         #[command(subcommand)]
         command: tenants::TenantsCommand,
     },
+    /// Supplier → brand permissions, through the Redis permission cache.
+    Access {
+        #[command(subcommand)]
+        command: access::AccessCommand,
+    },
+    /// Inspect and replay events in {ns}.dead-letter.
+    DeadLetter {
+        #[command(subcommand)]
+        command: dead_letter::DeadLetterCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +111,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tenants { command } => tenants::run(config, command).await,
+        Command::Access { command } => access::run(config, command).await,
+        Command::DeadLetter { command } => dead_letter::run(config, command).await,
     }
 }
 

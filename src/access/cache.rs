@@ -1,0 +1,1 @@
+//! Redis permission cache (being written).
