@@ -12,6 +12,8 @@
 //! - [`wire`]: Confluent wire format over the schema registry.
 //! - [`topics`], [`kafka`]: topic names and creation, producer and consumer settings.
 //! - [`processor`]: the consume → apply → store-offset loop; [`dead_letter`] for poison events.
+//! - [`catalog`]: brand catalogs and supplier copies (the catalog processor).
+//! - [`offsets`]: `projection_offsets`, the effectively-once bookkeeping in each tenant DB.
 //! - [`access`]: supplier → brand permissions and the Redis permission cache.
 //! - [`tenancy`]: the tenant registry, migrations, the provisioner and its outcome events.
 //! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
@@ -19,12 +21,14 @@
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
 
 pub mod access;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod emit;
 pub mod events;
 pub mod kafka;
+pub mod offsets;
 pub mod processor;
 pub mod registry;
 pub mod telemetry;

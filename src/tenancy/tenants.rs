@@ -5,7 +5,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
+use std::collections::HashMap;
+
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -69,10 +71,21 @@ pub enum Claim {
     Terminated(Status),
 }
 
+/// What a projector needs to know about a tenant before writing to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRef {
+    pub organisation_id: String,
+    pub kind: OrganisationType,
+    pub status: Status,
+    /// Re-derived from the validated type and slug, never taken from the row as text.
+    pub database: Option<DatabaseName>,
+}
+
 /// Registry access for one namespace.
 #[derive(Clone)]
 pub struct Tenants {
     pool: MySqlPool,
+    ns: Namespace,
     table: String,
 }
 
@@ -83,6 +96,7 @@ impl Tenants {
     pub fn new(pool: MySqlPool, ns: &Namespace) -> Self {
         Tenants {
             pool,
+            ns: ns.clone(),
             table: format!(
                 "{}.tenants",
                 ns.service_database(ServiceDatabase::Platform).quoted()
@@ -249,6 +263,47 @@ impl Tenants {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(record).collect()
+    }
+
+    /// Registry facts for `ids` (unknown ids are absent from the map).
+    pub async fn lookup(&self, ids: &[&str]) -> Result<HashMap<String, TenantRef>, sqlx::Error> {
+        let mut found = HashMap::new();
+        for chunk in ids.chunks(500) {
+            let placeholders = vec!["?"; chunk.len()].join(",");
+            let sql = format!(
+                "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
+                 CAST(status AS CHAR) AS status, database_name FROM {} WHERE organisation_id IN ({placeholders})",
+                self.table
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let id: String = row.try_get("organisation_id")?;
+                let kind_text: String = row.try_get("organisation_type")?;
+                let Ok(kind) = OrganisationType::parse(&kind_text) else {
+                    continue;
+                };
+                let status = Status::parse(row.try_get("status")?).unwrap_or(Status::Failed);
+                let stored: Option<String> = row.try_get("database_name")?;
+                let slug: String = row.try_get("slug")?;
+                let database = Slug::parse(&slug)
+                    .ok()
+                    .and_then(|s| self.ns.tenant_database(kind, &s).ok())
+                    .filter(|db| stored.as_deref() == Some(db.as_str()));
+                found.insert(
+                    id.clone(),
+                    TenantRef {
+                        organisation_id: id,
+                        kind,
+                        status,
+                        database,
+                    },
+                );
+            }
+        }
+        Ok(found)
     }
 
     /// Tenant counts per status.

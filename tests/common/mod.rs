@@ -306,3 +306,165 @@ pub async fn statuses(pool: &MySqlPool, ns: &Namespace) -> Vec<(String, String, 
 pub fn kinds_of(events: &[Event]) -> Vec<EventKind> {
     events.iter().map(Event::kind).collect()
 }
+
+/// Deletes every Redis key of namespace `ns` (`{ns}:*`); returns how many went. Synchronous, so
+/// it can run from a `Drop` inside `#[tokio::test]`.
+pub fn delete_redis_keys(redis_url: &str, ns: &Namespace) -> redis::RedisResult<usize> {
+    let mut conn = redis::Client::open(redis_url)?.get_connection()?;
+    let pattern = format!("{ns}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(&mut conn)?;
+        if !keys.is_empty() {
+            let n: usize = redis::cmd("DEL").arg(&keys).query(&mut conn)?;
+            deleted += n;
+        }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
+    }
+}
+
+/// One message as read from a topic, with its headers.
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RawMessage {
+    /// The last value of header `name` as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn key_text(&self) -> Option<String> {
+        self.key
+            .as_deref()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+    }
+}
+
+impl TestNs {
+    /// Every message of `topic` (any full topic name) from offset 0 of all partitions, with
+    /// headers, sorted by partition and offset; reads until at least `at_least` arrived or
+    /// `timeout` passed.
+    pub fn read_messages_of(
+        &self,
+        name: &str,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<RawMessage> {
+        use rdkafka::message::Headers;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.kafka_bootstrap_servers)
+            .set(
+                "group.id",
+                format!("{}-reader-{}", self.ns, uuid::Uuid::new_v4()),
+            )
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.config.partitions {
+            tpl.add_partition_offset(name, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => out.push(RawMessage {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                }),
+                Some(Err(e)) => panic!("reading {name}: {e}"),
+                None if out.len() >= at_least => break,
+                None => {}
+            }
+        }
+        out.sort_by_key(|m| (m.partition, m.offset));
+        out
+    }
+
+    /// [`TestNs::read_messages_of`] for one of the namespace's topics.
+    pub fn read_messages(
+        &self,
+        topic: Topic,
+        at_least: usize,
+        timeout: Duration,
+    ) -> Vec<RawMessage> {
+        self.read_messages_of(&self.topic(topic), at_least, timeout)
+    }
+
+    /// Produces raw bytes (as a foreign or broken client would) with the idempotent producer;
+    /// returns the partition and offset the broker acknowledged.
+    pub async fn produce_raw(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> (i32, i64) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::FutureRecord;
+        let mut hs = OwnedHeaders::new();
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let producer = blindstrader_tenancy::kafka::producer(&self.config).unwrap();
+        let mut record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(hs);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        let delivery = producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+        (delivery.partition, delivery.offset)
+    }
+
+    /// Runs `tenancy` with `args`; returns (exit code, stdout, stderr).
+    pub fn tenancy_output(&self, args: &[&str]) -> (Option<i32>, String, String) {
+        let out = self.tenancy().args(args).output().expect("run tenancy");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}

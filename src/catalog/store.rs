@@ -1,0 +1,199 @@
+//! SQL for the catalog projection: multi-row statements against explicitly named databases.
+//! Table and column names come from the validated [`CatalogSpec`], database names from
+//! [`DatabaseName`]; every value is a bound parameter.
+
+use sqlx::mysql::MySqlArguments;
+use sqlx::query::Query;
+use sqlx::{MySql, Transaction};
+
+use super::change::NetChange;
+use super::spec::{CatalogSpec, Cell};
+use crate::tenant::DatabaseName;
+
+/// Rows per INSERT: 500 × 11 parameters stays far below MySQL's 65,535-placeholder limit.
+const ROWS_PER_STATEMENT: usize = 500;
+
+type Q<'q> = Query<'q, MySql, MySqlArguments>;
+
+fn bind_cell<'q>(q: Q<'q>, cell: &Cell) -> Q<'q> {
+    match cell {
+        Cell::Null => q.bind(None::<String>),
+        Cell::Text(s) => q.bind(s.clone()),
+        Cell::Int(i) => q.bind(*i),
+        Cell::Bool(b) => q.bind(*b),
+    }
+}
+
+fn placeholders(n: usize) -> String {
+    format!("({})", vec!["?"; n].join(","))
+}
+
+/// Upserts and removals into the brand's own table.
+pub async fn write_brand(
+    tx: &mut Transaction<'_, MySql>,
+    db: &DatabaseName,
+    spec: &CatalogSpec,
+    change: &NetChange,
+) -> Result<(), sqlx::Error> {
+    let mut columns: Vec<&str> = spec.columns.iter().map(String::as_str).collect();
+    columns.push(&spec.brand_revision_column);
+    for chunk in change.upserts.chunks(ROWS_PER_STATEMENT) {
+        let sql = upsert_sql(
+            db,
+            &spec.brand_table,
+            &columns,
+            &spec.key_column,
+            chunk.len(),
+        );
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            for cell in row {
+                q = bind_cell(q, cell);
+            }
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for chunk in change.removals.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "DELETE FROM {}.`{}` WHERE `{}` IN ({})",
+            db.quoted(),
+            spec.brand_table,
+            spec.key_column,
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for code in chunk {
+            q = q.bind(code.clone());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+fn upsert_sql(db: &DatabaseName, table: &str, columns: &[&str], key: &str, rows: usize) -> String {
+    let quoted: Vec<String> = columns.iter().map(|c| format!("`{c}`")).collect();
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|c| **c != key)
+        .map(|c| format!("`{c}` = VALUES(`{c}`)"))
+        .collect();
+    format!(
+        "INSERT INTO {}.`{table}` ({}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+        db.quoted(),
+        quoted.join(","),
+        vec![placeholders(columns.len()); rows].join(","),
+        updates.join(",")
+    )
+}
+
+/// The same change in a supplier's copy, with `hidden` columns NULL.
+pub async fn write_copy(
+    tx: &mut Transaction<'_, MySql>,
+    supplier_db: &DatabaseName,
+    spec: &CatalogSpec,
+    brand_id: &str,
+    change: &NetChange,
+    hidden: &[&str],
+) -> Result<(), sqlx::Error> {
+    let mut columns: Vec<&str> = vec![&spec.supplier_brand_column];
+    columns.extend(spec.columns.iter().map(String::as_str));
+    for chunk in change.upserts.chunks(ROWS_PER_STATEMENT) {
+        let sql = upsert_sql(
+            supplier_db,
+            &spec.supplier_table,
+            &columns,
+            &spec.key_column,
+            chunk.len(),
+        );
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            q = q.bind(brand_id.to_owned());
+            // The row carries the revision last; the copy does not.
+            for (column, cell) in spec.columns.iter().zip(row) {
+                q = if hidden.contains(&column.as_str()) {
+                    bind_cell(q, &Cell::Null)
+                } else {
+                    bind_cell(q, cell)
+                };
+            }
+        }
+        q.execute(&mut **tx).await?;
+    }
+    for chunk in change.removals.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "DELETE FROM {}.`{}` WHERE `{}` = ? AND `{}` IN ({})",
+            supplier_db.quoted(),
+            spec.supplier_table,
+            spec.supplier_brand_column,
+            spec.key_column,
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql).bind(brand_id.to_owned());
+        for code in chunk {
+            q = q.bind(code.clone());
+        }
+        q.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
+/// Removes one brand's rows from a supplier's copy.
+pub async fn drop_copy(
+    tx: &mut Transaction<'_, MySql>,
+    supplier_db: &DatabaseName,
+    spec: &CatalogSpec,
+    brand_id: &str,
+) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(&format!(
+        "DELETE FROM {}.`{}` WHERE `{}` = ?",
+        supplier_db.quoted(),
+        spec.supplier_table,
+        spec.supplier_brand_column
+    ))
+    .bind(brand_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Replaces a supplier's copy of one brand with the brand's current projection: the
+/// permission-checked read of the brand DB (the caller passes the supplier's permissions as
+/// `hidden` columns; no other brand is touched). One server-side INSERT … SELECT.
+pub async fn rebuild_copy(
+    tx: &mut Transaction<'_, MySql>,
+    supplier_db: &DatabaseName,
+    brand_db: &DatabaseName,
+    spec: &CatalogSpec,
+    brand_id: &str,
+    hidden: &[&str],
+) -> Result<u64, sqlx::Error> {
+    drop_copy(tx, supplier_db, spec, brand_id).await?;
+    let target: Vec<String> = std::iter::once(&spec.supplier_brand_column)
+        .chain(&spec.columns)
+        .map(|c| format!("`{c}`"))
+        .collect();
+    let source: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| {
+            if hidden.contains(&c.as_str()) {
+                "NULL".to_owned()
+            } else {
+                format!("`{c}`")
+            }
+        })
+        .collect();
+    let done = sqlx::query(&format!(
+        "INSERT INTO {}.`{}` ({}) SELECT ?, {} FROM {}.`{}`",
+        supplier_db.quoted(),
+        spec.supplier_table,
+        target.join(","),
+        source.join(","),
+        brand_db.quoted(),
+        spec.brand_table
+    ))
+    .bind(brand_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected())
+}
