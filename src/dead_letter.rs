@@ -1,5 +1,11 @@
 //! The dead-letter topic `{ns}.dead-letter`: poison events, byte for byte, with headers naming
 //! why and where they came from, so they can be inspected and replayed.
+//!
+//! [`DeadLetters`] writes them (the processors). [`DeadLetterLog`] reads the topic up to the end
+//! it had when opened and replays dead letters to the partition they came from, recording
+//! progress as committed offsets of consumer groups that never join: `{ns}.dead-letter-replay`
+//! for full replays and `{ns}.dead-letter-replay.{source topic}` for filtered ones. A dead letter
+//! counts as replayed when either group's offset on its partition is past it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -327,15 +333,6 @@ impl DeadLetterLog {
         &self.topic
     }
 
-    /// Messages on the topic when it was opened (sum over partitions of high − low).
-    pub fn len(&self) -> i64 {
-        self.partitions.iter().map(|p| p.high - p.low).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Every dead letter, in dead-letter order (partition, then offset), each marked with
     /// whether replay progress already covers it.
     pub fn list(&self) -> anyhow::Result<Vec<DeadLetter>> {
@@ -399,9 +396,8 @@ impl DeadLetterLog {
             .iter()
             .filter(|l| wanted(l) && (options.all || !l.replayed) && l.target().is_ok())
             .collect();
-        if !options.dry_run {
-            self.check_targets(&to_send)?;
-        }
+        // A dry run checks too: it should fail where the replay would.
+        self.check_targets(&to_send)?;
         let producer = if options.dry_run || to_send.is_empty() {
             None
         } else {

@@ -91,3 +91,31 @@ pub fn consumer(
             group: group.to_owned(),
         })?)
 }
+
+/// Rewinds a consumer group to the start of `topics`, so its processor replays them.
+///
+/// The group must have no live members (stop the workers first): the broker refuses offset
+/// commits from outside an active generation.
+pub fn rewind_group(config: &Config, group: &str, topics: &[String]) -> anyhow::Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    let consumer: BaseConsumer = config
+        .kafka_client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        for t in meta.topics() {
+            for p in t.partitions() {
+                // Offset 0, not "beginning": a commit needs a concrete offset. The log is kept
+                // forever, so 0 is the start.
+                tpl.add_partition_offset(t.name(), p.id(), rdkafka::Offset::Offset(0))?;
+            }
+        }
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        anyhow::anyhow!("cannot rewind group {group} (are its workers stopped?): {e}")
+    })?;
+    Ok(tpl.count())
+}

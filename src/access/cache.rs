@@ -26,7 +26,7 @@
 //! loses its Redis/MySQL connection) between its SET and the check leaves a possibly stale value
 //! for at most [`PERMISSION_TTL_SECS`]. A DEL is always safe here: the next reader reloads.
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use sqlx::MySqlPool;
 use uuid::Uuid;
 
@@ -222,9 +222,17 @@ impl PermissionCache {
     pub async fn connect(redis_url: &str, ns: &Namespace) -> anyhow::Result<Self> {
         let client = redis::Client::open(redis_url)
             .map_err(|e| anyhow::anyhow!("invalid Redis URL {}: {e}", redact(redis_url)))?;
-        let conn = ConnectionManager::new(client).await.map_err(|e| {
-            anyhow::anyhow!("cannot connect to Redis at {}: {e}", redact(redis_url))
-        })?;
+        // Few quick retries: an unreachable Redis is reported in about a second rather than
+        // after the default six backed-off attempts; callers (the projector's retry loop, an
+        // operator) decide whether to try again. Reconnection after a drop stays automatic.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_max_delay(std::time::Duration::from_millis(500));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot connect to Redis at {}: {e}", redact(redis_url))
+            })?;
         Ok(PermissionCache {
             conn,
             ns: ns.clone(),

@@ -122,6 +122,12 @@ async fn check(
             eprintln!("not allowed: {e}");
             return Ok(ExitCode::FAILURE);
         }
+        Err(e @ AccessError::Database { .. }) if is_missing_table(&e) => {
+            return Ok(undecided(format!(
+                "{e} (has `tenancy run` started for namespace {}?)",
+                config.namespace
+            )))
+        }
         Err(e) => return Ok(undecided(e)),
     };
     print_answer(&access, supplier_id, brand_id, &key, json)?;
@@ -135,6 +141,12 @@ async fn check(
     };
     eprintln!("not allowed: supplier {supplier_id} may not read brand {brand_id}: {why}");
     Ok(ExitCode::FAILURE)
+}
+
+/// MySQL's "table doesn't exist" (1146 / 42S02): the namespace was never set up.
+fn is_missing_table(e: &AccessError) -> bool {
+    matches!(e, AccessError::Database { cause: sqlx::Error::Database(db), .. }
+        if db.code().as_deref() == Some("42S02"))
 }
 
 /// Why the answer is "no access", for the operator (best effort; the answer stands anyway).

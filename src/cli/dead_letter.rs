@@ -96,13 +96,13 @@ fn list(config: &Config, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         writeln!(
             out,
-            "{:<14} {:<48} {:<36} {:>8} {:<18} REASON",
+            "{:<14} {:<48} {:<36} {:>8} {:<26} REASON",
             "DEAD-LETTER", "SOURCE", "TENANT", "BYTES", "STATE"
         )?;
         for l in &letters {
             writeln!(
                 out,
-                "{:<14} {:<48} {:<36} {:>8} {:<18} {}",
+                "{:<14} {:<48} {:<36} {:>8} {:<26} {}",
                 l.position(),
                 l.source(),
                 l.tenant.as_deref().unwrap_or("-"),

@@ -70,6 +70,13 @@ pub enum Command {
 pub enum TopicsCommand {
     /// Create every topic of the namespace that is missing (partitions from --partitions).
     Create,
+    /// Rewind a processor's consumer group to the start of its topics, to rebuild its
+    /// projections by replay. Stop that processor's workers first.
+    Rewind {
+        /// provisioner or catalog
+        #[arg(value_parser = ["provisioner", "catalog"])]
+        processor: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +115,23 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             for t in crate::topics::Topic::ALL {
                 println!("{}", t.name(&config.namespace));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topics {
+            command: TopicsCommand::Rewind { processor },
+        } => {
+            use crate::topics::Topic;
+            let ns = &config.namespace;
+            let topics: Vec<String> = match processor.as_str() {
+                "provisioner" => vec![Topic::Organisations.name(ns)],
+                _ => vec![Topic::BrandCatalog.name(ns), Topic::BrandAccess.name(ns)],
+            };
+            let group = format!("{ns}.{processor}");
+            let n = crate::kafka::rewind_group(&config, &group, &topics)?;
+            eprintln!(
+                "group {group}: {n} partition(s) of {} rewound to offset 0",
+                topics.join(", ")
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Tenants { command } => tenants::run(config, command).await,
