@@ -18,9 +18,11 @@
 //! - [`tenancy`]: the tenant registry, migrations, the provisioner and its outcome events.
 //! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
 //! - [`emit`]: JSON lines → events (`tenancy emit`).
+//! - [`bench`]: the catalog benchmark against a raw MySQL baseline (`tenancy bench catalog`).
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
 
 pub mod access;
+pub mod bench;
 pub mod catalog;
 pub mod cli;
 pub mod config;

@@ -59,6 +59,11 @@ pub enum Command {
         #[command(subcommand)]
         command: access::AccessCommand,
     },
+    /// Benchmarks (figures only mean something from a --release build).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Inspect and replay events in {ns}.dead-letter.
     DeadLetter {
         #[command(subcommand)]
@@ -77,6 +82,14 @@ pub enum TopicsCommand {
         #[arg(value_parser = ["provisioner", "catalog"])]
         processor: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Catalog events from Kafka into brand DBs and supplier copies, against a raw
+    /// multi-row INSERT … ON DUPLICATE KEY UPDATE baseline in the same run. Uses a fresh
+    /// namespace (benchXXXXXX) and drops its databases afterwards unless --keep.
+    Catalog(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,6 +148,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Tenants { command } => tenants::run(config, command).await,
+        Command::Bench {
+            command: BenchCommand::Catalog(args),
+        } => {
+            crate::bench::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Access { command } => access::run(config, command).await,
         Command::DeadLetter { command } => dead_letter::run(config, command).await,
     }

@@ -203,6 +203,7 @@ impl TestNs {
 
 impl Drop for TestNs {
     fn drop(&mut self) {
+        let _ = delete_redis_keys(&self.config.redis_url, &self.ns);
         // Dropping databases needs async sqlx; a helper thread with its own runtime keeps Drop
         // usable from inside #[tokio::test].
         let url = self.config.database_url.clone();

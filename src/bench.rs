@@ -1,0 +1,460 @@
+//! `tenancy bench catalog`: catalog events from Kafka into MySQL, measured against a raw
+//! baseline in the same run.
+//!
+//! Set-up (not timed): a fresh namespace, brands and suppliers provisioned through the library,
+//! each supplier granted two brands (one with pricing.read), all events produced up front.
+//! Timed: the catalog processor from its first applied batch until every brand has applied its
+//! last event (fabrics into brand DBs and every supplier copy). Baseline: the same rows written
+//! again by plain multi-row `INSERT … ON DUPLICATE KEY UPDATE` statements, 500 rows each, into
+//! the emptied tables. Figures only mean something from a `--release` build.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use serde_json::json;
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::access::cache::PermissionCache;
+use crate::catalog::processor::{CatalogProcessor, CatalogSettings};
+use crate::catalog::spec::CatalogSpec;
+use crate::config::Config;
+use crate::dead_letter::DeadLetters;
+use crate::events::json::record_from_json;
+use crate::events::EventKind;
+use crate::tenancy::migrations;
+use crate::tenancy::provisioning::prepare_service_databases;
+use crate::tenancy::tenants::{Claim, Tenants};
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
+use crate::topics::{ensure_topics, Topic};
+use crate::wire::Codec;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Fabrics in total, spread evenly over the brands.
+    #[arg(long, default_value_t = 200_000)]
+    pub fabrics: usize,
+    #[arg(long, default_value_t = 50)]
+    pub brands: usize,
+    #[arg(long, default_value_t = 100)]
+    pub suppliers: usize,
+    /// Fabrics per BrandCatalogUpdated event.
+    #[arg(long, default_value_t = 20)]
+    pub per_event: usize,
+    /// Keep the benchmark's databases afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+const COLOURS: [&str; 4] = ["White", "Ivory", "Sage", "Navy"];
+
+struct Tenant {
+    id: String,
+    db: DatabaseName,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+async fn provision(
+    pool: &MySqlPool,
+    tenants: &Tenants,
+    config: &Config,
+    kind: OrganisationType,
+    index: usize,
+) -> anyhow::Result<Tenant> {
+    let id = uuid::Uuid::new_v4().to_string();
+    let slug = Slug::parse(&format!("{}{index}", kind.db_word()))?;
+    let db = config.namespace.tenant_database(kind, &slug)?;
+    let claim = tenants
+        .claim(
+            &id,
+            kind,
+            slug.as_str(),
+            slug.as_str(),
+            &db,
+            chrono::Utc::now(),
+        )
+        .await?;
+    anyhow::ensure!(claim == Claim::Proceed, "cannot claim {db}: {claim:?}");
+    let version = migrations::create_and_migrate(
+        pool,
+        &config.database_url,
+        &db,
+        migrations::for_tenant(kind),
+    )
+    .await?;
+    tenants.activate(&id, version).await?;
+    Ok(Tenant { id, db })
+}
+
+pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.brands > 0 && args.per_event > 0,
+        "--brands and --per-event must be positive"
+    );
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let ns = config.namespace.clone();
+    eprintln!(
+        "namespace {ns}: setting up {} brands, {} suppliers",
+        args.brands, args.suppliers
+    );
+    let pool = crate::cli::connect_pool(&config).await?;
+    ensure_topics(&config).await?;
+    prepare_service_databases(&pool, &config.database_url, &ns).await?;
+    let tenants = Tenants::new(pool.clone(), &ns);
+    let mut brands = Vec::new();
+    for i in 0..args.brands {
+        brands.push(provision(&pool, &tenants, &config, OrganisationType::Brand, i).await?);
+    }
+    let mut suppliers = Vec::new();
+    for i in 0..args.suppliers {
+        suppliers.push(provision(&pool, &tenants, &config, OrganisationType::Supplier, i).await?);
+    }
+    // Grants written straight into the index and the supplier DBs: the benchmark is about
+    // catalog throughput. Supplier s reads brand s with prices and brand s+1 without.
+    let platform = ns.service_database(crate::tenant::ServiceDatabase::Platform);
+    let mut grants: HashMap<usize, Vec<(usize, bool)>> = HashMap::new();
+    for (s, supplier) in suppliers.iter().enumerate() {
+        for (b, pricing) in [(s % args.brands, true), ((s + 1) % args.brands, false)] {
+            let perms = if pricing {
+                json!(["catalog.read", "pricing.read"])
+            } else {
+                json!(["catalog.read"])
+            }
+            .to_string();
+            sqlx::query(&format!(
+                "INSERT IGNORE INTO {}.brand_access (brand_id, supplier_id, permissions) VALUES (?, ?, ?)",
+                platform.quoted()
+            ))
+            .bind(&brands[b].id)
+            .bind(&supplier.id)
+            .bind(&perms)
+            .execute(&pool)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT IGNORE INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, UTC_TIMESTAMP(3))",
+                supplier.db.quoted()
+            ))
+            .bind(&brands[b].id)
+            .bind(&perms)
+            .execute(&pool)
+            .await?;
+            grants.entry(b).or_default().push((s, pricing));
+        }
+    }
+
+    // Events, encoded and produced before the clock starts.
+    let per_brand = args.fabrics / args.brands;
+    let codec = Arc::new(Codec::new(&config.schema_registry_url));
+    let topic = Topic::BrandCatalog.name(&ns);
+    let producer: FutureProducer = crate::kafka::producer(&config)?;
+    let mut events = 0usize;
+    let mut fabric_rows: Vec<Vec<Value>> = Vec::new();
+    let mut deliveries = Vec::new();
+    for (b, brand) in brands.iter().enumerate() {
+        for (n, chunk) in (0..per_brand)
+            .collect::<Vec<_>>()
+            .chunks(args.per_event)
+            .enumerate()
+        {
+            let fabrics: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|i| {
+                    let colour = COLOURS[i % 4];
+                    json!({"code": format!("F{i:06}"), "name": format!("Fabric {i}"), "collection": format!("C{}", i % 40),
+                        "colour": colour, "material": "Polyester",
+                        "width_mm": 2000 + (i % 5) as i64 * 250, "price_minor": 1000 + (i % 997) as i64, "currency": "GBP"})
+                })
+                .collect();
+            let line = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0,
+                "brand_id": brand.id, "brand_slug": format!("brand{b}"), "revision": n as i64,
+                "fabrics_upserted": fabrics, "fabrics_removed": []});
+            let value = record_from_json(EventKind::BrandCatalogUpdated.schema(), &line, &[])
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if let Some(Value::Record(fields)) = Some(&value) {
+                if let Some((_, Value::Array(items))) =
+                    fields.iter().find(|(n, _)| n == "fabrics_upserted")
+                {
+                    fabric_rows.push(items.clone());
+                }
+            }
+            let payload = codec
+                .encode(&topic, EventKind::BrandCatalogUpdated, value)
+                .await
+                .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+            loop {
+                match producer
+                    .send_result(FutureRecord::to(&topic).key(&brand.id).payload(&payload))
+                {
+                    Ok(d) => {
+                        deliveries.push(d);
+                        break;
+                    }
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        _,
+                    )) => {
+                        producer.poll(Duration::from_millis(50));
+                    }
+                    Err((e, _)) => anyhow::bail!("produce: {e}"),
+                }
+            }
+            events += 1;
+        }
+    }
+    // Last offset per partition, to know when the processor is done.
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    for d in deliveries {
+        let d = d
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        let e = last.entry(d.partition).or_insert(-1);
+        *e = (*e).max(d.offset);
+    }
+    producer.flush(Duration::from_secs(30))?;
+    drop(fabric_rows);
+    let copies: usize = grants.values().map(Vec::len).sum::<usize>() * per_brand;
+    let rows_total = per_brand * args.brands + copies;
+    eprintln!(
+        "produced {events} events ({} fabrics); timing the catalog processor",
+        per_brand * args.brands
+    );
+    let rss_before = peak_rss_mib();
+
+    // The processor, in-process, until every brand has applied its last event.
+    let shutdown = CancellationToken::new();
+    let processor = CatalogProcessor {
+        ns: ns.clone(),
+        pool: pool.clone(),
+        spec: CatalogSpec::load()?,
+        tenants: tenants.clone(),
+        cache: PermissionCache::connect(&config.redis_url, &ns).await?,
+        settings: CatalogSettings::default(),
+    };
+    let consumer =
+        crate::kafka::consumer(&config, &format!("{ns}.catalog"), Duration::from_secs(10))?;
+    consumer.subscribe(&[&topic])?;
+    let dead_letters = DeadLetters::new(
+        crate::kafka::producer(&config)?,
+        Topic::DeadLetter.name(&ns),
+    );
+    let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
+    let monitor = async {
+        let mut first: Option<(Instant, i64)> = None;
+        loop {
+            let applied = applied_events(&pool, &brand_dbs).await?;
+            if first.is_none() && applied > 0 {
+                first = Some((Instant::now(), applied));
+            }
+            let done = done(&pool, &brand_dbs, &last).await?;
+            if done {
+                shutdown.cancel();
+                let (t0, at_t0) = first.unwrap_or((Instant::now(), 0));
+                return anyhow::Ok((t0.elapsed(), events as i64 - at_t0));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (run, measured) = tokio::join!(
+        processor.run(consumer, &codec, &dead_letters, shutdown.clone()),
+        monitor
+    );
+    run?;
+    let (elapsed, measured_events) = measured?;
+    let rss_peak = peak_rss_mib();
+    let written_share = measured_events as f64 / events as f64;
+    let projector_eps = measured_events as f64 / elapsed.as_secs_f64();
+
+    // Raw baseline: the same rows, emptied tables, plain multi-row upserts.
+    for b in &brands {
+        sqlx::query(&format!("TRUNCATE TABLE {}.fabrics", b.db.quoted()))
+            .execute(&pool)
+            .await?;
+    }
+    for s in &suppliers {
+        sqlx::query(&format!("TRUNCATE TABLE {}.brand_fabrics", s.db.quoted()))
+            .execute(&pool)
+            .await?;
+    }
+    let started = Instant::now();
+    for (b, brand) in brands.iter().enumerate() {
+        let rows: Vec<usize> = (0..per_brand).collect();
+        for chunk in rows.chunks(500) {
+            raw_upsert(&pool, &brand.db, "fabrics", None, chunk, true).await?;
+        }
+        for (s, pricing) in grants.get(&b).into_iter().flatten() {
+            for chunk in rows.chunks(500) {
+                raw_upsert(
+                    &pool,
+                    &suppliers[*s].db,
+                    "brand_fabrics",
+                    Some(&brand.id),
+                    chunk,
+                    *pricing,
+                )
+                .await?;
+            }
+        }
+    }
+    let raw_elapsed = started.elapsed();
+    let raw_eps = events as f64 / raw_elapsed.as_secs_f64();
+
+    println!(
+        "catalog benchmark: {} fabrics in {events} events ({} per event), {} brands, {} suppliers, {} grants; {rows_total} rows (brand + supplier copies)",
+        per_brand * args.brands,
+        args.per_event,
+        args.brands,
+        args.suppliers,
+        grants.values().map(Vec::len).sum::<usize>()
+    );
+    println!(
+        "projector:    {measured_events} events ({:.0}% of the stream, after the first batch) in {:.2} s = {projector_eps:.0} events/s, {:.0} rows/s",
+        written_share * 100.0,
+        elapsed.as_secs_f64(),
+        projector_eps * rows_total as f64 / events as f64
+    );
+    println!(
+        "raw baseline: {rows_total} rows in {:.2} s = {raw_eps:.0} events/s equivalent, {:.0} rows/s",
+        raw_elapsed.as_secs_f64(),
+        rows_total as f64 / raw_elapsed.as_secs_f64()
+    );
+    println!(
+        "ratio projector / raw baseline: {:.2} (target >= 0.5)",
+        projector_eps / raw_eps
+    );
+    println!("peak RSS: {rss_peak:.0} MiB (before the processor started: {rss_before:.0} MiB)");
+
+    if !args.keep {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+        )
+        .bind(ns.database_like_pattern())
+        .fetch_all(&pool)
+        .await?;
+        for name in names {
+            // Names come from the server and match our validated namespace pattern.
+            sqlx::query(&format!("DROP DATABASE `{name}`"))
+                .execute(&pool)
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Events applied so far: the stored offsets + 1, summed (each partition holds only this run's).
+async fn applied_events(pool: &MySqlPool, brands: &[DatabaseName]) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for db in brands {
+        let sum: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT CAST(SUM(`offset` + 1) AS SIGNED) FROM {}.projection_offsets WHERE projection = 'catalog'",
+            db.quoted()
+        ))
+        .fetch_one(pool)
+        .await?;
+        total += sum.unwrap_or(0);
+    }
+    // Several brands share a partition, so this over-counts; it is only used as "started".
+    Ok(total.min(1).max(0) * total)
+}
+
+async fn done(
+    pool: &MySqlPool,
+    brands: &[DatabaseName],
+    last: &HashMap<i32, i64>,
+) -> anyhow::Result<bool> {
+    // Every partition's last offset must be applied by the brand that owns it: the highest
+    // catalog offset stored across brands per partition reaches the produced end.
+    let mut reached: HashMap<i32, i64> = HashMap::new();
+    for db in brands {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(&format!(
+            "SELECT `partition`, `offset` FROM {}.projection_offsets WHERE projection = 'catalog'",
+            db.quoted()
+        ))
+        .fetch_all(pool)
+        .await?;
+        for (p, o) in rows {
+            let e = reached.entry(p).or_insert(-1);
+            *e = (*e).max(o);
+        }
+    }
+    Ok(last
+        .iter()
+        .all(|(p, o)| reached.get(p).is_some_and(|r| r >= o)))
+}
+
+async fn raw_upsert(
+    pool: &MySqlPool,
+    db: &DatabaseName,
+    table: &str,
+    brand: Option<&str>,
+    indexes: &[usize],
+    pricing: bool,
+) -> anyhow::Result<()> {
+    let mut columns = vec![
+        "code",
+        "name",
+        "collection",
+        "colour",
+        "material",
+        "width_mm",
+        "price_minor",
+        "currency",
+        "discontinued",
+    ];
+    if brand.is_some() {
+        columns.insert(0, "brand_id");
+    } else {
+        columns.push("revision");
+    }
+    let row = format!("({})", vec!["?"; columns.len()].join(","));
+    let updates: Vec<String> = columns
+        .iter()
+        .filter(|c| **c != "code" && **c != "brand_id")
+        .map(|c| format!("{c} = VALUES({c})"))
+        .collect();
+    let sql = format!(
+        "INSERT INTO {}.{table} ({}) VALUES {} ON DUPLICATE KEY UPDATE {}",
+        db.quoted(),
+        columns.join(","),
+        vec![row; indexes.len()].join(","),
+        updates.join(",")
+    );
+    let mut q = sqlx::query(&sql);
+    for i in indexes {
+        if let Some(b) = brand {
+            q = q.bind(b);
+        }
+        q = q
+            .bind(format!("F{i:06}"))
+            .bind(format!("Fabric {i}"))
+            .bind(format!("C{}", i % 40))
+            .bind(COLOURS[i % 4])
+            .bind("Polyester")
+            .bind(2000 + (i % 5) as i64 * 250)
+            .bind(pricing.then_some(1000 + (i % 997) as i64))
+            .bind(pricing.then_some("GBP"))
+            .bind(false);
+        if brand.is_none() {
+            q = q.bind(0i64);
+        }
+    }
+    q.execute(pool).await?;
+    Ok(())
+}
