@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apache_avro::types::Value;
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
@@ -164,7 +163,6 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let topic = Topic::BrandCatalog.name(&ns);
     let producer: FutureProducer = crate::kafka::producer(&config)?;
     let mut events = 0usize;
-    let mut fabric_rows: Vec<Vec<Value>> = Vec::new();
     let mut deliveries = Vec::new();
     for (b, brand) in brands.iter().enumerate() {
         for (n, chunk) in (0..per_brand)
@@ -186,13 +184,6 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 "fabrics_upserted": fabrics, "fabrics_removed": []});
             let value = record_from_json(EventKind::BrandCatalogUpdated.schema(), &line, &[])
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            if let Some(Value::Record(fields)) = Some(&value) {
-                if let Some((_, Value::Array(items))) =
-                    fields.iter().find(|(n, _)| n == "fabrics_upserted")
-                {
-                    fabric_rows.push(items.clone());
-                }
-            }
             let payload = codec
                 .encode(&topic, EventKind::BrandCatalogUpdated, value)
                 .await
@@ -202,7 +193,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                     .send_result(FutureRecord::to(&topic).key(&brand.id).payload(&payload))
                 {
                     Ok(d) => {
-                        deliveries.push(d);
+                        deliveries.push((b, d));
                         break;
                     }
                     Err((
@@ -221,15 +212,16 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     }
     // Last offset per partition, to know when the processor is done.
     let mut last: HashMap<i32, i64> = HashMap::new();
-    for d in deliveries {
+    let mut placed: Vec<(usize, i32, i64)> = Vec::with_capacity(deliveries.len());
+    for (b, d) in deliveries {
         let d = d
             .await?
             .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
         let e = last.entry(d.partition).or_insert(-1);
         *e = (*e).max(d.offset);
+        placed.push((b, d.partition, d.offset));
     }
     producer.flush(Duration::from_secs(30))?;
-    drop(fabric_rows);
     let copies: usize = grants.values().map(Vec::len).sum::<usize>() * per_brand;
     let rows_total = per_brand * args.brands + copies;
     eprintln!(
@@ -259,7 +251,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let monitor = async {
         let mut first: Option<(Instant, i64)> = None;
         loop {
-            let applied = applied_events(&pool, &brand_dbs).await?;
+            let applied = applied_events(&pool, &brand_dbs, &placed).await?;
             if first.is_none() && applied > 0 {
                 first = Some((Instant::now(), applied));
             }
@@ -269,7 +261,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
                 let (t0, at_t0) = first.unwrap_or((Instant::now(), 0));
                 return anyhow::Ok((t0.elapsed(), events as i64 - at_t0));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     let (run, measured) = tokio::join!(
@@ -358,20 +350,26 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Events applied so far: the stored offsets + 1, summed (each partition holds only this run's).
-async fn applied_events(pool: &MySqlPool, brands: &[DatabaseName]) -> anyhow::Result<i64> {
-    let mut total = 0;
-    for db in brands {
-        let sum: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT CAST(SUM(`offset` + 1) AS SIGNED) FROM {}.projection_offsets WHERE projection = 'catalog'",
+/// Events applied so far: those at or below their brand's stored offset on their partition.
+async fn applied_events(
+    pool: &MySqlPool,
+    brands: &[DatabaseName],
+    placed: &[(usize, i32, i64)],
+) -> anyhow::Result<i64> {
+    let mut stored: HashMap<(usize, i32), i64> = HashMap::new();
+    for (b, db) in brands.iter().enumerate() {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(&format!(
+            "SELECT `partition`, `offset` FROM {}.projection_offsets WHERE projection = 'catalog'",
             db.quoted()
         ))
-        .fetch_one(pool)
+        .fetch_all(pool)
         .await?;
-        total += sum.unwrap_or(0);
+        stored.extend(rows.into_iter().map(|(p, o)| ((b, p), o)));
     }
-    // Several brands share a partition, so this over-counts; it is only used as "started".
-    Ok(total.min(1).max(0) * total)
+    Ok(placed
+        .iter()
+        .filter(|(b, p, o)| stored.get(&(*b, *p)).is_some_and(|s| s >= o))
+        .count() as i64)
 }
 
 async fn done(
