@@ -78,6 +78,9 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
+        // librdkafka prefetches up to 64 MiB per consumer by default; a quarter is plenty to
+        // keep a batch of thousands of messages ready and keeps the worker's memory flat.
+        .set("queued.max.messages.kbytes", "16384")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
             "session.timeout.ms",
@@ -118,4 +121,40 @@ pub fn rewind_group(config: &Config, group: &str, topics: &[String]) -> anyhow::
         anyhow::anyhow!("cannot rewind group {group} (are its workers stopped?): {e}")
     })?;
     Ok(tpl.count())
+}
+
+/// Per partition of `topics`: (topic, partition, committed offset of `group`, end offset).
+pub fn group_lag(
+    config: &Config,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<Vec<(String, i32, Option<i64>, i64)>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = config
+        .kafka_client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        for t in consumer.fetch_metadata(Some(topic), timeout)?.topics() {
+            for p in t.partitions() {
+                tpl.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+            let offset = match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            Ok((e.topic().to_owned(), e.partition(), offset, high))
+        })
+        .collect()
 }

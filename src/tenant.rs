@@ -97,6 +97,13 @@ impl Namespace {
         Ok(DatabaseName(name))
     }
 
+    /// Where an organisation's tables wait while it is archived: `{ns}_arc_{uuid without dashes}`
+    /// (at most 24 + 5 + 32 = 61 characters, whatever the slug). `None` for a non-uuid id.
+    pub fn archive_database(&self, organisation_id: &str) -> Option<DatabaseName> {
+        let id = uuid::Uuid::parse_str(organisation_id).ok()?;
+        Some(DatabaseName(format!("{}_arc_{}", self.0, id.simple())))
+    }
+
     /// The `LIKE` pattern matching every database of this namespace (`_` escaped).
     pub fn database_like_pattern(&self) -> String {
         format!("{}\\_%", self.0.replace('_', "\\_"))
@@ -248,6 +255,20 @@ mod tests {
             "blindstrader_supply_chain"
         );
         assert_eq!(ns.database_like_pattern(), "blindstrader\\_%");
+    }
+
+    #[test]
+    fn archive_names_fit_whatever_the_namespace() {
+        let ns = Namespace::parse(&format!("a{}", "b".repeat(23))).unwrap();
+        let db = ns
+            .archive_database("0B6F3C1E-3E43-4C55-9D0B-1C1C1C1C1C1C")
+            .unwrap();
+        assert_eq!(
+            db.as_str(),
+            format!("{ns}_arc_0b6f3c1e3e434c559d0b1c1c1c1c1c1c")
+        );
+        assert!(db.as_str().len() <= MAX_DATABASE_NAME);
+        assert!(ns.archive_database("x`; drop").is_none());
     }
 
     #[test]

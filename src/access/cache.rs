@@ -278,6 +278,48 @@ impl PermissionCache {
             .await
     }
 
+    /// Deletes every cached answer that names `organisation_id` (as supplier or as brand) and the
+    /// given domain keys: what a termination must leave behind. SCAN, not an index, so keys
+    /// written by any path are found. Returns how many keys went.
+    pub async fn forget_tenant(
+        &self,
+        organisation_id: &str,
+        domains: &[String],
+    ) -> redis::RedisResult<usize> {
+        let id = parse_id(organisation_id).map_err(|reason| {
+            redis::RedisError::from((redis::ErrorKind::Client, "invalid organisation id", reason))
+        })?;
+        let mut conn = self.conn.clone();
+        let mut keys: Vec<String> = Vec::new();
+        for pattern in [
+            format!("{}:supplier:{id}:brand_access:*", self.ns),
+            format!("{}:supplier:*:brand_access:{id}", self.ns),
+        ] {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        keys.extend(domains.iter().map(|d| format!("{}:domain:{d}", self.ns)));
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let removed: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        Ok(removed)
+    }
+
     /// After the MySQL commit of a revoke, or when the supplier is archived: DEL.
     pub async fn invalidate(&self, supplier_id: &str, brand_id: &str) -> redis::RedisResult<()> {
         self.remove(supplier_id, brand_id).await.map(|_| ())

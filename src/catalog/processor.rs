@@ -94,6 +94,8 @@ struct Pending<'c> {
     msg: BorrowedMessage<'c>,
     origin: Origin,
     brand: String,
+    /// The event's occurred_at (epoch ms): decides whether it predates a termination.
+    occurred_at: i64,
     item: Item,
 }
 
@@ -106,7 +108,11 @@ enum ApplyError {
 
 impl From<sqlx::Error> for ApplyError {
     fn from(e: sqlx::Error) -> Self {
-        if crate::tenancy::is_transient(&e) {
+        // Unknown database or table: the tenant is being archived or restored right now; the
+        // retry gates the event again on the registry's new status.
+        let moving = matches!(&e, sqlx::Error::Database(d)
+            if d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().is_some_and(|m| matches!(m.number(), 1049 | 1146)));
+        if moving || crate::tenancy::is_transient(&e) {
             ApplyError::Transient(e.into())
         } else {
             ApplyError::Permanent(format!("SQL failed: {e}"))
@@ -123,7 +129,9 @@ impl From<redis::RedisError> for ApplyError {
 
 /// What the registry says about an event's tenants.
 enum Gate {
-    Ready(TenantRef),
+    /// The brand, and for access events the supplier, each addressed where the event belongs
+    /// (live, or the archive for an event that predates a termination).
+    Ready(TenantRef, Option<TenantRef>),
     Hold,
     Skip(String, Status),
     DeadLetter(String),
@@ -177,10 +185,11 @@ impl CatalogProcessor {
                 let next = state.seen.entry(key).or_insert(0);
                 *next = (*next).max(origin.offset + 1);
                 match self.decode(codec, &msg, &shutdown).await {
-                    Some(Ok((brand, item))) => fresh.push(Pending {
+                    Some(Ok((brand, occurred_at, item))) => fresh.push(Pending {
                         msg,
                         origin,
                         brand,
+                        occurred_at,
                         item,
                     }),
                     Some(Err(reason)) => {
@@ -274,7 +283,7 @@ impl CatalogProcessor {
         codec: &Codec,
         msg: &BorrowedMessage<'_>,
         shutdown: &CancellationToken,
-    ) -> Option<Result<(String, Item), String>> {
+    ) -> Option<Result<(String, i64, Item), String>> {
         let mut backoff = Duration::from_millis(100);
         loop {
             match codec.decode(msg.payload()).await {
@@ -355,7 +364,7 @@ impl CatalogProcessor {
             by_brand.entry(p.brand.clone()).or_default().push(p);
         }
         for (brand, list) in by_brand {
-            let mut ready: Vec<(Pending<'c>, TenantRef)> = Vec::new();
+            let mut ready: Vec<(Pending<'c>, TenantRef, Option<TenantRef>)> = Vec::new();
             for p in list {
                 if state.held.contains_key(&brand) {
                     state.held.get_mut(&brand).expect("present").push_back(p);
@@ -363,7 +372,7 @@ impl CatalogProcessor {
                     continue;
                 }
                 match gate(&p, &registry) {
-                    Gate::Ready(b) => ready.push((p, b)),
+                    Gate::Ready(b, s) => ready.push((p, b, s)),
                     Gate::Hold => {
                         tracing::debug!(processor = NAME, tenant = %brand, offset = p.origin.offset, "tenant not active yet: holding");
                         state.held.entry(brand.clone()).or_default().push_back(p);
@@ -397,7 +406,7 @@ impl CatalogProcessor {
     /// one, retrying transient failures and dead-lettering permanent ones.
     async fn apply_in_order(
         &self,
-        ready: Vec<(Pending<'_>, TenantRef)>,
+        ready: Vec<(Pending<'_>, TenantRef, Option<TenantRef>)>,
         dead_letters: &DeadLetters,
         shutdown: &CancellationToken,
     ) -> bool {
@@ -409,15 +418,21 @@ impl CatalogProcessor {
                     j += 1;
                 }
             }
-            let segment: Vec<&Pending<'_>> = ready[i..j].iter().map(|(p, _)| p).collect();
-            let brand = &ready[i].1;
-            match self.apply_with_retry(brand, &segment, shutdown).await {
+            let segment: Vec<&Pending<'_>> = ready[i..j].iter().map(|(p, _, _)| p).collect();
+            let (brand, supplier) = (&ready[i].1, ready[i].2.as_ref());
+            match self
+                .apply_with_retry(brand, supplier, &segment, shutdown)
+                .await
+            {
                 Ok(()) => {}
                 Err(None) => return false,
                 Err(Some(reason)) if segment.len() > 1 => {
                     // Find the poison event: apply one at a time.
                     for p in &segment {
-                        match self.apply_with_retry(brand, &[*p], shutdown).await {
+                        match self
+                            .apply_with_retry(brand, supplier, &[*p], shutdown)
+                            .await
+                        {
                             Ok(()) => {}
                             Err(None) => return false,
                             Err(Some(reason)) => {
@@ -451,16 +466,21 @@ impl CatalogProcessor {
     async fn apply_with_retry(
         &self,
         brand: &TenantRef,
+        supplier: Option<&TenantRef>,
         segment: &[&Pending<'_>],
         shutdown: &CancellationToken,
     ) -> Result<(), Option<String>> {
         let mut backoff = Duration::from_millis(100);
+        let (mut brand, mut supplier) = (brand.clone(), supplier.cloned());
         loop {
             let result = match &segment[0].item {
-                Item::Catalog(_) => self.apply_catalog(brand, segment).await,
-                Item::Grant { .. } | Item::Revoke { .. } => {
-                    self.apply_access(brand, segment[0]).await
-                }
+                Item::Catalog(_) => self.apply_catalog(&brand, segment).await,
+                Item::Grant { .. } | Item::Revoke { .. } => match &supplier {
+                    Some(s) => self.apply_access(&brand, s, segment[0]).await,
+                    None => Err(ApplyError::Permanent(
+                        "access event without a supplier".into(),
+                    )),
+                },
             };
             match result {
                 Ok(()) => {
@@ -475,6 +495,21 @@ impl CatalogProcessor {
                     metrics::counter!("tenancy_retries_total", "processor" => NAME).increment(1);
                     if !sleep_or_shutdown(&mut backoff, shutdown).await {
                         return Err(None);
+                    }
+                    // The tenant may have been archived or restored meanwhile: gate again.
+                    let first = segment[0];
+                    let mut ids = vec![first.brand.as_str()];
+                    ids.extend(first.item.supplier());
+                    if let Ok(registry) = self.tenants.lookup(&ids).await {
+                        match gate(first, &registry) {
+                            Gate::Ready(b, s) => (brand, supplier) = (b, s),
+                            Gate::Skip(tenant, status) => {
+                                tracing::info!(processor = NAME, %tenant, status = status.as_str(),
+                                    "tenant terminated while applying: skipped");
+                                return Ok(());
+                            }
+                            Gate::Hold | Gate::DeadLetter(_) => {}
+                        }
                     }
                 }
             }
@@ -530,7 +565,8 @@ impl CatalogProcessor {
                         events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
                         "catalog applied");
                 }
-                self.fan_out(brand, &brand_db, topic, partition, before, after, &change).await?;
+                self.fan_out(brand, &brand_db, topic, partition, before, after, &change, &fresh)
+                    .await?;
             }
             Ok(())
         }
@@ -552,6 +588,7 @@ impl CatalogProcessor {
         before: Option<i64>,
         after: Option<i64>,
         change: &NetChange,
+        fresh: &[&Pending<'_>],
     ) -> Result<(), ApplyError> {
         let Some(after) = after else { return Ok(()) };
         let suppliers: Vec<String> = sqlx::query_scalar(&format!(
@@ -568,14 +605,38 @@ impl CatalogProcessor {
         let registry = self.tenants.lookup(&ids).await?;
         let copy_projection = copy_projection(&brand.organisation_id);
         for supplier in &suppliers {
-            let Some(TenantRef {
-                status: Status::Active,
-                database: Some(supplier_db),
-                ..
-            }) = registry.get(supplier)
-            else {
+            let Some(target) = registry.get(supplier) else {
                 continue;
             };
+            // An archived supplier's copy gets only what happened before its termination (a
+            // replay can deliver those late); its copy is never rebuilt from a later brand state.
+            let (supplier_db, archived_change) = match target.status {
+                Status::Active => match &target.database {
+                    Some(db) => (db.clone(), None),
+                    None => continue,
+                },
+                Status::Archived => {
+                    let (Some(cutoff), Some(archive)) =
+                        (target.archived_at, target.archive_database.clone())
+                    else {
+                        continue;
+                    };
+                    let values: Vec<&Value> = fresh
+                        .iter()
+                        .filter(|p| p.occurred_at < cutoff)
+                        .filter_map(|p| match &p.item {
+                            Item::Catalog(v) => Some(v),
+                            _ => None,
+                        })
+                        .collect();
+                    if values.is_empty() {
+                        continue;
+                    }
+                    (archive, Some(NetChange::of(&self.spec, &values)))
+                }
+                _ => continue,
+            };
+            let supplier_db = &supplier_db;
             let mut tx = self.pool.begin().await?;
             let Some(permissions) =
                 read_permissions(&mut tx, supplier_db, &brand.organisation_id).await?
@@ -591,7 +652,17 @@ impl CatalogProcessor {
                 continue;
             }
             let hidden = self.spec.hidden_columns(&permissions);
-            if copied == before {
+            if let Some(change) = &archived_change {
+                store::write_copy(
+                    &mut tx,
+                    supplier_db,
+                    &self.spec,
+                    &brand.organisation_id,
+                    change,
+                    &hidden,
+                )
+                .await?;
+            } else if copied == before {
                 store::write_copy(
                     &mut tx,
                     supplier_db,
@@ -628,15 +699,16 @@ impl CatalogProcessor {
         Ok(())
     }
 
-    async fn apply_access(&self, brand: &TenantRef, p: &Pending<'_>) -> Result<(), ApplyError> {
-        let supplier_id = p.item.supplier().expect("access item");
-        let registry = self.tenants.lookup(&[supplier_id]).await?;
-        let supplier_db = registry
-            .get(supplier_id)
-            .and_then(|t| t.database.clone())
-            .ok_or_else(|| {
-                ApplyError::Permanent(format!("supplier {supplier_id} has no valid database"))
-            })?;
+    async fn apply_access(
+        &self,
+        brand: &TenantRef,
+        supplier: &TenantRef,
+        p: &Pending<'_>,
+    ) -> Result<(), ApplyError> {
+        let supplier_id = supplier.organisation_id.as_str();
+        let supplier_db = supplier.database.clone().ok_or_else(|| {
+            ApplyError::Permanent(format!("supplier {supplier_id} has no valid database"))
+        })?;
         let brand_db = brand
             .database
             .clone()
@@ -928,7 +1000,7 @@ async fn read_permissions(
 }
 
 /// Reads what the projection needs from a decoded event.
-fn classify(event: Event) -> Result<(String, Item), String> {
+fn classify(event: Event) -> Result<(String, i64, Item), String> {
     let Event::Other { kind, value } = event else {
         return Err(format!(
             "{} does not belong on the catalog topics",
@@ -948,6 +1020,10 @@ fn classify(event: Event) -> Result<(String, Item), String> {
             .map_err(|e| format!("{} field {name}: {raw:?} is not a uuid: {e}", kind.name()))
     };
     let brand = id("brand_id")?;
+    let occurred_at = match field(&value, "occurred_at").map(Cell::from_avro) {
+        Some(Cell::Int(t)) => t,
+        _ => 0,
+    };
     let item = match kind {
         EventKind::BrandCatalogUpdated => Item::Catalog(value),
         EventKind::SupplierBrandAccessGranted => {
@@ -960,10 +1036,6 @@ fn classify(event: Event) -> Result<(String, Item), String> {
                     })
                     .collect(),
                 _ => Vec::new(),
-            };
-            let occurred_at = match field(&value, "occurred_at").map(Cell::from_avro) {
-                Some(Cell::Int(t)) => t,
-                _ => 0,
             };
             Item::Grant {
                 supplier: id("supplier_id")?,
@@ -981,7 +1053,7 @@ fn classify(event: Event) -> Result<(String, Item), String> {
             ))
         }
     };
-    Ok((brand, item))
+    Ok((brand, occurred_at, item))
 }
 
 fn gate(p: &Pending<'_>, registry: &HashMap<String, TenantRef>) -> Gate {
@@ -991,6 +1063,13 @@ fn gate(p: &Pending<'_>, registry: &HashMap<String, TenantRef>) -> Gate {
             Some(t) => match t.status {
                 Status::Active => Ok(t.clone()),
                 Status::Provisioning => Err(Gate::Hold),
+                // Before the termination it still belongs in the (archived) data: a replay, or
+                // a late delivery, must end as the live run did.
+                Status::Archived if t.archived_at.is_some_and(|a| p.occurred_at < a) => {
+                    t.at_archive().ok_or_else(|| {
+                        Gate::DeadLetter(format!("tenant {id} has no archive database"))
+                    })
+                }
                 Status::Archived | Status::Purged => Err(Gate::Skip(id.to_owned(), t.status)),
                 Status::Failed => Err(Gate::DeadLetter(format!(
                     "tenant {id} failed provisioning; replay once it is fixed"
@@ -1002,12 +1081,12 @@ fn gate(p: &Pending<'_>, registry: &HashMap<String, TenantRef>) -> Gate {
         Ok(b) => b,
         Err(g) => return g,
     };
-    if let Some(supplier) = p.item.supplier() {
-        if let Err(g) = check(supplier) {
-            return g;
-        }
-    }
-    Gate::Ready(brand)
+    let supplier = match p.item.supplier().map(check) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(g)) => return g,
+    };
+    Gate::Ready(brand, supplier)
 }
 
 async fn sleep_or_shutdown(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {

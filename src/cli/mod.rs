@@ -75,11 +75,17 @@ pub enum Command {
 pub enum TopicsCommand {
     /// Create every topic of the namespace that is missing (partitions from --partitions).
     Create,
+    /// How far each processor's consumer group is behind the end of its topics.
+    Lag {
+        /// Wait (up to this many seconds) until every group has caught up; exit 1 if not.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
     /// Rewind a processor's consumer group to the start of its topics, to rebuild its
     /// projections by replay. Stop that processor's workers first.
     Rewind {
-        /// provisioner or catalog
-        #[arg(value_parser = ["provisioner", "catalog"])]
+        /// provisioner, catalog or purger
+        #[arg(value_parser = ["provisioner", "catalog", "purger"])]
         processor: String,
     },
 }
@@ -131,15 +137,15 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics {
+            command: TopicsCommand::Lag { wait },
+        } => lag(&config, wait).await,
+        Command::Topics {
             command: TopicsCommand::Rewind { processor },
         } => {
-            use crate::topics::Topic;
-            let ns = &config.namespace;
-            let topics: Vec<String> = match processor.as_str() {
-                "provisioner" => vec![Topic::Organisations.name(ns)],
-                _ => vec![Topic::BrandCatalog.name(ns), Topic::BrandAccess.name(ns)],
-            };
-            let group = format!("{ns}.{processor}");
+            let (group, topics) = processor_topics(&config.namespace)
+                .into_iter()
+                .find(|(g, _)| g.ends_with(&format!(".{processor}")))
+                .expect("processor names are checked by clap");
             let n = crate::kafka::rewind_group(&config, &group, &topics)?;
             eprintln!(
                 "group {group}: {n} partition(s) of {} rewound to offset 0",
@@ -156,6 +162,55 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Access { command } => access::run(config, command).await,
         Command::DeadLetter { command } => dead_letter::run(config, command).await,
+    }
+}
+
+/// The topics each processor's group consumes.
+fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(String, Vec<String>)> {
+    use crate::topics::Topic;
+    vec![
+        (
+            format!("{ns}.provisioner"),
+            vec![Topic::Organisations.name(ns)],
+        ),
+        (
+            format!("{ns}.catalog"),
+            vec![Topic::BrandCatalog.name(ns), Topic::BrandAccess.name(ns)],
+        ),
+        (format!("{ns}.purger"), vec![Topic::Tenancy.name(ns)]),
+    ]
+}
+
+async fn lag(config: &Config, wait: Option<u64>) -> anyhow::Result<ExitCode> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait.unwrap_or(0));
+    loop {
+        let config = config.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            processor_topics(&config.namespace)
+                .into_iter()
+                .map(|(group, topics)| {
+                    let rows = crate::kafka::group_lag(&config, &group, &topics)?;
+                    let behind: i64 = rows
+                        .iter()
+                        .map(|(_, _, c, high)| high - c.unwrap_or(0))
+                        .sum();
+                    anyhow::Ok((group, behind))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await??;
+        let total: i64 = report.iter().map(|(_, b)| b).sum();
+        if wait.is_none() || total == 0 || std::time::Instant::now() >= deadline {
+            for (group, behind) in &report {
+                println!("{group}\t{behind} event(s) behind");
+            }
+            return Ok(if wait.is_some() && total > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
 

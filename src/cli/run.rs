@@ -13,6 +13,7 @@ use crate::catalog::processor::{CatalogProcessor, CatalogSettings};
 use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
 use crate::dead_letter::DeadLetters;
+use crate::tenancy::lifecycle::{PurgeTimer, Purger};
 use crate::tenancy::outcomes::OutcomePublisher;
 use crate::tenancy::provisioning::{prepare_service_databases, Provisioner};
 use crate::tenancy::tenants::Tenants;
@@ -34,6 +35,16 @@ pub struct RunArgs {
     /// Most catalog/access messages applied in one batch.
     #[arg(long, default_value_t = 5000)]
     pub batch_max: usize,
+    /// How long a terminated tenant stays archived (restorable) before it is purged, e.g. 30d,
+    /// 12h, 90s. Must be the same for every worker and for replays.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub grace: std::time::Duration,
+    /// How often the purge timer looks for archives past their grace period.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub purge_check: std::time::Duration,
+    /// Crash tests: abort the process right after this lifecycle step (archive).
+    #[arg(long, hide = true)]
+    pub fail_after: Option<String>,
 }
 
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -57,6 +68,10 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         database_url: config.database_url.clone(),
         tenants: Tenants::new(pool.clone(), &ns),
         outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
+        cache: cache.clone(),
+        grace: chrono::Duration::from_std(args.grace)
+            .map_err(|_| anyhow::anyhow!("--grace {:?} is too long", args.grace))?,
+        fail_after: args.fail_after.clone(),
     };
     let dead_letters = DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns));
     let session = Duration::from_millis(args.session_timeout_ms);
@@ -71,7 +86,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         pool: pool.clone(),
         spec,
         tenants: Tenants::new(pool.clone(), &ns),
-        cache,
+        cache: cache.clone(),
         settings: CatalogSettings {
             max_held: args.max_held,
             batch_max: args.batch_max,
@@ -84,7 +99,24 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     catalog_consumer.subscribe(&[&catalog_topics[0], &catalog_topics[1]])?;
     tracing::info!(namespace = %ns, group = %catalog_group, topics = %catalog_topics.join(","), "catalog processor running");
 
-    // Both loops run on this task (their futures are not Send, see processor::Handler).
+    let purger = Purger {
+        ns: ns.clone(),
+        pool: pool.clone(),
+        tenants: Tenants::new(pool.clone(), &ns),
+        cache: cache.clone(),
+    };
+    let purger_group = format!("{ns}.purger");
+    let purger_consumer = kafka::consumer(&config, &purger_group, session)?;
+    purger_consumer.subscribe(&[&Topic::Tenancy.name(&ns)])?;
+    let timer = PurgeTimer {
+        config: config.clone(),
+        tenants: Tenants::new(pool.clone(), &ns),
+        outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
+        every: args.purge_check,
+    };
+    tracing::info!(namespace = %ns, group = %purger_group, grace = %humantime::format_duration(args.grace), "purger running");
+
+    // The loops run on this task (their futures are not Send, see processor::Handler).
     tokio::try_join!(
         processor::run(
             "provisioner",
@@ -94,7 +126,16 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
             &provisioner,
             shutdown.clone()
         ),
-        catalog.run(catalog_consumer, &codec, &dead_letters, shutdown),
+        catalog.run(catalog_consumer, &codec, &dead_letters, shutdown.clone()),
+        processor::run(
+            "purger",
+            purger_consumer,
+            &codec,
+            &dead_letters,
+            &purger,
+            shutdown.clone()
+        ),
+        timer.run(shutdown),
     )?;
     producer
         .flush(Duration::from_secs(10))

@@ -25,6 +25,33 @@ pub enum TenantsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Terminate an organisation: emits OrganisationTerminated (a person's action is an event).
+    /// Its database is archived and purged after the grace period unless restored.
+    Terminate {
+        /// Organisation id, or slug if it names exactly one tenant.
+        org: String,
+        /// Why (kept in the event and the registry).
+        #[arg(long)]
+        reason: String,
+        /// Who asked for it.
+        #[arg(long = "by", value_name = "WHO")]
+        terminated_by: String,
+        /// Confirm: without it nothing is sent.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Restore a terminated organisation within its grace period: emits OrganisationRestored.
+    Restore {
+        /// Organisation id, or slug if it names exactly one tenant.
+        org: String,
+        #[arg(long = "by", value_name = "WHO")]
+        restored_by: String,
+    },
+    /// Archived tenants whose grace period is over (the purge timer publishes TenantPurged).
+    PurgeDue {
+        #[arg(long)]
+        json: bool,
+    },
     /// Wait until at least N tenants have settled (no longer `provisioning`); exit 1 on timeout.
     Wait {
         /// Number of settled tenants to wait for.
@@ -79,6 +106,64 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
             }
             Ok(ExitCode::SUCCESS)
         }
+        TenantsCommand::Terminate {
+            org,
+            reason,
+            terminated_by,
+            yes,
+        } => {
+            let record = resolve(&tenants, &org).await.map_err(platform_missing)?;
+            let Some(record) = record else {
+                eprintln!("no single tenant with organisation id or slug {org:?}");
+                return Ok(ExitCode::FAILURE);
+            };
+            if !yes {
+                eprintln!(
+                    "this terminates {} {} ({}): its database is archived and purged after the grace period; \
+                     pass --yes to confirm",
+                    record.organisation_type, record.slug, record.organisation_id
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            let line = serde_json::json!({"type": "OrganisationTerminated",
+                "organisation_id": record.organisation_id, "organisation_type": record.organisation_type,
+                "slug": record.slug, "reason": reason, "terminated_by": terminated_by});
+            send_one(&config, &line).await
+        }
+        TenantsCommand::Restore { org, restored_by } => {
+            let record = resolve(&tenants, &org).await.map_err(platform_missing)?;
+            let Some(record) = record else {
+                eprintln!("no single tenant with organisation id or slug {org:?}");
+                return Ok(ExitCode::FAILURE);
+            };
+            let line = serde_json::json!({"type": "OrganisationRestored",
+                "organisation_id": record.organisation_id, "organisation_type": record.organisation_type,
+                "slug": record.slug, "restored_by": restored_by});
+            send_one(&config, &line).await
+        }
+        TenantsCommand::PurgeDue { json } => {
+            let rows = tenants
+                .purge_due(chrono::Utc::now())
+                .await
+                .map_err(platform_missing)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                for r in &rows {
+                    println!(
+                        "{}\t{}\t{}\tpurge after {}",
+                        r.organisation_type,
+                        r.slug,
+                        r.organisation_id,
+                        r.purge_after.map(|t| t.to_rfc3339()).unwrap_or_default()
+                    );
+                }
+                eprintln!("{} tenant(s) due for purge", rows.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         TenantsCommand::Wait { expect, timeout } => {
             let deadline = Instant::now() + Duration::from_secs(timeout);
             loop {
@@ -123,4 +208,37 @@ fn print_table(rows: &[TenantRecord]) {
         );
     }
     eprintln!("{} tenant(s)", rows.len());
+}
+
+/// The one tenant an operator named, by organisation id or unambiguous slug.
+async fn resolve(tenants: &Tenants, org: &str) -> Result<Option<TenantRecord>, sqlx::Error> {
+    let mut rows = tenants.find(org).await?;
+    Ok(if rows.len() == 1 { rows.pop() } else { None })
+}
+
+/// Validates and produces one lifecycle event, printing where it landed.
+async fn send_one(config: &Config, line: &serde_json::Value) -> anyhow::Result<ExitCode> {
+    let event = crate::emit::prepare_line(1, &line.to_string())?;
+    crate::topics::ensure_topics(config).await?;
+    let codec = crate::wire::Codec::new(&config.schema_registry_url);
+    let producer = crate::kafka::producer(config)?;
+    let ns = config.namespace.clone();
+    crate::emit::send_all(
+        vec![event],
+        |k| k.topic().name(&ns),
+        &codec,
+        &producer,
+        |sent| {
+            println!(
+                "{}/{}/{}\t{}\t{}",
+                sent.topic,
+                sent.partition,
+                sent.offset,
+                sent.kind.name(),
+                sent.key
+            )
+        },
+    )
+    .await?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -171,6 +171,43 @@ pub struct TenantProvisioningFailed {
     pub caused_by: Option<String>,
 }
 
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantArchived {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub organisation_id: String,
+    pub organisation_type: OrganisationType,
+    pub slug: String,
+    pub database: String,
+    pub archive_database: String,
+    pub purge_after: i64,
+    pub reason: String,
+    pub caused_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantRestored {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub organisation_id: String,
+    pub organisation_type: OrganisationType,
+    pub slug: String,
+    pub database: String,
+    pub caused_by: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TenantPurged {
+    pub event_id: String,
+    pub occurred_at: i64,
+    pub organisation_id: String,
+    pub organisation_type: OrganisationType,
+    pub slug: String,
+    pub database: String,
+    pub reason: String,
+    pub caused_by: Option<String>,
+}
+
 /// A consumed event, decoded and mapped onto our reader schema.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {

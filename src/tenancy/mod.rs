@@ -1,6 +1,7 @@
 //! Tenancy lifecycle: the tenant registry (`{ns}_platform.tenants`), migrations per database
-//! kind, the provisioner, and the outcome events it publishes on `{ns}.tenancy`.
+//! kind, the provisioner, termination/restore/purge, and the outcome events on `{ns}.tenancy`.
 
+pub mod lifecycle;
 pub mod migrations;
 pub mod outcomes;
 pub mod provisioning;

@@ -24,6 +24,12 @@ pub struct Provisioner {
     pub database_url: String,
     pub tenants: Tenants,
     pub outcomes: OutcomePublisher,
+    /// Caches to clear when a tenant is archived.
+    pub cache: crate::access::cache::PermissionCache,
+    /// How long an archived tenant can be restored.
+    pub grace: chrono::Duration,
+    /// Crash tests only: abort after this lifecycle step.
+    pub fail_after: Option<String>,
 }
 
 fn transient(e: impl Into<anyhow::Error>) -> HandleError {
@@ -186,9 +192,10 @@ impl Handler for Provisioner {
     async fn handle(&self, event: Event, origin: &Origin) -> Result<(), HandleError> {
         match event {
             Event::OrganisationCreated(ev) => self.provision(&ev, origin).await,
-            // Termination and restore belong to the lifecycle processor; the organisations topic
-            // carries them too, so they are simply not ours.
-            Event::OrganisationTerminated(_) | Event::OrganisationRestored(_) => Ok(()),
+            // On the same topic and key as the creation, so one organisation's lifecycle is
+            // applied in order (see tenancy::lifecycle).
+            Event::OrganisationTerminated(ev) => self.terminate(&ev, origin).await,
+            Event::OrganisationRestored(ev) => self.restore(&ev, origin).await,
             other => Err(HandleError::Permanent(format!(
                 "{} does not belong on {}",
                 other.kind().name(),

@@ -58,6 +58,11 @@ pub struct TenantRecord {
     pub provisioned_at: Option<DateTime<Utc>>,
     pub archived_at: Option<DateTime<Utc>>,
     pub purge_after: Option<DateTime<Utc>>,
+    pub archive_database: Option<String>,
+    pub terminated_by_event: Option<String>,
+    pub termination_reason: Option<String>,
+    pub restored_at: Option<DateTime<Utc>>,
+    pub purged_at: Option<DateTime<Utc>>,
 }
 
 /// What the registry says about provisioning an organisation into a database.
@@ -79,6 +84,21 @@ pub struct TenantRef {
     pub status: Status,
     /// Re-derived from the validated type and slug, never taken from the row as text.
     pub database: Option<DatabaseName>,
+    /// When it was archived (epoch ms; the OrganisationTerminated's occurred_at).
+    pub archived_at: Option<i64>,
+    /// Where its tables are while archived.
+    pub archive_database: Option<DatabaseName>,
+}
+
+impl TenantRef {
+    /// The same tenant, addressed at its archive: events that happened before the termination
+    /// still belong in its data (a replay may deliver them after the termination).
+    pub fn at_archive(&self) -> Option<TenantRef> {
+        Some(TenantRef {
+            database: Some(self.archive_database.clone()?),
+            ..self.clone()
+        })
+    }
 }
 
 /// Registry access for one namespace.
@@ -89,8 +109,10 @@ pub struct Tenants {
     table: String,
 }
 
-const COLUMNS: &str = "organisation_id, organisation_type, slug, name, database_name, status, \
-    migration_version, failure_reason, created_at, provisioned_at, archived_at, purge_after";
+const COLUMNS: &str = "organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
+    name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, created_at, \
+    provisioned_at, archived_at, purge_after, archive_database, terminated_by_event, \
+    termination_reason, restored_at, purged_at";
 
 impl Tenants {
     pub fn new(pool: MySqlPool, ns: &Namespace) -> Self {
@@ -272,7 +294,8 @@ impl Tenants {
             let placeholders = vec!["?"; chunk.len()].join(",");
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
-                 CAST(status AS CHAR) AS status, database_name FROM {} WHERE organisation_id IN ({placeholders})",
+                 CAST(status AS CHAR) AS status, database_name, archived_at \
+                 FROM {} WHERE organisation_id IN ({placeholders})",
                 self.table
             );
             let mut query = sqlx::query(&sql);
@@ -292,18 +315,159 @@ impl Tenants {
                     .ok()
                     .and_then(|s| self.ns.tenant_database(kind, &s).ok())
                     .filter(|db| stored.as_deref() == Some(db.as_str()));
+                let archived_at: Option<DateTime<Utc>> = row.try_get("archived_at")?;
                 found.insert(
                     id.clone(),
                     TenantRef {
+                        archive_database: self.ns.archive_database(&id),
                         organisation_id: id,
                         kind,
                         status,
                         database,
+                        archived_at: archived_at.map(|t| t.timestamp_millis()),
                     },
                 );
             }
         }
         Ok(found)
+    }
+
+    /// The exact row of one organisation.
+    pub async fn get(&self, organisation_id: &str) -> Result<Option<TenantRecord>, sqlx::Error> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE organisation_id = ?",
+            self.table
+        ))
+        .bind(organisation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    fn log_table(&self) -> String {
+        format!(
+            "{}.lifecycle_log",
+            self.ns.service_database(ServiceDatabase::Platform).quoted()
+        )
+    }
+
+    /// Whether a lifecycle event (terminate/restore/purge) was already applied.
+    pub async fn logged(&self, event_id: &str) -> Result<bool, sqlx::Error> {
+        let found: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT event_id FROM {} WHERE event_id = ?",
+            self.log_table()
+        ))
+        .bind(event_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    /// Records that a lifecycle event was applied (or refused), with what became of it.
+    pub async fn log(
+        &self,
+        event_id: &str,
+        organisation_id: &str,
+        kind: &str,
+        outcome: &str,
+        occurred_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at) VALUES (?, ?, ?, ?, ?)",
+            self.log_table()
+        ))
+        .bind(event_id)
+        .bind(organisation_id)
+        .bind(kind)
+        .bind(outcome)
+        .bind(occurred_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `archived`, for the termination `event_id`. Leaves a row archived by another
+    /// termination alone (returns false).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn mark_archived(
+        &self,
+        organisation_id: &str,
+        event_id: &str,
+        archive: &DatabaseName,
+        archived_at: DateTime<Utc>,
+        purge_after: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET status = 'archived', archive_database = ?, terminated_by_event = ?, \
+             termination_reason = ?, archived_at = ?, purge_after = ? \
+             WHERE organisation_id = ? AND (status IN ('active', 'provisioning') \
+             OR (status = 'archived' AND terminated_by_event = ?))",
+            self.table
+        ))
+        .bind(archive.as_str())
+        .bind(event_id)
+        .bind(reason)
+        .bind(archived_at)
+        .bind(purge_after)
+        .bind(organisation_id)
+        .bind(event_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0
+            || self.get(organisation_id).await?.is_some_and(|r| {
+                r.status == "archived" && r.terminated_by_event.as_deref() == Some(event_id)
+            }))
+    }
+
+    /// Back to `active` after a restore.
+    pub async fn mark_restored(
+        &self,
+        organisation_id: &str,
+        restored_at: DateTime<Utc>,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET status = 'active', purge_after = NULL, archived_at = NULL, restored_at = ? \
+             WHERE organisation_id = ? AND status = 'archived'",
+            self.table
+        ))
+        .bind(restored_at)
+        .bind(organisation_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `purged`, only if still archived by `terminated_by_event`.
+    pub async fn mark_purged(
+        &self,
+        organisation_id: &str,
+        terminated_by_event: &str,
+        purged_at: DateTime<Utc>,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET status = 'purged', purged_at = ? \
+             WHERE organisation_id = ? AND status = 'archived' AND terminated_by_event = ?",
+            self.table
+        ))
+        .bind(purged_at)
+        .bind(organisation_id)
+        .bind(terminated_by_event)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Archived tenants whose grace period ended by `now`.
+    pub async fn purge_due(&self, now: DateTime<Utc>) -> Result<Vec<TenantRecord>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE status = 'archived' AND purge_after <= ? ORDER BY purge_after",
+            self.table
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
     }
 
     /// Tenant counts per status.
@@ -331,5 +495,10 @@ fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
         provisioned_at: row.try_get("provisioned_at")?,
         archived_at: row.try_get("archived_at")?,
         purge_after: row.try_get("purge_after")?,
+        archive_database: row.try_get("archive_database")?,
+        terminated_by_event: row.try_get("terminated_by_event")?,
+        termination_reason: row.try_get("termination_reason")?,
+        restored_at: row.try_get("restored_at")?,
+        purged_at: row.try_get("purged_at")?,
     })
 }
