@@ -469,3 +469,71 @@ impl TestNs {
         )
     }
 }
+
+impl TestNs {
+    /// `tenancy run` with extra flags (e.g. `--grace 2s`).
+    pub fn spawn_run_with(&self, tag: &str, extra: &[&str]) -> Worker {
+        let log = std::env::temp_dir().join(format!("{}-{tag}.log", self.ns));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .tenancy()
+            .args(["run", "--session-timeout-ms", "6000"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn tenancy run");
+        Worker { child, log }
+    }
+
+    /// Whether every processor group has committed the end of its topics.
+    pub fn all_caught_up(&self) -> bool {
+        let out = self.tenancy().args(["topics", "lag"]).output().unwrap();
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .all(|l| l.contains("\t0 event(s) behind"))
+    }
+}
+
+/// CHECKSUM TABLE of every table of `db`, by table name: equal checksums, equal rows.
+pub async fn checksums(pool: &MySqlPool, db: &str) -> Vec<(String, Option<i64>)> {
+    let mut tables: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ?",
+    )
+    .bind(db)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    tables.sort();
+    let mut out = Vec::new();
+    for t in tables {
+        let row: (String, Option<i64>) = sqlx::query_as(&format!("CHECKSUM TABLE `{db}`.`{t}`"))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        out.push((t, row.1));
+    }
+    out
+}
+
+pub async fn database_exists(pool: &MySqlPool, db: &str) -> bool {
+    sqlx::query_scalar::<_, String>(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+    )
+    .bind(db)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .is_some()
+}
+
+pub async fn status_of(pool: &MySqlPool, ns: &Namespace, org: &str) -> Option<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT CAST(status AS CHAR) FROM `{ns}_platform`.tenants WHERE organisation_id = ?"
+    ))
+    .bind(org)
+    .fetch_optional(pool)
+    .await
+    .unwrap_or(None)
+}

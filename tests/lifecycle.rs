@@ -1,0 +1,405 @@
+//! Termination, grace, restore and purge, against MariaDB, Redis, Tansu and the registry.
+
+mod common;
+
+use std::time::Duration;
+
+use blindstrader_tenancy::events::Event;
+use blindstrader_tenancy::topics::Topic;
+use common::*;
+use serde_json::json;
+use sqlx::MySqlPool;
+
+const SETTLE: Duration = Duration::from_secs(120);
+
+fn catalog_line(brand: &str, revision: i64, codes: &[&str]) -> String {
+    let fabrics: Vec<_> = codes
+        .iter()
+        .map(|c| json!({"code": c, "name": format!("{c} r{revision}"), "collection": "Aurora",
+            "colour": "White", "material": "Blackout", "width_mm": 2000, "price_minor": 1000 + revision,
+            "currency": "GBP"}))
+        .collect();
+    json!({"type": "BrandCatalogUpdated", "brand_id": brand, "brand_slug": "b", "revision": revision,
+        "fabrics_upserted": fabrics})
+    .to_string()
+}
+
+fn grant_line(brand: &str, supplier: &str) -> String {
+    json!({"type": "SupplierBrandAccessGranted", "brand_id": brand, "supplier_id": supplier,
+        "permissions": ["catalog.read", "pricing.read"]})
+    .to_string()
+}
+
+async fn key_exists(redis: &redis::aio::MultiplexedConnection, key: &str) -> i64 {
+    let mut conn = redis.clone();
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+async fn wait_status(t: &TestNs, pool: &MySqlPool, org: &str, status: &str) {
+    wait_for(&format!("{org} to be {status}"), SETTLE, || async {
+        (status_of(pool, &t.ns, org).await.as_deref() == Some(status)).then_some(())
+    })
+    .await;
+}
+
+async fn wait_caught_up(t: &TestNs) {
+    wait_for("every processor group to catch up", SETTLE, || async {
+        t.all_caught_up().then_some(())
+    })
+    .await;
+}
+
+fn cli(t: &TestNs, args: &[&str]) -> std::process::Output {
+    t.tenancy().args(args).output().unwrap()
+}
+
+/// A brand with a catalog and a supplier holding a copy of it, all applied.
+async fn brand_with_supplier(t: &TestNs, pool: &MySqlPool, brand_slug: &str) -> (String, String) {
+    let (brand, supplier) = (new_id(), new_id());
+    t.emit_ok(&[
+        created_line(&new_id(), &brand, "BRAND", brand_slug),
+        created_line(
+            &new_id(),
+            &supplier,
+            "SUPPLIER",
+            &format!("{brand_slug}_supplier"),
+        ),
+        catalog_line(&brand, 1, &["A", "B", "C"]),
+        grant_line(&brand, &supplier),
+    ]);
+    wait_status(t, pool, &brand, "active").await;
+    wait_caught_up(t).await;
+    (brand, supplier)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn terminate_then_restore_brings_every_row_back_and_can_repeat() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let worker = t.spawn_run_with("restore", &["--grace", "1h", "--purge-check", "300ms"]);
+    let (brand, supplier) = brand_with_supplier(&t, &pool, "restorable").await;
+    let ns = t.ns.as_str();
+    let live = format!("{ns}_brand_restorable");
+    let archive = format!("{ns}_arc_{}", brand.replace('-', ""));
+    let before = checksums(&pool, &live).await;
+    assert!(
+        before.iter().any(|(t, c)| t == "fabrics" && c.is_some()),
+        "{before:?}"
+    );
+
+    let redis = redis::Client::open(t.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("{ns}:supplier:{supplier}:brand_access:{brand}");
+    assert_eq!(
+        key_exists(&redis, &key).await,
+        1,
+        "the grant cached the permissions"
+    );
+
+    // Without --yes nothing is sent.
+    let sent_before = t.message_count(Topic::Organisations);
+    let refused = cli(
+        &t,
+        &[
+            "tenants",
+            "terminate",
+            &brand,
+            "--reason",
+            "test",
+            "--by",
+            "ops",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(t.message_count(Topic::Organisations), sent_before);
+
+    for round in 1..=2 {
+        let out = cli(
+            &t,
+            &[
+                "tenants",
+                "terminate",
+                "restorable",
+                "--reason",
+                "unpaid",
+                "--by",
+                "ops",
+                "--yes",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_status(&t, &pool, &brand, "archived").await;
+        wait_for("the archive to hold the tables", SETTLE, || async {
+            (!database_exists(&pool, &live).await && checksums(&pool, &archive).await == before)
+                .then_some(())
+        })
+        .await;
+        wait_for("cache keys naming the tenant to go", SETTLE, || {
+            let (redis, key) = (redis.clone(), key.clone());
+            async move { (key_exists(&redis, &key).await == 0).then_some(()) }
+        })
+        .await;
+        let due = cli(&t, &["tenants", "purge-due"]);
+        assert!(
+            !String::from_utf8_lossy(&due.stdout).contains(&brand),
+            "not due within grace"
+        );
+
+        let out = cli(&t, &["tenants", "restore", &brand, "--by", "ops"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_status(&t, &pool, &brand, "active").await;
+        assert_eq!(
+            checksums(&pool, &live).await,
+            before,
+            "round {round}: every row is back"
+        );
+        assert!(!database_exists(&pool, &archive).await);
+    }
+
+    let outcomes = t.read_events(Topic::Tenancy, 6, SETTLE).await;
+    let archived: Vec<_> = outcomes
+        .iter()
+        .filter_map(|e| match e {
+            Event::Other {
+                kind: blindstrader_tenancy::events::EventKind::TenantArchived,
+                value,
+            } => {
+                apache_avro::from_value::<blindstrader_tenancy::events::TenantArchived>(value).ok()
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(archived.len(), 2, "{}", worker.log_text());
+    for a in &archived {
+        assert_eq!(
+            a.purge_after - a.occurred_at,
+            3_600_000,
+            "purge_after = occurred_at + grace"
+        );
+        assert_eq!(a.archive_database, archive);
+    }
+    let restored = outcomes
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Other {
+                    kind: blindstrader_tenancy::events::EventKind::TenantRestored,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(restored, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn past_the_grace_period_the_archive_is_purged_and_restore_is_refused() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run_with("purge", &["--grace", "2s", "--purge-check", "300ms"]);
+    let (brand, _) = brand_with_supplier(&t, &pool, "doomed").await;
+    let ns = t.ns.as_str();
+    let out = cli(
+        &t,
+        &[
+            "tenants",
+            "terminate",
+            &brand,
+            "--reason",
+            "closed",
+            "--by",
+            "ops",
+            "--yes",
+        ],
+    );
+    assert!(out.status.success());
+    wait_status(&t, &pool, &brand, "purged").await;
+    assert!(!database_exists(&pool, &format!("{ns}_brand_doomed")).await);
+    assert!(!database_exists(&pool, &format!("{ns}_arc_{}", brand.replace('-', ""))).await);
+    let index: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM `{ns}_platform`.brand_access WHERE brand_id = ?"
+    ))
+    .bind(&brand)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(index, 0, "the access index forgets a purged brand");
+
+    let out = cli(&t, &["tenants", "restore", &brand, "--by", "ops"]);
+    assert!(out.status.success());
+    let outcomes = wait_for("the refusal", SETTLE, || async {
+        // Provisioned ×2, archived, purged, refused.
+        let events = t
+            .read_events(Topic::Tenancy, 5, Duration::from_secs(10))
+            .await;
+        events
+            .iter()
+            .any(|e| matches!(e, Event::TenantProvisioningFailed(f) if f.organisation_id == brand))
+            .then_some(events)
+    })
+    .await;
+    let refusal = outcomes
+        .iter()
+        .find_map(|e| match e {
+            Event::TenantProvisioningFailed(f) if f.organisation_id == brand => {
+                Some(f.reason.clone())
+            }
+            _ => None,
+        })
+        .unwrap();
+    assert!(refusal.starts_with("restore refused"), "{refusal}");
+    let purged = outcomes
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Other {
+                    kind: blindstrader_tenancy::events::EventKind::TenantPurged,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert!(purged >= 1);
+    assert_eq!(
+        status_of(&pool, &t.ns, &brand).await.as_deref(),
+        Some("purged")
+    );
+    let due = cli(&t, &["tenants", "purge-due"]);
+    assert!(String::from_utf8_lossy(&due.stdout).trim().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_for_a_terminated_tenant_are_skipped_and_its_archive_is_unchanged() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let worker = t.spawn_run_with("skip", &["--grace", "1h"]);
+    let (brand, supplier) = brand_with_supplier(&t, &pool, "gone").await;
+    let ns = t.ns.as_str();
+    let archive = format!("{ns}_arc_{}", brand.replace('-', ""));
+    let supplier_db = format!("{ns}_supplier_gone_supplier");
+    assert!(cli(
+        &t,
+        &[
+            "tenants",
+            "terminate",
+            &brand,
+            "--reason",
+            "r",
+            "--by",
+            "ops",
+            "--yes"
+        ]
+    )
+    .status
+    .success());
+    wait_status(&t, &pool, &brand, "archived").await;
+    wait_caught_up(&t).await;
+    let archived = checksums(&pool, &archive).await;
+    let copy = checksums(&pool, &supplier_db).await;
+
+    t.emit_ok(&[
+        catalog_line(&brand, 2, &["D"]),
+        catalog_line(&brand, 3, &["E"]),
+        grant_line(&brand, &supplier),
+    ]);
+    wait_caught_up(&t).await;
+    assert_eq!(
+        checksums(&pool, &archive).await,
+        archived,
+        "archived data unchanged"
+    );
+    assert_eq!(
+        checksums(&pool, &supplier_db).await,
+        copy,
+        "no copy of a terminated brand's changes"
+    );
+    let log = worker.log_text();
+    let skips = log
+        .matches("skipping events for a terminated tenant")
+        .count();
+    assert_eq!(skips, 1, "logged once per tenant, not per event:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_between_archive_and_cache_removal_converges_after_restart() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let mut first = t.spawn_run_with("crash-first", &["--grace", "1h", "--fail-after", "archive"]);
+    let (brand, supplier) = brand_with_supplier(&t, &pool, "crashy").await;
+    let ns = t.ns.as_str();
+    let key = format!("{ns}:supplier:{supplier}:brand_access:{brand}");
+    let redis = redis::Client::open(t.config.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    assert!(cli(
+        &t,
+        &[
+            "tenants",
+            "terminate",
+            &brand,
+            "--reason",
+            "r",
+            "--by",
+            "ops",
+            "--yes"
+        ]
+    )
+    .status
+    .success());
+    let status = first.child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the worker must have died at the fault point"
+    );
+    // Died after the archive, before the caches: the key is still there.
+    assert_eq!(
+        status_of(&pool, &t.ns, &brand).await.as_deref(),
+        Some("archived")
+    );
+    assert_eq!(key_exists(&redis, &key).await, 1);
+
+    let _second = t.spawn_run_with("crash-second", &["--grace", "1h"]);
+    wait_for(
+        "the redelivered termination to clear the cache",
+        SETTLE,
+        || async { (key_exists(&redis, &key).await == 0).then_some(()) },
+    )
+    .await;
+    // Provisioned ×2, then the archive announced by the second worker.
+    let events = t.read_events(Topic::Tenancy, 3, SETTLE).await;
+    let announced = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Other {
+                    kind: blindstrader_tenancy::events::EventKind::TenantArchived,
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(announced, 1);
+    assert!(!database_exists(&pool, &format!("{ns}_brand_crashy")).await);
+    assert!(database_exists(&pool, &format!("{ns}_arc_{}", brand.replace('-', ""))).await);
+}
