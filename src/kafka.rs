@@ -123,12 +123,29 @@ pub fn rewind_group(config: &Config, group: &str, topics: &[String]) -> anyhow::
     Ok(tpl.count())
 }
 
-/// Per partition of `topics`: (topic, partition, committed offset of `group`, end offset).
+/// Where a consumer group stands on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPosition {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset, if it has one.
+    pub committed: Option<i64>,
+    /// The partition's end (high watermark).
+    pub end: i64,
+}
+
+impl GroupPosition {
+    pub fn behind(&self) -> i64 {
+        self.end - self.committed.unwrap_or(0)
+    }
+}
+
+/// The group's position on every partition of `topics`.
 pub fn group_lag(
     config: &Config,
     group: &str,
     topics: &[String],
-) -> anyhow::Result<Vec<(String, i32, Option<i64>, i64)>> {
+) -> anyhow::Result<Vec<GroupPosition>> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = config
         .kafka_client_config()
@@ -154,7 +171,12 @@ pub fn group_lag(
                 rdkafka::Offset::Offset(o) => Some(o),
                 _ => None,
             };
-            Ok((e.topic().to_owned(), e.partition(), offset, high))
+            Ok(GroupPosition {
+                topic: e.topic().to_owned(),
+                partition: e.partition(),
+                committed: offset,
+                end: high,
+            })
         })
         .collect()
 }

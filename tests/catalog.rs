@@ -415,9 +415,13 @@ async fn events_before_provisioning_wait_without_blocking_others() {
         .await
         .unwrap();
     let (early, ready) = (new_id(), new_id());
-    t.emit_ok(&[created_line(&new_id(), &ready, "BRAND", "ready")]);
+    let supplier = new_id();
+    t.emit_ok(&[
+        created_line(&new_id(), &ready, "BRAND", "ready"),
+        created_line(&new_id(), &supplier, "SUPPLIER", "waiting"),
+    ]);
     let _worker = t.spawn_run("early");
-    wait_active(&t, &pool, 1).await;
+    wait_active(&t, &pool, 2).await;
 
     // Both brands' events on one partition: the early brand's first.
     let topic = t.topic(Topic::BrandCatalog);
@@ -448,6 +452,35 @@ async fn events_before_provisioning_wait_without_blocking_others() {
             .await
             .unwrap();
         offsets.push(d.offset);
+    }
+    // Grants of both brands to one supplier, on one partition, the early brand's first: the
+    // later offset is applied first, and must not make the held one look applied.
+    let access_topic = t.topic(Topic::BrandAccess);
+    for brand in [&early, &ready] {
+        let mut line: Json =
+            serde_json::from_str(&grant_line(brand, &supplier, &["catalog.read"])).unwrap();
+        line["event_id"] = json!(new_id());
+        line["occurred_at"] = json!(1);
+        let value = record_from_json(
+            EventKind::SupplierBrandAccessGranted.schema(),
+            &line,
+            &["type"],
+        )
+        .unwrap();
+        let payload = codec
+            .encode(&access_topic, EventKind::SupplierBrandAccessGranted, value)
+            .await
+            .unwrap();
+        producer
+            .send(
+                FutureRecord::to(&access_topic)
+                    .key(brand.as_str())
+                    .payload(&payload)
+                    .partition(0),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
     }
     let ns = t.ns.as_str();
     wait_for("the ready brand's fabric", SETTLE, || async {
@@ -482,6 +515,14 @@ async fn events_before_provisioning_wait_without_blocking_others() {
     })
     .await;
     wait_caught_up(&t).await;
+    let copy = copy_rows(&pool, &format!("{ns}_supplier_waiting")).await;
+    let mut codes: Vec<&str> = copy.iter().map(|r| r.1.as_str()).collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        vec!["E1", "E2", "R1"],
+        "both grants applied, whatever their order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

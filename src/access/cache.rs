@@ -625,6 +625,11 @@ mod tests {
             provisioned_at: None,
             archived_at: None,
             purge_after: None,
+            archive_database: None,
+            terminated_by_event: None,
+            termination_reason: None,
+            restored_at: None,
+            purged_at: None,
         }
     }
 

@@ -40,8 +40,6 @@ use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
 use crate::wire::Codec;
 
 const NAME: &str = "catalog";
-const ACCESS_PROJECTION: &str = "access";
-const ACCESS_INDEX_PROJECTION: &str = "access_index";
 
 /// Tunables of the batch loop.
 #[derive(Debug, Clone)]
@@ -128,6 +126,8 @@ impl From<redis::RedisError> for ApplyError {
 }
 
 /// What the registry says about an event's tenants.
+// One short-lived value per event while gating: boxing the refs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Gate {
     /// The brand, and for access events the supplier, each addressed where the event belongs
     /// (live, or the archive for an event that predates a termination).
@@ -758,7 +758,14 @@ impl CatalogProcessor {
         // still says no access, and the redelivered grant completes the rest.
         let platform = self.platform();
         let mut tx = self.pool.begin().await?;
-        if is_new(&mut tx, &platform, ACCESS_INDEX_PROJECTION, origin).await? {
+        if is_new(
+            &mut tx,
+            &platform,
+            &access_index_projection(brand_id),
+            origin,
+        )
+        .await?
+        {
             sqlx::query(&format!(
                 "INSERT INTO {}.brand_access (brand_id, supplier_id, permissions) VALUES (?, ?, ?) \
                  ON DUPLICATE KEY UPDATE permissions = VALUES(permissions)",
@@ -772,7 +779,7 @@ impl CatalogProcessor {
             offsets::set(
                 &mut tx,
                 &platform,
-                ACCESS_INDEX_PROJECTION,
+                &access_index_projection(brand_id),
                 &origin.topic,
                 origin.partition,
                 origin.offset,
@@ -782,7 +789,7 @@ impl CatalogProcessor {
         tx.commit().await?;
 
         let mut tx = self.pool.begin().await?;
-        if is_new(&mut tx, supplier_db, ACCESS_PROJECTION, origin).await? {
+        if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
             sqlx::query(&format!(
                 "INSERT INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, ?) \
                  ON DUPLICATE KEY UPDATE permissions = VALUES(permissions), granted_at = VALUES(granted_at)",
@@ -823,7 +830,7 @@ impl CatalogProcessor {
             offsets::set(
                 &mut tx,
                 supplier_db,
-                ACCESS_PROJECTION,
+                &access_projection(brand_id),
                 &origin.topic,
                 origin.partition,
                 origin.offset,
@@ -847,7 +854,7 @@ impl CatalogProcessor {
         let brand_id = &brand.organisation_id;
         // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
         let mut tx = self.pool.begin().await?;
-        if is_new(&mut tx, supplier_db, ACCESS_PROJECTION, origin).await? {
+        if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
             sqlx::query(&format!(
                 "DELETE FROM {}.brand_access WHERE brand_id = ?",
                 supplier_db.quoted()
@@ -860,7 +867,7 @@ impl CatalogProcessor {
             offsets::set(
                 &mut tx,
                 supplier_db,
-                ACCESS_PROJECTION,
+                &access_projection(brand_id),
                 &origin.topic,
                 origin.partition,
                 origin.offset,
@@ -872,7 +879,14 @@ impl CatalogProcessor {
         tx.commit().await?;
         let platform = self.platform();
         let mut tx = self.pool.begin().await?;
-        if is_new(&mut tx, &platform, ACCESS_INDEX_PROJECTION, origin).await? {
+        if is_new(
+            &mut tx,
+            &platform,
+            &access_index_projection(brand_id),
+            origin,
+        )
+        .await?
+        {
             sqlx::query(&format!(
                 "DELETE FROM {}.brand_access WHERE brand_id = ? AND supplier_id = ?",
                 platform.quoted()
@@ -884,7 +898,7 @@ impl CatalogProcessor {
             offsets::set(
                 &mut tx,
                 &platform,
-                ACCESS_INDEX_PROJECTION,
+                &access_index_projection(brand_id),
                 &origin.topic,
                 origin.partition,
                 origin.offset,
@@ -973,6 +987,17 @@ fn copy_projection(brand_id: &str) -> String {
     format!("copy:{brand_id}")
 }
 
+// Offsets of access events are kept per brand, like the copies: one partition carries many
+// brands, and a brand whose events are held (not provisioned yet) is applied after later
+// offsets of other brands, so a per-partition position would wrongly skip it.
+fn access_projection(brand_id: &str) -> String {
+    format!("access:{brand_id}")
+}
+
+fn access_index_projection(brand_id: &str) -> String {
+    format!("access_index:{brand_id}")
+}
+
 /// Whether `origin` is past what `projection` has applied in `db` (locks the offset row).
 async fn is_new(
     tx: &mut sqlx::Transaction<'_, MySql>,
@@ -1056,10 +1081,14 @@ fn classify(event: Event) -> Result<(String, i64, Item), String> {
     Ok((brand, occurred_at, item))
 }
 
+#[allow(clippy::result_large_err)] // the Err is the Gate itself, see above
 fn gate(p: &Pending<'_>, registry: &HashMap<String, TenantRef>) -> Gate {
     let check = |id: &str| -> Result<TenantRef, Gate> {
         match registry.get(id) {
             None => Err(Gate::Hold),
+            Some(t) if t.was_archived_at(p.occurred_at) => {
+                Err(Gate::Skip(id.to_owned(), Status::Archived))
+            }
             Some(t) => match t.status {
                 Status::Active => Ok(t.clone()),
                 Status::Provisioning => Err(Gate::Hold),

@@ -77,6 +77,9 @@ pub enum TopicsCommand {
     Create,
     /// How far each processor's consumer group is behind the end of its topics.
     Lag {
+        /// Only these processors (default: all).
+        #[arg(value_parser = ["provisioner", "catalog", "purger"])]
+        processors: Vec<String>,
         /// Wait (up to this many seconds) until every group has caught up; exit 1 if not.
         #[arg(long, value_name = "SECS")]
         wait: Option<u64>,
@@ -137,8 +140,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics {
-            command: TopicsCommand::Lag { wait },
-        } => lag(&config, wait).await,
+            command: TopicsCommand::Lag { processors, wait },
+        } => lag(&config, &processors, wait).await,
         Command::Topics {
             command: TopicsCommand::Rewind { processor },
         } => {
@@ -181,19 +184,20 @@ fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(String, Vec<String>)>
     ]
 }
 
-async fn lag(config: &Config, wait: Option<u64>) -> anyhow::Result<ExitCode> {
+async fn lag(config: &Config, only: &[String], wait: Option<u64>) -> anyhow::Result<ExitCode> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait.unwrap_or(0));
     loop {
         let config = config.clone();
+        let only = only.to_vec();
         let report = tokio::task::spawn_blocking(move || {
             processor_topics(&config.namespace)
                 .into_iter()
+                .filter(|(group, _)| {
+                    only.is_empty() || only.iter().any(|p| group.ends_with(&format!(".{p}")))
+                })
                 .map(|(group, topics)| {
                     let rows = crate::kafka::group_lag(&config, &group, &topics)?;
-                    let behind: i64 = rows
-                        .iter()
-                        .map(|(_, _, c, high)| high - c.unwrap_or(0))
-                        .sum();
+                    let behind: i64 = rows.iter().map(crate::kafka::GroupPosition::behind).sum();
                     anyhow::Ok((group, behind))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()

@@ -42,6 +42,12 @@ pub struct RunArgs {
     /// How often the purge timer looks for archives past their grace period.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub purge_check: std::time::Duration,
+    /// Which processors to run (comma-separated): provisioner (with the purge timer), catalog,
+    /// purger. To rebuild by replay, run `provisioner,purger` until `tenancy topics lag` shows
+    /// them caught up, then everything: projections are then gated by the full lifecycle.
+    #[arg(long, value_delimiter = ',', default_value = "provisioner,catalog,purger",
+        value_parser = ["provisioner", "catalog", "purger"])]
+    pub processors: Vec<String>,
     /// Crash tests: abort the process right after this lifecycle step (archive).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
@@ -78,7 +84,11 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let group = format!("{ns}.provisioner");
     let consumer = kafka::consumer(&config, &group, session)?;
     let input = Topic::Organisations.name(&ns);
-    consumer.subscribe(&[&input])?;
+    // Only the enabled processors join their groups: an idle member would hold partitions.
+    let enabled = |name: &str| args.processors.iter().any(|p| p == name);
+    if enabled("provisioner") {
+        consumer.subscribe(&[&input])?;
+    }
     tracing::info!(namespace = %ns, %group, topic = %input, "provisioner running");
 
     let catalog = CatalogProcessor {
@@ -96,7 +106,9 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let catalog_group = format!("{ns}.catalog");
     let catalog_consumer = kafka::consumer(&config, &catalog_group, session)?;
     let catalog_topics = [Topic::BrandCatalog.name(&ns), Topic::BrandAccess.name(&ns)];
-    catalog_consumer.subscribe(&[&catalog_topics[0], &catalog_topics[1]])?;
+    if enabled("catalog") {
+        catalog_consumer.subscribe(&[&catalog_topics[0], &catalog_topics[1]])?;
+    }
     tracing::info!(namespace = %ns, group = %catalog_group, topics = %catalog_topics.join(","), "catalog processor running");
 
     let purger = Purger {
@@ -104,10 +116,13 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         pool: pool.clone(),
         tenants: Tenants::new(pool.clone(), &ns),
         cache: cache.clone(),
+        spec: CatalogSpec::load()?,
     };
     let purger_group = format!("{ns}.purger");
     let purger_consumer = kafka::consumer(&config, &purger_group, session)?;
-    purger_consumer.subscribe(&[&Topic::Tenancy.name(&ns)])?;
+    if enabled("purger") {
+        purger_consumer.subscribe(&[&Topic::Tenancy.name(&ns)])?;
+    }
     let timer = PurgeTimer {
         config: config.clone(),
         tenants: Tenants::new(pool.clone(), &ns),
@@ -118,24 +133,44 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
 
     // The loops run on this task (their futures are not Send, see processor::Handler).
     tokio::try_join!(
-        processor::run(
-            "provisioner",
-            consumer,
-            &codec,
-            &dead_letters,
-            &provisioner,
-            shutdown.clone()
-        ),
-        catalog.run(catalog_consumer, &codec, &dead_letters, shutdown.clone()),
-        processor::run(
-            "purger",
-            purger_consumer,
-            &codec,
-            &dead_letters,
-            &purger,
-            shutdown.clone()
-        ),
-        timer.run(shutdown),
+        async {
+            if enabled("provisioner") {
+                tokio::try_join!(
+                    processor::run(
+                        "provisioner",
+                        consumer,
+                        &codec,
+                        &dead_letters,
+                        &provisioner,
+                        shutdown.clone()
+                    ),
+                    timer.run(shutdown.clone()),
+                )?;
+            }
+            anyhow::Ok(())
+        },
+        async {
+            if enabled("catalog") {
+                catalog
+                    .run(catalog_consumer, &codec, &dead_letters, shutdown.clone())
+                    .await?;
+            }
+            anyhow::Ok(())
+        },
+        async {
+            if enabled("purger") {
+                processor::run(
+                    "purger",
+                    purger_consumer,
+                    &codec,
+                    &dead_letters,
+                    &purger,
+                    shutdown.clone(),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        },
     )?;
     producer
         .flush(Duration::from_secs(10))

@@ -360,6 +360,47 @@ pub struct Purger {
     pub pool: MySqlPool,
     pub tenants: Tenants,
     pub cache: crate::access::cache::PermissionCache,
+    pub spec: crate::catalog::spec::CatalogSpec,
+}
+
+impl Purger {
+    /// A purged brand's catalog leaves the platform: every supplier copy of it goes too. (So
+    /// the end state does not depend on whether a replay copied it before the purge.)
+    async fn drop_supplier_copies(&self, brand_id: &str) -> Result<usize, sqlx::Error> {
+        let platform = self
+            .ns
+            .service_database(crate::tenant::ServiceDatabase::Platform);
+        let suppliers: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT supplier_id FROM {}.brand_access WHERE brand_id = ?",
+            platform.quoted()
+        ))
+        .bind(brand_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
+        let registry = self.tenants.lookup(&ids).await?;
+        let mut dropped = 0;
+        for supplier in registry.values() {
+            let db = match supplier.status {
+                super::tenants::Status::Active => supplier.database.clone(),
+                super::tenants::Status::Archived => supplier.archive_database.clone(),
+                _ => None,
+            };
+            let Some(db) = db else { continue };
+            let mut tx = self.pool.begin().await?;
+            dropped += crate::catalog::store::drop_copy(&mut tx, &db, &self.spec, brand_id).await?;
+            sqlx::query(&format!(
+                "DELETE FROM {}.brand_access WHERE brand_id = ?",
+                db.quoted()
+            ))
+            .bind(brand_id)
+            .execute(&mut *tx)
+            .await?;
+            crate::offsets::clear(&mut tx, &db, &format!("copy:{brand_id}")).await?;
+            tx.commit().await?;
+        }
+        Ok(dropped as usize)
+    }
 }
 
 impl Handler for Purger {
@@ -415,6 +456,13 @@ impl Handler for Purger {
                 .await
                 .map_err(|e| db_error(&format!("dropping {db}"), e))?;
         }
+        let copies = if row.organisation_type == "BRAND" {
+            self.drop_supplier_copies(org)
+                .await
+                .map_err(|e| db_error("removing supplier copies of the brand", e))?
+        } else {
+            0
+        };
         let platform = self
             .ns
             .service_database(crate::tenant::ServiceDatabase::Platform);
@@ -447,9 +495,15 @@ impl Handler for Purger {
             .map_err(|e| db_error("logging the purge", e))?;
         metrics::counter!("tenancy_tenants_purged_total").increment(1);
         tracing::info!(tenant = %row.slug, organisation_id = %org, archive = %archive, offset = origin.offset,
-            "tenant purged: archive dropped");
+            supplier_copy_rows = copies, "tenant purged: archive dropped");
         Ok(())
     }
+}
+
+/// A due archive and the end offsets of `{ns}.organisations` when it was first seen due.
+struct Noted {
+    epoch: String,
+    ends: Vec<crate::kafka::GroupPosition>,
 }
 
 /// Finds archives past their grace period and publishes TenantPurged for them.
@@ -467,7 +521,7 @@ pub struct PurgeTimer {
 
 impl PurgeTimer {
     pub async fn run(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut noted: HashMap<String, (String, Vec<(String, i32, i64)>)> = HashMap::new();
+        let mut noted: HashMap<String, Noted> = HashMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -479,10 +533,7 @@ impl PurgeTimer {
         }
     }
 
-    async fn tick(
-        &self,
-        noted: &mut HashMap<String, (String, Vec<(String, i32, i64)>)>,
-    ) -> anyhow::Result<()> {
+    async fn tick(&self, noted: &mut HashMap<String, Noted>) -> anyhow::Result<()> {
         let due = self.tenants.purge_due(Utc::now()).await?;
         noted.retain(|org, _| due.iter().any(|r| &r.organisation_id == org));
         if due.is_empty() {
@@ -499,11 +550,16 @@ impl PurgeTimer {
                 continue;
             };
             match noted.get(&row.organisation_id) {
-                Some((noted_epoch, ends)) if *noted_epoch == epoch => {
-                    let caught_up = ends.iter().all(|(t, p, end)| {
-                        positions
-                            .iter()
-                            .any(|(t2, p2, c, _)| t2 == t && p2 == p && c.unwrap_or(0) >= *end)
+                Some(Noted {
+                    epoch: noted_epoch,
+                    ends,
+                }) if *noted_epoch == epoch => {
+                    let caught_up = ends.iter().all(|end| {
+                        positions.iter().any(|now| {
+                            now.topic == end.topic
+                                && now.partition == end.partition
+                                && now.committed.unwrap_or(0) >= end.end
+                        })
                     });
                     if caught_up {
                         self.publish(&row, &epoch).await?;
@@ -511,11 +567,8 @@ impl PurgeTimer {
                     }
                 }
                 _ => {
-                    let ends = positions
-                        .iter()
-                        .map(|(t, p, _, end)| (t.clone(), *p, *end))
-                        .collect();
-                    noted.insert(row.organisation_id.clone(), (epoch, ends));
+                    let ends = positions.clone();
+                    noted.insert(row.organisation_id.clone(), Noted { epoch, ends });
                 }
             }
         }

@@ -88,9 +88,19 @@ pub struct TenantRef {
     pub archived_at: Option<i64>,
     /// Where its tables are while archived.
     pub archive_database: Option<DatabaseName>,
+    /// Earlier archived periods `[terminated, restored)` in epoch ms: events that happened
+    /// inside one were skipped live, so a replay skips them too.
+    pub past_archives: Vec<(i64, i64)>,
 }
 
 impl TenantRef {
+    /// Whether `occurred_at` falls in an earlier archived period.
+    pub fn was_archived_at(&self, occurred_at: i64) -> bool {
+        self.past_archives
+            .iter()
+            .any(|(from, to)| (*from..*to).contains(&occurred_at))
+    }
+
     /// The same tenant, addressed at its archive: events that happened before the termination
     /// still belong in its data (a replay may deliver them after the termination).
     pub fn at_archive(&self) -> Option<TenantRef> {
@@ -325,8 +335,28 @@ impl Tenants {
                         status,
                         database,
                         archived_at: archived_at.map(|t| t.timestamp_millis()),
+                        past_archives: Vec::new(),
                     },
                 );
+            }
+            // Terminations followed by restores, in event time.
+            let sql = format!(
+                "SELECT organisation_id, kind, occurred_at FROM {} WHERE organisation_id IN ({placeholders}) \
+                 AND kind IN ('terminated', 'restored') ORDER BY organisation_id, occurred_at",
+                self.log_table()
+            );
+            let mut query = sqlx::query_as::<_, (String, String, DateTime<Utc>)>(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            let mut open: HashMap<String, i64> = HashMap::new();
+            for (id, kind, at) in query.fetch_all(&self.pool).await? {
+                let at = at.timestamp_millis();
+                if kind == "terminated" {
+                    open.insert(id, at);
+                } else if let (Some(from), Some(t)) = (open.remove(&id), found.get_mut(&id)) {
+                    t.past_archives.push((from, at));
+                }
             }
         }
         Ok(found)
