@@ -756,37 +756,8 @@ impl CatalogProcessor {
         let json = serde_json::to_string(permissions).expect("strings serialise");
         // Index first: if we die after it, the supplier's own row (checked by the fan-out)
         // still says no access, and the redelivered grant completes the rest.
-        let platform = self.platform();
-        let mut tx = self.pool.begin().await?;
-        if is_new(
-            &mut tx,
-            &platform,
-            &access_index_projection(brand_id),
-            origin,
-        )
-        .await?
-        {
-            sqlx::query(&format!(
-                "INSERT INTO {}.brand_access (brand_id, supplier_id, permissions) VALUES (?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE permissions = VALUES(permissions)",
-                platform.quoted()
-            ))
-            .bind(brand_id)
-            .bind(supplier_id)
-            .bind(&json)
-            .execute(&mut *tx)
+        self.index_access(origin, brand_id, supplier_id, Some(&json))
             .await?;
-            offsets::set(
-                &mut tx,
-                &platform,
-                &access_index_projection(brand_id),
-                &origin.topic,
-                origin.partition,
-                origin.offset,
-            )
-            .await?;
-        }
-        tx.commit().await?;
 
         let mut tx = self.pool.begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
@@ -877,37 +848,52 @@ impl CatalogProcessor {
                 "access revoked: supplier copy removed");
         }
         tx.commit().await?;
-        let platform = self.platform();
-        let mut tx = self.pool.begin().await?;
-        if is_new(
-            &mut tx,
-            &platform,
-            &access_index_projection(brand_id),
-            origin,
-        )
-        .await?
-        {
-            sqlx::query(&format!(
-                "DELETE FROM {}.brand_access WHERE brand_id = ? AND supplier_id = ?",
-                platform.quoted()
-            ))
-            .bind(brand_id)
-            .bind(supplier_id)
-            .execute(&mut *tx)
+        self.index_access(origin, brand_id, supplier_id, None)
             .await?;
+        self.cache.invalidate(supplier_id, brand_id).await?;
+        Ok(())
+    }
+
+    /// The platform's fan-out index: `permissions` set (grant) or the row removed (revoke),
+    /// with its offset in the same transaction.
+    async fn index_access(
+        &self,
+        origin: &Origin,
+        brand_id: &str,
+        supplier_id: &str,
+        permissions: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let platform = self.platform();
+        let projection = access_index_projection(brand_id);
+        let mut tx = self.pool.begin().await?;
+        if is_new(&mut tx, &platform, &projection, origin).await? {
+            let sql = match permissions {
+                Some(_) => format!(
+                    "INSERT INTO {}.brand_access (brand_id, supplier_id, permissions) VALUES (?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE permissions = VALUES(permissions)",
+                    platform.quoted()
+                ),
+                None => format!(
+                    "DELETE FROM {}.brand_access WHERE brand_id = ? AND supplier_id = ?",
+                    platform.quoted()
+                ),
+            };
+            let mut query = sqlx::query(&sql).bind(brand_id).bind(supplier_id);
+            if let Some(json) = permissions {
+                query = query.bind(json);
+            }
+            query.execute(&mut *tx).await?;
             offsets::set(
                 &mut tx,
                 &platform,
-                &access_index_projection(brand_id),
+                &projection,
                 &origin.topic,
                 origin.partition,
                 origin.offset,
             )
             .await?;
         }
-        tx.commit().await?;
-        self.cache.invalidate(supplier_id, brand_id).await?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Stores, per partition, the offset the auto-commit may commit: past everything seen,
