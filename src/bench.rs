@@ -44,6 +44,9 @@ pub struct BenchArgs {
     /// Fabrics per BrandCatalogUpdated event.
     #[arg(long, default_value_t = 20)]
     pub per_event: usize,
+    /// Most messages per processor batch (as `tenancy run --batch-max`).
+    #[arg(long, default_value_t = CatalogSettings::default().batch_max)]
+    pub batch_max: usize,
     /// Keep the benchmark's databases afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -238,7 +241,10 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         spec: CatalogSpec::load()?,
         tenants: tenants.clone(),
         cache: PermissionCache::connect(&config.redis_url, &ns).await?,
-        settings: CatalogSettings::default(),
+        settings: CatalogSettings {
+            batch_max: args.batch_max,
+            ..CatalogSettings::default()
+        },
     };
     let consumer =
         crate::kafka::consumer(&config, &format!("{ns}.catalog"), Duration::from_secs(10))?;

@@ -78,9 +78,9 @@ pub fn consumer(
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // librdkafka prefetches up to 64 MiB per consumer by default; a quarter is plenty to
-        // keep a batch of thousands of messages ready and keeps the worker's memory flat.
-        .set("queued.max.messages.kbytes", "16384")
+        // librdkafka prefetches up to 64 MiB per partition by default; 4 MiB per partition still
+        // keeps a batch of thousands of messages ready and keeps the worker's memory flat.
+        .set("queued.max.messages.kbytes", "4096")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
             "session.timeout.ms",

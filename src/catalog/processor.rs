@@ -57,7 +57,7 @@ pub struct CatalogSettings {
 impl Default for CatalogSettings {
     fn default() -> Self {
         CatalogSettings {
-            batch_max: 5000,
+            batch_max: 1000,
             linger: Duration::from_millis(20),
             max_held: 10_000,
             recheck_every: Duration::from_millis(300),
