@@ -288,10 +288,8 @@ impl Provisioner {
         let moved = move_tables(&self.pool, &archive, &live)
             .await
             .map_err(|e| db_error(&format!("restoring {archive} into {live}"), e))?;
-        self.tenants
-            .mark_restored(org, at(ev.occurred_at))
-            .await
-            .map_err(|e| db_error("marking the tenant active", e))?;
+        // Logged before the status flips: a crash in between leaves the row `archived`, and the
+        // redelivery finishes; a crash after it finds the log and re-announces.
         self.tenants
             .log(
                 &ev.event_id,
@@ -302,6 +300,10 @@ impl Provisioner {
             )
             .await
             .map_err(|e| db_error("logging the restore", e))?;
+        self.tenants
+            .mark_restored(org, at(ev.occurred_at))
+            .await
+            .map_err(|e| db_error("marking the tenant active", e))?;
         let outcome = crate::events::TenantRestored {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantRestored),
             occurred_at: ev.occurred_at,
