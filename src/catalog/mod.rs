@@ -3,8 +3,10 @@
 //! - [`spec`]: the declared projection (`projections/brand_catalog.json`).
 //! - [`change`]: the net effect of a run of BrandCatalogUpdated events.
 //! - [`store`]: the SQL that writes it to a brand DB and to supplier copies.
-//! - [`processor`]: the batch processor over `{ns}.brand-catalog` and `{ns}.brand-access`.
+//! - [`processor`]: the batch processor over `{ns}.brand-catalog` and `{ns}.brand-access`;
+//!   `access` holds its handling of grants and revokes.
 
+mod access;
 pub mod change;
 pub mod processor;
 pub mod spec;
