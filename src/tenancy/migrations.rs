@@ -43,9 +43,11 @@ pub fn latest_version(migrator: &Migrator) -> i64 {
 /// `CREATE DATABASE IF NOT EXISTS`, then every pending migration, on a connection opened for
 /// this database alone (the shared pool never `USE`s a tenant database, see DESIGN.md).
 ///
-/// sqlx holds a MySQL named lock per database while migrating, so two workers racing on the
-/// same tenant serialise here. A migration left half-applied by a killed worker is detected
-/// (`Dirty`) and re-run: every migration is idempotent (see migrations/README.md).
+/// Two workers racing on the same tenant serialise on a MySQL named lock per database, taken
+/// here with a bounded wait: sqlx's own migration lock uses `GET_LOCK(…, -1)` and ignores the
+/// result, which MariaDB does not treat as "wait forever" (a race test saw both apply). Under
+/// that lock, a migration left half-applied (`Dirty`) can only be a killed worker's, so it is
+/// re-run: every migration is idempotent (see migrations/README.md).
 pub async fn create_and_migrate(
     pool: &MySqlPool,
     database_url: &str,
@@ -62,6 +64,23 @@ pub async fn create_and_migrate(
         .database(db.as_str())
         .disable_statement_logging();
     let mut conn = options.connect().await?;
+    // Lock names are limited to 64 characters; a uuid of the database name fits any name.
+    let lock = format!(
+        "migrate:{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, db.as_str().as_bytes())
+    );
+    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 120)")
+        .bind(&lock)
+        .fetch_one(&mut conn)
+        .await?;
+    if got != Some(1) {
+        conn.close().await.ok();
+        // An I/O-kind error: the caller's retry policy treats it as transient.
+        return Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("timed out waiting for another worker migrating {db}"),
+        )));
+    }
     let result = match migrator.run(&mut conn).await {
         Err(MigrateError::Dirty(version)) => {
             tracing::warn!(database = %db, version, "migration was left half-applied; re-running it");
@@ -73,6 +92,7 @@ pub async fn create_and_migrate(
         }
         other => other,
     };
+    // Closing the session releases the named lock too.
     conn.close().await.ok();
     result.map_err(|e| match e {
         MigrateError::Execute(e) => e,
