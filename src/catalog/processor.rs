@@ -652,17 +652,12 @@ impl CatalogProcessor {
                 continue;
             }
             let hidden = self.spec.hidden_columns(&permissions);
-            if let Some(change) = &archived_change {
-                store::write_copy(
-                    &mut tx,
-                    supplier_db,
-                    &self.spec,
-                    &brand.organisation_id,
-                    change,
-                    &hidden,
-                )
-                .await?;
-            } else if copied == before {
+            // Incremental when the copy is exactly one step behind (or archived: its share of
+            // the step); otherwise rebuilt.
+            let incremental = archived_change
+                .as_ref()
+                .or((copied == before).then_some(change));
+            if let Some(change) = incremental {
                 store::write_copy(
                     &mut tx,
                     supplier_db,

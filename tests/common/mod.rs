@@ -144,33 +144,10 @@ impl TestNs {
         at_least: usize,
         timeout: Duration,
     ) -> Vec<Option<Vec<u8>>> {
-        let name = self.topic(topic);
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.kafka_bootstrap_servers)
-            .set(
-                "group.id",
-                format!("{}-reader-{}", self.ns, uuid::Uuid::new_v4()),
-            )
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        for p in 0..self.config.partitions {
-            tpl.add_partition_offset(&name, p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&tpl).unwrap();
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::new();
-        while Instant::now() < deadline {
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => out.push(m.payload().map(|p| p.to_vec())),
-                Some(Err(e)) => panic!("reading {name}: {e}"),
-                None if out.len() >= at_least => break,
-                None => {}
-            }
-        }
-        out
+        self.read_messages(topic, at_least, timeout)
+            .into_iter()
+            .map(|m| m.payload)
+            .collect()
     }
 
     /// Messages currently on `topic` (sum of high watermarks), 0 if it does not exist.
