@@ -4,9 +4,12 @@
 //! Both directions cache per subject / per schema id inside the converter, so the registry is
 //! asked once per schema, not once per message.
 
+use std::sync::Arc;
+
 use apache_avro::types::Value;
 use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
+use schema_registry_converter::avro_common::AvroSchema;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
@@ -91,46 +94,94 @@ impl Codec {
     /// Decodes a framed payload with the writer's schema (fetched by id, cached) and maps it onto
     /// our reader schema.
     pub async fn decode(&self, payload: Option<&[u8]>) -> Result<Event, DecodeError> {
+        let schema = self.writer_schema(payload).await?;
+        decode_with(&schema, payload.unwrap_or_default())
+    }
+
+    /// The writer's schema of a framed payload: the registry is asked once per schema id. Split
+    /// from [`decode_with`] so bulk decoding can run off the async runtime.
+    pub async fn writer_schema(
+        &self,
+        payload: Option<&[u8]>,
+    ) -> Result<Arc<AvroSchema>, DecodeError> {
         let payload = payload.ok_or(DecodeError::Empty)?;
         let (id, _) = split_frame(payload)?;
-        let schema = match self.decoder.get_schema(id).await {
-            Ok(s) => s,
+        match self.decoder.get_schema(id).await {
+            Ok(s) => Ok(s),
             Err(e) if e.retriable => {
                 // Transient errors must not stay cached, or a registry blip poisons the id.
                 self.decoder.remove_errors_from_cache();
-                return Err(DecodeError::RegistryUnavailable {
-                    id,
-                    cause: e.to_string(),
-                });
-            }
-            Err(e) => {
-                return Err(DecodeError::UnknownSchema {
+                Err(DecodeError::RegistryUnavailable {
                     id,
                     cause: e.to_string(),
                 })
             }
-        };
-        let decoded =
-            self.decoder
-                .decode(Some(payload))
-                .await
-                .map_err(|e| DecodeError::Undecodable {
-                    id,
-                    cause: e.to_string(),
-                })?;
-        let name = decoded
-            .name
-            .map(|n| n.fullname(None))
-            .or_else(|| match &schema.parsed {
-                apache_avro::Schema::Record(r) => Some(r.name.fullname(None)),
-                _ => None,
-            })
-            .ok_or_else(|| DecodeError::Undecodable {
+            Err(e) => Err(DecodeError::UnknownSchema {
                 id,
-                cause: "writer schema is not a record".into(),
-            })?;
-        Ok(Event::from_avro(&name, decoded.value)?)
+                cause: e.to_string(),
+            }),
+        }
     }
+}
+
+/// Decodes a framed payload with its writer's schema and maps it onto our reader schema. Pure
+/// CPU: safe to call from `spawn_blocking`.
+pub fn decode_with(schema: &AvroSchema, payload: &[u8]) -> Result<Event, DecodeError> {
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema.parsed)
+        .build()
+        .map_err(|e| DecodeError::UnknownSchema {
+            id: schema.id,
+            cause: e.to_string(),
+        })?;
+    decode_framed(&reader, &schema.parsed, payload)
+}
+
+/// Decodes many payloads, building one reader per writer schema (schema resolution is per
+/// schema id, not per message). Pure CPU: meant for `spawn_blocking`.
+pub fn decode_batch(items: &[(Arc<AvroSchema>, Vec<u8>)]) -> Vec<Result<Event, DecodeError>> {
+    use apache_avro::reader::datum::GenericDatumReader;
+    let mut readers: std::collections::HashMap<u32, Result<GenericDatumReader<'_>, String>> =
+        std::collections::HashMap::new();
+    items
+        .iter()
+        .map(|(schema, payload)| {
+            let reader = readers.entry(schema.id).or_insert_with(|| {
+                GenericDatumReader::builder(&schema.parsed)
+                    .build()
+                    .map_err(|e| e.to_string())
+            });
+            match reader {
+                Ok(reader) => decode_framed(reader, &schema.parsed, payload),
+                Err(cause) => Err(DecodeError::UnknownSchema {
+                    id: schema.id,
+                    cause: cause.clone(),
+                }),
+            }
+        })
+        .collect()
+}
+
+fn decode_framed(
+    reader: &apache_avro::reader::datum::GenericDatumReader<'_>,
+    writer: &apache_avro::Schema,
+    payload: &[u8],
+) -> Result<Event, DecodeError> {
+    let (id, mut body) = split_frame(payload)?;
+    let undecodable = |cause: String| DecodeError::Undecodable { id, cause };
+    let value = reader
+        .read_value(&mut body)
+        .map_err(|e| undecodable(e.to_string()))?;
+    if !body.is_empty() {
+        return Err(undecodable(format!(
+            "{} bytes left after the record",
+            body.len()
+        )));
+    }
+    let name = match writer {
+        apache_avro::Schema::Record(r) => r.name.fullname(None),
+        _ => return Err(undecodable("writer schema is not a record".into())),
+    };
+    Ok(Event::from_avro(&name, value)?)
 }
 
 #[cfg(test)]

@@ -16,12 +16,14 @@
 //! never interleave.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
+use schema_registry_converter::avro_common::AvroSchema;
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +39,7 @@ use crate::offsets;
 use crate::processor::Origin;
 use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
-use crate::wire::Codec;
+use crate::wire::{decode_batch, Codec};
 
 pub(super) const NAME: &str = "catalog";
 
@@ -178,21 +180,50 @@ impl CatalogProcessor {
                 _ = shutdown.cancelled() => break,
                 b = self.next_batch(&consumer) => b,
             };
-            let mut fresh = Vec::with_capacity(batch.len());
-            for msg in batch {
-                let origin = Origin::of(&msg);
-                let key = (origin.topic.clone(), origin.partition);
-                let next = state.seen.entry(key).or_insert(0);
+            // Writer schemas first (registry, async, cached per id), then the bulk Avro
+            // decoding on a blocking thread so the runtime keeps serving the other loops.
+            let mut schemas = Vec::with_capacity(batch.len());
+            for msg in &batch {
+                let origin = Origin::of(msg);
+                let next = state
+                    .seen
+                    .entry((origin.topic.clone(), origin.partition))
+                    .or_insert(0);
                 *next = (*next).max(origin.offset + 1);
-                match self.decode(codec, &msg, &shutdown).await {
-                    Some(Ok((brand, occurred_at, item))) => fresh.push(Pending {
+                match self.writer_schema(codec, msg, &shutdown).await {
+                    Some(schema) => schemas.push((origin, schema)),
+                    None => return self.finish(&consumer, &state),
+                }
+            }
+            let owned: Vec<_> = batch
+                .iter()
+                .zip(&schemas)
+                .filter_map(|(msg, (_, schema))| {
+                    let schema = schema.as_ref().ok()?.clone();
+                    Some((schema, msg.payload().unwrap_or_default().to_vec()))
+                })
+                .collect();
+            let mut decoded = tokio::task::spawn_blocking(move || decode_batch(&owned))
+                .await?
+                .into_iter();
+            let mut fresh = Vec::with_capacity(batch.len());
+            for (msg, (origin, schema)) in batch.into_iter().zip(schemas) {
+                let classified = match schema {
+                    Ok(_) => match decoded.next().expect("one result per decodable message") {
+                        Ok(event) => classify(event),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(reason) => Err(reason),
+                };
+                match classified {
+                    Ok((brand, occurred_at, item)) => fresh.push(Pending {
                         msg,
                         origin,
                         brand,
                         occurred_at,
                         item,
                     }),
-                    Some(Err(reason)) => {
+                    Err(reason) => {
                         if !self
                             .dead_letter(dead_letters, &msg, &origin, &reason, &shutdown)
                             .await
@@ -200,7 +231,6 @@ impl CatalogProcessor {
                             return self.finish(&consumer, &state);
                         }
                     }
-                    None => return self.finish(&consumer, &state),
                 }
             }
             if !self.route(fresh, &mut state, dead_letters, &shutdown).await {
@@ -277,17 +307,18 @@ impl CatalogProcessor {
         batch
     }
 
-    /// `Some(Ok)` to apply, `Some(Err(reason))` to dead-letter, `None` on shutdown.
-    async fn decode(
+    /// The writer schema of a message: `Some(Err(reason))` to dead-letter, `None` on shutdown.
+    /// Registry outages are retried, never dead-lettered.
+    async fn writer_schema(
         &self,
         codec: &Codec,
         msg: &BorrowedMessage<'_>,
         shutdown: &CancellationToken,
-    ) -> Option<Result<(String, i64, Item), String>> {
+    ) -> Option<Result<Arc<AvroSchema>, String>> {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match codec.decode(msg.payload()).await {
-                Ok(event) => return Some(classify(event)),
+            match codec.writer_schema(msg.payload()).await {
+                Ok(schema) => return Some(Ok(schema)),
                 Err(e) if e.is_transient() => {
                     tracing::warn!(processor = NAME, error = %e, "schema registry unavailable; retrying");
                     if !sleep_or_shutdown(&mut backoff, shutdown).await {
