@@ -588,3 +588,54 @@ async fn dropping_everything_and_replaying_every_topic_rebuilds_the_same_state()
         assert_eq!(live_rows, replay_rows, "{key}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_supplier_gets_the_catalog_changes_it_missed() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run_with("supplier-restore", &["--grace", "1h"]);
+    let (brand, supplier) = brand_with_supplier(&t, &pool, "steady").await;
+    let ns = t.ns.as_str();
+    let codes = |db: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(&format!(
+                "SELECT code FROM `{db}`.brand_fabrics ORDER BY code"
+            ))
+            .fetch_all(&pool)
+            .await
+            .unwrap_or_default()
+        }
+    };
+    assert!(cli(
+        &t,
+        &[
+            "tenants",
+            "terminate",
+            &supplier,
+            "--reason",
+            "r",
+            "--by",
+            "ops",
+            "--yes"
+        ]
+    )
+    .status
+    .success());
+    wait_status(&t, &pool, &supplier, "archived").await;
+    // The brand changes while its supplier is archived: the archived copy does not follow.
+    t.emit_ok(&[catalog_line(&brand, 2, &["D"])]);
+    wait_caught_up(&t).await;
+    let archive = format!("{ns}_arc_{}", supplier.replace('-', ""));
+    assert_eq!(codes(archive).await, vec!["A", "B", "C"]);
+
+    assert!(cli(&t, &["tenants", "restore", &supplier, "--by", "ops"])
+        .status
+        .success());
+    wait_status(&t, &pool, &supplier, "active").await;
+    assert_eq!(
+        codes(format!("{ns}_supplier_steady_supplier")).await,
+        vec!["A", "B", "C", "D"],
+        "restored copy rebuilt from the brand"
+    );
+}

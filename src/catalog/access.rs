@@ -5,6 +5,7 @@
 use super::processor::{
     copy_projection, is_new, ApplyError, BrandLock, CatalogProcessor, Item, Pending, NAME,
 };
+use super::spec::CatalogSpec;
 use super::store;
 use crate::offsets;
 use crate::processor::Origin;
@@ -20,6 +21,86 @@ fn access_projection(brand_id: &str) -> String {
 
 fn access_index_projection(brand_id: &str) -> String {
     format!("access_index:{brand_id}")
+}
+
+/// The supplier's copy of one brand becomes the brand's current projection (under the
+/// supplier's permissions), recording the brand offsets it reflects so the fan-out continues
+/// from exactly there.
+async fn backfill_copy(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    spec: &CatalogSpec,
+    supplier_db: &DatabaseName,
+    brand_db: &DatabaseName,
+    brand_id: &str,
+    permissions: &[String],
+) -> Result<u64, sqlx::Error> {
+    let copy = copy_projection(brand_id);
+    offsets::clear(tx, supplier_db, &copy).await?;
+    let hidden = spec.hidden_columns(permissions);
+    let rows = store::rebuild_copy(tx, supplier_db, brand_db, spec, brand_id, &hidden).await?;
+    for (topic, partition, offset) in offsets::all(tx, brand_db, &spec.projection).await? {
+        offsets::set(tx, supplier_db, &copy, &topic, partition, offset).await?;
+    }
+    Ok(rows)
+}
+
+/// After a supplier is restored: every copy it keeps of an active brand is rebuilt from that
+/// brand's projection. While it was archived the fan-out passed it by, and a brand that never
+/// changes again would otherwise leave its copy stale for good.
+pub async fn refresh_supplier_copies(
+    pool: &sqlx::MySqlPool,
+    ns: &crate::tenant::Namespace,
+    tenants: &crate::tenancy::tenants::Tenants,
+    supplier_id: &str,
+    supplier_db: &DatabaseName,
+) -> anyhow::Result<usize> {
+    let spec = CatalogSpec::load()?;
+    let grants: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access",
+        supplier_db.quoted()
+    ))
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<&str> = grants.iter().map(|(b, _)| b.as_str()).collect();
+    let brands = tenants.lookup(&ids).await?;
+    let mut refreshed = 0;
+    for (brand_id, json) in &grants {
+        let permissions: Vec<String> = serde_json::from_str(json).unwrap_or_default();
+        let Some(TenantRef {
+            status: crate::tenancy::tenants::Status::Active,
+            database: Some(brand_db),
+            ..
+        }) = brands.get(brand_id)
+        else {
+            continue;
+        };
+        if !permissions.contains(&spec.requires_permission) {
+            continue;
+        }
+        let lock = BrandLock::acquire(pool, ns, brand_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e:?}"))?;
+        let result = async {
+            let mut tx = pool.begin().await?;
+            let rows = backfill_copy(
+                &mut tx,
+                &spec,
+                supplier_db,
+                brand_db,
+                brand_id,
+                &permissions,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(rows)
+        }
+        .await;
+        lock.release().await;
+        let rows = result?;
+        tracing::info!(tenant = %supplier_id, brand = %brand_id, rows, "restored supplier: copy rebuilt");
+        refreshed += 1;
+    }
+    Ok(refreshed)
 }
 
 impl CatalogProcessor {
@@ -97,27 +178,20 @@ impl CatalogProcessor {
             .await?;
             // Backfill: the supplier's copy becomes the brand's current projection, and records
             // the brand offsets it reflects so the fan-out continues from exactly there.
-            let copy = copy_projection(brand_id);
-            offsets::clear(&mut tx, supplier_db, &copy).await?;
             if permissions.contains(&self.spec.requires_permission) {
-                let hidden = self.spec.hidden_columns(permissions);
-                let rows = store::rebuild_copy(
+                let rows = backfill_copy(
                     &mut tx,
+                    &self.spec,
                     supplier_db,
                     brand_db,
-                    &self.spec,
                     brand_id,
-                    &hidden,
+                    permissions,
                 )
                 .await?;
-                for (topic, partition, offset) in
-                    offsets::all(&mut tx, brand_db, &self.spec.projection).await?
-                {
-                    offsets::set(&mut tx, supplier_db, &copy, &topic, partition, offset).await?;
-                }
                 tracing::info!(processor = NAME, tenant = %supplier_id, brand = %brand_id, rows,
                     permissions = %json, "access granted: supplier copy backfilled");
             } else {
+                offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
                 store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
                 tracing::info!(processor = NAME, tenant = %supplier_id, brand = %brand_id,
                     permissions = %json, "access granted without catalog.read: no copy kept");

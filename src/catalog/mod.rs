@@ -11,3 +11,5 @@ pub mod change;
 pub mod processor;
 pub mod spec;
 pub mod store;
+
+pub use access::refresh_supplier_copies;

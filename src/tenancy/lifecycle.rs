@@ -304,6 +304,17 @@ impl Provisioner {
             .mark_restored(org, at(ev.occurred_at))
             .await
             .map_err(|e| db_error("marking the tenant active", e))?;
+        if row.organisation_type == "SUPPLIER" {
+            crate::catalog::refresh_supplier_copies(
+                &self.pool,
+                &self.ns,
+                &self.tenants,
+                org,
+                &live,
+            )
+            .await
+            .map_err(transient)?;
+        }
         let outcome = crate::events::TenantRestored {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantRestored),
             occurred_at: ev.occurred_at,
