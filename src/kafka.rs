@@ -81,12 +81,11 @@ pub fn consumer(
         // librdkafka prefetches up to 64 MiB per partition by default; 4 MiB per partition still
         // keeps a batch of thousands of messages ready and keeps the worker's memory flat.
         .set("queued.max.messages.kbytes", "4096")
-        // Eager (range), not cooperative-sticky: on Tansu 0.6, a member that joins while a
-        // killed member's session is still alive gets an empty cooperative assignment, and the
-        // dead member's partitions were never handed over after it expired (seen in the kill -9
-        // tests). With the eager protocol the join waits for the dead member to expire and then
-        // assigns everything.
-        .set("partition.assignment.strategy", "range")
+        // Incremental rebalances: adding a worker does not stop the others. Tansu 0.6 gap (seen
+        // in the kill -9 tests, with range too): a member that joins while a killed member's
+        // session is still alive gets an empty assignment, and the dead member's partitions are
+        // not handed over when it expires. Start the replacement after the session timeout.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set(
             "session.timeout.ms",
             session_timeout.as_millis().to_string(),

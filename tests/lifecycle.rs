@@ -377,6 +377,7 @@ async fn a_crash_between_archive_and_cache_removal_converges_after_restart() {
         Some("archived")
     );
     assert_eq!(key_exists(&redis, &key).await, 1);
+    t.wait_out_killed_sessions().await;
 
     let _second = t.spawn_run_with("crash-second", &["--grace", "1h"]);
     wait_for(

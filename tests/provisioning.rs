@@ -372,6 +372,7 @@ async fn a_worker_killed_mid_provisioning_converges_after_restart() {
     let after_kill = statuses(&pool, &t.ns).await;
     let active_at_kill = after_kill.iter().filter(|(_, s, _)| s == "active").count();
     assert!(active_at_kill < n, "kill came too late to test anything");
+    t.wait_out_killed_sessions().await;
 
     let _second = t.spawn_run("kill-second");
     let rows = wait_settled(&t, &pool, n).await;
