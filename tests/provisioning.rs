@@ -35,17 +35,6 @@ async fn applied_migrations(pool: &MySqlPool, db: &str) -> Vec<(i64, bool)> {
     .unwrap()
 }
 
-async fn database_exists(pool: &MySqlPool, db: &str) -> bool {
-    sqlx::query_scalar::<_, String>(
-        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-    )
-    .bind(db)
-    .fetch_optional(pool)
-    .await
-    .unwrap()
-    .is_some()
-}
-
 async fn wait_settled(
     t: &TestNs,
     pool: &MySqlPool,

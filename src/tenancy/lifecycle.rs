@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::provisioning::Provisioner;
 use super::tenants::{TenantRecord, Tenants};
+use super::{db_error, transient};
 use crate::config::Config;
 use crate::events::{
     Event, EventKind, OrganisationRestored, OrganisationTerminated, TenantProvisioningFailed,
@@ -39,18 +40,6 @@ fn at(millis: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(millis)
         .single()
         .unwrap_or_default()
-}
-
-fn transient(e: impl Into<anyhow::Error>) -> HandleError {
-    HandleError::Transient(e.into())
-}
-
-fn db_error(context: &str, e: sqlx::Error) -> HandleError {
-    if super::is_transient(&e) {
-        HandleError::Transient(anyhow::Error::new(e).context(context.to_owned()))
-    } else {
-        HandleError::Permanent(format!("{context}: {e}"))
-    }
 }
 
 /// Tables of a database, in name order (empty if it does not exist).

@@ -32,3 +32,18 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         _ => false,
     }
 }
+
+/// A failure worth retrying, for a processor handler.
+pub(crate) fn transient(e: impl Into<anyhow::Error>) -> crate::processor::HandleError {
+    crate::processor::HandleError::Transient(e.into())
+}
+
+/// Database errors for a processor handler: retry the transient ones, dead-letter the rest.
+pub(crate) fn db_error(context: &str, e: sqlx::Error) -> crate::processor::HandleError {
+    use crate::processor::HandleError;
+    if is_transient(&e) {
+        HandleError::Transient(anyhow::Error::new(e).context(context.to_owned()))
+    } else {
+        HandleError::Permanent(format!("{context}: {e}"))
+    }
+}

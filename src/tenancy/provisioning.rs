@@ -12,6 +12,7 @@ use sqlx::MySqlPool;
 use super::migrations;
 use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::tenants::{Claim, Tenants};
+use super::{db_error, transient};
 use crate::events::{
     Event, EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed,
 };
@@ -30,19 +31,6 @@ pub struct Provisioner {
     pub grace: chrono::Duration,
     /// Crash tests only: abort after this lifecycle step.
     pub fail_after: Option<String>,
-}
-
-fn transient(e: impl Into<anyhow::Error>) -> HandleError {
-    HandleError::Transient(e.into())
-}
-
-/// Database errors: retry the transient ones, dead-letter the rest.
-fn db_error(context: &str, e: sqlx::Error) -> HandleError {
-    if super::is_transient(&e) {
-        HandleError::Transient(anyhow::Error::new(e).context(context.to_owned()))
-    } else {
-        HandleError::Permanent(format!("{context}: {e}"))
-    }
 }
 
 fn timestamp(millis: i64) -> DateTime<Utc> {
