@@ -289,10 +289,7 @@ impl Provisioner {
             )
             .await
             .map_err(|e| db_error("logging the restore", e))?;
-        self.tenants
-            .mark_restored(org, at(ev.occurred_at))
-            .await
-            .map_err(|e| db_error("marking the tenant active", e))?;
+        // Copies are refreshed before the status flips, so `active` means caught up.
         if row.organisation_type == "SUPPLIER" {
             crate::catalog::refresh_supplier_copies(
                 &self.pool,
@@ -304,6 +301,10 @@ impl Provisioner {
             .await
             .map_err(transient)?;
         }
+        self.tenants
+            .mark_restored(org, at(ev.occurred_at))
+            .await
+            .map_err(|e| db_error("marking the tenant active", e))?;
         let outcome = crate::events::TenantRestored {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantRestored),
             occurred_at: ev.occurred_at,
