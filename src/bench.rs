@@ -12,22 +12,24 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::cache::PermissionCache;
-use crate::catalog::processor::{CatalogProcessor, CatalogSettings};
 use crate::catalog::spec::CatalogSpec;
+use crate::catalog::CatalogProcessor;
 use crate::config::Config;
-use crate::dead_letter::DeadLetters;
 use crate::events::json::record_from_json;
 use crate::events::EventKind;
+use crate::stream::dead_letters::DeadLetters;
+use crate::stream::health::Health;
+use crate::stream::Settings;
 use crate::tenancy::migrations;
 use crate::tenancy::provisioning::prepare_service_databases;
 use crate::tenancy::tenants::{Claim, Tenants};
+use crate::tenancy::watermark::Watermark;
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
 use crate::topics::{ensure_topics, Topic};
 use crate::wire::Codec;
@@ -45,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 20)]
     pub per_event: usize,
     /// Most messages per processor batch (as `tenancy run --batch-max`).
-    #[arg(long, default_value_t = CatalogSettings::default().batch_max)]
+    #[arg(long, default_value_t = Settings::default().batch_max)]
     pub batch_max: usize,
     /// Keep the benchmark's databases afterwards.
     #[arg(long)]
@@ -115,7 +117,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         "namespace {ns}: setting up {} brands, {} suppliers",
         args.brands, args.suppliers
     );
-    let pool = crate::cli::connect_pool(&config).await?;
+    let pool = crate::db::connect_pool(&config).await?;
     ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
     let tenants = Tenants::new(pool.clone(), &ns);
@@ -241,14 +243,22 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         spec: CatalogSpec::load()?,
         tenants: tenants.clone(),
         cache: PermissionCache::connect(&config.redis_url, &ns).await?,
-        settings: CatalogSettings {
-            batch_max: args.batch_max,
-            ..CatalogSettings::default()
-        },
+        // The benchmark's tenants are created directly, and its lifecycle log is empty.
+        watermark: Watermark::new(&config, pool.clone())?,
     };
-    let consumer =
-        crate::kafka::consumer(&config, &format!("{ns}.catalog"), Duration::from_secs(10))?;
-    consumer.subscribe(&[&topic])?;
+    let settings = Settings {
+        batch_max: args.batch_max,
+        ..Settings::default()
+    };
+    let group = format!("{ns}.catalog");
+    let consumer = crate::stream::consumer::join(
+        &config,
+        "catalog",
+        &group,
+        std::slice::from_ref(&topic),
+        Duration::from_secs(10),
+    )?;
+    let health = Health::default().processor("catalog", &group);
     let dead_letters = DeadLetters::new(
         crate::kafka::producer(&config)?,
         Topic::DeadLetter.name(&ns),
@@ -271,7 +281,15 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let (run, measured) = tokio::join!(
-        processor.run(consumer, &codec, &dead_letters, shutdown.clone()),
+        crate::stream::run(
+            &processor,
+            consumer,
+            &codec,
+            &dead_letters,
+            health,
+            &settings,
+            shutdown.clone()
+        ),
         monitor
     );
     run?;

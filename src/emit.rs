@@ -71,6 +71,13 @@ pub fn prepare_line(line: usize, text: &str) -> Result<PreparedEvent, LineError>
             known.join(", ")
         ))
     })?;
+    if kind.topic() == crate::topics::Topic::Tenancy {
+        return Err(fail(format!(
+            "field `type`: {} is an outcome event; only the processors publish those (emit \
+             the input event instead: OrganisationCreated, OrganisationTerminated, …)",
+            kind.name()
+        )));
+    }
     object
         .entry("event_id")
         .or_insert_with(|| Json::String(uuid::Uuid::new_v4().to_string()));

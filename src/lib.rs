@@ -10,31 +10,44 @@
 //! - [`tenant`]: slugs, organisation types, namespaces and the database names built from them.
 //! - [`events`]: the Avro events (schemas embedded from `schemas/`), typed views, JSON → Avro.
 //! - [`wire`]: Confluent wire format over the schema registry.
-//! - [`topics`], [`kafka`]: topic names and creation, producer and consumer settings.
-//! - [`processor`]: the consume → apply → store-offset loop; [`dead_letter`] for poison events.
+//! - [`topics`], [`kafka`]: topic names and creation, producers and operator-side clients.
+//! - [`stream`]: the one consumer loop every processor runs (assignment, batching, holding,
+//!   error policy, dead letters, offsets, health); processors plug in as small handlers.
+//! - [`tenancy`]: the tenants table, migrations, the provisioner, terminate/restore/purge, the
+//!   lifecycle watermark and the outcome events.
 //! - [`catalog`]: brand catalogs and supplier copies (the catalog processor).
-//! - [`offsets`]: `projection_offsets`, the effectively-once bookkeeping in each tenant DB.
 //! - [`access`]: supplier → brand permissions and the Redis permission cache.
-//! - [`tenancy`]: the tenant registry, migrations, the provisioner and its outcome events.
+//! - [`offsets`]: `projection_offsets`, the effectively-once bookkeeping in each tenant DB.
+//! - [`db`], [`caches`]: the MySQL pool and named locks; the Redis connection and key layout.
+//! - [`dead_letter`]: reading and replaying `{ns}.dead-letter`.
+//! - [`status`]: what every worker reports, for `tenancy status`.
+//! - [`worker`]: one worker's processors, built one way for `run`, benchmarks and tests.
 //! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
 //! - [`emit`]: JSON lines → events (`tenancy emit`).
 //! - [`bench`]: the catalog benchmark against a raw MySQL baseline (`tenancy bench catalog`).
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
+//!
+//! `stream` knows no processor; `tenancy`, `catalog` and `access` use `stream` and the events;
+//! `status`, `bench` and `cli` sit on top.
 
 pub mod access;
 pub mod bench;
+pub mod caches;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod db;
 pub mod dead_letter;
 pub mod emit;
 pub mod events;
 pub mod kafka;
 pub mod offsets;
-pub mod processor;
 pub mod registry;
+pub mod status;
+pub mod stream;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tenant;
 pub mod topics;
 pub mod wire;
+pub mod worker;

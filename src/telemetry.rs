@@ -1,7 +1,5 @@
-//! Logs (tracing, structured fields, to stderr so stdout stays for command output) and the
-//! optional Prometheus endpoint.
-
-use std::net::SocketAddr;
+//! Logs: tracing, structured fields, to stderr so stdout stays for command output. (Metrics
+//! and health are served by `stream::health`.)
 
 use tracing_subscriber::EnvFilter;
 
@@ -16,14 +14,4 @@ pub fn init() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
-}
-
-/// Serves `/metrics` on `addr` (must be called inside the Tokio runtime).
-pub fn serve_metrics(addr: SocketAddr) -> anyhow::Result<()> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
-    tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    Ok(())
 }

@@ -177,7 +177,8 @@ impl OrganisationType {
 
 impl fmt::Display for OrganisationType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.symbol())
+        // pad, not write_str: tables format it with a width.
+        f.pad(self.symbol())
     }
 }
 

@@ -634,7 +634,10 @@ async fn a_registry_database_name_that_does_not_match_is_refused() {
         .permissions(&f.pool, &f.supplier, &brand)
         .await
         .unwrap_err();
-    assert!(matches!(err, AccessError::Registry { .. }), "{err:?}");
+    assert!(
+        matches!(err, AccessError::InconsistentTenant { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("mysql"), "{err}");
     assert_eq!(f.raw(&f.key(&brand)).await, None);
     let (code, _, err) = f.cli(&["check", &f.supplier, &brand]);

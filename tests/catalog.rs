@@ -695,7 +695,6 @@ async fn a_worker_killed_mid_stream_ends_with_the_rows_of_a_clean_run() {
         !caught_up(&killed, &catalog_group(&killed), &[Topic::BrandCatalog]),
         "killed too late"
     );
-    killed.wait_out_killed_sessions().await;
     let _second = killed.spawn_run("stream-second");
     wait_caught_up(&killed).await;
 

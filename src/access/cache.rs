@@ -26,10 +26,11 @@
 //! loses its Redis/MySQL connection) between its SET and the check leaves a possibly stale value
 //! for at most [`PERMISSION_TTL_SECS`]. A DEL is always safe here: the next reader reloads.
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use sqlx::MySqlPool;
 use uuid::Uuid;
 
+use crate::caches::Redis;
 use crate::tenancy::tenants::{Status, TenantRecord, Tenants};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
@@ -79,18 +80,20 @@ pub enum AccessError {
         value: String,
         reason: String,
     },
-    #[error("unknown supplier {supplier_id}: no tenant with that organisation id in {registry}")]
+    #[error(
+        "unknown supplier {supplier_id}: no tenant with that organisation id in {tenants_table}"
+    )]
     UnknownSupplier {
         supplier_id: String,
-        registry: String,
+        tenants_table: String,
     },
     #[error("organisation {supplier_id} is a {organisation_type} tenant, not a supplier")]
     NotASupplier {
         supplier_id: String,
         organisation_type: String,
     },
-    #[error("registry row of supplier {supplier_id} is inconsistent: {detail}")]
-    Registry { supplier_id: String, detail: String },
+    #[error("tenants row of supplier {supplier_id} is inconsistent: {detail}")]
+    InconsistentTenant { supplier_id: String, detail: String },
     #[error("Redis failed on {key} (supplier {supplier_id}, brand {brand_id}): {cause}")]
     Redis {
         supplier_id: String,
@@ -166,12 +169,12 @@ fn decode(raw: &str) -> Result<Option<Vec<String>>, serde_json::Error> {
 }
 
 /// The supplier's database, re-derived from the validated type and slug and required to match
-/// what the registry recorded: nothing read from a row is ever interpolated into SQL.
+/// what the tenants table recorded: nothing read from a row is ever interpolated into SQL.
 pub fn supplier_database(
     ns: &Namespace,
     record: &TenantRecord,
 ) -> Result<DatabaseName, AccessError> {
-    let inconsistent = |detail: String| AccessError::Registry {
+    let inconsistent = |detail: String| AccessError::InconsistentTenant {
         supplier_id: record.organisation_id.clone(),
         detail,
     };
@@ -192,12 +195,7 @@ pub fn supplier_database(
 
 /// `{ns}:supplier:{supplier_id}:brand_access:{brand_id}`, see [`PermissionCache::key`].
 pub fn permission_key(ns: &Namespace, supplier_id: &str, brand_id: &str) -> String {
-    let canon = |id: &str| parse_id(id).unwrap_or_else(|_| id.to_owned());
-    format!(
-        "{ns}:supplier:{}:brand_access:{}",
-        canon(supplier_id),
-        canon(brand_id)
-    )
+    crate::caches::permission_key(ns, supplier_id, brand_id)
 }
 
 /// Redis permission cache for one namespace. Cheap to clone (one multiplexed connection that
@@ -208,35 +206,17 @@ pub struct PermissionCache {
     ns: Namespace,
 }
 
-/// `redis://user:secret@host` → `redis://***@host`, for error messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl PermissionCache {
     pub async fn connect(redis_url: &str, ns: &Namespace) -> anyhow::Result<Self> {
-        let client = redis::Client::open(redis_url)
-            .map_err(|e| anyhow::anyhow!("invalid Redis URL {}: {e}", redact(redis_url)))?;
-        // Few quick retries: an unreachable Redis is reported in about a second rather than
-        // after the default six backed-off attempts; callers (the projector's retry loop, an
-        // operator) decide whether to try again. Reconnection after a drop stays automatic.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(2)
-            .set_max_delay(std::time::Duration::from_millis(500));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to Redis at {}: {e}", redact(redis_url))
-            })?;
-        Ok(PermissionCache {
-            conn,
-            ns: ns.clone(),
-        })
+        Ok(Self::on(&Redis::connect(redis_url, ns).await?))
+    }
+
+    /// The permission cache on an open connection.
+    pub fn on(redis: &Redis) -> Self {
+        PermissionCache {
+            conn: redis.conn(),
+            ns: redis.namespace().clone(),
+        }
     }
 
     /// `{ns}:supplier:{supplier_id}:brand_access:{brand_id}`. Ids that parse as uuids are
@@ -278,48 +258,6 @@ impl PermissionCache {
             .await
     }
 
-    /// Deletes every cached answer that names `organisation_id` (as supplier or as brand) and the
-    /// given domain keys: what a termination must leave behind. SCAN, not an index, so keys
-    /// written by any path are found. Returns how many keys went.
-    pub async fn forget_tenant(
-        &self,
-        organisation_id: &str,
-        domains: &[String],
-    ) -> redis::RedisResult<usize> {
-        let id = parse_id(organisation_id).map_err(|reason| {
-            redis::RedisError::from((redis::ErrorKind::Client, "invalid organisation id", reason))
-        })?;
-        let mut conn = self.conn.clone();
-        let mut keys: Vec<String> = Vec::new();
-        for pattern in [
-            format!("{}:supplier:{id}:brand_access:*", self.ns),
-            format!("{}:supplier:*:brand_access:{id}", self.ns),
-        ] {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut conn)
-                    .await?;
-                keys.extend(batch);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
-        }
-        keys.extend(domains.iter().map(|d| format!("{}:domain:{d}", self.ns)));
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let removed: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-        Ok(removed)
-    }
-
     /// After the MySQL commit of a revoke, or when the supplier is archived: DEL.
     pub async fn invalidate(&self, supplier_id: &str, brand_id: &str) -> redis::RedisResult<()> {
         self.remove(supplier_id, brand_id).await.map(|_| ())
@@ -355,7 +293,7 @@ impl PermissionCache {
         Ok(set.is_some())
     }
 
-    /// Reads the answer from MySQL: the registry (`{ns}_platform.tenants`), then, for an active
+    /// Reads the answer from MySQL: the tenants table (`{ns}_platform.tenants`), then, for an active
     /// supplier, its database's `brand_access` row. No Redis involved.
     pub async fn load(
         &self,
@@ -365,7 +303,7 @@ impl PermissionCache {
     ) -> Result<Loaded, AccessError> {
         let supplier = canonical_id("supplier id", supplier_id)?;
         let brand = canonical_id("brand id", brand_id)?;
-        let registry = format!(
+        let tenants_table = format!(
             "{}.tenants",
             self.ns.service_database(ServiceDatabase::Platform)
         );
@@ -375,7 +313,7 @@ impl PermissionCache {
             .map_err(|cause| AccessError::Database {
                 supplier_id: supplier.clone(),
                 brand_id: brand.clone(),
-                doing: format!("reading {registry}"),
+                doing: format!("reading {tenants_table}"),
                 cause,
             })?;
         // `find` also matches slugs; only the organisation id counts here.
@@ -385,24 +323,17 @@ impl PermissionCache {
         else {
             return Err(AccessError::UnknownSupplier {
                 supplier_id: supplier,
-                registry,
+                tenants_table,
             });
         };
-        if record.organisation_type != OrganisationType::Supplier.symbol() {
+        if record.organisation_type != OrganisationType::Supplier {
             return Err(AccessError::NotASupplier {
                 supplier_id: supplier,
-                organisation_type: record.organisation_type,
+                organisation_type: record.organisation_type.to_string(),
             });
         }
-        match Status::parse(&record.status) {
-            Some(Status::Active) => {}
-            Some(other) => return Ok(Loaded::Inactive(other)),
-            None => {
-                return Err(AccessError::Registry {
-                    supplier_id: supplier,
-                    detail: format!("unknown status {:?}", record.status),
-                })
-            }
+        if record.status != Status::Active {
+            return Ok(Loaded::Inactive(record.status));
         }
         let db = supplier_database(&self.ns, &record)?;
         let raw: Option<String> = sqlx::query_scalar(&format!(
@@ -614,11 +545,11 @@ mod tests {
     fn record(slug: &str, database_name: Option<&str>) -> TenantRecord {
         TenantRecord {
             organisation_id: "6f1c4b1e-8a43-4c55-9b51-0d8e3f2a9c17".into(),
-            organisation_type: "SUPPLIER".into(),
+            organisation_type: OrganisationType::Supplier,
             slug: slug.into(),
             name: String::new(),
             database_name: database_name.map(str::to_owned),
-            status: "active".into(),
+            status: Status::Active,
             migration_version: None,
             failure_reason: None,
             created_at: chrono::Utc::now(),
@@ -630,6 +561,8 @@ mod tests {
             termination_reason: None,
             restored_at: None,
             purged_at: None,
+            lifecycle_pending: None,
+            lifecycle_at: None,
         }
     }
 
@@ -645,7 +578,10 @@ mod tests {
             ("ac`me", Some("blindstrader_supplier_ac`me")),
         ] {
             let err = supplier_database(&ns, &record(slug, db)).unwrap_err();
-            assert!(matches!(err, AccessError::Registry { .. }), "{err:?}");
+            assert!(
+                matches!(err, AccessError::InconsistentTenant { .. }),
+                "{err:?}"
+            );
         }
     }
 
@@ -661,14 +597,5 @@ mod tests {
             "blindstrader:supplier:6f1c4b1e-8a43-4c55-9b51-0d8e3f2a9c17:\
              brand_access:0b7d3c4e-5f6a-4b8c-9d0e-1f2a3b4c5d6e"
         );
-    }
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redact("redis://user:s3cret@10.0.0.1:6379/0"),
-            "redis://***@10.0.0.1:6379/0"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

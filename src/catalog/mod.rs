@@ -1,15 +1,119 @@
-//! Brand catalogs and the local copies suppliers keep of the brands they may read.
+//! Brand catalogs and the local copies suppliers keep of the brands they may read: the catalog
+//! processor over `{ns}.brand-catalog` and `{ns}.brand-access` (group `{ns}.catalog`).
 //!
 //! - [`spec`]: the declared projection (`projections/brand_catalog.json`).
+//! - [`item`]: what an event asks of the projection, and its order key.
+//! - [`gate`]: whether it can be applied now, and to which databases.
 //! - [`change`]: the net effect of a run of BrandCatalogUpdated events.
 //! - [`store`]: the SQL that writes it to a brand DB and to supplier copies.
-//! - [`processor`]: the batch processor over `{ns}.brand-catalog` and `{ns}.brand-access`;
-//!   `access` holds its handling of grants and revokes.
+//! - `apply`: catalog events into the brand, then the fan-out to supplier copies.
+//! - `grants`: grants and revokes, and the permission cache written from the database.
+//! - [`copies`]: whole-copy work for the lifecycle (restore refresh, purge removal).
+//!
+//! The consumer loop itself (batching, holding, retries, dead letters, offsets, rebalances) is
+//! [`crate::stream`].
 
-mod access;
+mod apply;
 pub mod change;
-pub mod processor;
+pub mod copies;
+pub mod gate;
+mod grants;
+pub mod item;
 pub mod spec;
 pub mod store;
 
-pub use access::refresh_supplier_copies;
+use sqlx::MySqlPool;
+
+use crate::access::cache::PermissionCache;
+use crate::events::Event;
+use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError};
+use crate::tenancy::tenants::Tenants;
+use crate::tenancy::watermark::Watermark;
+use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
+
+pub use copies::CatalogHooks;
+use gate::Target;
+use item::{Change, Item};
+use spec::CatalogSpec;
+
+pub struct CatalogProcessor {
+    pub ns: Namespace,
+    pub pool: MySqlPool,
+    pub spec: CatalogSpec,
+    pub tenants: Tenants,
+    pub cache: PermissionCache,
+    pub watermark: Watermark,
+}
+
+impl CatalogProcessor {
+    fn platform(&self) -> DatabaseName {
+        self.ns.service_database(ServiceDatabase::Platform)
+    }
+}
+
+impl Processor for CatalogProcessor {
+    type Item = Item;
+    type Target = Target;
+
+    fn name(&self) -> &'static str {
+        "catalog"
+    }
+
+    fn parse(&self, event: Event, _origin: &Origin) -> Result<Item, String> {
+        item::parse(event)
+    }
+
+    fn order_key(&self, item: &Item) -> String {
+        item.order_key()
+    }
+
+    /// One read of the lifecycle log's ends, one of the watermark and one of the tenants table
+    /// for the whole set.
+    async fn gate(&self, msgs: &[&Msg<Item>]) -> Result<Vec<Gate<Target>>, StepError> {
+        // The ends first: read after every event here arrived.
+        let ends = self.watermark.ends().await?;
+        let applied = self.watermark.applied().await?;
+        let lifecycle = gate::Lifecycle {
+            ends: &ends,
+            applied: &applied,
+        };
+        let mut ids: Vec<&str> = msgs
+            .iter()
+            .flat_map(|m| std::iter::once(m.item.brand.as_str()).chain(m.item.supplier()))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let tenants = self.tenants.lookup(&ids).await?;
+        Ok(msgs
+            .iter()
+            .map(|m| gate::gate(&m.item, m.received_at_ms, &lifecycle, &tenants))
+            .collect())
+    }
+
+    async fn apply(&self, run: &[(&Msg<Item>, &Target)]) -> Result<(), Failed> {
+        if matches!(run[0].0.item.change, Change::Catalog(_)) {
+            // One brand key holds catalog events only; they go together, all or nothing, per
+            // target database (live, or the archive for events before a termination).
+            let mut start = 0;
+            while start < run.len() {
+                let db = &run[start].1.brand.database;
+                let end = start
+                    + run[start..]
+                        .iter()
+                        .take_while(|(_, t)| &t.brand.database == db)
+                        .count();
+                self.apply_catalog(&run[start..end])
+                    .await
+                    .map_err(|e| Failed::at(start, e))?;
+                start = end;
+            }
+            return Ok(());
+        }
+        for (i, (m, target)) in run.iter().enumerate() {
+            self.apply_access(m, target)
+                .await
+                .map_err(|e| Failed::at(i, e))?;
+        }
+        Ok(())
+    }
+}

@@ -25,6 +25,8 @@ pub struct CatalogSpec {
     pub columns: Vec<String>,
     pub brand_table: String,
     pub brand_revision_column: String,
+    /// Codes removed from the brand's catalog, with the revision that removed them.
+    pub brand_removed_table: String,
     pub supplier_table: String,
     pub supplier_brand_column: String,
     pub requires_permission: String,
@@ -60,6 +62,14 @@ fn record_fields(schema: &Schema) -> Option<Vec<(&str, &Schema)>> {
 }
 
 impl CatalogSpec {
+    /// Position of the key column in [`CatalogSpec::columns`] (checked at load).
+    pub fn key_index(&self) -> usize {
+        self.columns
+            .iter()
+            .position(|c| c == &self.key_column)
+            .expect("checked at load")
+    }
+
     /// The spec shipped in `projections/`, validated.
     pub fn load() -> Result<CatalogSpec, SpecError> {
         Self::parse(DECLARED)
@@ -124,6 +134,7 @@ impl CatalogSpec {
         let identifiers = self.columns.iter().chain([
             &self.brand_table,
             &self.brand_revision_column,
+            &self.brand_removed_table,
             &self.supplier_table,
             &self.supplier_brand_column,
             &self.projection,

@@ -62,12 +62,61 @@ pub async fn write_brand(
             vec!["?"; chunk.len()].join(",")
         );
         let mut q = sqlx::query(&sql);
-        for code in chunk {
+        for (code, _) in chunk {
             q = q.bind(code.clone());
+        }
+        q.execute(&mut **tx).await?;
+        // The removal's revision stays, so an older event cannot bring the code back.
+        let sql = format!(
+            "INSERT INTO {}.`{}` (`{}`, `{}`) VALUES {} \
+             ON DUPLICATE KEY UPDATE `{rev}` = GREATEST(`{rev}`, VALUES(`{rev}`))",
+            db.quoted(),
+            spec.brand_removed_table,
+            spec.key_column,
+            spec.brand_revision_column,
+            vec!["(?,?)"; chunk.len()].join(","),
+            rev = spec.brand_revision_column,
+        );
+        let mut q = sqlx::query(&sql);
+        for (code, revision) in chunk {
+            q = q.bind(code.clone()).bind(*revision);
         }
         q.execute(&mut **tx).await?;
     }
     Ok(())
+}
+
+/// The newest revision the brand holds for each of `codes`: its row's, or the removal's.
+pub async fn stored_revisions(
+    tx: &mut Transaction<'_, MySql>,
+    db: &DatabaseName,
+    spec: &CatalogSpec,
+    codes: &[String],
+) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let mut stored = std::collections::HashMap::new();
+    for chunk in codes.chunks(ROWS_PER_STATEMENT) {
+        let list = vec!["?"; chunk.len()].join(",");
+        let sql = format!(
+            "SELECT `{key}`, `{rev}` FROM {db}.`{rows}` WHERE `{key}` IN ({list}) \
+             UNION ALL SELECT `{key}`, `{rev}` FROM {db}.`{removed}` WHERE `{key}` IN ({list})",
+            key = spec.key_column,
+            rev = spec.brand_revision_column,
+            db = db.quoted(),
+            rows = spec.brand_table,
+            removed = spec.brand_removed_table,
+        );
+        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+        for _ in 0..2 {
+            for code in chunk {
+                q = q.bind(code);
+            }
+        }
+        for (code, revision) in q.fetch_all(&mut **tx).await? {
+            let entry = stored.entry(code).or_insert(revision);
+            *entry = (*entry).max(revision);
+        }
+    }
+    Ok(stored)
 }
 
 fn upsert_sql(db: &DatabaseName, table: &str, columns: &[&str], key: &str, rows: usize) -> String {
@@ -129,7 +178,7 @@ pub async fn write_copy(
             vec!["?"; chunk.len()].join(",")
         );
         let mut q = sqlx::query(&sql).bind(brand_id.to_owned());
-        for code in chunk {
+        for (code, _) in chunk {
             q = q.bind(code.clone());
         }
         q.execute(&mut **tx).await?;

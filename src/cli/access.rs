@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::tenancy::tenants::Tenants;
 
 /// Exit status of `check` when the answer could not be decided (Redis or MySQL unavailable,
-/// inconsistent registry). Distinct from 1 so scripts never mistake an outage for "not allowed".
+/// inconsistent tenants table). Distinct from 1 so scripts never mistake an outage for "not allowed".
 const EXIT_UNDECIDED: u8 = 3;
 /// Invalid ids; the same status clap uses for other usage errors.
 const EXIT_INVALID: u8 = 2;
@@ -28,7 +28,7 @@ pub enum AccessCommand {
     ///
     /// Exit status: 0 allowed (holds catalog.read); 1 not allowed (no grant, no catalog.read,
     /// supplier unknown or not active); 2 invalid id; 3 could not decide (Redis or MySQL
-    /// unavailable, inconsistent registry).
+    /// unavailable, inconsistent tenants table).
     #[command(verbatim_doc_comment)]
     Check {
         /// Organisation id (uuid) of the supplier tenant.
@@ -102,7 +102,7 @@ async fn check(
     brand_id: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let pool = match super::connect_pool(config).await {
+    let pool = match crate::db::connect_pool(config).await {
         Ok(pool) => pool,
         Err(e) => return Ok(undecided(format!("{e:#}"))),
     };
@@ -166,7 +166,7 @@ async fn no_access_reason(
         })
         .map(|r| r.status);
     match status {
-        Some(s) if s != "active" => format!("the supplier is {s}"),
+        Some(s) if s != crate::tenancy::tenants::Status::Active => format!("the supplier is {s}"),
         _ if from_cache => format!(
             "no grant (cached answer; it expires within {PERMISSION_TTL_SECS} s, or run \
              `tenancy access invalidate`)"

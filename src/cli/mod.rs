@@ -4,6 +4,7 @@ mod access;
 mod dead_letter;
 mod emit;
 mod run;
+mod status;
 mod tenants;
 
 use std::net::SocketAddr;
@@ -30,12 +31,17 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the stream processors (provisioner) until SIGTERM or ctrl-c.
+    /// Run the stream processors until SIGTERM or ctrl-c.
     ///
-    /// Joins the consumer group `{ns}.provisioner`; start more copies to scale out. Creates the
-    /// namespace's topics and service databases first if missing. On shutdown the event in
-    /// progress is finished and its offset committed.
+    /// Joins the consumer groups {ns}.provisioner, {ns}.catalog and {ns}.purger; start more
+    /// copies (on any host) to scale out, stop or kill them at will: partitions move to the
+    /// others and nothing is lost or applied twice. Creates the namespace's topics and service
+    /// databases first if missing, and brings existing tenant databases to the latest migration.
+    /// On shutdown the batch in progress is finished and its offsets committed.
     Run(run::RunArgs),
+    /// Where each processor's group stands per partition and who owns it, which workers are
+    /// alive and ready, and what they hold for which tenant.
+    Status(status::StatusArgs),
     /// Validate JSON lines and produce them as Avro events.
     ///
     /// Each line is {"type": "OrganisationCreated", ...fields}; event_id and occurred_at may be
@@ -49,7 +55,7 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
-    /// Inspect the tenant registry ({ns}_platform.tenants).
+    /// Inspect and change tenants ({ns}_platform.tenants).
     Tenants {
         #[command(subcommand)]
         command: tenants::TenantsCommand,
@@ -88,7 +94,7 @@ pub enum TopicsCommand {
     /// projections by replay. Stop that processor's workers first.
     Rewind {
         /// provisioner, catalog or purger
-        #[arg(value_parser = ["provisioner", "catalog", "purger"])]
+        #[arg(value_parser = run::PROCESSORS)]
         processor: String,
     },
 }
@@ -120,6 +126,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::resolve(&cli.connection)?;
     match cli.command {
         Command::Run(args) => run::run(config, args).await,
+        Command::Status(args) => status::run(config, args).await,
         Command::Emit(args) => emit::emit(config, args).await,
         Command::Registry(args) => {
             let listener = tokio::net::TcpListener::bind(args.listen)
@@ -145,9 +152,9 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics {
             command: TopicsCommand::Rewind { processor },
         } => {
-            let (group, topics) = processor_topics(&config.namespace)
+            let (_, group, topics) = processor_topics(&config.namespace)
                 .into_iter()
-                .find(|(g, _)| g.ends_with(&format!(".{processor}")))
+                .find(|(p, _, _)| *p == processor)
                 .expect("processor names are checked by clap");
             let n = crate::kafka::rewind_group(&config, &group, &topics)?;
             eprintln!(
@@ -168,20 +175,26 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The topics each processor's group consumes.
-fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(String, Vec<String>)> {
+/// Each processor, its group and the topics it consumes.
+fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(&'static str, String, Vec<String>)> {
     use crate::topics::Topic;
-    vec![
-        (
-            format!("{ns}.provisioner"),
-            vec![Topic::Organisations.name(ns)],
-        ),
-        (
-            format!("{ns}.catalog"),
-            vec![Topic::BrandCatalog.name(ns), Topic::BrandAccess.name(ns)],
-        ),
-        (format!("{ns}.purger"), vec![Topic::Tenancy.name(ns)]),
-    ]
+    let topics = |p: &str| -> Vec<Topic> {
+        match p {
+            "provisioner" => vec![Topic::Organisations],
+            "catalog" => vec![Topic::BrandCatalog, Topic::BrandAccess],
+            _ => vec![Topic::Tenancy],
+        }
+    };
+    run::PROCESSORS
+        .iter()
+        .map(|p| {
+            (
+                *p,
+                format!("{ns}.{p}"),
+                topics(p).iter().map(|t| t.name(ns)).collect(),
+            )
+        })
+        .collect()
 }
 
 async fn lag(config: &Config, only: &[String], wait: Option<u64>) -> anyhow::Result<ExitCode> {
@@ -192,10 +205,8 @@ async fn lag(config: &Config, only: &[String], wait: Option<u64>) -> anyhow::Res
         let report = tokio::task::spawn_blocking(move || {
             processor_topics(&config.namespace)
                 .into_iter()
-                .filter(|(group, _)| {
-                    only.is_empty() || only.iter().any(|p| group.ends_with(&format!(".{p}")))
-                })
-                .map(|(group, topics)| {
+                .filter(|(p, _, _)| only.is_empty() || only.iter().any(|o| o == p))
+                .map(|(_, group, topics)| {
                     let rows = crate::kafka::group_lag(&config, &group, &topics)?;
                     let behind: i64 = rows.iter().map(crate::kafka::GroupPosition::behind).sum();
                     anyhow::Ok((group, behind))
@@ -242,12 +253,62 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// One pool per MySQL server: no default database, every query names its database.
-pub async fn connect_pool(config: &Config) -> anyhow::Result<sqlx::MySqlPool> {
-    sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(10)
-        .acquire_timeout(std::time::Duration::from_secs(30))
-        .connect(&config.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("tenancy").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn run_parses_with_defaults_and_with_every_flag() {
+        let Command::Run(args) = parse(&["run"]).command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            args.http,
+            run::Listen(Some("127.0.0.1:9464".parse().unwrap()))
+        );
+        assert_eq!(args.processors, ["provisioner", "catalog", "purger"]);
+        let Command::Run(args) = parse(&[
+            "run",
+            "--http",
+            "off",
+            "--processors",
+            "catalog",
+            "--hold-for",
+            "2s",
+            "--max-attempts",
+            "3",
+            "--max-held",
+            "5",
+            "--max-held-mib",
+            "1",
+            "--grace",
+            "1h",
+        ])
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(args.http, run::Listen(None));
+        assert_eq!(args.hold_for, std::time::Duration::from_secs(2));
+        assert!(Cli::try_parse_from(["tenancy", "run", "--http", "nowhere"]).is_err());
+        assert!(Cli::try_parse_from(["tenancy", "run", "--processors", "nope"]).is_err());
+    }
+
+    #[test]
+    fn every_subcommand_parses() {
+        for args in [
+            &["status", "--json"][..],
+            &["topics", "lag", "catalog", "--wait", "3"],
+            &["topics", "rewind", "purger"],
+            &["tenants", "list"],
+            &["dead-letter", "list"],
+        ] {
+            parse(args);
+        }
+    }
 }

@@ -2,181 +2,201 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer;
 
-use crate::access::cache::PermissionCache;
-use crate::catalog::processor::{CatalogProcessor, CatalogSettings};
-use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
-use crate::dead_letter::DeadLetters;
-use crate::tenancy::lifecycle::{PurgeTimer, Purger};
-use crate::tenancy::outcomes::OutcomePublisher;
-use crate::tenancy::provisioning::{prepare_service_databases, Provisioner};
-use crate::tenancy::tenants::Tenants;
+use crate::stream::dead_letters::DeadLetters;
+use crate::stream::health::Health;
+use crate::stream::{self, consumer, Processor, Settings};
+use crate::tenancy::provisioning::upgrade_tenant_databases;
 use crate::topics::Topic;
 use crate::wire::Codec;
-use crate::{kafka, processor, topics};
+use crate::worker::{LifecycleOptions, Processors};
+
+/// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
+pub const PROCESSORS: [&str; 3] = ["provisioner", "catalog", "purger"];
+
+/// `--http`: an address, or `off` (a newtype: clap reads an `Option` field as "may be absent").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn http_addr(raw: &str) -> Result<Listen, String> {
+    if raw == "off" {
+        return Ok(Listen(None));
+    }
+    raw.parse()
+        .map(|a| Listen(Some(a)))
+        .map_err(|e| format!("expected ADDR:PORT or `off`: {e}"))
+}
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
+    /// Which processors to run (comma-separated): provisioner (with the purge timer), catalog,
+    /// purger. Every worker of a namespace may run all three; start more workers to scale out.
+    #[arg(long, value_delimiter = ',', default_value = "provisioner,catalog,purger",
+        value_parser = PROCESSORS)]
+    pub processors: Vec<String>,
+    /// Serve /healthz, /readyz and /metrics here (`off` to serve nothing). Each worker on one
+    /// host needs its own port (port 0 picks a free one and logs it).
+    #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR|off", value_parser = http_addr)]
+    pub http: Listen,
     /// Consumer-group session timeout: how long before a dead worker's partitions move.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     pub session_timeout_ms: u64,
-    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics_addr: Option<SocketAddr>,
-    /// Events held for tenants that are not active yet before their partitions are paused.
-    #[arg(long, default_value_t = 10_000)]
-    pub max_held: usize,
-    /// Most catalog/access messages applied in one batch (memory grows with it: the catalog
-    /// benchmark peaks at 78 MiB with 1000 and 221 MiB with 5000, for similar throughput).
+    /// Most messages applied in one batch (memory grows with it: the catalog benchmark peaks at
+    /// 78 MiB with 1000 and 221 MiB with 5000, for similar throughput).
     #[arg(long, default_value_t = 1000)]
     pub batch_max: usize,
+    /// Held events (waiting for a tenant or the lifecycle) before the partitions holding them
+    /// are paused.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_held: usize,
+    /// Held events' size in MiB before the partitions holding them are paused.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    pub max_held_mib: usize,
+    /// How long an event may wait for a tenant that does not exist or is not active; then it
+    /// goes to the dead-letter topic naming that tenant (replay it once the tenant exists).
+    #[arg(long, default_value = "3d", value_parser = humantime::parse_duration)]
+    pub hold_for: Duration,
+    /// Attempts at an event whose failure may heal (deadlock, missing table) before it is
+    /// dead-lettered. Outages of MySQL, Redis, the broker or the schema registry are waited out instead.
+    #[arg(long, default_value_t = 8)]
+    pub max_attempts: u32,
     /// How long a terminated tenant stays archived (restorable) before it is purged, e.g. 30d,
     /// 12h, 90s. Must be the same for every worker and for replays.
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
-    pub grace: std::time::Duration,
+    pub grace: Duration,
     /// How often the purge timer looks for archives past their grace period.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub purge_check: std::time::Duration,
-    /// Which processors to run (comma-separated): provisioner (with the purge timer), catalog,
-    /// purger. To rebuild by replay, run `provisioner,purger` until `tenancy topics lag` shows
-    /// them caught up, then everything: projections are then gated by the full lifecycle.
-    #[arg(long, value_delimiter = ',', default_value = "provisioner,catalog,purger",
-        value_parser = ["provisioner", "catalog", "purger"])]
-    pub processors: Vec<String>,
-    /// Crash tests: abort the process right after this lifecycle step (archive).
+    pub purge_check: Duration,
+    /// Crash tests: abort the process right after this lifecycle step (archive, restore-move).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
 }
 
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = super::shutdown_on_signal();
-    if let Some(addr) = args.metrics_addr {
-        crate::telemetry::serve_metrics(addr)?;
-    }
+    let health = Health::default();
+    let http = match args.http.0 {
+        Some(addr) => Some(stream::health::serve(addr, health.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     let ns = config.namespace.clone();
-    // The declared projections are checked against the schemas before anything is consumed.
-    let spec = CatalogSpec::load()?;
-    let pool = super::connect_pool(&config).await?;
-    let cache = PermissionCache::connect(&config.redis_url, &ns).await?;
-    topics::ensure_topics(&config).await?;
-    prepare_service_databases(&pool, &config.database_url, &ns).await?;
-
-    let codec = Arc::new(Codec::new(&config.schema_registry_url));
-    let producer = kafka::producer(&config)?;
-    let provisioner = Provisioner {
-        ns: ns.clone(),
-        pool: pool.clone(),
-        database_url: config.database_url.clone(),
-        tenants: Tenants::new(pool.clone(), &ns),
-        outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
-        cache: cache.clone(),
-        grace: chrono::Duration::from_std(args.grace)
-            .map_err(|_| anyhow::anyhow!("--grace {:?} is too long", args.grace))?,
+    let lifecycle = LifecycleOptions {
+        grace: args.grace,
+        purge_check: args.purge_check,
         fail_after: args.fail_after.clone(),
     };
-    let dead_letters = DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns));
+    let Processors {
+        pool,
+        tenants,
+        codec,
+        producer,
+        dead_letters,
+        provisioner,
+        catalog,
+        purger,
+        timer,
+    } = Processors::build(&config, &lifecycle).await?;
+    upgrade_tenant_databases(&pool, &config.database_url, &tenants).await?;
+    let settings = Settings {
+        batch_max: args.batch_max,
+        max_held: args.max_held,
+        max_held_bytes: args.max_held_mib << 20,
+        hold_for: args.hold_for,
+        max_attempts: args.max_attempts.max(1),
+        ..Settings::default()
+    };
     let session = Duration::from_millis(args.session_timeout_ms);
-    let group = format!("{ns}.provisioner");
-    let consumer = kafka::consumer(&config, &group, session)?;
-    let input = Topic::Organisations.name(&ns);
-    // Only the enabled processors join their groups: an idle member would hold partitions.
     let enabled = |name: &str| args.processors.iter().any(|p| p == name);
-    if enabled("provisioner") {
-        consumer.subscribe(&[&input])?;
-    }
-    tracing::info!(namespace = %ns, %group, topic = %input, "provisioner running");
-
-    let catalog = CatalogProcessor {
-        ns: ns.clone(),
-        pool: pool.clone(),
-        spec,
-        tenants: Tenants::new(pool.clone(), &ns),
-        cache: cache.clone(),
-        settings: CatalogSettings {
-            max_held: args.max_held,
-            batch_max: args.batch_max,
-            ..CatalogSettings::default()
-        },
+    // Only the enabled processors join their groups: an idle member would hold partitions.
+    let loop_of = |p: &'static str, topics: Vec<Topic>| -> anyhow::Result<Option<_>> {
+        if !enabled(p) {
+            return Ok(None);
+        }
+        let group = format!("{ns}.{p}");
+        let names: Vec<String> = topics.iter().map(|t| t.name(&ns)).collect();
+        let consumer = consumer::join(&config, p, &group, &names, session)?;
+        tracing::info!(namespace = %ns, processor = p, %group, topics = %names.join(","), "processor running");
+        Ok(Some((consumer, health.processor(p, &group))))
     };
-    let catalog_group = format!("{ns}.catalog");
-    let catalog_consumer = kafka::consumer(&config, &catalog_group, session)?;
-    let catalog_topics = [Topic::BrandCatalog.name(&ns), Topic::BrandAccess.name(&ns)];
-    if enabled("catalog") {
-        catalog_consumer.subscribe(&[&catalog_topics[0], &catalog_topics[1]])?;
-    }
-    tracing::info!(namespace = %ns, group = %catalog_group, topics = %catalog_topics.join(","), "catalog processor running");
+    let provisioner_loop = loop_of("provisioner", vec![Topic::Organisations])?;
+    let catalog_loop = loop_of("catalog", vec![Topic::BrandCatalog, Topic::BrandAccess])?;
+    let purger_loop = loop_of("purger", vec![Topic::Tenancy])?;
+    tracing::info!(namespace = %ns, grace = %humantime::format_duration(args.grace),
+        hold_for = %humantime::format_duration(args.hold_for), "worker started");
 
-    let purger = Purger {
-        ns: ns.clone(),
-        pool: pool.clone(),
-        tenants: Tenants::new(pool.clone(), &ns),
-        cache: cache.clone(),
-        spec: CatalogSpec::load()?,
-    };
-    let purger_group = format!("{ns}.purger");
-    let purger_consumer = kafka::consumer(&config, &purger_group, session)?;
-    if enabled("purger") {
-        purger_consumer.subscribe(&[&Topic::Tenancy.name(&ns)])?;
-    }
-    let timer = PurgeTimer {
-        config: config.clone(),
-        tenants: Tenants::new(pool.clone(), &ns),
-        outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
-        every: args.purge_check,
-    };
-    tracing::info!(namespace = %ns, group = %purger_group, grace = %humantime::format_duration(args.grace), "purger running");
-
-    // The loops run on this task (their futures are not Send, see processor::Handler).
+    let reporter = tokio::spawn(crate::status::report(
+        pool.clone(),
+        ns.clone(),
+        health.clone(),
+        http.map(|a| a.to_string()),
+        shutdown.clone(),
+    ));
+    // The loops run on this task (their futures are not Send, see stream::Processor).
     tokio::try_join!(
+        run_loop(
+            &provisioner,
+            provisioner_loop,
+            &codec,
+            &dead_letters,
+            &settings,
+            &shutdown
+        ),
         async {
             if enabled("provisioner") {
-                tokio::try_join!(
-                    processor::run(
-                        "provisioner",
-                        consumer,
-                        &codec,
-                        &dead_letters,
-                        &provisioner,
-                        shutdown.clone()
-                    ),
-                    timer.run(shutdown.clone()),
-                )?;
+                timer.run(shutdown.clone()).await?;
             }
             anyhow::Ok(())
         },
-        async {
-            if enabled("catalog") {
-                catalog
-                    .run(catalog_consumer, &codec, &dead_letters, shutdown.clone())
-                    .await?;
-            }
-            anyhow::Ok(())
-        },
-        async {
-            if enabled("purger") {
-                processor::run(
-                    "purger",
-                    purger_consumer,
-                    &codec,
-                    &dead_letters,
-                    &purger,
-                    shutdown.clone(),
-                )
-                .await?;
-            }
-            anyhow::Ok(())
-        },
+        run_loop(
+            &catalog,
+            catalog_loop,
+            &codec,
+            &dead_letters,
+            &settings,
+            &shutdown
+        ),
+        run_loop(
+            &purger,
+            purger_loop,
+            &codec,
+            &dead_letters,
+            &settings,
+            &shutdown
+        ),
     )?;
     producer
         .flush(Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("flushing produced events: {e}"))?;
+    shutdown.cancel();
+    let _ = reporter.await;
     pool.close().await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_loop<P: Processor>(
+    processor: &P,
+    joined: Option<(consumer::GroupConsumer, stream::health::ProcessorHealth)>,
+    codec: &Codec,
+    dead_letters: &DeadLetters,
+    settings: &Settings,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let Some((consumer, health)) = joined else {
+        return Ok(());
+    };
+    stream::run(
+        processor,
+        consumer,
+        codec,
+        dead_letters,
+        health,
+        settings,
+        shutdown.clone(),
+    )
+    .await
 }

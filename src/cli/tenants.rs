@@ -1,4 +1,4 @@
-//! `tenancy tenants`: the registry's view of every tenant.
+//! `tenancy tenants`: every tenant as `{ns}_platform.tenants` has it, and lifecycle requests.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ pub enum TenantsCommand {
     Terminate {
         /// Organisation id, or slug if it names exactly one tenant.
         org: String,
-        /// Why (kept in the event and the registry).
+        /// Why (kept in the event and the tenants table).
         #[arg(long)]
         reason: String,
         /// Who asked for it.
@@ -70,7 +70,7 @@ fn parse_status(s: &str) -> Result<Status, String> {
 }
 
 pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<ExitCode> {
-    let pool = super::connect_pool(&config).await?;
+    let pool = crate::db::connect_pool(&config).await?;
     let tenants = Tenants::new(pool, &config.namespace);
     let platform_missing = |e: sqlx::Error| {
         anyhow::anyhow!(
@@ -170,7 +170,7 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
                 let counts = tenants.counts().await.unwrap_or_default();
                 let settled: i64 = counts
                     .iter()
-                    .filter(|(s, _)| s != "provisioning")
+                    .filter(|(s, _)| Status::parse(s) != Some(Status::Provisioning))
                     .map(|(_, n)| n)
                     .sum();
                 let summary = counts

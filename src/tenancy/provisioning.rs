@@ -1,23 +1,43 @@
-//! The provisioner: OrganisationCreated → `{ns}_{type}_{slug}` created and migrated, registered
-//! in `{ns}_platform.tenants`, and TenantProvisioned published.
+//! The provisioner: OrganisationCreated → `{ns}_{type}_{slug}` created and migrated, recorded in
+//! `{ns}_platform.tenants`, and TenantProvisioned published.
 //!
 //! Each step is idempotent and the order makes any crash recoverable by redelivery: claim the
-//! registry row first (so the database is ours before it exists), then create and migrate, then
-//! mark active, then publish with a derived id, and only then does the processor store the
-//! offset. Refusals (bad slug, name taken) end in TenantProvisioningFailed, never a retry loop.
+//! tenant's row first (so the database is ours before it exists), then create and migrate, then
+//! mark active, then publish with a derived id, and only then does the loop store the offset.
+//! Refusals (bad slug, name taken) end in TenantProvisioningFailed, never a retry loop. Every
+//! lifecycle step of one organisation holds its lifecycle lock, so two workers briefly sharing a
+//! partition apply each step once.
+
+use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
+use futures::future::LocalBoxFuture;
 use sqlx::MySqlPool;
 
 use super::migrations;
 use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::tenants::{Claim, Tenants};
-use super::{db_error, transient};
-use crate::events::{
-    Event, EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed,
-};
-use crate::processor::{HandleError, Handler, Origin};
-use crate::tenant::{Namespace, ServiceDatabase, Slug};
+use super::watermark::Watermark;
+use crate::caches::Redis;
+use crate::db::NamedLock;
+use crate::events::{EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed};
+use crate::stream::{error::kafka_outage, Origin, StepError};
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
+
+/// What other projections do when a tenant's lifecycle moves; wired by `tenancy run`, so the
+/// lifecycle does not depend on the catalog.
+pub trait LifecycleHooks {
+    /// A supplier's tables are back in `database`: bring what it copies from others up to date.
+    /// Runs before the tenant is marked active, so `active` means caught up.
+    fn supplier_restored<'a>(
+        &'a self,
+        supplier_id: &'a str,
+        database: &'a DatabaseName,
+    ) -> LocalBoxFuture<'a, anyhow::Result<usize>>;
+
+    /// A brand was purged: its catalog leaves every supplier's copy. Returns the rows removed.
+    fn brand_purged<'a>(&'a self, brand_id: &'a str) -> LocalBoxFuture<'a, anyhow::Result<usize>>;
+}
 
 pub struct Provisioner {
     pub ns: Namespace,
@@ -26,14 +46,17 @@ pub struct Provisioner {
     pub tenants: Tenants,
     pub outcomes: OutcomePublisher,
     /// Caches to clear when a tenant is archived.
-    pub cache: crate::access::cache::PermissionCache,
+    pub redis: Redis,
     /// How long an archived tenant can be restored.
     pub grace: chrono::Duration,
+    /// Where the provisioner records how far it has applied the lifecycle log.
+    pub watermark: Watermark,
+    pub hooks: Option<Arc<dyn LifecycleHooks>>,
     /// Crash tests only: abort after this lifecycle step.
     pub fail_after: Option<String>,
 }
 
-fn timestamp(millis: i64) -> DateTime<Utc> {
+pub(super) fn timestamp(millis: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(millis)
         .single()
         .unwrap_or_else(Utc::now)
@@ -60,12 +83,69 @@ pub async fn prepare_service_databases(
     Ok(())
 }
 
+/// Brings every active tenant database up to the latest migration of its kind, so a migration
+/// shipped after a tenant was created reaches it without anyone running it by hand. Idempotent
+/// and serialised per database by the migration lock, so several workers starting at once are
+/// safe. Returns how many databases were checked.
+pub async fn upgrade_tenant_databases(
+    pool: &MySqlPool,
+    database_url: &str,
+    tenants: &Tenants,
+) -> anyhow::Result<usize> {
+    let started = std::time::Instant::now();
+    let active = tenants.list(Some(super::tenants::Status::Active)).await?;
+    let mut checked = 0;
+    for t in &active {
+        let Ok(slug) = Slug::parse(&t.slug) else {
+            continue;
+        };
+        let Ok(db) = tenants
+            .namespace()
+            .tenant_database(t.organisation_type, &slug)
+        else {
+            continue;
+        };
+        migrations::create_and_migrate(
+            pool,
+            database_url,
+            &db,
+            migrations::for_tenant(t.organisation_type),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate {db} (tenant {}): {e}", t.organisation_id))?;
+        checked += 1;
+    }
+    if checked > 0 {
+        tracing::info!(
+            tenants = checked,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "tenant databases at their latest migration"
+        );
+    }
+    Ok(checked)
+}
+
 impl Provisioner {
-    async fn provision(
+    pub(super) async fn lock(&self, organisation_id: &str) -> Result<NamedLock, StepError> {
+        NamedLock::lifecycle(&self.pool, &self.ns, organisation_id).await
+    }
+
+    pub(super) async fn provision(
         &self,
         ev: &OrganisationCreated,
         origin: &Origin,
-    ) -> Result<(), HandleError> {
+    ) -> Result<(), StepError> {
+        let lock = self.lock(&ev.organisation_id).await?;
+        let result = self.provision_locked(ev, origin).await;
+        lock.release().await;
+        result
+    }
+
+    async fn provision_locked(
+        &self,
+        ev: &OrganisationCreated,
+        origin: &Origin,
+    ) -> Result<(), StepError> {
         let kind = ev.organisation_type;
         let started = std::time::Instant::now();
         let slug = match Slug::parse(&ev.slug) {
@@ -87,12 +167,12 @@ impl Provisioner {
                 timestamp(ev.occurred_at),
             )
             .await
-            .map_err(|e| db_error("claiming the tenant registry row", e))?;
+            .map_err(|e| StepError::from(e).context("claiming the tenant's row"))?;
         match claim {
             Claim::Proceed => {}
             Claim::Conflict(reason) => return self.refuse(ev, Some(db.to_string()), reason).await,
             Claim::Terminated(status) => {
-                tracing::info!(tenant = %slug, organisation_id = %ev.organisation_id, status = status.as_str(),
+                tracing::info!(tenant = %slug, organisation_id = %ev.organisation_id, %status,
                     offset = origin.offset, "OrganisationCreated for a terminated tenant: skipped");
                 metrics::counter!("tenancy_events_skipped_terminated_total", "processor" => "provisioner").increment(1);
                 return Ok(());
@@ -105,11 +185,11 @@ impl Provisioner {
             migrations::for_tenant(kind),
         )
         .await
-        .map_err(|e| db_error(&format!("creating and migrating {db}"), e))?;
+        .map_err(|e| StepError::from(e).context(format!("creating and migrating {db}")))?;
         self.tenants
             .activate(&ev.organisation_id, version)
             .await
-            .map_err(|e| db_error("marking the tenant active", e))?;
+            .map_err(|e| StepError::from(e).context("marking the tenant active"))?;
         let outcome = TenantProvisioned {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantProvisioned),
             occurred_at: Utc::now().timestamp_millis(),
@@ -123,7 +203,7 @@ impl Provisioner {
         self.outcomes
             .publish(EventKind::TenantProvisioned, &ev.organisation_id, &outcome)
             .await
-            .map_err(transient)?;
+            .map_err(kafka_outage)?;
         let elapsed = started.elapsed();
         metrics::counter!("tenancy_tenants_provisioned_total", "type" => kind.db_word())
             .increment(1);
@@ -140,7 +220,7 @@ impl Provisioner {
         ev: &OrganisationCreated,
         database: Option<String>,
         reason: String,
-    ) -> Result<(), HandleError> {
+    ) -> Result<(), StepError> {
         tracing::warn!(tenant = %ev.slug, organisation_id = %ev.organisation_id, %reason, "provisioning refused");
         metrics::counter!("tenancy_provisioning_failed_total").increment(1);
         self.tenants
@@ -153,7 +233,7 @@ impl Provisioner {
                 timestamp(ev.occurred_at),
             )
             .await
-            .map_err(|e| db_error("recording the failure", e))?;
+            .map_err(|e| StepError::from(e).context("recording the failure"))?;
         let outcome = TenantProvisioningFailed {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantProvisioningFailed),
             occurred_at: Utc::now().timestamp_millis(),
@@ -171,24 +251,38 @@ impl Provisioner {
                 &outcome,
             )
             .await
-            .map_err(transient)?;
+            .map_err(kafka_outage)?;
         Ok(())
     }
-}
 
-impl Handler for Provisioner {
-    async fn handle(&self, event: Event, origin: &Origin) -> Result<(), HandleError> {
-        match event {
-            Event::OrganisationCreated(ev) => self.provision(&ev, origin).await,
-            // On the same topic and key as the creation, so one organisation's lifecycle is
-            // applied in order (see tenancy::lifecycle).
-            Event::OrganisationTerminated(ev) => self.terminate(&ev, origin).await,
-            Event::OrganisationRestored(ev) => self.restore(&ev, origin).await,
-            other => Err(HandleError::Permanent(format!(
-                "{} does not belong on {}",
-                other.kind().name(),
-                origin.topic
-            ))),
-        }
+    /// A refused lifecycle request: logged, and announced as TenantProvisioningFailed.
+    pub(super) async fn refuse_lifecycle(
+        &self,
+        kind: OrganisationType,
+        org: &str,
+        slug: &str,
+        event_id: &str,
+        reason: String,
+    ) -> Result<(), StepError> {
+        tracing::warn!(tenant = %slug, organisation_id = %org, %reason, "lifecycle request refused");
+        self.tenants
+            .log(event_id, org, super::tenants::Logged::Refused, Utc::now())
+            .await
+            .map_err(|e| StepError::from(e).context("logging the refusal"))?;
+        let outcome = TenantProvisioningFailed {
+            event_id: derived_event_id(event_id, EventKind::TenantProvisioningFailed),
+            occurred_at: Utc::now().timestamp_millis(),
+            organisation_id: org.to_owned(),
+            organisation_type: kind,
+            slug: slug.to_owned(),
+            database: None,
+            reason,
+            caused_by: Some(event_id.to_owned()),
+        };
+        self.outcomes
+            .publish(EventKind::TenantProvisioningFailed, org, &outcome)
+            .await
+            .map_err(kafka_outage)?;
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
-//! The tenant registry, `{ns}_platform.tenants`: one row per organisation, with its database
-//! and lifecycle status. Every query names the platform database explicitly.
+//! The tenants table, `{ns}_platform.tenants`: one row per organisation, with its database and
+//! lifecycle status, and the lifecycle log beside it. Every query names the platform database
+//! explicitly.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -9,7 +10,7 @@ use std::collections::HashMap;
 
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Provisioning,
@@ -43,15 +44,67 @@ impl Status {
     }
 }
 
-/// One row of the registry.
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // pad, not write_str: tables format it with a width.
+        f.pad(self.as_str())
+    }
+}
+
+/// What the lifecycle log records about an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logged {
+    Terminated,
+    Restored,
+    Purged,
+    Refused,
+}
+
+impl Logged {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Logged::Terminated => "terminated",
+            Logged::Restored => "restored",
+            Logged::Purged => "purged",
+            Logged::Refused => "refused",
+        }
+    }
+}
+
+/// A lifecycle step under way, in `tenants.lifecycle_pending`: set when it starts, cleared when
+/// it is done, so a crash half-way is finished by the redelivery of the same event, and readers
+/// know the tenant is changing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    Terminate(String),
+    Restore(String),
+}
+
+impl Pending {
+    pub fn encode(&self) -> String {
+        match self {
+            Pending::Terminate(id) => format!("terminate:{id}"),
+            Pending::Restore(id) => format!("restore:{id}"),
+        }
+    }
+
+    pub fn decode(raw: &str) -> Option<Pending> {
+        match raw.split_once(':')? {
+            ("terminate", id) => Some(Pending::Terminate(id.to_owned())),
+            ("restore", id) => Some(Pending::Restore(id.to_owned())),
+            _ => None,
+        }
+    }
+}
+/// One row of the tenants table.
 #[derive(Debug, Clone, Serialize)]
 pub struct TenantRecord {
     pub organisation_id: String,
-    pub organisation_type: String,
+    pub organisation_type: OrganisationType,
     pub slug: String,
     pub name: String,
     pub database_name: Option<String>,
-    pub status: String,
+    pub status: Status,
     pub migration_version: Option<i64>,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -63,9 +116,19 @@ pub struct TenantRecord {
     pub termination_reason: Option<String>,
     pub restored_at: Option<DateTime<Utc>>,
     pub purged_at: Option<DateTime<Utc>>,
+    /// A lifecycle step under way (see [`Pending`]).
+    pub lifecycle_pending: Option<String>,
+    /// occurred_at of the latest termination or restore applied.
+    pub lifecycle_at: Option<DateTime<Utc>>,
 }
 
-/// What the registry says about provisioning an organisation into a database.
+impl TenantRecord {
+    pub fn pending(&self) -> Option<Pending> {
+        self.lifecycle_pending.as_deref().and_then(Pending::decode)
+    }
+}
+
+/// What the tenants table says about provisioning an organisation into a database.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The row is ours (new, or a retry of an unfinished/finished provisioning): go ahead.
@@ -91,6 +154,8 @@ pub struct TenantRef {
     /// Earlier archived periods `[terminated, restored)` in epoch ms: events that happened
     /// inside one were skipped live, so a replay skips them too.
     pub past_archives: Vec<(i64, i64)>,
+    /// A termination or restore is under way: events for it wait until it is done.
+    pub changing: bool,
 }
 
 impl TenantRef {
@@ -111,7 +176,7 @@ impl TenantRef {
     }
 }
 
-/// Registry access for one namespace.
+/// The tenants table of one namespace.
 #[derive(Clone)]
 pub struct Tenants {
     pool: MySqlPool,
@@ -122,7 +187,7 @@ pub struct Tenants {
 const COLUMNS: &str = "organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
     name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, created_at, \
     provisioned_at, archived_at, purge_after, archive_database, terminated_by_event, \
-    termination_reason, restored_at, purged_at";
+    termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at";
 
 impl Tenants {
     pub fn new(pool: MySqlPool, ns: &Namespace) -> Self {
@@ -134,6 +199,10 @@ impl Tenants {
                 ns.service_database(ServiceDatabase::Platform).quoted()
             ),
         }
+    }
+
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
     }
 
     /// Decides, under row locks, whether `organisation_id` may be provisioned into `db`, and if
@@ -297,14 +366,14 @@ impl Tenants {
         rows.iter().map(record).collect()
     }
 
-    /// Registry facts for `ids` (unknown ids are absent from the map).
+    /// What projectors need to know about `ids` (unknown ids are absent from the map).
     pub async fn lookup(&self, ids: &[&str]) -> Result<HashMap<String, TenantRef>, sqlx::Error> {
         let mut found = HashMap::new();
         for chunk in ids.chunks(500) {
             let placeholders = vec!["?"; chunk.len()].join(",");
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
-                 CAST(status AS CHAR) AS status, database_name, archived_at \
+                 CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending \
                  FROM {} WHERE organisation_id IN ({placeholders})",
                 self.table
             );
@@ -326,6 +395,7 @@ impl Tenants {
                     .and_then(|s| self.ns.tenant_database(kind, &s).ok())
                     .filter(|db| stored.as_deref() == Some(db.as_str()));
                 let archived_at: Option<DateTime<Utc>> = row.try_get("archived_at")?;
+                let pending: Option<String> = row.try_get("lifecycle_pending")?;
                 found.insert(
                     id.clone(),
                     TenantRef {
@@ -336,6 +406,7 @@ impl Tenants {
                         database,
                         archived_at: archived_at.map(|t| t.timestamp_millis()),
                         past_archives: Vec::new(),
+                        changing: pending.is_some(),
                     },
                 );
             }
@@ -393,13 +464,12 @@ impl Tenants {
         Ok(found.is_some())
     }
 
-    /// Records that a lifecycle event was applied (or refused), with what became of it.
+    /// Records that a lifecycle event was applied (or refused).
     pub async fn log(
         &self,
         event_id: &str,
         organisation_id: &str,
-        kind: &str,
-        outcome: &str,
+        kind: Logged,
         occurred_at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
@@ -408,16 +478,16 @@ impl Tenants {
         ))
         .bind(event_id)
         .bind(organisation_id)
-        .bind(kind)
-        .bind(outcome)
+        .bind(kind.as_str())
+        .bind(kind.as_str())
         .bind(occurred_at)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// `archived`, for the termination `event_id`. Leaves a row archived by another
-    /// termination alone (returns false).
+    /// `archived`, for the termination `event_id`, with the termination marked under way.
+    /// Leaves a row archived by another termination alone (returns false).
     #[allow(clippy::too_many_arguments)]
     pub async fn mark_archived(
         &self,
@@ -430,7 +500,8 @@ impl Tenants {
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(&format!(
             "UPDATE {} SET status = 'archived', archive_database = ?, terminated_by_event = ?, \
-             termination_reason = ?, archived_at = ?, purge_after = ? \
+             termination_reason = ?, archived_at = ?, purge_after = ?, lifecycle_pending = ?, \
+             lifecycle_at = ? \
              WHERE organisation_id = ? AND (status IN ('active', 'provisioning') \
              OR (status = 'archived' AND terminated_by_event = ?))",
             self.table
@@ -440,17 +511,44 @@ impl Tenants {
         .bind(reason)
         .bind(archived_at)
         .bind(purge_after)
+        .bind(Pending::Terminate(event_id.to_owned()).encode())
+        .bind(archived_at)
         .bind(organisation_id)
         .bind(event_id)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0
             || self.get(organisation_id).await?.is_some_and(|r| {
-                r.status == "archived" && r.terminated_by_event.as_deref() == Some(event_id)
+                r.status == Status::Archived && r.terminated_by_event.as_deref() == Some(event_id)
             }))
     }
 
-    /// Back to `active` after a restore.
+    /// Claims an archived tenant for the restore `event_id` (occurred at `at`). False if it
+    /// is not archived or another step is under way: a purge marks the row `purged` first, so
+    /// a restore and a purge of one archive never both proceed.
+    pub async fn claim_restore(
+        &self,
+        organisation_id: &str,
+        event_id: &str,
+        at: DateTime<Utc>,
+    ) -> Result<bool, sqlx::Error> {
+        let pending = Pending::Restore(event_id.to_owned()).encode();
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET lifecycle_pending = ?, lifecycle_at = ? \
+             WHERE organisation_id = ? AND status = 'archived' \
+             AND (lifecycle_pending IS NULL OR lifecycle_pending = ?)",
+            self.table
+        ))
+        .bind(&pending)
+        .bind(at)
+        .bind(organisation_id)
+        .bind(&pending)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Back to `active` after a restore (the step stays marked until [`Tenants::settle`]).
     pub async fn mark_restored(
         &self,
         organisation_id: &str,
@@ -468,7 +566,24 @@ impl Tenants {
         Ok(())
     }
 
-    /// `purged`, only if still archived by `terminated_by_event`.
+    /// The lifecycle step `pending` is done.
+    pub async fn settle(
+        &self,
+        organisation_id: &str,
+        pending: &Pending,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET lifecycle_pending = NULL WHERE organisation_id = ? AND lifecycle_pending = ?",
+            self.table
+        ))
+        .bind(organisation_id)
+        .bind(pending.encode())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `purged`, only if still archived by `terminated_by_event` and no restore is under way.
     pub async fn mark_purged(
         &self,
         organisation_id: &str,
@@ -477,7 +592,8 @@ impl Tenants {
     ) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(&format!(
             "UPDATE {} SET status = 'purged', purged_at = ? \
-             WHERE organisation_id = ? AND status = 'archived' AND terminated_by_event = ?",
+             WHERE organisation_id = ? AND status = 'archived' AND terminated_by_event = ? \
+             AND lifecycle_pending IS NULL",
             self.table
         ))
         .bind(purged_at)
@@ -512,13 +628,21 @@ impl Tenants {
 }
 
 fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
+    let decode = |column: &str, e: String| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: e.into(),
+    };
+    let kind: String = row.try_get("organisation_type")?;
+    let status: String = row.try_get("status")?;
     Ok(TenantRecord {
         organisation_id: row.try_get("organisation_id")?,
-        organisation_type: row.try_get("organisation_type")?,
+        organisation_type: OrganisationType::parse(&kind)
+            .map_err(|e| decode("organisation_type", e.to_string()))?,
         slug: row.try_get("slug")?,
         name: row.try_get("name")?,
         database_name: row.try_get("database_name")?,
-        status: row.try_get("status")?,
+        status: Status::parse(&status)
+            .ok_or_else(|| decode("status", format!("unknown status {status:?}")))?,
         migration_version: row.try_get("migration_version")?,
         failure_reason: row.try_get("failure_reason")?,
         created_at: row.try_get("created_at")?,
@@ -530,5 +654,7 @@ fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
         termination_reason: row.try_get("termination_reason")?,
         restored_at: row.try_get("restored_at")?,
         purged_at: row.try_get("purged_at")?,
+        lifecycle_pending: row.try_get("lifecycle_pending")?,
+        lifecycle_at: row.try_get("lifecycle_at")?,
     })
 }

@@ -99,16 +99,7 @@ impl TestNs {
 
     /// Starts `tenancy run` in the background; logs go to a file named after the namespace.
     pub fn spawn_run(&self, tag: &str) -> Worker {
-        let log = std::env::temp_dir().join(format!("{}-{tag}.log", self.ns));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .tenancy()
-            .args(["run", "--session-timeout-ms", "6000"])
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("spawn tenancy run");
-        Worker { child, log }
+        self.spawn_run_with(tag, &[])
     }
 
     pub async fn pool(&self) -> MySqlPool {
@@ -448,13 +439,20 @@ impl TestNs {
 }
 
 impl TestNs {
-    /// `tenancy run` with extra flags (e.g. `--grace 2s`).
+    /// `tenancy run` with extra flags (e.g. `--grace 2s`). Each worker serves health on a port
+    /// of its own (recorded in the workers table).
     pub fn spawn_run_with(&self, tag: &str, extra: &[&str]) -> Worker {
         let log = std::env::temp_dir().join(format!("{}-{tag}.log", self.ns));
         let file = std::fs::File::create(&log).unwrap();
         let child = self
             .tenancy()
-            .args(["run", "--session-timeout-ms", "6000"])
+            .args([
+                "run",
+                "--session-timeout-ms",
+                "6000",
+                "--http",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(file)
@@ -516,11 +514,234 @@ pub async fn status_of(pool: &MySqlPool, ns: &Namespace, org: &str) -> Option<St
 }
 
 impl TestNs {
-    /// Lets a killed worker's group sessions (6 s, see `spawn_run`) expire before a replacement
-    /// starts. Tansu 0.6 does not hand a dead member's partitions to a member that joined while
-    /// the dead one was still in the group, and it answers neither ListGroups nor DescribeGroups,
-    /// so there is no condition to poll: this waits out the broker's timer, nothing else.
-    pub async fn wait_out_killed_sessions(&self) {
-        tokio::time::sleep(Duration::from_millis(7_000)).await;
+    /// `tenancy status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.tenancy_output(&["status", "--json"]);
+        assert_eq!(code, Some(0), "tenancy status failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
     }
+
+    /// Every dead letter so far (waits until at least `at_least` arrived).
+    pub fn dead_letters(&self, at_least: usize, timeout: Duration) -> Vec<RawMessage> {
+        self.read_messages(Topic::DeadLetter, at_least, timeout)
+    }
+
+    /// The processors of one worker, in process (for tests that drive them directly).
+    pub async fn processors(&self) -> blindstrader_tenancy::worker::Processors {
+        blindstrader_tenancy::worker::Processors::build(
+            &self.config,
+            &blindstrader_tenancy::worker::LifecycleOptions::default(),
+        )
+        .await
+        .expect("build processors")
+    }
+}
+
+/// A message as the loop would hand it to a processor, built by hand.
+pub fn message<I>(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    key: &str,
+    item: I,
+) -> blindstrader_tenancy::stream::Msg<I> {
+    use blindstrader_tenancy::stream::{Msg, Origin};
+    let raw = rdkafka::message::OwnedMessage::new(
+        Some(Vec::new()),
+        Some(key.as_bytes().to_vec()),
+        topic.to_owned(),
+        rdkafka::Timestamp::NotAvailable,
+        partition,
+        offset,
+        None,
+    );
+    Msg::new(
+        Origin {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            key: Some(key.to_owned()),
+        },
+        item,
+        raw,
+    )
+}
+
+/// JSON lines for `tenancy emit`.
+pub mod lines {
+    use serde_json::{json, Value};
+
+    pub fn created(org: &str, kind: &str, slug: &str) -> String {
+        super::created_line(&super::new_id(), org, kind, slug)
+    }
+
+    pub fn terminated(event_id: &str, org: &str, kind: &str, slug: &str) -> String {
+        json!({"type": "OrganisationTerminated", "event_id": event_id, "organisation_id": org,
+            "organisation_type": kind, "slug": slug, "reason": "test", "terminated_by": "ops"})
+        .to_string()
+    }
+
+    pub fn restored(event_id: &str, org: &str, kind: &str, slug: &str) -> String {
+        json!({"type": "OrganisationRestored", "event_id": event_id, "organisation_id": org,
+            "organisation_type": kind, "slug": slug, "restored_by": "ops"})
+        .to_string()
+    }
+
+    /// The same restore with an explicit occurred_at (epoch ms).
+    pub fn restored_at(event_id: &str, org: &str, kind: &str, slug: &str, at: i64) -> String {
+        let mut v: Value = serde_json::from_str(&restored(event_id, org, kind, slug)).unwrap();
+        v["occurred_at"] = json!(at);
+        v.to_string()
+    }
+
+    pub fn fabric(code: &str, name: &str) -> Value {
+        json!({"code": code, "name": name, "collection": "Aurora", "colour": "White",
+            "material": "Blackout", "width_mm": 2000, "price_minor": 1500, "currency": "GBP"})
+    }
+
+    /// BrandCatalogUpdated upserting `codes` (named `{code} r{revision}`) and removing `removed`.
+    pub fn catalog(brand: &str, revision: i64, codes: &[&str], removed: &[&str]) -> String {
+        let upserts: Vec<Value> = codes
+            .iter()
+            .map(|c| fabric(c, &format!("{c} r{revision}")))
+            .collect();
+        json!({"type": "BrandCatalogUpdated", "brand_id": brand, "brand_slug": "b",
+            "revision": revision, "fabrics_upserted": upserts, "fabrics_removed": removed})
+        .to_string()
+    }
+
+    pub fn grant(event_id: &str, brand: &str, supplier: &str, permissions: &[&str]) -> String {
+        json!({"type": "SupplierBrandAccessGranted", "event_id": event_id, "brand_id": brand,
+            "supplier_id": supplier, "permissions": permissions})
+        .to_string()
+    }
+
+    pub fn revoke(brand: &str, supplier: &str) -> String {
+        json!({"type": "SupplierBrandAccessRevoked", "brand_id": brand, "supplier_id": supplier})
+            .to_string()
+    }
+}
+
+/// `topic/partition/offset` of each line `tenancy emit` printed, in order.
+pub fn emitted(stdout: &str) -> Vec<(String, i32, i64)> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let pos = l.split('\t').next()?;
+            let mut parts = pos.rsplitn(3, '/');
+            let offset = parts.next()?.parse().ok()?;
+            let partition = parts.next()?.parse().ok()?;
+            Some((parts.next()?.to_owned(), partition, offset))
+        })
+        .collect()
+}
+
+impl TestNs {
+    /// Waits until `org`'s tenant has `status`.
+    pub async fn wait_status(&self, pool: &MySqlPool, org: &str, status: &str) {
+        wait_for(
+            &format!("{org} to be {status}"),
+            Duration::from_secs(120),
+            || async {
+                (status_of(pool, &self.ns, org).await.as_deref() == Some(status)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Waits until every processor group has committed the end of its topics.
+    pub async fn wait_caught_up(&self) {
+        wait_for(
+            "every group to commit the end of its topics",
+            Duration::from_secs(180),
+            || async { self.all_caught_up().then_some(()) },
+        )
+        .await;
+    }
+
+    /// The `holds` every live worker reports for `processor`, as (waiting_for, events).
+    pub fn holds(&self, processor: &str) -> Vec<(String, u64)> {
+        let status = self.status();
+        let mut out = Vec::new();
+        for w in status["workers"].as_array().unwrap() {
+            if w["live"] != serde_json::Value::Bool(true) {
+                continue;
+            }
+            for p in w["report"]["processors"].as_array().unwrap() {
+                if p["processor"] == processor {
+                    for h in p["holds"].as_array().unwrap() {
+                        out.push((
+                            h["waiting_for"].as_str().unwrap().to_owned(),
+                            h["events"].as_u64().unwrap(),
+                        ));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Fabric rows (code, name, revision) of a brand database, in code order.
+pub async fn fabric_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, i64)> {
+    sqlx::query_as(&format!(
+        "SELECT code, name, revision FROM `{db}`.fabrics ORDER BY code"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+/// Every namespace database and its rows (datetime columns left out: they record when a run
+/// happened), with the namespace normalised. `workers` is left out: it says which processes
+/// ran, not what the events made.
+pub async fn namespace_state(t: &TestNs, pool: &MySqlPool) -> Vec<(String, Vec<String>)> {
+    let ns = t.ns.as_str();
+    let mut dbs: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+    )
+    .bind(t.ns.database_like_pattern())
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    dbs.sort();
+    let mut out = Vec::new();
+    for db in dbs {
+        let mut tables: Vec<String> = sqlx::query_scalar(
+            "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? \
+             AND TABLE_NAME NOT IN ('_sqlx_migrations', 'workers')",
+        )
+        .bind(&db)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        tables.sort();
+        out.push((db.replacen(ns, "{ns}", 1), Vec::new()));
+        for table in tables {
+            let cols: Vec<String> = sqlx::query_scalar(
+                "SELECT CAST(COLUMN_NAME AS CHAR) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = ? \
+                 AND TABLE_NAME = ? AND DATA_TYPE NOT IN ('datetime', 'timestamp') ORDER BY ORDINAL_POSITION",
+            )
+            .bind(&db)
+            .bind(&table)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            let concat = cols
+                .iter()
+                .map(|c| format!("COALESCE(CAST(`{c}` AS CHAR), '-')"))
+                .collect::<Vec<_>>()
+                .join(", '|', ");
+            let mut rows: Vec<String> =
+                sqlx::query_scalar(&format!("SELECT CONCAT({concat}) FROM `{db}`.`{table}`"))
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            rows.sort();
+            let rows = rows.into_iter().map(|r| r.replace(ns, "{ns}")).collect();
+            out.push((format!("{}.{table}", db.replacen(ns, "{ns}", 1)), rows));
+        }
+    }
+    out
 }

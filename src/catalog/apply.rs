@@ -1,0 +1,284 @@
+//! BrandCatalogUpdated into the brand's database, then into every supplier copy that may hold
+//! it (the fan-out).
+//!
+//! One transaction per brand database per partition, multi-row statements, the applied offset in
+//! the same transaction: events at or below it are skipped, which makes redelivery — and a
+//! partition briefly owned by two workers — change nothing. Under the brand's named lock, so a
+//! grant's backfill and a fan-out never interleave, whichever workers run them; the brand's
+//! state is checked again once the lock is held, so a purge or restore that happened since the
+//! event was gated is never written past.
+
+use std::collections::BTreeMap;
+
+use apache_avro::types::Value;
+
+use super::change::NetChange;
+use super::gate::Target;
+use super::item::{Change, Item};
+use super::store;
+use super::CatalogProcessor;
+use crate::db::NamedLock;
+use crate::offsets;
+use crate::stream::{Msg, StepError};
+use crate::tenancy::tenants::{Status, TenantRef};
+use crate::tenant::DatabaseName;
+
+pub(super) fn copy_projection(brand_id: &str) -> String {
+    format!("copy:{brand_id}")
+}
+
+impl CatalogProcessor {
+    /// Fails with a retry when `expected` no longer describes the tenant (archived, restored or
+    /// purged since it was gated): the loop gates the event again.
+    pub(super) async fn still(&self, expected: &TenantRef) -> Result<(), StepError> {
+        let now = self.tenants.lookup(&[&expected.organisation_id]).await?;
+        match now.get(&expected.organisation_id) {
+            Some(t) if t.status == expected.status && !t.changing => Ok(()),
+            _ => Err(StepError::retry(anyhow::anyhow!(
+                "tenant {} changed since the event was gated",
+                expected.organisation_id
+            ))),
+        }
+    }
+
+    /// Applies a run of catalog events of one brand (all or nothing).
+    pub(super) async fn apply_catalog(
+        &self,
+        run: &[(&Msg<Item>, &Target)],
+    ) -> Result<(), StepError> {
+        let brand = &run[0].1.brand;
+        let brand_db = brand
+            .database
+            .clone()
+            .ok_or_else(|| StepError::reject("brand has no valid database"))?;
+        let lock = NamedLock::brand(&self.pool, &self.ns, &brand.organisation_id).await?;
+        let result = async {
+            self.still(brand).await?;
+            let mut partitions: BTreeMap<(&str, i32), Vec<&Msg<Item>>> = BTreeMap::new();
+            for (m, _) in run {
+                partitions
+                    .entry((m.origin.topic.as_str(), m.origin.partition))
+                    .or_default()
+                    .push(m);
+            }
+            for ((topic, partition), events) in partitions {
+                self.apply_partition(brand, &brand_db, topic, partition, &events)
+                    .await?;
+            }
+            Ok(())
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+
+    async fn apply_partition(
+        &self,
+        brand: &TenantRef,
+        brand_db: &DatabaseName,
+        topic: &str,
+        partition: i32,
+        events: &[&Msg<Item>],
+    ) -> Result<(), StepError> {
+        let spec = &self.spec;
+        let mut tx = self.pool.begin().await?;
+        let before = offsets::get(&mut tx, brand_db, &spec.projection, topic, partition).await?;
+        let fresh: Vec<&Msg<Item>> = events
+            .iter()
+            .copied()
+            .filter(|m| before.is_none_or(|b| m.origin.offset > b))
+            .collect();
+        let Some(last) = fresh.last() else {
+            // Everything here was applied already (a redelivery, or another worker was first):
+            // the fan-out below may still be behind and catches up from the brand.
+            tx.commit().await?;
+            return self
+                .fan_out(
+                    brand,
+                    brand_db,
+                    topic,
+                    partition,
+                    before,
+                    before,
+                    &NetChange::default(),
+                    &[],
+                )
+                .await;
+        };
+        let values: Vec<&Value> = fresh
+            .iter()
+            .filter_map(|m| match &m.item.change {
+                Change::Catalog(v) => Some(v),
+                _ => None,
+            })
+            .collect();
+        let change = NetChange::of(spec, &values);
+        let stored = store::stored_revisions(&mut tx, brand_db, spec, &change.codes(spec)).await?;
+        let (change, stale) = change.without_stale(spec, &stored);
+        if stale > 0 {
+            metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
+            tracing::info!(processor = "catalog", tenant = %brand.organisation_id, stale,
+                "fabric changes older than the stored revision: not applied");
+        }
+        store::write_brand(&mut tx, brand_db, spec, &change).await?;
+        offsets::set(
+            &mut tx,
+            brand_db,
+            &spec.projection,
+            topic,
+            partition,
+            last.origin.offset,
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::debug!(processor = "catalog", tenant = %brand.organisation_id, database = %brand_db,
+            events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
+            "catalog applied");
+        self.fan_out(
+            brand,
+            brand_db,
+            topic,
+            partition,
+            before,
+            Some(last.origin.offset),
+            &change,
+            &fresh,
+        )
+        .await
+    }
+
+    /// Copies a brand's change into every supplier copy that may hold it. A copy that is not
+    /// exactly one step behind (it missed changes, or never had a backfill) is rebuilt whole
+    /// from the brand's projection instead, so copies heal themselves.
+    #[allow(clippy::too_many_arguments)]
+    async fn fan_out(
+        &self,
+        brand: &TenantRef,
+        brand_db: &DatabaseName,
+        topic: &str,
+        partition: i32,
+        before: Option<i64>,
+        after: Option<i64>,
+        change: &NetChange,
+        fresh: &[&Msg<Item>],
+    ) -> Result<(), StepError> {
+        let Some(after) = after else { return Ok(()) };
+        let suppliers: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT supplier_id FROM {}.brand_access WHERE brand_id = ? ORDER BY supplier_id",
+            self.platform().quoted()
+        ))
+        .bind(&brand.organisation_id)
+        .fetch_all(&self.pool)
+        .await?;
+        if suppliers.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
+        let known = self.tenants.lookup(&ids).await?;
+        let copy_projection = copy_projection(&brand.organisation_id);
+        for supplier in &suppliers {
+            let Some(target) = known.get(supplier) else {
+                continue;
+            };
+            // An archived supplier's copy gets only what happened before its termination (a
+            // replay can deliver those late); its copy is never rebuilt from a later brand state.
+            let (supplier_db, archived_change) = match target.status {
+                Status::Active => match &target.database {
+                    Some(db) => (db.clone(), None),
+                    None => continue,
+                },
+                Status::Archived => {
+                    let (Some(cutoff), Some(archive)) =
+                        (target.archived_at, target.archive_database.clone())
+                    else {
+                        continue;
+                    };
+                    let values: Vec<&Value> = fresh
+                        .iter()
+                        .filter(|m| m.item.occurred_at < cutoff)
+                        .filter_map(|m| match &m.item.change {
+                            Change::Catalog(v) => Some(v),
+                            _ => None,
+                        })
+                        .collect();
+                    if values.is_empty() {
+                        continue;
+                    }
+                    (archive, Some(NetChange::of(&self.spec, &values)))
+                }
+                _ => continue,
+            };
+            let supplier_db = &supplier_db;
+            let mut tx = self.pool.begin().await?;
+            let Some(permissions) =
+                read_permissions(&mut tx, supplier_db, &brand.organisation_id).await?
+            else {
+                continue;
+            };
+            if !permissions.contains(&self.spec.requires_permission) {
+                continue;
+            }
+            let copied =
+                offsets::get(&mut tx, supplier_db, &copy_projection, topic, partition).await?;
+            if copied.is_some_and(|c| c >= after) {
+                continue;
+            }
+            let hidden = self.spec.hidden_columns(&permissions);
+            // Incremental when the copy is exactly one step behind (or archived: its share of
+            // the step); otherwise rebuilt.
+            let incremental = archived_change
+                .as_ref()
+                .or((copied == before && !fresh.is_empty()).then_some(change));
+            if let Some(change) = incremental {
+                store::write_copy(
+                    &mut tx,
+                    supplier_db,
+                    &self.spec,
+                    &brand.organisation_id,
+                    change,
+                    &hidden,
+                )
+                .await?;
+            } else {
+                let rows = store::rebuild_copy(
+                    &mut tx,
+                    supplier_db,
+                    brand_db,
+                    &self.spec,
+                    &brand.organisation_id,
+                    &hidden,
+                )
+                .await?;
+                tracing::info!(processor = "catalog", tenant = %supplier, brand = %brand.organisation_id, rows,
+                    "supplier copy was behind: rebuilt from the brand projection");
+            }
+            offsets::set(
+                &mut tx,
+                supplier_db,
+                &copy_projection,
+                topic,
+                partition,
+                after,
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The supplier's permissions on `brand_id`, from its own `brand_access` row.
+pub(super) async fn read_permissions(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    supplier_db: &DatabaseName,
+    brand_id: &str,
+) -> Result<Option<Vec<String>>, sqlx::Error> {
+    let json: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT CAST(permissions AS CHAR) FROM {}.brand_access WHERE brand_id = ?",
+        supplier_db.quoted()
+    ))
+    .bind(brand_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}

@@ -1,0 +1,257 @@
+//! SupplierBrandAccessGranted/Revoked into the supplier's database (`brand_access`, its copy of
+//! the brand), the platform's fan-out index and the Redis permission cache.
+//!
+//! Offsets are kept per (brand, supplier): events of one pair apply in log order, while a pair
+//! whose supplier does not exist yet waits without holding up the others, so a position shared
+//! by the brand's pairs would wrongly skip the one that waited.
+//!
+//! The permission cache is written from the supplier's `brand_access` row, read under the brand
+//! lock after the commit, never from the event: a grant delivered again after a revoke (a stale
+//! owner of a partition, a dead-letter replay) finds the revoke applied and leaves no access
+//! behind in Redis.
+
+use super::apply::{copy_projection, read_permissions};
+use super::copies::backfill_copy;
+use super::gate::Target;
+use super::item::{Change, Item};
+use super::store;
+use super::CatalogProcessor;
+use crate::access::cache::PermissionCache;
+use crate::db::NamedLock;
+use crate::offsets;
+use crate::stream::{Msg, Origin, StepError};
+use crate::tenancy::tenants::Status;
+use crate::tenant::DatabaseName;
+
+fn access_projection(brand_id: &str) -> String {
+    format!("access:{brand_id}")
+}
+
+fn access_index_projection(brand_id: &str, supplier_id: &str) -> String {
+    format!("access_index:{brand_id}:{supplier_id}")
+}
+
+/// Whether `origin` is past what `projection` has applied in `db` (locks the offset row).
+async fn is_new(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    db: &DatabaseName,
+    projection: &str,
+    origin: &Origin,
+) -> Result<bool, sqlx::Error> {
+    let applied = offsets::get(tx, db, projection, &origin.topic, origin.partition).await?;
+    Ok(applied.is_none_or(|a| origin.offset > a))
+}
+
+impl CatalogProcessor {
+    pub(super) async fn apply_access(
+        &self,
+        m: &Msg<Item>,
+        target: &Target,
+    ) -> Result<(), StepError> {
+        let brand = &target.brand;
+        let supplier = target
+            .supplier
+            .as_ref()
+            .ok_or_else(|| StepError::reject("access event without a supplier"))?;
+        let supplier_db = supplier.database.clone().ok_or_else(|| {
+            StepError::reject(format!(
+                "supplier {} has no valid database",
+                supplier.organisation_id
+            ))
+        })?;
+        let brand_db = brand
+            .database
+            .clone()
+            .ok_or_else(|| StepError::reject("brand has no valid database"))?;
+        let lock = NamedLock::brand(&self.pool, &self.ns, &brand.organisation_id).await?;
+        let result = async {
+            self.still(brand).await?;
+            self.still(supplier).await?;
+            match &m.item.change {
+                Change::Grant { permissions, .. } => {
+                    self.grant(target, &brand_db, &supplier_db, permissions, m)
+                        .await?
+                }
+                Change::Revoke { .. } => self.revoke(target, &supplier_db, &m.origin).await?,
+                Change::Catalog(_) => unreachable!("an access key holds access events only"),
+            }
+            // The cache follows the database, and only for a live supplier (an archived one's
+            // keys were deleted with it and it has no access).
+            if supplier.status == Status::Active {
+                self.cache_from_database(
+                    &supplier.organisation_id,
+                    &brand.organisation_id,
+                    &supplier_db,
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        .await;
+        lock.release().await;
+        result
+    }
+
+    async fn grant(
+        &self,
+        target: &Target,
+        brand_db: &DatabaseName,
+        supplier_db: &DatabaseName,
+        permissions: &[String],
+        m: &Msg<Item>,
+    ) -> Result<(), StepError> {
+        let brand_id = &target.brand.organisation_id;
+        let supplier_id = &target.supplier.as_ref().expect("checked").organisation_id;
+        let origin = &m.origin;
+        let json = serde_json::to_string(permissions).expect("strings serialise");
+        // Index first: if we die after it, the supplier's own row (checked by the fan-out)
+        // still says no access, and the redelivered grant completes the rest.
+        self.index_access(origin, brand_id, supplier_id, Some(&json))
+            .await?;
+
+        let mut tx = self.pool.begin().await?;
+        if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
+            sqlx::query(&format!(
+                "INSERT INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE permissions = VALUES(permissions), granted_at = VALUES(granted_at)",
+                supplier_db.quoted()
+            ))
+            .bind(brand_id)
+            .bind(&json)
+            .bind(chrono::DateTime::from_timestamp_millis(m.item.occurred_at).unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+            // Backfill: the supplier's copy becomes the brand's current projection, and records
+            // the brand offsets it reflects so the fan-out continues from exactly there.
+            if permissions.contains(&self.spec.requires_permission) {
+                let rows = backfill_copy(
+                    &mut tx,
+                    &self.spec,
+                    supplier_db,
+                    brand_db,
+                    brand_id,
+                    permissions,
+                )
+                .await?;
+                tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id, rows,
+                    permissions = %json, "access granted: supplier copy backfilled");
+            } else {
+                offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
+                store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
+                tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id,
+                    permissions = %json, "access granted without catalog.read: no copy kept");
+            }
+            offsets::set(
+                &mut tx,
+                supplier_db,
+                &access_projection(brand_id),
+                &origin.topic,
+                origin.partition,
+                origin.offset,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoke(
+        &self,
+        target: &Target,
+        supplier_db: &DatabaseName,
+        origin: &Origin,
+    ) -> Result<(), StepError> {
+        let brand_id = &target.brand.organisation_id;
+        let supplier_id = &target.supplier.as_ref().expect("checked").organisation_id;
+        // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
+        let mut tx = self.pool.begin().await?;
+        if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
+            sqlx::query(&format!(
+                "DELETE FROM {}.brand_access WHERE brand_id = ?",
+                supplier_db.quoted()
+            ))
+            .bind(brand_id)
+            .execute(&mut *tx)
+            .await?;
+            let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
+            offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
+            offsets::set(
+                &mut tx,
+                supplier_db,
+                &access_projection(brand_id),
+                &origin.topic,
+                origin.partition,
+                origin.offset,
+            )
+            .await?;
+            tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id, rows,
+                "access revoked: supplier copy removed");
+        }
+        tx.commit().await?;
+        self.index_access(origin, brand_id, supplier_id, None)
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the Redis permission key to what the supplier's `brand_access` row now says (or
+    /// deletes it when there is none). Called under the brand lock, after the commit, and again
+    /// on every redelivery, so the key converges on the database whatever was cached before.
+    async fn cache_from_database(
+        &self,
+        supplier_id: &str,
+        brand_id: &str,
+        supplier_db: &DatabaseName,
+    ) -> Result<(), StepError> {
+        let mut tx = self.pool.begin().await?;
+        let permissions = read_permissions(&mut tx, supplier_db, brand_id).await?;
+        tx.commit().await?;
+        let cache: &PermissionCache = &self.cache;
+        match permissions {
+            Some(p) => cache.store(supplier_id, brand_id, &p).await?,
+            None => cache.invalidate(supplier_id, brand_id).await?,
+        }
+        Ok(())
+    }
+
+    /// The platform's fan-out index: `permissions` set (grant) or the row removed (revoke),
+    /// with its offset in the same transaction.
+    async fn index_access(
+        &self,
+        origin: &Origin,
+        brand_id: &str,
+        supplier_id: &str,
+        permissions: Option<&str>,
+    ) -> Result<(), sqlx::Error> {
+        let platform = self.platform();
+        let projection = access_index_projection(brand_id, supplier_id);
+        let mut tx = self.pool.begin().await?;
+        if is_new(&mut tx, &platform, &projection, origin).await? {
+            let sql = match permissions {
+                Some(_) => format!(
+                    "INSERT INTO {}.brand_access (brand_id, supplier_id, permissions) VALUES (?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE permissions = VALUES(permissions)",
+                    platform.quoted()
+                ),
+                None => format!(
+                    "DELETE FROM {}.brand_access WHERE brand_id = ? AND supplier_id = ?",
+                    platform.quoted()
+                ),
+            };
+            let mut query = sqlx::query(&sql).bind(brand_id).bind(supplier_id);
+            if let Some(json) = permissions {
+                query = query.bind(json);
+            }
+            query.execute(&mut *tx).await?;
+            offsets::set(
+                &mut tx,
+                &platform,
+                &projection,
+                &origin.topic,
+                origin.partition,
+                origin.offset,
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+}

@@ -1,0 +1,107 @@
+//! MySQL plumbing shared by every processor: one pool per server, and named locks.
+//!
+//! The pool has no default database: every query names its database explicitly, so a pooled
+//! connection can never carry one tenant's `USE` (or a prepared statement cached under it) into
+//! another tenant's query.
+
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlPool};
+
+use crate::config::Config;
+use crate::stream::StepError;
+use crate::tenant::Namespace;
+
+/// One pool per MySQL server.
+pub async fn connect_pool(config: &Config) -> anyhow::Result<MySqlPool> {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(10)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect(&config.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
+}
+
+/// A MySQL named lock (`GET_LOCK`), held on its own pooled connection.
+///
+/// Locks serialise work on one tenant across every worker: named locks belong to the server,
+/// not to a process, and a killed worker's connection closes and releases them at once.
+pub struct NamedLock {
+    /// `None` once released.
+    conn: Option<PoolConnection<MySql>>,
+    name: String,
+}
+
+/// How long to wait for a named lock before reporting the event as worth retrying.
+const LOCK_WAIT_SECS: u32 = 60;
+
+impl NamedLock {
+    /// Serialises the catalog fan-out, grants and the purge of one brand's copies.
+    pub async fn brand(
+        pool: &MySqlPool,
+        ns: &Namespace,
+        brand_id: &str,
+    ) -> Result<NamedLock, StepError> {
+        Self::acquire(pool, format!("{ns}:b:{}", compact(brand_id))).await
+    }
+
+    /// Serialises the lifecycle steps (create, terminate, restore, purge) of one organisation.
+    pub async fn lifecycle(
+        pool: &MySqlPool,
+        ns: &Namespace,
+        organisation_id: &str,
+    ) -> Result<NamedLock, StepError> {
+        Self::acquire(pool, format!("{ns}:l:{}", compact(organisation_id))).await
+    }
+
+    async fn acquire(pool: &MySqlPool, name: String) -> Result<NamedLock, StepError> {
+        // Names are limited to 64 characters: namespace (<= 24) + 3 + uuid without dashes (32).
+        debug_assert!(name.len() <= 64, "lock name {name} too long");
+        let mut conn = pool.acquire().await?;
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+            .bind(&name)
+            .bind(LOCK_WAIT_SECS)
+            .fetch_one(&mut *conn)
+            .await?;
+        if got == Some(1) {
+            Ok(NamedLock {
+                conn: Some(conn),
+                name,
+            })
+        } else {
+            Err(StepError::retry(anyhow::anyhow!(
+                "waited {LOCK_WAIT_SECS}s for lock {name}, held by another worker"
+            )))
+        }
+    }
+
+    /// Releases the lock and returns the connection to the pool. A lock dropped without this
+    /// (an early return) closes its connection instead, which releases it just as surely.
+    pub async fn release(mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let released = sqlx::query("SELECT RELEASE_LOCK(?)")
+            .bind(&self.name)
+            .execute(&mut *conn)
+            .await;
+        if released.is_err() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+impl Drop for NamedLock {
+    fn drop(&mut self) {
+        // A pooled connection keeps its named locks: never hand one back still holding it.
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// A uuid without dashes (32 characters); other text unchanged.
+fn compact(id: &str) -> String {
+    id.replace('-', "")
+}

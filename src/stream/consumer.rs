@@ -1,0 +1,184 @@
+//! The consumer-group member every processor reads through.
+//!
+//! librdkafka calls rebalance callbacks on the thread that polls, i.e. inside
+//! `StreamConsumer::recv`, which the loop only calls between batches. The callback does not act:
+//! it records a typed [`Rebalance`] that the loop takes before its next step, so a revoke can
+//! never land in the middle of a batch, and the loop drops the revoked partitions' held events
+//! before anything else is applied.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::ClientContext;
+
+use crate::config::Config;
+
+/// A topic partition.
+pub type Partition = (String, i32);
+
+/// An assignment change, as the loop sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rebalance {
+    Assigned(Vec<Partition>),
+    Revoked(Vec<Partition>),
+    /// The group could not be joined or the assignment failed.
+    Error(String),
+}
+
+/// Context of a processor's consumer: names the group in logs and queues rebalances.
+pub struct StreamContext {
+    pub group: String,
+    pub processor: &'static str,
+    rebalances: Mutex<Vec<Rebalance>>,
+}
+
+impl StreamContext {
+    /// Rebalances since the last call, in order.
+    pub fn take_rebalances(&self) -> Vec<Rebalance> {
+        std::mem::take(&mut *self.rebalances.lock().expect("not poisoned"))
+    }
+
+    fn push(&self, r: Rebalance) {
+        // A std Mutex: held for a push or a take, never across an await.
+        self.rebalances.lock().expect("not poisoned").push(r);
+    }
+}
+
+impl ClientContext for StreamContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka reports -1 for partitions it does not consume, and its internal
+                // UA partition (-1); neither is lag.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!("tenancy_consumer_lag", "processor" => self.processor,
+                    "topic" => topic.clone(), "partition" => partition.to_string())
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<Partition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+pub fn describe(parts: &[Partition]) -> String {
+    let mut sorted: Vec<&Partition> = parts.iter().collect();
+    sorted.sort();
+    sorted
+        .iter()
+        .map(|(t, p)| format!("{t}/{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl ConsumerContext for StreamContext {
+    fn pre_rebalance(
+        &self,
+        _consumer: &BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        if let rdkafka::consumer::Rebalance::Revoke(tpl) = rebalance {
+            let parts = partitions(tpl);
+            tracing::info!(processor = self.processor, group = %self.group,
+                partitions = %describe(&parts), "partitions revoked");
+            self.push(Rebalance::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(
+        &self,
+        _consumer: &BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        match rebalance {
+            rdkafka::consumer::Rebalance::Assign(tpl) => {
+                let parts = partitions(tpl);
+                tracing::info!(processor = self.processor, group = %self.group,
+                    partitions = %describe(&parts), "partitions assigned");
+                self.push(Rebalance::Assigned(parts));
+            }
+            rdkafka::consumer::Rebalance::Revoke(_) => {}
+            rdkafka::consumer::Rebalance::Error(e) => {
+                tracing::warn!(processor = self.processor, group = %self.group, error = %e, "rebalance error");
+                self.push(Rebalance::Error(e.to_string()));
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::debug!(processor = self.processor, group = %self.group, error = %e,
+                "offset commit failed; the next commit carries the same offsets");
+        }
+    }
+}
+
+/// A processor's consumer.
+pub type GroupConsumer = StreamConsumer<StreamContext>;
+
+/// Joins `group` for `topics`.
+///
+/// Offsets are stored only by the loop (`enable.auto.offset.store=false`), after the events
+/// before them were applied; the background auto-commit only ever commits those, so a crash
+/// redelivers and never skips.
+pub fn join(
+    config: &Config,
+    processor: &'static str,
+    group: &str,
+    topics: &[String],
+    session_timeout: Duration,
+) -> anyhow::Result<GroupConsumer> {
+    use rdkafka::consumer::Consumer;
+    let consumer: GroupConsumer = config
+        .kafka_client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // librdkafka prefetches up to 64 MiB per partition by default; 4 MiB per partition still
+        // keeps a batch of thousands of messages ready and keeps the worker's memory flat.
+        .set("queued.max.messages.kbytes", "4096")
+        // Incremental rebalances: adding a worker moves only the partitions it takes over, and
+        // the others keep flowing.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "session.timeout.ms",
+            session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (session_timeout.as_millis() / 4).max(100).to_string(),
+        )
+        // Per-partition consumer lag for /metrics.
+        .set("statistics.interval.ms", "5000")
+        .create_with_context(StreamContext {
+            group: group.to_owned(),
+            processor,
+            rebalances: Mutex::new(Vec::new()),
+        })?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    Ok(consumer)
+}
+
+/// The current assignment as librdkafka has it.
+pub fn assignment(consumer: &GroupConsumer) -> BTreeSet<Partition> {
+    use rdkafka::consumer::Consumer;
+    consumer
+        .assignment()
+        .map(|tpl| partitions(&tpl).into_iter().collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,259 @@
+//! The one consumer loop every stream processor runs.
+//!
+//! A processor (provisioner, purger, catalog) says what an event means and how to apply it; this
+//! module owns everything else, once:
+//!
+//! - **assignment**: rebalance callbacks become typed events ([`consumer`]) handled by the loop
+//!   between batches. On revoke, everything held for the revoked partitions is dropped before
+//!   the next batch, so nothing is applied for a partition this worker no longer owns; the new
+//!   owner fetches them again from the committed offset.
+//! - **batching and decoding**: up to `batch_max` messages, writer schemas resolved once per
+//!   schema id, Avro decoded on a blocking thread.
+//! - **gating and holding** ([`hold`]): the processor gates each event (ready, hold, skip,
+//!   reject). Held events wait per *order key* (events with one key apply in log order; another
+//!   key never waits for them), bounded in count and bytes (past the bound their partitions are
+//!   paused), and an event waiting for a tenant that never comes is dead-lettered after
+//!   `hold_for`, naming the tenant.
+//! - **errors** ([`error`]): an outage of a shared service is waited out for as long as it
+//!   takes, reported by readiness and metrics; an error about one event is retried a bounded
+//!   number of times and then dead-lettered; a rejection is dead-lettered at once.
+//! - **offsets**: the offset stored for the auto-commit is, per partition, the lowest one not
+//!   yet applied, skipped or dead-lettered (a held event pins it). Effectively-once application
+//!   is the processors' part: each writes the offsets it applied in the same MySQL transaction
+//!   as the rows, which also fences a stale owner of a partition.
+//!
+//! Processors never see Kafka.
+
+pub mod consumer;
+pub mod dead_letters;
+pub mod error;
+pub mod health;
+mod hold;
+mod run;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Message, OwnedMessage};
+
+pub use consumer::GroupConsumer;
+pub use error::{Service, StepError};
+pub use hold::HoldSummary;
+pub use run::run;
+
+use crate::events::Event;
+
+/// Where a message came from; named in logs and dead letters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The message key as text (the tenant's organisation id), if any.
+    pub key: Option<String>,
+}
+
+impl Origin {
+    pub fn of(msg: &impl Message) -> Origin {
+        Origin {
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+        }
+    }
+}
+
+/// One consumed event as a processor sees it: where it came from and what it means.
+pub struct Msg<I> {
+    pub origin: Origin,
+    pub item: I,
+    /// When this worker received it (epoch ms, wall clock).
+    pub received_at_ms: i64,
+    /// The message as received: what a dead letter copies, byte for byte.
+    raw: OwnedMessage,
+    /// When this worker first held it (the `hold_for` deadline counts from here).
+    held_since: Option<Instant>,
+}
+
+impl<I> Msg<I> {
+    /// A message built outside the loop (tests, benchmarks).
+    pub fn new(origin: Origin, item: I, raw: OwnedMessage) -> Msg<I> {
+        Msg {
+            origin,
+            item,
+            raw,
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            held_since: None,
+        }
+    }
+
+    /// Bytes it occupies while held (payload, key and bookkeeping).
+    fn held_bytes(&self) -> usize {
+        self.raw.payload().map_or(0, <[u8]>::len)
+            + self.raw.key().map_or(0, <[u8]>::len)
+            + self.origin.topic.len()
+            + 256
+    }
+}
+
+/// What a held event waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wait {
+    /// A tenant that does not exist or is not active yet (its organisation id). Dead-lettered
+    /// after `hold_for` if it never becomes active.
+    Tenant(String),
+    /// The organisation lifecycle: a termination or restore that was in the log when this event
+    /// arrived is not applied yet. Waits as long as it takes (the provisioner is a shared
+    /// service), so the event is judged against the lifecycle a replay would see.
+    Lifecycle,
+}
+
+impl Wait {
+    /// The tenant named in status output and dead letters.
+    pub fn tenant(&self) -> &str {
+        match self {
+            Wait::Tenant(t) => t,
+            Wait::Lifecycle => "(lifecycle)",
+        }
+    }
+}
+
+/// Why an event is passed over without being applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Its tenant is archived or purged (counted in `tenancy_events_skipped_terminated_total`).
+    Terminated,
+    /// Not addressed to this processor (e.g. outcome events the purger has no use for).
+    Ignored,
+}
+
+/// A processor's verdict on one event.
+#[derive(Debug)]
+pub enum Gate<T> {
+    /// Apply it, with this target (which database, which tenant).
+    Ready(T),
+    /// Not yet: keep it (and every later event with its order key) until this settles.
+    Hold(Wait),
+    /// Pass over it; `tenant` is logged once per tenant.
+    Skip {
+        reason: SkipReason,
+        tenant: Option<String>,
+    },
+    /// Dead-letter it with this reason.
+    Reject(String),
+}
+
+/// Applying a run of events failed after its first `applied` events were durably applied.
+#[derive(Debug)]
+pub struct Failed {
+    pub applied: usize,
+    pub error: StepError,
+}
+
+impl Failed {
+    pub fn at(applied: usize, error: impl Into<StepError>) -> Failed {
+        Failed {
+            applied,
+            error: error.into(),
+        }
+    }
+}
+
+impl From<StepError> for Failed {
+    fn from(error: StepError) -> Self {
+        Failed { applied: 0, error }
+    }
+}
+
+impl From<sqlx::Error> for Failed {
+    fn from(e: sqlx::Error) -> Self {
+        Failed::at(0, e)
+    }
+}
+
+/// A partition position: everything before `next` on it has been handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+}
+
+/// A stream processor: what events mean and how they are applied. The loop ([`run`]) does the
+/// rest.
+///
+/// The futures need not be `Send`: every loop of a worker is joined on the task that owns it,
+/// and sqlx transaction futures trip the compiler's `Send` inference (rust#100013).
+pub trait Processor {
+    /// What the processor reads from an event.
+    type Item;
+    /// Where a ready event goes (e.g. the tenant database it is written to).
+    type Target;
+
+    /// `provisioner`, `catalog`, …: names logs, metrics and dead letters.
+    fn name(&self) -> &'static str;
+
+    /// What a decoded event means to this processor; `Err(reason)` dead-letters it.
+    fn parse(&self, event: Event, origin: &Origin) -> Result<Self::Item, String>;
+
+    /// Events with equal keys are applied in log order, and one held event holds the later ones
+    /// with its key. Events with different keys never wait for each other.
+    fn order_key(&self, item: &Self::Item) -> String;
+
+    /// One verdict per message, in order. Called for fresh batches, for held events when they
+    /// are rechecked, and again before an event is retried.
+    fn gate(
+        &self,
+        msgs: &[&Msg<Self::Item>],
+    ) -> impl Future<Output = Result<Vec<Gate<Self::Target>>, StepError>>;
+
+    /// Applies ready events that share one order key, in log order. Must be idempotent: a
+    /// redelivered or concurrently applied event (a partition briefly owned by two workers)
+    /// changes nothing the second time.
+    fn apply(
+        &self,
+        run: &[(&Msg<Self::Item>, &Self::Target)],
+    ) -> impl Future<Output = Result<(), Failed>>;
+
+    /// Called after the loop stored new commit positions (e.g. to publish a watermark).
+    fn progressed(&self, _positions: &[Position]) -> impl Future<Output = Result<(), StepError>> {
+        async { Ok(()) }
+    }
+}
+
+/// Tunables of the loop, shared by every processor of a worker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most messages taken into one batch.
+    pub batch_max: usize,
+    /// How long to wait for more messages once a batch has started.
+    pub linger: Duration,
+    /// How often held events are gated again.
+    pub recheck_every: Duration,
+    /// Held events (count) before the partitions holding them are paused.
+    pub max_held: usize,
+    /// Held events (bytes) before the partitions holding them are paused.
+    pub max_held_bytes: usize,
+    /// How long an event may wait for a tenant before it is dead-lettered.
+    pub hold_for: Duration,
+    /// Attempts at an event whose error may heal, before it is dead-lettered.
+    pub max_attempts: u32,
+    /// Longest wait between two attempts (backoff doubles up to it).
+    pub max_backoff: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            batch_max: 1000,
+            linger: Duration::from_millis(20),
+            recheck_every: Duration::from_millis(300),
+            max_held: 10_000,
+            max_held_bytes: 64 << 20,
+            hold_for: Duration::from_secs(3 * 24 * 3600),
+            max_attempts: 8,
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}

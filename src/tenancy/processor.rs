@@ -1,0 +1,70 @@
+//! The provisioner as a stream processor over `{ns}.organisations`.
+
+use crate::events::Event;
+use crate::stream::{Failed, Gate, Msg, Origin, Position, Processor, StepError};
+
+use super::provisioning::Provisioner;
+
+impl Processor for Provisioner {
+    type Item = Event;
+    type Target = ();
+
+    fn name(&self) -> &'static str {
+        "provisioner"
+    }
+
+    fn parse(&self, event: Event, origin: &Origin) -> Result<Event, String> {
+        let id = match &event {
+            Event::OrganisationCreated(e) => &e.organisation_id,
+            Event::OrganisationTerminated(e) => &e.organisation_id,
+            Event::OrganisationRestored(e) => &e.organisation_id,
+            other => {
+                return Err(format!(
+                    "{} does not belong on {}",
+                    other.kind().name(),
+                    origin.topic
+                ))
+            }
+        };
+        // The id keys the tenant's row, its archive's name and its lock: refuse a malformed one
+        // here rather than deep inside a lifecycle step.
+        uuid::Uuid::parse_str(id)
+            .map_err(|e| format!("organisation_id {id:?} is not a uuid: {e}"))?;
+        Ok(event)
+    }
+
+    fn order_key(&self, event: &Event) -> String {
+        match event {
+            Event::OrganisationCreated(e) => e.organisation_id.clone(),
+            Event::OrganisationTerminated(e) => e.organisation_id.clone(),
+            Event::OrganisationRestored(e) => e.organisation_id.clone(),
+            other => other.kind().name().to_owned(),
+        }
+    }
+
+    /// The lifecycle is the source of truth: its events never wait for anything.
+    async fn gate(&self, msgs: &[&Msg<Event>]) -> Result<Vec<Gate<()>>, StepError> {
+        Ok(msgs.iter().map(|_| Gate::Ready(())).collect())
+    }
+
+    async fn apply(&self, run: &[(&Msg<Event>, &())]) -> Result<(), Failed> {
+        for (i, (m, _)) in run.iter().enumerate() {
+            let done = match &m.item {
+                Event::OrganisationCreated(ev) => self.provision(ev, &m.origin).await,
+                // On the same topic and key as the creation, so one organisation's lifecycle is
+                // applied in order (see tenancy::lifecycle).
+                Event::OrganisationTerminated(ev) => self.terminate(ev, &m.origin).await,
+                Event::OrganisationRestored(ev) => self.restore(ev, &m.origin).await,
+                _ => unreachable!("parse admits lifecycle events only"),
+            };
+            done.map_err(|e| Failed::at(i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Publishes how far the lifecycle log is applied: projectors wait on it (see
+    /// [`super::watermark`]).
+    async fn progressed(&self, positions: &[Position]) -> Result<(), StepError> {
+        self.watermark.record(positions).await
+    }
+}

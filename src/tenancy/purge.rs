@@ -1,0 +1,298 @@
+//! The purge: archives past their grace period are dropped, as events.
+//!
+//! The purge timer ([`PurgeTimer`]) publishes TenantPurged for archives past `purge_after`; the
+//! purger ([`Purger`], group `{ns}.purger`) drops the archive when it consumes it. The decision is
+//! an event, so a replay purges exactly what the live run purged, and never an archive that was
+//! restored.
+//!
+//! Outcome events are the processors' alone, and the purger re-checks what it acts on: it drops
+//! nothing before the tenant's `purge_after` whatever the event says, skips an archive a restore
+//! superseded or is restoring, and dead-letters a TenantPurged naming a termination that was
+//! never applied (once the lifecycle log is caught up, so a replay still in progress waits).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+use super::lifecycle::{at, databases};
+use super::outcomes::{derived_event_id, OutcomePublisher};
+use super::provisioning::LifecycleHooks;
+use super::tenants::{Logged, Pending, Status, TenantRecord, Tenants};
+use super::watermark::{settled, LogEnds, Watermark};
+use crate::caches::Redis;
+use crate::db::NamedLock;
+use crate::events::{Event, EventKind, TenantPurged};
+use crate::stream::error::kafka_outage;
+use crate::stream::{Failed, Gate, Msg, Origin, Processor, SkipReason, StepError, Wait};
+use crate::tenant::{Namespace, OrganisationType, ServiceDatabase};
+
+/// Consumes `{ns}.tenancy` and carries out TenantPurged.
+pub struct Purger {
+    pub ns: Namespace,
+    pub pool: MySqlPool,
+    pub tenants: Tenants,
+    pub redis: Redis,
+    pub watermark: Watermark,
+    pub hooks: Option<Arc<dyn LifecycleHooks>>,
+}
+
+/// What the purger reads from `{ns}.tenancy`.
+pub enum PurgeItem {
+    Purge(TenantPurged),
+    /// The other outcome events are for other services.
+    Other {
+        organisation_id: String,
+    },
+}
+
+impl Processor for Purger {
+    type Item = PurgeItem;
+    type Target = ();
+
+    fn name(&self) -> &'static str {
+        "purger"
+    }
+
+    fn parse(&self, event: Event, origin: &Origin) -> Result<PurgeItem, String> {
+        match event {
+            Event::Other {
+                kind: EventKind::TenantPurged,
+                value,
+            } => {
+                let event: TenantPurged = apache_avro::from_value(&value)
+                    .map_err(|e| format!("TenantPurged does not map: {e}"))?;
+                Ok(PurgeItem::Purge(event))
+            }
+            other => Ok(PurgeItem::Other {
+                organisation_id: origin
+                    .key
+                    .clone()
+                    .unwrap_or_else(|| other.kind().name().to_owned()),
+            }),
+        }
+    }
+
+    fn order_key(&self, item: &PurgeItem) -> String {
+        match item {
+            PurgeItem::Purge(event) => event.organisation_id.clone(),
+            PurgeItem::Other { organisation_id } => organisation_id.clone(),
+        }
+    }
+
+    async fn gate(&self, msgs: &[&Msg<PurgeItem>]) -> Result<Vec<Gate<()>>, StepError> {
+        let ends = self.watermark.ends().await?;
+        let applied = self.watermark.applied().await?;
+        let lifecycle_settled = settled(&applied, &ends);
+        Ok(msgs
+            .iter()
+            .map(|m| match &m.item {
+                PurgeItem::Other { .. } => Gate::Skip {
+                    reason: SkipReason::Ignored,
+                    tenant: None,
+                },
+                // During a replay the termination it names may not be applied yet.
+                PurgeItem::Purge(_) if !lifecycle_settled => Gate::Hold(Wait::Lifecycle),
+                PurgeItem::Purge(_) => Gate::Ready(()),
+            })
+            .collect())
+    }
+
+    async fn apply(&self, run: &[(&Msg<PurgeItem>, &())]) -> Result<(), Failed> {
+        for (i, (m, _)) in run.iter().enumerate() {
+            if let PurgeItem::Purge(event) = &m.item {
+                self.purge(event, &m.origin)
+                    .await
+                    .map_err(|e| Failed::at(i, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Purger {
+    async fn purge(&self, purged: &TenantPurged, origin: &Origin) -> Result<(), StepError> {
+        let lock = NamedLock::lifecycle(&self.pool, &self.ns, &purged.organisation_id).await?;
+        let result = self.purge_locked(purged, origin).await;
+        lock.release().await;
+        result
+    }
+
+    async fn purge_locked(&self, purged: &TenantPurged, origin: &Origin) -> Result<(), StepError> {
+        let org = &purged.organisation_id;
+        let Some(epoch) = purged.caused_by.clone() else {
+            return Err(StepError::reject(
+                "TenantPurged without caused_by (the termination it ends)",
+            ));
+        };
+        let row = self.tenants.get(org).await?;
+        let current = row
+            .as_ref()
+            .is_some_and(|r| r.terminated_by_event.as_deref() == Some(epoch.as_str()));
+        let row = match row {
+            // Redelivered after the row was marked: finish the drops (all idempotent).
+            Some(r) if current && r.status == Status::Purged => r,
+            Some(r) if current && r.status == Status::Archived => {
+                if let Some(Pending::Restore(by)) = r.pending() {
+                    tracing::info!(organisation_id = %org, termination = %epoch, restore = %by,
+                        "purge of an archive being restored: skipped");
+                    return Ok(());
+                }
+                let due = r.purge_after.unwrap_or_default();
+                if Utc::now() < due {
+                    return Err(StepError::reject(format!(
+                        "TenantPurged for {org} before its grace period ends ({}): refused, the archive is kept",
+                        due.to_rfc3339()
+                    )));
+                }
+                // The row first: a restore arriving from now on is refused, and projectors skip.
+                if !self
+                    .tenants
+                    .mark_purged(org, &epoch, at(purged.occurred_at))
+                    .await?
+                {
+                    return Err(StepError::retry(anyhow::anyhow!(
+                        "the tenant row of {org} changed while purging; gating again"
+                    )));
+                }
+                r
+            }
+            _ => {
+                // Not this archive: a restore or a later termination superseded it (skip), or it
+                // names a termination that never happened (the lifecycle is caught up: reject).
+                if self.tenants.logged(&epoch).await? {
+                    tracing::info!(organisation_id = %org, termination = %epoch, "purge of a superseded archive: skipped");
+                    return Ok(());
+                }
+                return Err(StepError::reject(format!(
+                    "TenantPurged for {org} names termination {epoch}, which was never applied"
+                )));
+            }
+        };
+        let (live, archive) = databases(&self.ns, &row)?;
+        for db in [&archive, &live] {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
+                .execute(&self.pool)
+                .await
+                .map_err(|e| StepError::from(e).context(format!("dropping {db}")))?;
+        }
+        let copies = match (&self.hooks, row.organisation_type) {
+            (Some(hooks), OrganisationType::Brand) => {
+                hooks.brand_purged(org).await.map_err(|e| {
+                    StepError::retry(e.context("removing supplier copies of the brand"))
+                })?
+            }
+            _ => 0,
+        };
+        let platform = self.ns.service_database(ServiceDatabase::Platform);
+        sqlx::query(&format!(
+            "DELETE FROM {}.brand_access WHERE brand_id = ? OR supplier_id = ?",
+            platform.quoted()
+        ))
+        .bind(org)
+        .bind(org)
+        .execute(&self.pool)
+        .await?;
+        self.redis.forget_tenant(org, &[]).await?;
+        self.tenants
+            .log(
+                &purged.event_id,
+                org,
+                Logged::Purged,
+                at(purged.occurred_at),
+            )
+            .await?;
+        metrics::counter!("tenancy_tenants_purged_total").increment(1);
+        tracing::info!(tenant = %row.slug, organisation_id = %org, archive = %archive, offset = origin.offset,
+            supplier_copy_rows = copies, "tenant purged: archive dropped");
+        Ok(())
+    }
+}
+
+/// A due archive, and the lifecycle log's ends when it was first seen due.
+struct Noted {
+    epoch: String,
+    ends: Arc<LogEnds>,
+}
+
+/// Finds archives past their grace period and publishes TenantPurged for them.
+///
+/// Two phases, so a restore that was sent in time is never beaten by the timer: a due archive is
+/// first noted with the current end offsets of `{ns}.organisations`; it is purged on a later
+/// tick only once the provisioner has applied everything up to those offsets (every lifecycle
+/// event sent before the decision) and the archive is still the same.
+pub struct PurgeTimer {
+    pub tenants: Tenants,
+    pub outcomes: OutcomePublisher,
+    pub watermark: Watermark,
+    pub every: Duration,
+}
+
+impl PurgeTimer {
+    pub async fn run(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut noted: HashMap<String, Noted> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(self.every) => {}
+            }
+            if let Err(e) = self.tick(&mut noted).await {
+                tracing::warn!(error = %e, "purge timer: will retry");
+            }
+        }
+    }
+
+    async fn tick(&self, noted: &mut HashMap<String, Noted>) -> Result<(), StepError> {
+        let due = self.tenants.purge_due(Utc::now()).await?;
+        noted.retain(|org, _| due.iter().any(|r| &r.organisation_id == org));
+        if due.is_empty() {
+            return Ok(());
+        }
+        let applied = self.watermark.applied().await?;
+        let mut ends_now: Option<Arc<LogEnds>> = None;
+        for row in due {
+            let Some(epoch) = row.terminated_by_event.clone() else {
+                continue;
+            };
+            match noted.get(&row.organisation_id) {
+                Some(n) if n.epoch == epoch => {
+                    if settled(&applied, &n.ends) {
+                        self.publish(&row, &epoch).await.map_err(kafka_outage)?;
+                        noted.remove(&row.organisation_id);
+                    }
+                }
+                _ => {
+                    let ends = match &ends_now {
+                        Some(e) => e.clone(),
+                        None => ends_now.insert(self.watermark.ends().await?).clone(),
+                    };
+                    noted.insert(row.organisation_id.clone(), Noted { epoch, ends });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, row: &TenantRecord, epoch: &str) -> anyhow::Result<()> {
+        let purge_after = row.purge_after.unwrap_or_default();
+        let event = TenantPurged {
+            // One id per archive, whichever worker's timer decides: duplicates dedupe.
+            event_id: derived_event_id(epoch, EventKind::TenantPurged),
+            occurred_at: purge_after.timestamp_millis(),
+            organisation_id: row.organisation_id.clone(),
+            organisation_type: row.organisation_type,
+            slug: row.slug.clone(),
+            database: row.database_name.clone().unwrap_or_default(),
+            reason: format!("grace period ended at {}", purge_after.to_rfc3339()),
+            caused_by: Some(epoch.to_owned()),
+        };
+        self.outcomes
+            .publish(EventKind::TenantPurged, &row.organisation_id, &event)
+            .await?;
+        tracing::info!(tenant = %row.slug, organisation_id = %row.organisation_id, "grace period over: TenantPurged published");
+        Ok(())
+    }
+}

@@ -1,0 +1,121 @@
+//! One worker's processors, built one way for `tenancy run`, the benchmarks and in-process tests.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use sqlx::MySqlPool;
+
+use crate::access::cache::PermissionCache;
+use crate::caches::Redis;
+use crate::catalog::spec::CatalogSpec;
+use crate::catalog::{CatalogHooks, CatalogProcessor};
+use crate::config::Config;
+use crate::stream::dead_letters::DeadLetters;
+use crate::tenancy::outcomes::OutcomePublisher;
+use crate::tenancy::provisioning::{prepare_service_databases, LifecycleHooks, Provisioner};
+use crate::tenancy::purge::{PurgeTimer, Purger};
+use crate::tenancy::tenants::Tenants;
+use crate::tenancy::watermark::Watermark;
+use crate::topics::{self, Topic};
+use crate::wire::Codec;
+
+/// Lifecycle settings every worker of a namespace must share.
+#[derive(Debug, Clone)]
+pub struct LifecycleOptions {
+    /// How long a terminated tenant stays restorable.
+    pub grace: Duration,
+    /// How often the purge timer looks for archives past their grace period.
+    pub purge_check: Duration,
+    /// Crash tests only: abort after this lifecycle step.
+    pub fail_after: Option<String>,
+}
+
+impl Default for LifecycleOptions {
+    fn default() -> Self {
+        LifecycleOptions {
+            grace: Duration::from_secs(30 * 24 * 3600),
+            purge_check: Duration::from_secs(10),
+            fail_after: None,
+        }
+    }
+}
+
+pub struct Processors {
+    pub pool: MySqlPool,
+    pub tenants: Tenants,
+    pub codec: Arc<Codec>,
+    pub producer: FutureProducer,
+    pub dead_letters: DeadLetters,
+    pub provisioner: Provisioner,
+    pub catalog: CatalogProcessor,
+    pub purger: Purger,
+    pub timer: PurgeTimer,
+}
+
+impl Processors {
+    /// Connects to MySQL and Redis, creates the namespace's topics and service databases if
+    /// missing, and builds every processor.
+    pub async fn build(config: &Config, options: &LifecycleOptions) -> anyhow::Result<Processors> {
+        let ns = config.namespace.clone();
+        // The declared projection is checked against the schemas before anything is consumed.
+        let spec = CatalogSpec::load()?;
+        let pool = crate::db::connect_pool(config).await?;
+        let redis = Redis::connect(&config.redis_url, &ns).await?;
+        topics::ensure_topics(config).await?;
+        prepare_service_databases(&pool, &config.database_url, &ns).await?;
+        let tenants = Tenants::new(pool.clone(), &ns);
+        let codec = Arc::new(Codec::new(&config.schema_registry_url));
+        let producer = crate::kafka::producer(config)?;
+        let watermark = Watermark::new(config, pool.clone())?;
+        let hooks: Arc<dyn LifecycleHooks> = Arc::new(CatalogHooks {
+            ns: ns.clone(),
+            pool: pool.clone(),
+            tenants: tenants.clone(),
+            spec: spec.clone(),
+        });
+        let grace = chrono::Duration::from_std(options.grace)
+            .map_err(|_| anyhow::anyhow!("--grace {:?} is too long", options.grace))?;
+        Ok(Processors {
+            dead_letters: DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns)),
+            provisioner: Provisioner {
+                ns: ns.clone(),
+                pool: pool.clone(),
+                database_url: config.database_url.clone(),
+                tenants: tenants.clone(),
+                outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
+                redis: redis.clone(),
+                grace,
+                watermark: watermark.clone(),
+                hooks: Some(hooks.clone()),
+                fail_after: options.fail_after.clone(),
+            },
+            catalog: CatalogProcessor {
+                ns: ns.clone(),
+                pool: pool.clone(),
+                spec,
+                tenants: tenants.clone(),
+                cache: PermissionCache::on(&redis),
+                watermark: watermark.clone(),
+            },
+            purger: Purger {
+                ns: ns.clone(),
+                pool: pool.clone(),
+                tenants: tenants.clone(),
+                redis,
+                watermark: watermark.clone(),
+                hooks: Some(hooks),
+            },
+            timer: PurgeTimer {
+                tenants: tenants.clone(),
+                outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
+                watermark,
+                every: options.purge_check,
+            },
+            pool,
+            tenants,
+            codec,
+            producer,
+        })
+    }
+}
