@@ -256,7 +256,10 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         "catalog",
         &group,
         std::slice::from_ref(&topic),
-        Duration::from_secs(10),
+        &crate::stream::consumer::Membership {
+            session_timeout: Duration::from_secs(10),
+            assignor: crate::stream::consumer::Assignor::CooperativeSticky,
+        },
     )?;
     let health = Health::default().processor("catalog", &group);
     let dead_letters = DeadLetters::new(

@@ -54,6 +54,21 @@ pub struct ConnectionArgs {
     /// Partitions for topics this command creates.
     #[arg(long, global = true, env = "TENANCY_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
+    /// Extra librdkafka settings for every Kafka client, KEY=VALUE (repeat the flag, or
+    /// comma-separate in the environment): e.g. security.protocol=SASL_PLAINTEXT,
+    /// sasl.mechanisms=PLAIN, sasl.username=…, sasl.password=…, or debug=cgrp.
+    #[arg(long = "kafka-option", global = true, env = "KAFKA_OPTIONS", value_delimiter = ',',
+        value_name = "KEY=VALUE", value_parser = kafka_option)]
+    pub kafka_options: Vec<(String, String)>,
+}
+
+fn kafka_option(raw: &str) -> Result<(String, String), String> {
+    match raw.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!(
+            "expected KEY=VALUE (a librdkafka setting), got {raw:?}"
+        )),
+    }
 }
 
 /// The resolved configuration.
@@ -65,6 +80,8 @@ pub struct Config {
     pub redis_url: String,
     pub namespace: Namespace,
     pub partitions: i32,
+    /// Extra librdkafka settings for every client (SASL, TLS, debug).
+    pub kafka_options: Vec<(String, String)>,
 }
 
 impl Config {
@@ -81,6 +98,7 @@ impl Config {
             redis_url: args.redis_url.clone(),
             namespace: Namespace::parse(&args.namespace)?,
             partitions: args.partitions,
+            kafka_options: args.kafka_options.clone(),
         })
     }
 
@@ -89,6 +107,9 @@ impl Config {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.kafka_bootstrap_servers)
             .set("client.id", format!("tenancy-{}", self.namespace));
+        for (k, v) in &self.kafka_options {
+            c.set(k, v);
+        }
         c
     }
 }

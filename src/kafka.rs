@@ -21,30 +21,75 @@ pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
 
 /// Rewinds a consumer group to the start of `topics`, so its processor replays them.
 ///
-/// The group must have no live members (stop the workers first): the broker refuses offset
-/// commits from outside an active generation.
-pub fn rewind_group(config: &Config, group: &str, topics: &[String]) -> anyhow::Result<usize> {
+/// It joins the group as its only member, waits until it holds every partition (members of
+/// killed workers are evicted once their session expires), commits offset 0 for each as a
+/// member of the current generation, reads the commit back, and leaves while the group is
+/// stable. A partition still held by a live worker after `wait` is refused with the reason:
+/// stop the workers first. (Committing from outside the group is refused by the broker while any
+/// member, live or dead, remains.)
+pub fn rewind_group(
+    config: &Config,
+    group: &str,
+    topics: &[String],
+    wait: Duration,
+) -> anyhow::Result<usize> {
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     let consumer: BaseConsumer = config
         .kafka_client_config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "6000")
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .create()?;
-    let mut tpl = TopicPartitionList::new();
+    let mut all = TopicPartitionList::new();
     for topic in topics {
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         for t in meta.topics() {
             for p in t.partitions() {
                 // Offset 0, not "beginning": a commit needs a concrete offset. The log is kept
                 // forever, so 0 is the start.
-                tpl.add_partition_offset(t.name(), p.id(), rdkafka::Offset::Offset(0))?;
+                all.add_partition_offset(t.name(), p.id(), rdkafka::Offset::Offset(0))?;
             }
         }
     }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
-        anyhow::anyhow!("cannot rewind group {group} (are its workers stopped?): {e}")
-    })?;
-    Ok(tpl.count())
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // Polling serves the rebalance; messages fetched meanwhile are not consumed.
+        let _ = consumer.poll(Duration::from_millis(200));
+        let held = consumer.assignment()?.count();
+        if held == all.count() {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "cannot rewind group {group}: after {}s other members still hold {} of its {}                  partitions (stop every `tenancy run` worker running that processor, then retry)",
+                wait.as_secs(),
+                all.count() - held,
+                all.count()
+            );
+        }
+    }
+    consumer
+        .commit(&all, CommitMode::Sync)
+        .map_err(|e| anyhow::anyhow!("cannot rewind group {group}: {e}"))?;
+    let committed = consumer.committed(Duration::from_secs(10))?;
+    let behind: Vec<String> = committed
+        .elements()
+        .iter()
+        .filter(|e| e.offset() != rdkafka::Offset::Offset(0))
+        .map(|e| format!("{}/{}", e.topic(), e.partition()))
+        .collect();
+    anyhow::ensure!(
+        behind.is_empty(),
+        "cannot rewind group {group}: the broker kept other offsets for {}",
+        behind.join(", ")
+    );
+    // Dropping the consumer leaves the group, which is stable now (its only member holds
+    // everything): the safe moment to leave (see stream::consumer).
+    Ok(all.count())
 }
 
 /// Where a consumer group stands on one partition.

@@ -105,7 +105,7 @@ type RawRow = (
 
 /// Every worker of the namespace that reported within a day, live ones first.
 pub async fn workers(pool: &MySqlPool, ns: &Namespace) -> anyhow::Result<Vec<WorkerRow>> {
-    let rows: Vec<RawRow> = sqlx::query_as(&format!(
+    let rows: Result<Vec<RawRow>, sqlx::Error> = sqlx::query_as(&format!(
         "SELECT worker_id, host, pid, http_addr, started_at, heartbeat_at, \
              heartbeat_at > UTC_TIMESTAMP(3) - INTERVAL ? SECOND AS live, CAST(report AS CHAR) \
              FROM {} WHERE heartbeat_at > UTC_TIMESTAMP(3) - INTERVAL 1 DAY \
@@ -114,7 +114,13 @@ pub async fn workers(pool: &MySqlPool, ns: &Namespace) -> anyhow::Result<Vec<Wor
     ))
     .bind(LIVE_WITHIN.as_secs())
     .fetch_all(pool)
-    .await?;
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // No worker has ever started in this namespace: nothing to report, not an error.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42S02") => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
     rows.into_iter()
         .map(
             |(worker_id, host, pid, http_addr, started_at, heartbeat_at, live, report)| {

@@ -73,6 +73,7 @@ impl Processors {
             pool: pool.clone(),
             tenants: tenants.clone(),
             spec: spec.clone(),
+            cache: PermissionCache::on(&redis),
         });
         let grace = chrono::Duration::from_std(options.grace)
             .map_err(|_| anyhow::anyhow!("--grace {:?} is too long", options.grace))?;

@@ -150,6 +150,11 @@ impl CatalogProcessor {
     /// Copies a brand's change into every supplier copy that may hold it. A copy that is not
     /// exactly one step behind (it missed changes, or never had a backfill) is rebuilt whole
     /// from the brand's projection instead, so copies heal themselves.
+    ///
+    /// Copies exist only between two live tenants: an archived brand's catalog is in no copy,
+    /// an archived supplier keeps no copy (termination removes them, restore rebuilds them from
+    /// the brand; see `copies`). That keeps copies independent of the order in which a live run
+    /// or a replay happened to apply catalog and lifecycle events.
     #[allow(clippy::too_many_arguments)]
     async fn fan_out(
         &self,
@@ -163,6 +168,9 @@ impl CatalogProcessor {
         fresh: &[&Msg<Item>],
     ) -> Result<(), StepError> {
         let Some(after) = after else { return Ok(()) };
+        if brand.status != Status::Active {
+            return Ok(());
+        }
         let suppliers: Vec<String> = sqlx::query_scalar(&format!(
             "SELECT supplier_id FROM {}.brand_access WHERE brand_id = ? ORDER BY supplier_id",
             self.platform().quoted()
@@ -177,36 +185,13 @@ impl CatalogProcessor {
         let known = self.tenants.lookup(&ids).await?;
         let copy_projection = copy_projection(&brand.organisation_id);
         for supplier in &suppliers {
-            let Some(target) = known.get(supplier) else {
+            // Active, even while its restore finishes: its tables are back by then.
+            let Some(supplier_db) = known
+                .get(supplier)
+                .filter(|t| t.status == Status::Active)
+                .and_then(|t| t.database.clone())
+            else {
                 continue;
-            };
-            // An archived supplier's copy gets only what happened before its termination (a
-            // replay can deliver those late); its copy is never rebuilt from a later brand state.
-            let (supplier_db, archived_change) = match target.status {
-                Status::Active => match &target.database {
-                    Some(db) => (db.clone(), None),
-                    None => continue,
-                },
-                Status::Archived => {
-                    let (Some(cutoff), Some(archive)) =
-                        (target.archived_at, target.archive_database.clone())
-                    else {
-                        continue;
-                    };
-                    let values: Vec<&Value> = fresh
-                        .iter()
-                        .filter(|m| m.item.occurred_at < cutoff)
-                        .filter_map(|m| match &m.item.change {
-                            Change::Catalog(v) => Some(v),
-                            _ => None,
-                        })
-                        .collect();
-                    if values.is_empty() {
-                        continue;
-                    }
-                    (archive, Some(NetChange::of(&self.spec, &values)))
-                }
-                _ => continue,
             };
             let supplier_db = &supplier_db;
             let mut tx = self.pool.begin().await?;
@@ -224,11 +209,8 @@ impl CatalogProcessor {
                 continue;
             }
             let hidden = self.spec.hidden_columns(&permissions);
-            // Incremental when the copy is exactly one step behind (or archived: its share of
-            // the step); otherwise rebuilt.
-            let incremental = archived_change
-                .as_ref()
-                .or((copied == before && !fresh.is_empty()).then_some(change));
+            // Incremental when the copy is exactly one step behind; otherwise rebuilt.
+            let incremental = (copied == before && !fresh.is_empty()).then_some(change);
             if let Some(change) = incremental {
                 store::write_copy(
                     &mut tx,

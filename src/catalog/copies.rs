@@ -1,19 +1,23 @@
 //! Whole-copy operations on the local copies suppliers keep of brands: the backfill of a grant,
-//! the refresh of a restored supplier, the removal of a purged brand. Wired into the lifecycle
-//! through [`CatalogHooks`].
+//! and the lifecycle's part, wired in through [`CatalogHooks`]. Copies exist only between two
+//! live tenants: archiving either side removes them, restoring it rebuilds them from the brand's
+//! projection, purging a brand removes its grants too. What a copy holds then never depends on
+//! the order in which catalog and lifecycle events happened to be applied, so a replay ends
+//! with the copies a live run has.
 
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use sqlx::MySqlPool;
 
-use super::apply::copy_projection;
+use super::apply::{copy_projection, read_permissions};
 use super::spec::CatalogSpec;
 use super::store;
+use crate::access::cache::PermissionCache;
 use crate::db::NamedLock;
 use crate::offsets;
 use crate::tenancy::provisioning::LifecycleHooks;
 use crate::tenancy::tenants::{Status, TenantRef, Tenants};
-use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 
 /// The supplier's copy of one brand becomes the brand's current projection (under the
 /// supplier's permissions), recording the brand offsets it reflects so the fan-out continues
@@ -42,9 +46,133 @@ pub struct CatalogHooks {
     pub pool: MySqlPool,
     pub tenants: Tenants,
     pub spec: CatalogSpec,
+    pub cache: PermissionCache,
 }
 
 impl CatalogHooks {
+    /// Removes one brand's copy from one supplier database (rows and offsets), under the
+    /// brand's lock so no fan-out writes it again behind us.
+    async fn clear_copy(&self, supplier_db: &DatabaseName, brand_id: &str) -> anyhow::Result<u64> {
+        let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
+        let result = async {
+            let mut tx = self.pool.begin().await?;
+            let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
+            offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(rows)
+        }
+        .await;
+        lock.release().await;
+        Ok(result?)
+    }
+
+    /// The suppliers that hold a grant for `brand_id`, with their state.
+    async fn grantees(&self, brand_id: &str) -> anyhow::Result<Vec<TenantRef>> {
+        let platform = self.ns.service_database(ServiceDatabase::Platform);
+        let suppliers: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT supplier_id FROM {}.brand_access WHERE brand_id = ? ORDER BY supplier_id",
+            platform.quoted()
+        ))
+        .bind(brand_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
+        Ok(self.tenants.lookup(&ids).await?.into_values().collect())
+    }
+
+    /// A tenant is being archived: every copy it takes part in goes.
+    pub async fn remove_copies(
+        &self,
+        organisation_id: &str,
+        kind: OrganisationType,
+        database: &DatabaseName,
+    ) -> anyhow::Result<u64> {
+        let mut removed = 0;
+        match kind {
+            OrganisationType::Supplier => {
+                let brands: Vec<String> = sqlx::query_scalar(&format!(
+                    "SELECT brand_id FROM {db}.brand_access UNION SELECT DISTINCT `{col}` FROM {db}.`{table}`",
+                    db = database.quoted(),
+                    col = self.spec.supplier_brand_column,
+                    table = self.spec.supplier_table,
+                ))
+                .fetch_all(&self.pool)
+                .await?;
+                for brand_id in &brands {
+                    removed += self.clear_copy(database, brand_id).await?;
+                }
+            }
+            OrganisationType::Brand => {
+                for supplier in self.grantees(organisation_id).await? {
+                    if let (Status::Active, Some(db)) = (supplier.status, &supplier.database) {
+                        removed += self.clear_copy(db, organisation_id).await?;
+                    }
+                }
+            }
+            OrganisationType::Retailer => {}
+        }
+        Ok(removed)
+    }
+
+    /// A restored tenant's copies, rebuilt from the brands' projections: a supplier's of every
+    /// active brand it may read, a brand's in every active supplier that may read it.
+    async fn rebuild_copies(
+        &self,
+        organisation_id: &str,
+        kind: OrganisationType,
+        database: &DatabaseName,
+    ) -> anyhow::Result<()> {
+        match kind {
+            OrganisationType::Supplier => {
+                self.refresh_supplier_copies(organisation_id, database)
+                    .await?;
+            }
+            OrganisationType::Brand => {
+                let n = self.rebuild_brand_copies(organisation_id, database).await?;
+                tracing::info!(tenant = %organisation_id, copies = n, "restored brand: supplier copies rebuilt");
+            }
+            OrganisationType::Retailer => {}
+        }
+        Ok(())
+    }
+
+    /// A brand is back: every live supplier holding `catalog.read` gets its copy again.
+    pub async fn rebuild_brand_copies(
+        &self,
+        brand_id: &str,
+        brand_db: &DatabaseName,
+    ) -> anyhow::Result<usize> {
+        let mut rebuilt = 0;
+        for supplier in self.grantees(brand_id).await? {
+            let (Status::Active, Some(supplier_db)) = (supplier.status, &supplier.database) else {
+                continue;
+            };
+            let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                let permissions = read_permissions(&mut tx, supplier_db, brand_id).await?;
+                let copied = match permissions {
+                    Some(p) if p.contains(&self.spec.requires_permission) => {
+                        backfill_copy(&mut tx, &self.spec, supplier_db, brand_db, brand_id, &p)
+                            .await?;
+                        1
+                    }
+                    _ => 0,
+                };
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(copied)
+            }
+            .await;
+            lock.release().await;
+            rebuilt += result?;
+        }
+        Ok(rebuilt)
+    }
+
     /// After a supplier is restored: every copy it keeps of an active brand is rebuilt from that
     /// brand's projection. While it was archived the fan-out passed it by, and a brand that
     /// never changes again would otherwise leave its copy stale for good.
@@ -101,6 +229,68 @@ impl CatalogHooks {
         Ok(refreshed)
     }
 
+    /// A restored tenant's permission keys, as a grant applied now would write them: for every
+    /// pair it is part of whose other side is active, the supplier's `brand_access` row (read
+    /// under the brand's lock, as grants write it). Termination deleted them; without this a
+    /// live run and a replay of the same topics would end with different keys.
+    pub async fn recache(
+        &self,
+        organisation_id: &str,
+        kind: OrganisationType,
+    ) -> anyhow::Result<usize> {
+        let platform = self.ns.service_database(ServiceDatabase::Platform);
+        let column = match kind {
+            OrganisationType::Brand => "brand_id",
+            OrganisationType::Supplier => "supplier_id",
+            OrganisationType::Retailer => return Ok(0),
+        };
+        let pairs: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT brand_id, supplier_id FROM {}.brand_access WHERE {column} = ?",
+            platform.quoted()
+        ))
+        .bind(organisation_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids: Vec<&str> = pairs
+            .iter()
+            .flat_map(|(b, s)| [b.as_str(), s.as_str()])
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let known = self.tenants.lookup(&ids).await?;
+        let active = |id: &str| {
+            known
+                .get(id)
+                .filter(|t| t.status == Status::Active)
+                .and_then(|t| t.database.clone())
+        };
+        let mut cached = 0;
+        for (brand_id, supplier_id) in &pairs {
+            let (Some(_), Some(supplier_db)) = (active(brand_id), active(supplier_id)) else {
+                continue;
+            };
+            let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+                .await
+                .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
+            let result = async {
+                let mut tx = self.pool.begin().await?;
+                let permissions = read_permissions(&mut tx, &supplier_db, brand_id).await?;
+                tx.commit().await?;
+                match permissions {
+                    Some(p) => {
+                        self.cache.store(supplier_id, brand_id, &p).await?;
+                        Ok::<_, anyhow::Error>(1)
+                    }
+                    None => Ok(0),
+                }
+            }
+            .await;
+            lock.release().await;
+            cached += result?;
+        }
+        Ok(cached)
+    }
+
     /// A purged brand's catalog leaves the platform: every supplier copy of it goes too (so the
     /// end state does not depend on whether a replay copied it before the purge). Under the
     /// brand's lock, so no fan-out writes a copy after it.
@@ -149,13 +339,46 @@ impl CatalogHooks {
 }
 
 impl LifecycleHooks for CatalogHooks {
-    fn supplier_restored<'a>(
+    fn before_archive<'a>(
         &'a self,
-        supplier_id: &'a str,
+        organisation_id: &'a str,
+        kind: OrganisationType,
         database: &'a DatabaseName,
-    ) -> LocalBoxFuture<'a, anyhow::Result<usize>> {
-        self.refresh_supplier_copies(supplier_id, database)
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
+        async move {
+            let rows = self.remove_copies(organisation_id, kind, database).await?;
+            tracing::info!(tenant = %organisation_id, rows, "archiving: copies removed");
+            Ok(())
+        }
+        .boxed_local()
+    }
+
+    fn before_reactivation<'a>(
+        &'a self,
+        organisation_id: &'a str,
+        kind: OrganisationType,
+        database: &'a DatabaseName,
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
+        self.rebuild_copies(organisation_id, kind, database)
             .boxed_local()
+    }
+
+    fn after_reactivation<'a>(
+        &'a self,
+        organisation_id: &'a str,
+        kind: OrganisationType,
+        database: &'a DatabaseName,
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
+        async move {
+            // Again, now that the tenant is active: a brand and a supplier restored at the same
+            // moment each saw the other still archived before its own flip; after the flips, at
+            // least one of them sees the other active.
+            self.rebuild_copies(organisation_id, kind, database).await?;
+            let keys = self.recache(organisation_id, kind).await?;
+            tracing::info!(tenant = %organisation_id, keys, "restored tenant: permission keys cached again");
+            Ok(())
+        }
+        .boxed_local()
     }
 
     fn brand_purged<'a>(&'a self, brand_id: &'a str) -> LocalBoxFuture<'a, anyhow::Result<usize>> {

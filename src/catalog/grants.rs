@@ -75,15 +75,19 @@ impl CatalogProcessor {
                 Change::Revoke { .. } => self.revoke(target, &supplier_db, &m.origin).await?,
                 Change::Catalog(_) => unreachable!("an access key holds access events only"),
             }
-            // The cache follows the database, and only for a live supplier (an archived one's
-            // keys were deleted with it and it has no access).
-            if supplier.status == Status::Active {
+            // The cache follows the database, and holds access only between two live tenants
+            // (termination deletes the keys, restore writes them again: see CatalogHooks).
+            if supplier.status == Status::Active && brand.status == Status::Active {
                 self.cache_from_database(
                     &supplier.organisation_id,
                     &brand.organisation_id,
                     &supplier_db,
                 )
                 .await?;
+            } else {
+                self.cache
+                    .invalidate(&supplier.organisation_id, &brand.organisation_id)
+                    .await?;
             }
             Ok(())
         }
@@ -122,8 +126,14 @@ impl CatalogProcessor {
             .execute(&mut *tx)
             .await?;
             // Backfill: the supplier's copy becomes the brand's current projection, and records
-            // the brand offsets it reflects so the fan-out continues from exactly there.
-            if permissions.contains(&self.spec.requires_permission) {
+            // the brand offsets it reflects so the fan-out continues from exactly there. Only
+            // between two live tenants (see apply::fan_out); restore backfills the others.
+            let live = target.brand.status == Status::Active
+                && target
+                    .supplier
+                    .as_ref()
+                    .is_some_and(|s| s.status == Status::Active);
+            if live && permissions.contains(&self.spec.requires_permission) {
                 let rows = backfill_copy(
                     &mut tx,
                     &self.spec,
@@ -139,7 +149,7 @@ impl CatalogProcessor {
                 offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
                 store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
                 tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id,
-                    permissions = %json, "access granted without catalog.read: no copy kept");
+                    permissions = %json, live, "access granted; no copy kept (no catalog.read, or a side archived)");
             }
             offsets::set(
                 &mut tx,

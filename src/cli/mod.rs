@@ -96,6 +96,10 @@ pub enum TopicsCommand {
         /// provisioner, catalog or purger
         #[arg(value_parser = run::PROCESSORS)]
         processor: String,
+        /// How long to wait for the group's members to go (a killed worker's session lasts
+        /// --session-timeout-ms) before refusing.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
     },
 }
 
@@ -150,13 +154,20 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: TopicsCommand::Lag { processors, wait },
         } => lag(&config, &processors, wait).await,
         Command::Topics {
-            command: TopicsCommand::Rewind { processor },
+            command: TopicsCommand::Rewind { processor, wait },
         } => {
             let (_, group, topics) = processor_topics(&config.namespace)
                 .into_iter()
                 .find(|(p, _, _)| *p == processor)
                 .expect("processor names are checked by clap");
-            let n = crate::kafka::rewind_group(&config, &group, &topics)?;
+            eprintln!("group {group}: joining to take every partition (waits for stopped workers' sessions to expire)");
+            let n = tokio::task::spawn_blocking({
+                let config = config.clone();
+                let group = group.clone();
+                let topics = topics.clone();
+                move || crate::kafka::rewind_group(&config, &group, &topics, wait)
+            })
+            .await??;
             eprintln!(
                 "group {group}: {n} partition(s) of {} rewound to offset 0",
                 topics.join(", ")

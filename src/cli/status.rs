@@ -33,7 +33,7 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| {
             anyhow::anyhow!(
-                "cannot read the workers of namespace {} ({e}); has `tenancy run` ever started there?",
+                "cannot read the workers of namespace {}: {e}",
                 config.namespace
             )
         })?;
@@ -114,7 +114,7 @@ fn print_partitions(rows: &[PartitionRow]) {
 fn print_workers(workers: &[WorkerRow]) {
     println!();
     if workers.is_empty() {
-        println!("no worker has reported in the last day");
+        println!("no worker has reported in the last day (start one with `tenancy run`)");
         return;
     }
     println!(

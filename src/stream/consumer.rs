@@ -128,6 +128,53 @@ impl ConsumerContext for StreamContext {
 /// A processor's consumer.
 pub type GroupConsumer = StreamConsumer<StreamContext>;
 
+/// Ends membership the way a crash does: the final offsets are committed by the caller first,
+/// then the consumer is dropped without LeaveGroup, and the broker moves its partitions once
+/// its session expires.
+///
+/// Why not leave: nisshi 0.7.0-pre.2 (and Tansu) do not clear the group's leader when the
+/// leader leaves during a rebalance (`nisshi-broker` src/coordinator/group/administrator.rs,
+/// Forming's `leave`; its test `forming_leader_leaves_group` is `#[ignore]`d). Every later member
+/// then waits on a leader that is gone and the group never assigns again. Stopping several
+/// workers at once triggered it in our chaos runs; a member that simply stops heartbeating is
+/// evicted correctly. The cost: a stopped worker's partitions move after the session timeout
+/// instead of at once, as a killed worker's do. `--leave-group-on-exit` restores the prompt
+/// handover for brokers without the bug (Apache Kafka).
+pub fn depart(consumer: GroupConsumer, leave: bool) {
+    if leave {
+        drop(consumer);
+    } else {
+        std::mem::forget(consumer);
+    }
+}
+
+/// How a worker takes part in its consumer groups.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    /// How long before a dead worker's partitions move.
+    pub session_timeout: Duration,
+    pub assignor: Assignor,
+}
+
+/// The partition assignment protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Assignor {
+    /// Incremental: adding or removing a worker moves only the partitions that change hands;
+    /// the others keep flowing.
+    CooperativeSticky,
+    /// Eager: every rebalance stops every partition of the group until it completes.
+    Range,
+}
+
+impl Assignor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Assignor::CooperativeSticky => "cooperative-sticky",
+            Assignor::Range => "range",
+        }
+    }
+}
+
 /// Joins `group` for `topics`.
 ///
 /// Offsets are stored only by the loop (`enable.auto.offset.store=false`), after the events
@@ -138,8 +185,9 @@ pub fn join(
     processor: &'static str,
     group: &str,
     topics: &[String],
-    session_timeout: Duration,
+    membership: &Membership,
 ) -> anyhow::Result<GroupConsumer> {
+    let session_timeout = membership.session_timeout;
     use rdkafka::consumer::Consumer;
     let consumer: GroupConsumer = config
         .kafka_client_config()
@@ -151,13 +199,18 @@ pub fn join(
         // librdkafka prefetches up to 64 MiB per partition by default; 4 MiB per partition still
         // keeps a batch of thousands of messages ready and keeps the worker's memory flat.
         .set("queued.max.messages.kbytes", "4096")
-        // Incremental rebalances: adding a worker moves only the partitions it takes over, and
-        // the others keep flowing.
-        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set(
+            "partition.assignment.strategy",
+            membership.assignor.as_str(),
+        )
         .set(
             "session.timeout.ms",
             session_timeout.as_millis().to_string(),
         )
+        // The loop polls between batches; a batch waiting out an outage does not poll. Past this
+        // librdkafka would leave the group, which the broker mishandles (see `depart`): an
+        // outage of up to half an hour is waited out inside the group.
+        .set("max.poll.interval.ms", "1800000")
         .set(
             "heartbeat.interval.ms",
             (session_timeout.as_millis() / 4).max(100).to_string(),

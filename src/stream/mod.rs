@@ -241,6 +241,8 @@ pub struct Settings {
     pub max_attempts: u32,
     /// Longest wait between two attempts (backoff doubles up to it).
     pub max_backoff: Duration,
+    /// Send LeaveGroup when stopping (see [`consumer::depart`]).
+    pub leave_group_on_exit: bool,
 }
 
 impl Default for Settings {
@@ -254,6 +256,7 @@ impl Default for Settings {
             hold_for: Duration::from_secs(3 * 24 * 3600),
             max_attempts: 8,
             max_backoff: Duration::from_secs(5),
+            leave_group_on_exit: false,
         }
     }
 }

@@ -33,6 +33,7 @@ pub async fn run<P: Processor>(
     settings: &Settings,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let leave = settings.leave_group_on_exit;
     let mut l = Loop {
         p: processor,
         name: processor.name(),
@@ -61,6 +62,8 @@ pub async fn run<P: Processor>(
         Err(e) => tracing::warn!(processor = l.name, error = %e,
             "final commit failed; events since the last commit will be redelivered (and skipped)"),
     }
+    drop(l);
+    consumer::depart(consumer, leave);
     Ok(())
 }
 

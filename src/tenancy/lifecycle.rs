@@ -188,6 +188,15 @@ impl Provisioner {
             )
             .await
             .map_err(|e| StepError::from(e).context("marking the tenant archived"))?;
+        // A redelivery after a crash past the move finds the live database gone: nothing left
+        // to clean up there (RENAME TABLE moved every table at once).
+        let still_live = !tables(&self.pool, &live).await?.is_empty();
+        if let (Some(hooks), true) = (&self.hooks, still_live) {
+            hooks
+                .before_archive(org, row.organisation_type, &live)
+                .await
+                .map_err(|e| StepError::retry(e.context("removing the tenant's copies")))?;
+        }
         let moved = move_tables(&self.pool, &live, &archive)
             .await
             .map_err(|e| StepError::from(e).context(format!("archiving {live} into {archive}")))?;
@@ -363,17 +372,26 @@ impl Provisioner {
             std::process::abort();
         }
         // Copies are refreshed before the status flips, so `active` means caught up.
-        if row.organisation_type == OrganisationType::Supplier {
-            if let Some(hook) = &self.hooks {
-                hook.supplier_restored(org, &live).await.map_err(|e| {
-                    StepError::retry(e.context("refreshing the restored supplier's copies"))
+        if let Some(hooks) = &self.hooks {
+            hooks
+                .before_reactivation(org, row.organisation_type, &live)
+                .await
+                .map_err(|e| {
+                    StepError::retry(e.context("bringing the restored tenant's copies up to date"))
                 })?;
-            }
         }
         self.tenants
             .log(&ev.event_id, org, Logged::Restored, at(ev.occurred_at))
             .await?;
         self.tenants.mark_restored(org, at(ev.occurred_at)).await?;
+        if let Some(hooks) = &self.hooks {
+            hooks
+                .after_reactivation(org, row.organisation_type, &live)
+                .await
+                .map_err(|e| {
+                    StepError::retry(e.context("caching the restored tenant's permissions"))
+                })?;
+        }
         let outcome = crate::events::TenantRestored {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantRestored),
             occurred_at: ev.occurred_at,

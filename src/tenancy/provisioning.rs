@@ -27,13 +27,32 @@ use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, 
 /// What other projections do when a tenant's lifecycle moves; wired by `tenancy run`, so the
 /// lifecycle does not depend on the catalog.
 pub trait LifecycleHooks {
-    /// A supplier's tables are back in `database`: bring what it copies from others up to date.
-    /// Runs before the tenant is marked active, so `active` means caught up.
-    fn supplier_restored<'a>(
+    /// A tenant is marked archived and its tables are still in `database`: remove what others'
+    /// projections derive from it or it derives from others (copies), before the tables move.
+    fn before_archive<'a>(
         &'a self,
-        supplier_id: &'a str,
+        organisation_id: &'a str,
+        kind: OrganisationType,
         database: &'a DatabaseName,
-    ) -> LocalBoxFuture<'a, anyhow::Result<usize>>;
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
+
+    /// A tenant's tables are back in `database`, before it is marked active: bring what it
+    /// copies from others up to date, so `active` means caught up.
+    fn before_reactivation<'a>(
+        &'a self,
+        organisation_id: &'a str,
+        kind: OrganisationType,
+        database: &'a DatabaseName,
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
+
+    /// The tenant is active again (its step still marked under way): finish what depends on
+    /// its being active, and publish again what its termination took out of caches.
+    fn after_reactivation<'a>(
+        &'a self,
+        organisation_id: &'a str,
+        kind: OrganisationType,
+        database: &'a DatabaseName,
+    ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
 
     /// A brand was purged: its catalog leaves every supplier's copy. Returns the rows removed.
     fn brand_purged<'a>(&'a self, brand_id: &'a str) -> LocalBoxFuture<'a, anyhow::Result<usize>>;

@@ -27,6 +27,8 @@ pub fn env_or(key: &str, default: &str) -> String {
 pub struct TestNs {
     pub ns: Namespace,
     pub config: Config,
+    /// Whether dropping it cleans the namespace up (false for a second handle on it).
+    owner: bool,
 }
 
 impl TestNs {
@@ -41,8 +43,23 @@ impl TestNs {
             namespace: ns.clone(),
             // Fewer partitions keep Tansu's per-test topic creation quick.
             partitions: 3,
+            kafka_options: Vec::new(),
         };
-        TestNs { ns, config }
+        TestNs {
+            ns,
+            config,
+            owner: true,
+        }
+    }
+
+    /// A second handle on a namespace another `TestNs` owns (e.g. for a thread): dropping it
+    /// cleans nothing up.
+    pub fn attach(ns: Namespace, config: Config) -> TestNs {
+        TestNs {
+            ns,
+            config,
+            owner: false,
+        }
     }
 
     pub fn topic(&self, t: Topic) -> String {
@@ -171,6 +188,9 @@ impl TestNs {
 
 impl Drop for TestNs {
     fn drop(&mut self) {
+        if !self.owner {
+            return;
+        }
         let _ = delete_redis_keys(&self.config.redis_url, &self.ns);
         // Dropping databases needs async sqlx; a helper thread with its own runtime keeps Drop
         // usable from inside #[tokio::test].
@@ -442,6 +462,11 @@ impl TestNs {
     /// `tenancy run` with extra flags (e.g. `--grace 2s`). Each worker serves health on a port
     /// of its own (recorded in the workers table).
     pub fn spawn_run_with(&self, tag: &str, extra: &[&str]) -> Worker {
+        self.spawn_run_env(tag, extra, &[])
+    }
+
+    /// [`TestNs::spawn_run_with`] with extra environment (e.g. `RUST_LOG`).
+    pub fn spawn_run_env(&self, tag: &str, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let log = std::env::temp_dir().join(format!("{}-{tag}.log", self.ns));
         let file = std::fs::File::create(&log).unwrap();
         let child = self
@@ -454,6 +479,7 @@ impl TestNs {
                 "127.0.0.1:0",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -744,4 +770,69 @@ pub async fn namespace_state(t: &TestNs, pool: &MySqlPool) -> Vec<(String, Vec<S
         }
     }
     out
+}
+
+/// A TCP proxy in front of a real service, to take it away and bring it back (an outage as a
+/// worker sees it) without touching the service the other tests share.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let upstream = upstream.to_owned();
+        let (accept_up, accept_conns) = (up.clone(), connections.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !accept_up.load(Ordering::SeqCst) {
+                    drop(client); // refused, as a server that is down
+                    continue;
+                }
+                let upstream = upstream.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                accept_conns.lock().unwrap().push(task);
+            }
+        });
+        Proxy {
+            addr,
+            up,
+            connections,
+            accept,
+        }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.down();
+    }
 }
