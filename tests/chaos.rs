@@ -193,6 +193,10 @@ fn first_difference(a: &[(String, Vec<String>)], b: &[(String, Vec<String>)]) ->
         (a.iter().cloned().collect(), b.iter().cloned().collect());
     for key in ma.keys().chain(mb.keys()).collect::<BTreeSet<_>>() {
         let (ra, rb) = (ma.get(key), mb.get(key));
+        if ra.is_none() || rb.is_none() {
+            let side = if ra.is_none() { "clean" } else { "chaos" };
+            return Some(format!("{key} exists only in the {side} run"));
+        }
         if ra != rb {
             let (ra, rb) = (
                 ra.cloned().unwrap_or_default(),

@@ -452,11 +452,20 @@ async fn a_stale_or_replayed_restore_cannot_undo_a_later_termination() {
     let worker = t.spawn_run_with("stale", &["--grace", "1h"]);
     let brand = new_id();
     create(&t, &pool, &[(&brand, "BRAND", "twice")]).await;
-    t.emit_ok(&[lines::terminated(&new_id(), &brand, "BRAND", "twice")]);
+    let first_termination = lines::terminated(&new_id(), &brand, "BRAND", "twice");
+    t.emit_ok(std::slice::from_ref(&first_termination));
     t.wait_status(&pool, &brand, "archived").await;
     let first_restore = lines::restored(&new_id(), &brand, "BRAND", "twice");
     t.emit_ok(std::slice::from_ref(&first_restore));
     t.wait_status(&pool, &brand, "active").await;
+    // The first termination again (a redelivery after a crash, a replay): already applied.
+    t.emit_ok(std::slice::from_ref(&first_termination));
+    t.wait_caught_up().await;
+    assert_eq!(
+        status_of(&pool, &t.ns, &brand).await.as_deref(),
+        Some("active")
+    );
+    assert!(database_exists(&pool, &brand_db(&t, "twice")).await);
     let before_second_termination = chrono::Utc::now().timestamp_millis() - 1;
     t.emit_ok(&[lines::terminated(&new_id(), &brand, "BRAND", "twice")]);
     t.wait_status(&pool, &brand, "archived").await;
@@ -480,6 +489,10 @@ async fn a_stale_or_replayed_restore_cannot_undo_a_later_termination() {
     assert!(!database_exists(&pool, &brand_db(&t, "twice")).await);
     assert!(database_exists(&pool, &archive_db(&t, &brand)).await);
     let log = worker.log_text();
+    assert!(
+        log.contains("OrganisationTerminated already applied: ignored"),
+        "{log}"
+    );
     assert!(
         log.contains("OrganisationRestored already applied: ignored"),
         "{log}"
@@ -681,6 +694,25 @@ async fn an_older_catalog_event_never_overwrites_a_newer_one() {
             ("D".to_owned(), "D r7".to_owned(), 7)
         ]
     );
+    // D removed, then back, in separate batches: only the removal that still stands is kept,
+    // as it would be had both come in one batch.
+    t.emit_ok(&[lines::catalog(&brand, 8, &[], &["D"])]);
+    wait_for("D removed", SETTLE, || async {
+        (fabric_rows(&pool, &db).await.len() == 1).then_some(())
+    })
+    .await;
+    t.emit_ok(&[lines::catalog(&brand, 9, &["D"], &[])]);
+    wait_for("D back", SETTLE, || async {
+        (fabric_rows(&pool, &db).await.len() == 2).then_some(())
+    })
+    .await;
+    let removed: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT code, revision FROM `{db}`.removed_fabrics ORDER BY code"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(removed, [("B".to_owned(), 6)]);
 }
 
 /// Finding 5: held events of a revoked partition stayed in the old owner's memory (and were

@@ -52,6 +52,21 @@ pub async fn write_brand(
             }
         }
         q.execute(&mut **tx).await?;
+        // A code back in the catalog is no longer removed: the table then holds each code's
+        // latest change only, whichever way a run happened to batch its events.
+        let key = spec.key_index();
+        let sql = format!(
+            "DELETE FROM {}.`{}` WHERE `{}` IN ({})",
+            db.quoted(),
+            spec.brand_removed_table,
+            spec.key_column,
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut q = sqlx::query(&sql);
+        for row in chunk {
+            q = bind_cell(q, &row[key]);
+        }
+        q.execute(&mut **tx).await?;
     }
     for chunk in change.removals.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(

@@ -108,7 +108,10 @@ pub enum BenchCommand {
     /// Catalog events from Kafka into brand DBs and supplier copies, against a raw
     /// multi-row INSERT … ON DUPLICATE KEY UPDATE baseline in the same run. Uses a fresh
     /// namespace (benchXXXXXX) and drops its databases afterwards unless --keep.
-    Catalog(crate::bench::BenchArgs),
+    Catalog(crate::bench::catalog::BenchArgs),
+    /// The broker's own produce and consume rates for plain messages (no processing): the
+    /// ceiling the processors sit under.
+    Broker(crate::bench::broker::BrokerArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,7 +181,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench {
             command: BenchCommand::Catalog(args),
         } => {
-            crate::bench::run(config, args).await?;
+            crate::bench::catalog::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Broker(args),
+        } => {
+            crate::bench::broker::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Access { command } => access::run(config, command).await,

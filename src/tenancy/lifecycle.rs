@@ -153,7 +153,16 @@ impl Provisioner {
                 .refuse_lifecycle(ev.organisation_type, org, &row.slug, &ev.event_id, reason)
                 .await;
         }
-        let resuming = row.terminated_by_event.as_deref() == Some(ev.event_id.as_str());
+        // Resuming means this termination is marked under way (a crash part-way): finish it.
+        // Otherwise an event already logged is a duplicate (a redelivery after the tenant was
+        // perhaps restored since), never applied twice.
+        let mine = Pending::Terminate(ev.event_id.clone());
+        let resuming = row.pending().as_ref() == Some(&mine);
+        if !resuming && self.tenants.logged(&ev.event_id).await? {
+            tracing::info!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
+                "OrganisationTerminated already applied: ignored");
+            return Ok(());
+        }
         match row.status {
             Status::Purged => {
                 tracing::info!(tenant = %row.slug, organisation_id = %org, "OrganisationTerminated for a purged tenant: nothing left to archive");
@@ -233,9 +242,7 @@ impl Provisioner {
             .publish(EventKind::TenantArchived, org, &outcome)
             .await
             .map_err(kafka_outage)?;
-        self.tenants
-            .settle(org, &Pending::Terminate(ev.event_id.clone()))
-            .await?;
+        self.tenants.settle(org, &mine).await?;
         metrics::counter!("tenancy_tenants_archived_total").increment(1);
         tracing::info!(tenant = %row.slug, organisation_id = %org, database = %live, archive = %archive,
             tables = moved, cache_keys = forgotten, purge_after = %purge_after, offset = origin.offset,

@@ -60,6 +60,15 @@ pub async fn create_and_migrate(
     ))
     .execute(pool)
     .await?;
+    migrate(database_url, db, migrator).await
+}
+
+/// Every pending migration of an existing database (see [`create_and_migrate`]).
+pub async fn migrate(
+    database_url: &str,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<i64, sqlx::Error> {
     let options = MySqlConnectOptions::from_str(database_url)?
         .database(db.as_str())
         .disable_statement_logging();

@@ -16,7 +16,7 @@ use sqlx::MySqlPool;
 
 use super::migrations;
 use super::outcomes::{derived_event_id, OutcomePublisher};
-use super::tenants::{Claim, Tenants};
+use super::tenants::{Claim, Status, Tenants};
 use super::watermark::Watermark;
 use crate::caches::Redis;
 use crate::db::NamedLock;
@@ -103,16 +103,18 @@ pub async fn prepare_service_databases(
 }
 
 /// Brings every active tenant database up to the latest migration of its kind, so a migration
-/// shipped after a tenant was created reaches it without anyone running it by hand. Idempotent
-/// and serialised per database by the migration lock, so several workers starting at once are
-/// safe. Returns how many databases were checked.
+/// shipped after a tenant was created reaches it without anyone running it by hand. Each tenant
+/// is migrated under its lifecycle lock and only if it is still active and its database exists:
+/// a termination applied meanwhile by another worker must not see its database brought back.
+/// Several workers starting at once are safe (the migration lock serialises them per database).
+/// Returns how many databases were checked.
 pub async fn upgrade_tenant_databases(
     pool: &MySqlPool,
     database_url: &str,
     tenants: &Tenants,
 ) -> anyhow::Result<usize> {
     let started = std::time::Instant::now();
-    let active = tenants.list(Some(super::tenants::Status::Active)).await?;
+    let active = tenants.list(Some(Status::Active)).await?;
     let mut checked = 0;
     for t in &active {
         let Ok(slug) = Slug::parse(&t.slug) else {
@@ -124,15 +126,30 @@ pub async fn upgrade_tenant_databases(
         else {
             continue;
         };
-        migrations::create_and_migrate(
-            pool,
-            database_url,
-            &db,
-            migrations::for_tenant(t.organisation_type),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot migrate {db} (tenant {}): {e}", t.organisation_id))?;
-        checked += 1;
+        let lock = NamedLock::lifecycle(pool, tenants.namespace(), &t.organisation_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("locking tenant {}: {e}", t.organisation_id))?;
+        let result = async {
+            let now = tenants.get(&t.organisation_id).await?;
+            if !now.is_some_and(|r| r.status == Status::Active)
+                || !database_exists(pool, &db).await?
+            {
+                return Ok::<_, anyhow::Error>(false);
+            }
+            migrations::migrate(
+                database_url,
+                &db,
+                migrations::for_tenant(t.organisation_type),
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot migrate {db} (tenant {}): {e}", t.organisation_id)
+            })?;
+            Ok(true)
+        }
+        .await;
+        lock.release().await;
+        checked += usize::from(result?);
     }
     if checked > 0 {
         tracing::info!(
@@ -142,6 +159,16 @@ pub async fn upgrade_tenant_databases(
         );
     }
     Ok(checked)
+}
+
+async fn database_exists(pool: &MySqlPool, db: &DatabaseName) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+    )
+    .bind(db.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.is_some())
 }
 
 impl Provisioner {

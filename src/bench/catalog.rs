@@ -34,6 +34,8 @@ use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
 use crate::topics::{ensure_topics, Topic};
 use crate::wire::Codec;
 
+use super::peak_rss_mib;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Fabrics in total, spread evenly over the brands.
@@ -59,18 +61,6 @@ const COLOURS: [&str; 4] = ["White", "Ivory", "Sage", "Navy"];
 struct Tenant {
     id: String,
     db: DatabaseName,
-}
-
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 async fn provision(
