@@ -17,7 +17,8 @@
 //!   lifecycle watermark and the outcome events.
 //! - [`catalog`]: brand catalogs and supplier copies (the catalog processor).
 //! - [`access`]: supplier → brand permissions and the Redis permission cache.
-//! - [`offsets`]: `projection_offsets`, the effectively-once bookkeeping in each tenant DB.
+//! - [`offsets`], [`applied`]: `projection_offsets` and `applied_events`, the effectively-once
+//!   bookkeeping in each tenant DB (by offset, and by event id).
 //! - [`db`], [`caches`]: the MySQL pool and named locks; the Redis connection and key layout.
 //! - [`dead_letter`]: reading and replaying `{ns}.dead-letter`.
 //! - [`status`]: what every worker reports, for `tenancy status`.
@@ -31,6 +32,7 @@
 //! `status`, `bench` and `cli` sit on top.
 
 pub mod access;
+pub mod applied;
 pub mod bench;
 pub mod caches;
 pub mod catalog;

@@ -76,11 +76,34 @@ pub async fn ensure_topics(config: &Config) -> anyhow::Result<()> {
                 config.kafka_bootstrap_servers
             )
         })?;
+    let mut denied = Vec::new();
     for result in results {
         match result {
             Ok(topic) => tracing::info!(topic, partitions = config.partitions, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            // A principal that may only produce (broker ACLs): fine if the topic exists.
+            Err((
+                topic,
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed,
+            )) => denied.push(topic),
             Err((topic, code)) => anyhow::bail!("cannot create topic {topic}: {code}"),
+        }
+    }
+    if !denied.is_empty() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let probe: BaseConsumer = config.kafka_client_config().create()?;
+        for topic in &denied {
+            let meta = probe.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            let exists = meta
+                .topics()
+                .first()
+                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+            anyhow::ensure!(
+                exists,
+                "topic {topic} does not exist and this principal may not create it: run `tenancy \
+                 topics create` as the processors' principal first"
+            );
         }
     }
     Ok(())

@@ -98,6 +98,7 @@ impl Processors {
                 tenants: tenants.clone(),
                 cache: PermissionCache::on(&redis),
                 watermark: watermark.clone(),
+                dedupe: true,
             },
             purger: Purger {
                 ns: ns.clone(),

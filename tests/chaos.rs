@@ -329,15 +329,12 @@ async fn three_workers_killed_at_random_end_as_one_clean_worker_does() {
             assert_eq!(clean_keys.get(k), Some(v), "permission key {k}");
         }
     }
-    // A log line is written right after each commit, so a kill may lose one, never add one:
-    // more applications under chaos than clean would be an event applied twice.
+    // A log line is written right after each commit, so a kill may lose one (with all the
+    // events of its batch), never add one: more applications under chaos than clean would be
+    // an event applied twice. (That the rest were applied is what the state comparison shows.)
     assert!(
         chaos_applied <= clean_applied,
         "{chaos_applied} applications under chaos, {clean_applied} by one clean worker"
-    );
-    assert!(
-        chaos_applied + 50 >= clean_applied,
-        "too many log lines lost"
     );
 }
 

@@ -235,6 +235,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         cache: PermissionCache::connect(&config.redis_url, &ns).await?,
         // The benchmark's tenants are created directly, and its lifecycle log is empty.
         watermark: Watermark::new(&config, pool.clone())?,
+        dedupe: true,
     };
     let settings = Settings {
         batch_max: args.batch_max,

@@ -17,6 +17,7 @@ use super::gate::Target;
 use super::item::{Change, Item};
 use super::store;
 use super::CatalogProcessor;
+use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
 use crate::stream::{Msg, StepError};
@@ -83,12 +84,12 @@ impl CatalogProcessor {
         let spec = &self.spec;
         let mut tx = self.pool.begin().await?;
         let before = offsets::get(&mut tx, brand_db, &spec.projection, topic, partition).await?;
-        let fresh: Vec<&Msg<Item>> = events
+        let mut fresh: Vec<&Msg<Item>> = events
             .iter()
             .copied()
             .filter(|m| before.is_none_or(|b| m.origin.offset > b))
             .collect();
-        let Some(last) = fresh.last() else {
+        let Some(last) = fresh.last().map(|m| m.origin.offset) else {
             // Everything here was applied already (a redelivery, or another worker was first):
             // the fan-out below may still be behind and catches up from the brand.
             tx.commit().await?;
@@ -101,10 +102,27 @@ impl CatalogProcessor {
                     before,
                     before,
                     &NetChange::default(),
-                    &[],
                 )
                 .await;
         };
+        if self.dedupe {
+            // Past the offset, but perhaps not new: the same event at another offset.
+            let ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
+            let seen = applied::seen(&mut tx, brand_db, &spec.projection, &ids).await?;
+            if !seen.is_empty() {
+                for m in fresh.iter().filter(|m| seen.contains(&m.item.event_id)) {
+                    let first = applied::first_applied(
+                        &mut tx,
+                        brand_db,
+                        &spec.projection,
+                        &m.item.event_id,
+                    )
+                    .await?;
+                    applied::duplicate("catalog", &m.item.event_id, &m.origin, first.as_ref());
+                }
+                fresh.retain(|m| !seen.contains(&m.item.event_id));
+            }
+        }
         let values: Vec<&Value> = fresh
             .iter()
             .filter_map(|m| match &m.item.change {
@@ -121,15 +139,15 @@ impl CatalogProcessor {
                 "fabric changes older than the stored revision: not applied");
         }
         store::write_brand(&mut tx, brand_db, spec, &change).await?;
-        offsets::set(
-            &mut tx,
-            brand_db,
-            &spec.projection,
-            topic,
-            partition,
-            last.origin.offset,
-        )
-        .await?;
+        if self.dedupe {
+            let ids: Vec<(&str, &crate::stream::Origin)> = fresh
+                .iter()
+                .map(|m| (m.item.event_id.as_str(), &m.origin))
+                .collect();
+            applied::record(&mut tx, brand_db, &spec.projection, &ids).await?;
+        }
+        // Past duplicates too: they were handled.
+        offsets::set(&mut tx, brand_db, &spec.projection, topic, partition, last).await?;
         tx.commit().await?;
         tracing::debug!(processor = "catalog", tenant = %brand.organisation_id, database = %brand_db,
             events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
@@ -140,9 +158,8 @@ impl CatalogProcessor {
             topic,
             partition,
             before,
-            Some(last.origin.offset),
+            Some(last),
             &change,
-            &fresh,
         )
         .await
     }
@@ -165,9 +182,10 @@ impl CatalogProcessor {
         before: Option<i64>,
         after: Option<i64>,
         change: &NetChange,
-        fresh: &[&Msg<Item>],
     ) -> Result<(), StepError> {
         let Some(after) = after else { return Ok(()) };
+        // A step from `before` to `after` carries `change`; no step (a redelivery) carries none.
+        let stepped = after != before.unwrap_or(-1);
         if brand.status != Status::Active {
             return Ok(());
         }
@@ -210,7 +228,7 @@ impl CatalogProcessor {
             }
             let hidden = self.spec.hidden_columns(&permissions);
             // Incremental when the copy is exactly one step behind; otherwise rebuilt.
-            let incremental = (copied == before && !fresh.is_empty()).then_some(change);
+            let incremental = (stepped && copied == before).then_some(change);
             if let Some(change) = incremental {
                 store::write_copy(
                     &mut tx,

@@ -13,6 +13,7 @@ use super::apply::{copy_projection, read_permissions};
 use super::spec::CatalogSpec;
 use super::store;
 use crate::access::cache::PermissionCache;
+use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
 use crate::tenancy::provisioning::LifecycleHooks;
@@ -331,7 +332,12 @@ impl CatalogHooks {
             .bind(brand_id)
             .execute(&mut *tx)
             .await?;
+            // The grants' bookkeeping goes with them: a replay, which skips a purged brand's
+            // grants, ends the same.
+            let access = super::grants::access_projection(brand_id);
             offsets::clear(&mut tx, &db, &copy_projection(brand_id)).await?;
+            offsets::clear(&mut tx, &db, &access).await?;
+            applied::forget(&mut tx, &db, &access).await?;
             tx.commit().await?;
         }
         Ok(dropped as usize)

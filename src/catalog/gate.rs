@@ -161,6 +161,7 @@ mod tests {
 
     fn grant(at: i64) -> Item {
         Item {
+            event_id: "e".into(),
             brand: "b".into(),
             occurred_at: at,
             change: Change::Grant {

@@ -17,13 +17,16 @@ use super::item::{Change, Item};
 use super::store;
 use super::CatalogProcessor;
 use crate::access::cache::PermissionCache;
+use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
 use crate::stream::{Msg, Origin, StepError};
 use crate::tenancy::tenants::Status;
 use crate::tenant::DatabaseName;
 
-fn access_projection(brand_id: &str) -> String {
+/// Offsets and event ids of a brand's access events in a supplier's database (per brand, so
+/// purging a brand can take its grants' bookkeeping with it).
+pub(super) fn access_projection(brand_id: &str) -> String {
     format!("access:{brand_id}")
 }
 
@@ -67,12 +70,16 @@ impl CatalogProcessor {
         let result = async {
             self.still(brand).await?;
             self.still(supplier).await?;
+            if self.duplicate(&supplier_db, m).await? {
+                // Applied before at another offset: no database, index or cache write at all.
+                return Ok(());
+            }
             match &m.item.change {
                 Change::Grant { permissions, .. } => {
                     self.grant(target, &brand_db, &supplier_db, permissions, m)
                         .await?
                 }
-                Change::Revoke { .. } => self.revoke(target, &supplier_db, &m.origin).await?,
+                Change::Revoke { .. } => self.revoke(target, &supplier_db, m).await?,
                 Change::Catalog(_) => unreachable!("an access key holds access events only"),
             }
             // The cache follows the database, and holds access only between two live tenants
@@ -160,6 +167,15 @@ impl CatalogProcessor {
                 origin.offset,
             )
             .await?;
+            if self.dedupe {
+                applied::record(
+                    &mut tx,
+                    supplier_db,
+                    &access_projection(brand_id),
+                    &[(&m.item.event_id, origin)],
+                )
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -169,8 +185,9 @@ impl CatalogProcessor {
         &self,
         target: &Target,
         supplier_db: &DatabaseName,
-        origin: &Origin,
+        m: &Msg<Item>,
     ) -> Result<(), StepError> {
+        let origin = &m.origin;
         let brand_id = &target.brand.organisation_id;
         let supplier_id = &target.supplier.as_ref().expect("checked").organisation_id;
         // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
@@ -194,6 +211,15 @@ impl CatalogProcessor {
                 origin.offset,
             )
             .await?;
+            if self.dedupe {
+                applied::record(
+                    &mut tx,
+                    supplier_db,
+                    &access_projection(brand_id),
+                    &[(&m.item.event_id, origin)],
+                )
+                .await?;
+            }
             tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id, rows,
                 "access revoked: supplier copy removed");
         }
@@ -201,6 +227,42 @@ impl CatalogProcessor {
         self.index_access(origin, brand_id, supplier_id, None)
             .await?;
         Ok(())
+    }
+
+    /// Whether the supplier's database already applied this event at another offset (the same
+    /// offset is a redelivery: it goes through, and changes nothing by the offsets).
+    async fn duplicate(
+        &self,
+        supplier_db: &DatabaseName,
+        m: &Msg<Item>,
+    ) -> Result<bool, StepError> {
+        if !self.dedupe {
+            return Ok(false);
+        }
+        let mut tx = self.pool.begin().await?;
+        let first = applied::first_applied(
+            &mut tx,
+            supplier_db,
+            &access_projection(&m.item.brand),
+            &m.item.event_id,
+        )
+        .await?;
+        tx.commit().await?;
+        match first {
+            Some((topic, partition, offset))
+                if (topic.as_str(), partition, offset)
+                    != (m.origin.topic.as_str(), m.origin.partition, m.origin.offset) =>
+            {
+                applied::duplicate(
+                    "catalog",
+                    &m.item.event_id,
+                    &m.origin,
+                    Some(&(topic, partition, offset)),
+                );
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     /// Sets the Redis permission key to what the supplier's `brand_access` row now says (or

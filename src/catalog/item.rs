@@ -21,6 +21,9 @@ pub enum Change {
 /// One catalog or access event, parsed.
 #[derive(Debug, Clone)]
 pub struct Item {
+    /// The event's own id: an event applied once is skipped if it comes again at another
+    /// offset.
+    pub event_id: String,
     /// The brand's organisation id (canonical uuid text).
     pub brand: String,
     /// The event's occurred_at (epoch ms): where it falls in the tenants' lifecycles.
@@ -68,6 +71,7 @@ pub fn parse(event: Event) -> Result<Item, String> {
             .map_err(|e| format!("{} field {name}: {raw:?} is not a uuid: {e}", kind.name()))
     };
     let brand = id("brand_id")?;
+    let event_id = id("event_id")?;
     let occurred_at = match field(&value, "occurred_at").map(Cell::from_avro) {
         Some(Cell::Int(t)) => t,
         _ => 0,
@@ -108,6 +112,7 @@ pub fn parse(event: Event) -> Result<Item, String> {
         }
     };
     Ok(Item {
+        event_id,
         brand,
         occurred_at,
         change,

@@ -43,6 +43,9 @@ pub struct CatalogProcessor {
     pub tenants: Tenants,
     pub cache: PermissionCache,
     pub watermark: Watermark,
+    /// Skip events applied before at another offset (by `event_id`); off only to measure
+    /// what the id records cost (`tenancy bench catalog`).
+    pub dedupe: bool,
 }
 
 impl CatalogProcessor {

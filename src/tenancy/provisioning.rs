@@ -16,7 +16,7 @@ use sqlx::MySqlPool;
 
 use super::migrations;
 use super::outcomes::{derived_event_id, OutcomePublisher};
-use super::tenants::{Claim, Status, Tenants};
+use super::tenants::{Claim, Logged, Status, Tenants};
 use super::watermark::Watermark;
 use crate::caches::Redis;
 use crate::db::NamedLock;
@@ -194,6 +194,15 @@ impl Provisioner {
     ) -> Result<(), StepError> {
         let kind = ev.organisation_type;
         let started = std::time::Instant::now();
+        // Applied before (at another offset: a producer retry, a re-run of emit): nothing to do,
+        // and no outcome to publish again.
+        if self.tenants.logged(&ev.event_id).await? {
+            metrics::counter!("tenancy_events_duplicate_total", "processor" => "provisioner")
+                .increment(1);
+            tracing::info!(tenant = %ev.slug, organisation_id = %ev.organisation_id, event_id = %ev.event_id,
+                offset = origin.offset, "OrganisationCreated already applied: ignored");
+            return Ok(());
+        }
         let slug = match Slug::parse(&ev.slug) {
             Ok(s) => s,
             Err(e) => return self.refuse(ev, None, e.to_string()).await,
@@ -250,6 +259,14 @@ impl Provisioner {
             .publish(EventKind::TenantProvisioned, &ev.organisation_id, &outcome)
             .await
             .map_err(kafka_outage)?;
+        self.tenants
+            .log(
+                &ev.event_id,
+                &ev.organisation_id,
+                Logged::Created,
+                timestamp(ev.occurred_at),
+            )
+            .await?;
         let elapsed = started.elapsed();
         metrics::counter!("tenancy_tenants_provisioned_total", "type" => kind.db_word())
             .increment(1);
@@ -298,6 +315,14 @@ impl Provisioner {
             )
             .await
             .map_err(kafka_outage)?;
+        self.tenants
+            .log(
+                &ev.event_id,
+                &ev.organisation_id,
+                Logged::Created,
+                timestamp(ev.occurred_at),
+            )
+            .await?;
         Ok(())
     }
 

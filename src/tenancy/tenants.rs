@@ -54,6 +54,7 @@ impl std::fmt::Display for Status {
 /// What the lifecycle log records about an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logged {
+    Created,
     Terminated,
     Restored,
     Purged,
@@ -63,6 +64,7 @@ pub enum Logged {
 impl Logged {
     pub fn as_str(self) -> &'static str {
         match self {
+            Logged::Created => "created",
             Logged::Terminated => "terminated",
             Logged::Restored => "restored",
             Logged::Purged => "purged",
