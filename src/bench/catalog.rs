@@ -226,71 +226,55 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let rss_before = peak_rss_mib();
 
     // The processor, in-process, until every brand has applied its last event.
-    let shutdown = CancellationToken::new();
-    let processor = CatalogProcessor {
-        ns: ns.clone(),
-        pool: pool.clone(),
-        spec: CatalogSpec::load()?,
-        tenants: tenants.clone(),
-        cache: PermissionCache::connect(&config.redis_url, &ns).await?,
-        // The benchmark's tenants are created directly, and its lifecycle log is empty.
-        watermark: Watermark::new(&config, pool.clone())?,
-        dedupe: true,
-    };
-    let settings = Settings {
-        batch_max: args.batch_max,
-        ..Settings::default()
-    };
-    let group = format!("{ns}.catalog");
-    let consumer = crate::stream::consumer::join(
-        &config,
-        "catalog",
-        &group,
-        std::slice::from_ref(&topic),
-        &crate::stream::consumer::Membership {
-            session_timeout: Duration::from_secs(10),
-            assignor: crate::stream::consumer::Assignor::CooperativeSticky,
-        },
-    )?;
-    let health = Health::default().processor("catalog", &group);
-    let dead_letters = DeadLetters::new(
-        crate::kafka::producer(&config)?,
-        Topic::DeadLetter.name(&ns),
-    );
+    // Passes alternate without and with the event-id records, each from empty projections and a
+    // fresh consumer group, so the cost of the records is measured against the same events.
     let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
-    let monitor = async {
-        let mut first: Option<(Instant, i64)> = None;
-        loop {
-            let applied = applied_events(&pool, &brand_dbs, &placed).await?;
-            if first.is_none() && applied > 0 {
-                first = Some((Instant::now(), applied));
-            }
-            let done = done(&pool, &brand_dbs, &last).await?;
-            if done {
-                shutdown.cancel();
-                let (t0, at_t0) = first.unwrap_or((Instant::now(), 0));
-                return anyhow::Ok((t0.elapsed(), events as i64 - at_t0));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let (run, measured) = tokio::join!(
-        crate::stream::run(
-            &processor,
-            consumer,
+    let supplier_dbs: Vec<DatabaseName> = suppliers.iter().map(|s| s.db.clone()).collect();
+    let mut with_ids: Vec<(Duration, i64)> = Vec::new();
+    let mut without_ids: Vec<(Duration, i64)> = Vec::new();
+    for (pass, dedupe) in [false, true, false, true].into_iter().enumerate() {
+        reset_projections(&pool, &brand_dbs, &supplier_dbs).await?;
+        let measured = processor_pass(
+            &config,
+            &pool,
+            &tenants,
             &codec,
-            &dead_letters,
-            health,
-            &settings,
-            shutdown.clone()
-        ),
-        monitor
-    );
-    run?;
-    let (elapsed, measured_events) = measured?;
+            &topic,
+            args.batch_max,
+            dedupe,
+            &format!("{ns}.catalog-{pass}"),
+            &brand_dbs,
+            &placed,
+            &last,
+            events,
+        )
+        .await?;
+        eprintln!(
+            "pass {}: {} id records: {} events in {:.2} s",
+            pass + 1,
+            if dedupe { "with" } else { "without" },
+            measured.1,
+            measured.0.as_secs_f64()
+        );
+        if dedupe {
+            with_ids.push(measured);
+        } else {
+            without_ids.push(measured);
+        }
+    }
+    let rate = |passes: &[(Duration, i64)]| -> f64 {
+        let (time, n) = passes
+            .iter()
+            .fold((0.0, 0), |(t, n), (d, e)| (t + d.as_secs_f64(), n + e));
+        n as f64 / time
+    };
+    let projector_eps = rate(&with_ids);
+    let no_ids_eps = rate(&without_ids);
+    let (elapsed, measured_events) = with_ids
+        .iter()
+        .fold((Duration::ZERO, 0), |(t, n), (d, e)| (t + *d, n + e));
     let rss_peak = peak_rss_mib();
-    let written_share = measured_events as f64 / events as f64;
-    let projector_eps = measured_events as f64 / elapsed.as_secs_f64();
+    let written_share = measured_events as f64 / (events * with_ids.len()) as f64;
 
     // Raw baseline: the same rows, emptied tables, plain multi-row upserts.
     for b in &brands {
@@ -335,10 +319,20 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         grants.values().map(Vec::len).sum::<usize>()
     );
     println!(
-        "projector:    {measured_events} events ({:.0}% of the stream, after the first batch) in {:.2} s = {projector_eps:.0} events/s, {:.0} rows/s",
+        "projector:    {measured_events} events over {} passes ({:.0}% of the stream, after each first batch) in {:.2} s = {projector_eps:.0} events/s, {:.0} rows/s",
+        with_ids.len(),
         written_share * 100.0,
         elapsed.as_secs_f64(),
         projector_eps * rows_total as f64 / events as f64
+    );
+    println!(
+        "without event-id records: {no_ids_eps:.0} events/s, {:.0} rows/s (2 passes); with them: {projector_eps:.0} events/s, {:.0} rows/s (2 passes)",
+        no_ids_eps * rows_total as f64 / events as f64,
+        projector_eps * rows_total as f64 / events as f64,
+    );
+    println!(
+        "cost of the event-id records: {:.1}% slower",
+        (1.0 - projector_eps / no_ids_eps) * 100.0
     );
     println!(
         "raw baseline: {rows_total} rows in {:.2} s = {raw_eps:.0} events/s equivalent, {:.0} rows/s",
@@ -366,6 +360,118 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Empties what the catalog projection wrote, so the next pass starts from nothing.
+async fn reset_projections(
+    pool: &MySqlPool,
+    brands: &[DatabaseName],
+    suppliers: &[DatabaseName],
+) -> anyhow::Result<()> {
+    for db in brands {
+        for table in [
+            "fabrics",
+            "removed_fabrics",
+            "applied_events",
+            "projection_offsets",
+        ] {
+            sqlx::query(&format!("TRUNCATE TABLE {}.`{table}`", db.quoted()))
+                .execute(pool)
+                .await?;
+        }
+    }
+    for db in suppliers {
+        sqlx::query(&format!("TRUNCATE TABLE {}.brand_fabrics", db.quoted()))
+            .execute(pool)
+            .await?;
+        sqlx::query(&format!(
+            "DELETE FROM {}.projection_offsets WHERE projection LIKE 'copy:%'",
+            db.quoted()
+        ))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// One run of the catalog processor over every produced event, in its own consumer group:
+/// the time from its first applied batch to the last event, and the events in that time.
+#[allow(clippy::too_many_arguments)]
+async fn processor_pass(
+    config: &Config,
+    pool: &MySqlPool,
+    tenants: &Tenants,
+    codec: &Codec,
+    topic: &str,
+    batch_max: usize,
+    dedupe: bool,
+    group: &str,
+    brand_dbs: &[DatabaseName],
+    placed: &[(usize, i32, i64)],
+    last: &HashMap<i32, i64>,
+    events: usize,
+) -> anyhow::Result<(Duration, i64)> {
+    let ns = &config.namespace;
+    let shutdown = CancellationToken::new();
+    let processor = CatalogProcessor {
+        ns: ns.clone(),
+        pool: pool.clone(),
+        spec: CatalogSpec::load()?,
+        tenants: tenants.clone(),
+        cache: PermissionCache::connect(&config.redis_url, ns).await?,
+        // The benchmark's tenants are created directly, and its lifecycle log is empty.
+        watermark: Watermark::new(config, pool.clone())?,
+        dedupe,
+    };
+    let settings = Settings {
+        batch_max,
+        // Each pass's consumer is dropped, not kept alive (one group member at a time: leaving
+        // is safe here), so its prefetch buffers do not add up in the RSS figure.
+        leave_group_on_exit: true,
+        ..Settings::default()
+    };
+    let consumer = crate::stream::consumer::join(
+        config,
+        "catalog",
+        group,
+        &[topic.to_owned()],
+        &crate::stream::consumer::Membership {
+            session_timeout: Duration::from_secs(10),
+            assignor: crate::stream::consumer::Assignor::CooperativeSticky,
+        },
+    )?;
+    let health = Health::default().processor("catalog", group);
+    let dead_letters =
+        DeadLetters::new(crate::kafka::producer(config)?, Topic::DeadLetter.name(ns));
+    let monitor = async {
+        let mut first: Option<(Instant, i64)> = None;
+        loop {
+            let applied = applied_events(pool, brand_dbs, placed).await?;
+            if first.is_none() && applied > 0 {
+                first = Some((Instant::now(), applied));
+            }
+            if done(pool, brand_dbs, last).await? {
+                shutdown.cancel();
+                let (t0, at_t0) = first.unwrap_or((Instant::now(), 0));
+                return anyhow::Ok((t0.elapsed(), events as i64 - at_t0));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (run, measured) = tokio::join!(
+        crate::stream::run(
+            &processor,
+            consumer,
+            codec,
+            &dead_letters,
+            health,
+            &settings,
+            shutdown.clone()
+        ),
+        monitor
+    );
+    run?;
+    measured
 }
 
 /// Events applied so far: those at or below their brand's stored offset on their partition.

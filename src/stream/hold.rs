@@ -86,6 +86,16 @@ impl<I> HoldQueue<I> {
         self.queues.get(key).and_then(VecDeque::front)
     }
 
+    /// What `key`'s queue waits for now (a wait can change: first the lifecycle, then a
+    /// tenant that does not exist yet).
+    pub fn set_wait(&mut self, key: &str, wait: &Wait) {
+        for h in self.queues.get_mut(key).into_iter().flatten() {
+            if h.wait != *wait {
+                h.wait = wait.clone();
+            }
+        }
+    }
+
     /// Drops everything held from `revoked` partitions; returns how many went.
     pub fn drop_partitions(&mut self, revoked: &HashSet<Partition>) -> usize {
         let mut dropped = 0;
@@ -212,5 +222,21 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert_eq!((q.count(), q.bytes()), (0, 0));
         assert!(taken[0].msg.held_since.is_some());
+    }
+
+    #[test]
+    fn a_queue_reports_what_it_waits_for_now() {
+        let now = Instant::now();
+        let mut q = HoldQueue::default();
+        q.push("k".into(), msg(0, 1), Wait::Lifecycle, now);
+        q.push("k".into(), msg(0, 2), Wait::Lifecycle, now);
+        assert_eq!(q.summary(now, 5)[0].waiting_for, "(lifecycle)");
+        q.set_wait("k", &Wait::Tenant("s9".into()));
+        let summary = q.summary(now, 5);
+        assert_eq!(summary.len(), 1);
+        assert_eq!(
+            (summary[0].waiting_for.as_str(), summary[0].events),
+            ("s9", 2)
+        );
     }
 }

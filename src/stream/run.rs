@@ -521,7 +521,7 @@ impl<'a, P: Processor> Loop<'a, P> {
                     _ => false,
                 };
                 match gate {
-                    Gate::Hold(_) if !expired => continue,
+                    Gate::Hold(wait) if !expired => self.held.set_wait(key, &wait),
                     Gate::Hold(wait) => {
                         let mut queue = self.held.take(key).into_iter();
                         let Held { msg, .. } = queue.next().expect("a head");
