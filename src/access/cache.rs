@@ -584,18 +584,4 @@ mod tests {
             );
         }
     }
-
-    #[test]
-    fn keys_follow_the_design() {
-        let ns = Namespace::parse("blindstrader").unwrap();
-        assert_eq!(
-            permission_key(
-                &ns,
-                "6F1C4B1E-8A43-4C55-9B51-0D8E3F2A9C17",
-                "0b7d3c4e5f6a4b8c9d0e1f2a3b4c5d6e"
-            ),
-            "blindstrader:supplier:6f1c4b1e-8a43-4c55-9b51-0d8e3f2a9c17:\
-             brand_access:0b7d3c4e-5f6a-4b8c-9d0e-1f2a3b4c5d6e"
-        );
-    }
 }

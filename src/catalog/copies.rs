@@ -301,22 +301,12 @@ impl CatalogHooks {
             .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
         let result = self.drop_brand_copies_locked(brand_id).await;
         lock.release().await;
-        Ok(result?)
+        result
     }
 
-    async fn drop_brand_copies_locked(&self, brand_id: &str) -> Result<usize, sqlx::Error> {
-        let platform = self.ns.service_database(ServiceDatabase::Platform);
-        let suppliers: Vec<String> = sqlx::query_scalar(&format!(
-            "SELECT supplier_id FROM {}.brand_access WHERE brand_id = ?",
-            platform.quoted()
-        ))
-        .bind(brand_id)
-        .fetch_all(&self.pool)
-        .await?;
-        let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
-        let known = self.tenants.lookup(&ids).await?;
+    async fn drop_brand_copies_locked(&self, brand_id: &str) -> anyhow::Result<usize> {
         let mut dropped = 0;
-        for supplier in known.values() {
+        for supplier in &self.grantees(brand_id).await? {
             let db = match supplier.status {
                 Status::Active => supplier.database.clone(),
                 Status::Archived => supplier.archive_database.clone(),

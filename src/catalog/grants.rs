@@ -158,24 +158,7 @@ impl CatalogProcessor {
                 tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id,
                     permissions = %json, live, "access granted; no copy kept (no catalog.read, or a side archived)");
             }
-            offsets::set(
-                &mut tx,
-                supplier_db,
-                &access_projection(brand_id),
-                &origin.topic,
-                origin.partition,
-                origin.offset,
-            )
-            .await?;
-            if self.dedupe {
-                applied::record(
-                    &mut tx,
-                    supplier_db,
-                    &access_projection(brand_id),
-                    &[(&m.item.event_id, origin)],
-                )
-                .await?;
-            }
+            self.mark_applied(&mut tx, supplier_db, brand_id, m).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -202,30 +185,39 @@ impl CatalogProcessor {
             .await?;
             let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
             offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
-            offsets::set(
-                &mut tx,
-                supplier_db,
-                &access_projection(brand_id),
-                &origin.topic,
-                origin.partition,
-                origin.offset,
-            )
-            .await?;
-            if self.dedupe {
-                applied::record(
-                    &mut tx,
-                    supplier_db,
-                    &access_projection(brand_id),
-                    &[(&m.item.event_id, origin)],
-                )
-                .await?;
-            }
+            self.mark_applied(&mut tx, supplier_db, brand_id, m).await?;
             tracing::info!(processor = "catalog", tenant = %supplier_id, brand = %brand_id, rows,
                 "access revoked: supplier copy removed");
         }
         tx.commit().await?;
         self.index_access(origin, brand_id, supplier_id, None)
             .await?;
+        Ok(())
+    }
+
+    /// Records, in the supplier's transaction, that this access event is applied: its offset
+    /// and its id.
+    async fn mark_applied(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+        supplier_db: &DatabaseName,
+        brand_id: &str,
+        m: &Msg<Item>,
+    ) -> Result<(), sqlx::Error> {
+        let projection = access_projection(brand_id);
+        let o = &m.origin;
+        offsets::set(
+            tx,
+            supplier_db,
+            &projection,
+            &o.topic,
+            o.partition,
+            o.offset,
+        )
+        .await?;
+        if self.dedupe {
+            applied::record(tx, supplier_db, &projection, &[(&m.item.event_id, o)]).await?;
+        }
         Ok(())
     }
 

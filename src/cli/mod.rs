@@ -77,6 +77,13 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command prints its answer and ends (everything but the servers).
+    pub fn is_one_shot(&self) -> bool {
+        !matches!(self, Command::Run(_) | Command::Registry(_))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create every topic of the namespace that is missing (partitions from --partitions).
