@@ -15,8 +15,13 @@ use crate::tenant::Namespace;
 
 /// One pool per MySQL server.
 pub async fn connect_pool(config: &Config) -> anyhow::Result<MySqlPool> {
+    connect_pool_sized(config, 10).await
+}
+
+/// [`connect_pool`] with at most `connections` connections.
+pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Result<MySqlPool> {
     sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(10)
+        .max_connections(connections.max(2))
         .acquire_timeout(Duration::from_secs(30))
         .connect(&config.database_url)
         .await

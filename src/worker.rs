@@ -20,9 +20,11 @@ use crate::tenancy::watermark::Watermark;
 use crate::topics::{self, Topic};
 use crate::wire::Codec;
 
-/// Lifecycle settings every worker of a namespace must share.
+/// Settings of one worker (the lifecycle ones must be the same for every worker of a namespace).
 #[derive(Debug, Clone)]
-pub struct LifecycleOptions {
+pub struct WorkerOptions {
+    /// Most MySQL connections of the worker's pool.
+    pub db_connections: u32,
     /// How long a terminated tenant stays restorable.
     pub grace: Duration,
     /// How often the purge timer looks for archives past their grace period.
@@ -31,9 +33,10 @@ pub struct LifecycleOptions {
     pub fail_after: Option<String>,
 }
 
-impl Default for LifecycleOptions {
+impl Default for WorkerOptions {
     fn default() -> Self {
-        LifecycleOptions {
+        WorkerOptions {
+            db_connections: 10,
             grace: Duration::from_secs(30 * 24 * 3600),
             purge_check: Duration::from_secs(10),
             fail_after: None,
@@ -56,11 +59,11 @@ pub struct Processors {
 impl Processors {
     /// Connects to MySQL and Redis, creates the namespace's topics and service databases if
     /// missing, and builds every processor.
-    pub async fn build(config: &Config, options: &LifecycleOptions) -> anyhow::Result<Processors> {
+    pub async fn build(config: &Config, options: &WorkerOptions) -> anyhow::Result<Processors> {
         let ns = config.namespace.clone();
         // The declared projection is checked against the schemas before anything is consumed.
         let spec = CatalogSpec::load()?;
-        let pool = crate::db::connect_pool(config).await?;
+        let pool = crate::db::connect_pool_sized(config, options.db_connections).await?;
         let redis = Redis::connect(&config.redis_url, &ns).await?;
         topics::ensure_topics(config).await?;
         prepare_service_databases(&pool, &config.database_url, &ns).await?;

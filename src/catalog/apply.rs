@@ -201,35 +201,45 @@ impl CatalogProcessor {
         }
         let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
         let known = self.tenants.lookup(&ids).await?;
+        // Active, even while its restore finishes: its tables are back by then.
+        let targets: Vec<(&str, DatabaseName)> = suppliers
+            .iter()
+            .filter_map(|s| {
+                let db = known
+                    .get(s)
+                    .filter(|t| t.status == Status::Active)?
+                    .database
+                    .clone()?;
+                Some((s.as_str(), db))
+            })
+            .collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
         let copy_projection = copy_projection(&brand.organisation_id);
-        for supplier in &suppliers {
-            // Active, even while its restore finishes: its tables are back by then.
-            let Some(supplier_db) = known
-                .get(supplier)
-                .filter(|t| t.status == Status::Active)
-                .and_then(|t| t.database.clone())
-            else {
-                continue;
-            };
-            let supplier_db = &supplier_db;
-            let mut tx = self.pool.begin().await?;
-            let Some(permissions) =
-                read_permissions(&mut tx, supplier_db, &brand.organisation_id).await?
-            else {
+        // What each copy may hold and where it stands, one query each for every supplier. Read
+        // outside the write transaction: every writer of this brand's copies (fan-outs, grants,
+        // revokes, archive and restore) holds the brand's lock, which we hold.
+        let dbs: Vec<&DatabaseName> = targets.iter().map(|(_, db)| db).collect();
+        let permissions = store::permissions_of(&self.pool, &dbs, &brand.organisation_id).await?;
+        let copied =
+            store::offsets_of(&self.pool, &dbs, &copy_projection, topic, partition).await?;
+        // One transaction for every copy of this step: one commit instead of one per supplier.
+        let mut tx = self.pool.begin().await?;
+        for (i, (supplier, supplier_db)) in targets.iter().enumerate() {
+            let Some(permissions) = &permissions[i] else {
                 continue;
             };
             if !permissions.contains(&self.spec.requires_permission) {
                 continue;
             }
-            let copied =
-                offsets::get(&mut tx, supplier_db, &copy_projection, topic, partition).await?;
+            let copied = copied[i];
             if copied.is_some_and(|c| c >= after) {
                 continue;
             }
-            let hidden = self.spec.hidden_columns(&permissions);
+            let hidden = self.spec.hidden_columns(permissions);
             // Incremental when the copy is exactly one step behind; otherwise rebuilt.
-            let incremental = (stepped && copied == before).then_some(change);
-            if let Some(change) = incremental {
+            if stepped && copied == before {
                 store::write_copy(
                     &mut tx,
                     supplier_db,
@@ -261,8 +271,8 @@ impl CatalogProcessor {
                 after,
             )
             .await?;
-            tx.commit().await?;
         }
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -261,3 +261,69 @@ pub async fn rebuild_copy(
     .await?;
     Ok(done.rows_affected())
 }
+
+/// Suppliers per UNION query: keeps statements short.
+const SUPPLIERS_PER_QUERY: usize = 100;
+
+/// Each supplier database's permissions on `brand_id` (`None` without a grant row), in order:
+/// one `UNION ALL` query per hundred databases instead of one query each.
+pub async fn permissions_of(
+    pool: &sqlx::MySqlPool,
+    dbs: &[&DatabaseName],
+    brand_id: &str,
+) -> Result<Vec<Option<Vec<String>>>, sqlx::Error> {
+    let mut out = vec![None; dbs.len()];
+    for (chunk_no, chunk) in dbs.chunks(SUPPLIERS_PER_QUERY).enumerate() {
+        let sql = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, db)| {
+                format!(
+                    "SELECT {i} AS n, CAST(permissions AS CHAR) AS p FROM {}.brand_access WHERE brand_id = ?",
+                    db.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
+        for _ in chunk {
+            q = q.bind(brand_id);
+        }
+        for (n, json) in q.fetch_all(pool).await? {
+            out[chunk_no * SUPPLIERS_PER_QUERY + n as usize] = serde_json::from_str(&json).ok();
+        }
+    }
+    Ok(out)
+}
+
+/// Each database's offset for `projection` on one partition, in order (`UNION ALL` as above).
+pub async fn offsets_of(
+    pool: &sqlx::MySqlPool,
+    dbs: &[&DatabaseName],
+    projection: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let mut out = vec![None; dbs.len()];
+    for (chunk_no, chunk) in dbs.chunks(SUPPLIERS_PER_QUERY).enumerate() {
+        let sql = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, db)| {
+                format!(
+                    "SELECT {i} AS n, `offset` FROM {}.projection_offsets WHERE projection = ? AND topic = ? AND `partition` = ?",
+                    db.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
+        for _ in chunk {
+            q = q.bind(projection).bind(topic).bind(partition);
+        }
+        for (n, offset) in q.fetch_all(pool).await? {
+            out[chunk_no * SUPPLIERS_PER_QUERY + n as usize] = Some(offset);
+        }
+    }
+    Ok(out)
+}

@@ -243,6 +243,8 @@ pub struct Settings {
     pub max_backoff: Duration,
     /// Send LeaveGroup when stopping (see [`consumer::depart`]).
     pub leave_group_on_exit: bool,
+    /// Keys (tenants) applied at the same time within a batch.
+    pub write_concurrency: usize,
 }
 
 impl Default for Settings {
@@ -257,6 +259,7 @@ impl Default for Settings {
             max_attempts: 8,
             max_backoff: Duration::from_secs(5),
             leave_group_on_exit: false,
+            write_concurrency: 4,
         }
     }
 }

@@ -87,6 +87,9 @@ struct Loop<'a, P: Processor> {
     last_recheck: Instant,
 }
 
+/// One key's ready events with their targets, in log order.
+type Run<P> = VecDeque<(Msg<<P as Processor>::Item>, <P as Processor>::Target)>;
+
 /// Doubling waits up to a ceiling.
 struct Backoff {
     next: Duration,
@@ -322,6 +325,7 @@ impl<'a, P: Processor> Loop<'a, P> {
             }
         };
         let mut gates = gates.into_iter();
+        let mut ready_keys: Vec<(String, Run<P>)> = Vec::new();
         for (key, ms) in keyed {
             let mut ready = VecDeque::new();
             let mut ms = ms.into_iter();
@@ -350,7 +354,57 @@ impl<'a, P: Processor> Loop<'a, P> {
                     }
                 }
             }
-            if !self.apply_key(&key, ready).await {
+            if !ready.is_empty() {
+                ready_keys.push((key, ready));
+            }
+        }
+        self.apply_keys(ready_keys).await
+    }
+
+    /// Applies the ready runs of many keys: a first attempt for up to `write_concurrency` keys
+    /// at a time (different keys are different tenants, or touch them under their own locks),
+    /// then the retry policy of [`Loop::apply_key`], one key at a time, for the runs that failed.
+    /// Order within a key is kept: a key's run is one unit in either path.
+    async fn apply_keys(&mut self, keys: Vec<(String, Run<P>)>) -> bool {
+        use futures::stream::{self, StreamExt};
+        let p = self.p;
+        let concurrency = self.settings.write_concurrency.max(1);
+        let outcomes: Vec<(usize, Result<(), super::Failed>)> =
+            if concurrency == 1 || keys.len() < 2 {
+                Vec::new()
+            } else {
+                stream::iter(keys.iter().enumerate())
+                    .map(|(i, (_, run))| async move {
+                        let refs: Vec<(&Msg<P::Item>, &P::Target)> =
+                            run.iter().map(|(m, t)| (m, t)).collect();
+                        (i, p.apply(&refs).await)
+                    })
+                    .buffer_unordered(concurrency)
+                    .collect()
+                    .await
+            };
+        let mut outcomes: HashMap<usize, Result<(), super::Failed>> =
+            outcomes.into_iter().collect();
+        for (i, (key, mut run)) in keys.into_iter().enumerate() {
+            match outcomes.remove(&i) {
+                Some(Ok(())) => {
+                    metrics::counter!("tenancy_events_applied_total", "processor" => self.name)
+                        .increment(run.len() as u64);
+                    self.health.outage_over();
+                    continue;
+                }
+                Some(Err(failed)) => {
+                    // What the first attempt applied stays applied; the rest takes the slow path.
+                    let done = failed.applied.min(run.len());
+                    if done > 0 {
+                        metrics::counter!("tenancy_events_applied_total", "processor" => self.name)
+                            .increment(done as u64);
+                    }
+                    run.drain(..done);
+                }
+                None => {}
+            }
+            if !run.is_empty() && !self.apply_key(&key, run).await {
                 return false;
             }
         }

@@ -556,7 +556,7 @@ impl TestNs {
     pub async fn processors(&self) -> blindstrader_tenancy::worker::Processors {
         blindstrader_tenancy::worker::Processors::build(
             &self.config,
-            &blindstrader_tenancy::worker::LifecycleOptions::default(),
+            &blindstrader_tenancy::worker::WorkerOptions::default(),
         )
         .await
         .expect("build processors")
