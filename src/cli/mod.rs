@@ -112,9 +112,10 @@ pub enum TopicsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Catalog events from Kafka into brand DBs and supplier copies, against a raw
-    /// multi-row INSERT … ON DUPLICATE KEY UPDATE baseline in the same run. Uses a fresh
-    /// namespace (benchXXXXXX) and drops its databases afterwards unless --keep.
+    /// Catalog events from Kafka into brand DBs and supplier copies (--scenario narrow or
+    /// wide), without and with the event-id records, against the best plain client path for the
+    /// same writes in the same run. Uses a fresh namespace (benchXXXXXX) and drops its
+    /// databases afterwards unless --keep.
     Catalog(crate::bench::catalog::BenchArgs),
     /// The broker's own produce and consume rates for plain messages (no processing): the
     /// ceiling the processors sit under.
