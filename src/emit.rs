@@ -25,7 +25,20 @@ pub struct PreparedEvent {
     pub line: usize,
     pub kind: EventKind,
     pub key: String,
-    pub value: Value,
+    /// The record as plain Avro binary (no registry framing): every line is kept until all
+    /// are valid, and an Avro `Value` tree is about 20 times larger (200,000 catalog events
+    /// took 1.7 GiB as values).
+    datum: Vec<u8>,
+}
+
+impl PreparedEvent {
+    /// The validated record.
+    pub fn value(&self) -> anyhow::Result<Value> {
+        apache_avro::reader::datum::GenericDatumReader::builder(self.kind.schema())
+            .build()
+            .and_then(|reader| reader.read_value(&mut self.datum.as_slice()))
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", self.line))
+    }
 }
 
 /// Why a line was refused.
@@ -95,11 +108,15 @@ pub fn prepare_line(line: usize, text: &str) -> Result<PreparedEvent, LineError>
     };
     let value = record_from_json(kind.schema(), &json, &["type"])
         .map_err(|e| fail(format!("{} {e}", kind.name())))?;
+    let datum = apache_avro::writer::datum::GenericDatumWriter::builder(kind.schema())
+        .build()
+        .and_then(|writer| writer.write_value_to_vec(value))
+        .map_err(|e| fail(format!("{} {e}", kind.name())))?;
     Ok(PreparedEvent {
         line,
         kind,
         key,
-        value,
+        datum,
     })
 }
 
@@ -175,7 +192,7 @@ pub async fn send_all(
     for ev in events {
         let topic = topic_of(ev.kind);
         let payload = codec
-            .encode(&topic, ev.kind, ev.value.clone())
+            .encode(&topic, ev.kind, ev.value()?)
             .await
             .map_err(|e| {
                 anyhow::anyhow!("line {}: cannot encode {}: {e}", ev.line, ev.kind.name())
@@ -219,7 +236,7 @@ mod tests {
         .unwrap();
         assert_eq!(ev.kind, EventKind::OrganisationCreated);
         assert_eq!(ev.key, ORG);
-        let Value::Record(fields) = &ev.value else {
+        let Value::Record(fields) = ev.value().unwrap() else {
             panic!()
         };
         assert!(matches!(fields[0].1, Value::Uuid(_)));

@@ -542,3 +542,105 @@ async fn two_workers_racing_on_one_event_end_with_one_database_and_one_outcome_i
     let outcomes = t.read_events(Topic::Tenancy, 1, SETTLE).await;
     assert_eq!(kinds_of(&outcomes), vec![EventKind::TenantProvisioned]);
 }
+
+/// As the provisioner creates tenant databases.
+const CHARSET: &str = "CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci";
+
+/// Every table's definition in `db`, by name (AUTO_INCREMENT counters left out).
+async fn definitions(pool: &MySqlPool, db: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for table in tables(pool, db).await {
+        let (_, ddl): (String, String) =
+            sqlx::query_as(&format!("SHOW CREATE TABLE `{db}`.`{table}`"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        let ddl = without_auto_increment(&ddl);
+        out.push((table, ddl));
+    }
+    out
+}
+
+fn without_auto_increment(ddl: &str) -> String {
+    ddl.split(' ')
+        .filter(|w| !w.starts_with("AUTO_INCREMENT="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A database made by the one-script path for fresh databases ends like one migrated step by
+/// step by sqlx, with bookkeeping sqlx accepts; and a fresh database left half-migrated (a
+/// worker killed mid-script) is completed by the next attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
+    use blindstrader_tenancy::tenancy::migrations::{create_and_migrate, for_tenant, migrate};
+    use blindstrader_tenancy::tenant::Slug;
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let url = &t.config.database_url;
+    for kind in [
+        OrganisationType::Brand,
+        OrganisationType::Supplier,
+        OrganisationType::Retailer,
+    ] {
+        let migrator = for_tenant(kind);
+        let fresh =
+            t.ns.tenant_database(kind, &Slug::parse("fresh").unwrap())
+                .unwrap();
+        let stepwise =
+            t.ns.tenant_database(kind, &Slug::parse("stepwise").unwrap())
+                .unwrap();
+        let torn =
+            t.ns.tenant_database(kind, &Slug::parse("torn").unwrap())
+                .unwrap();
+        create_and_migrate(&pool, url, &fresh, migrator)
+            .await
+            .unwrap();
+        // The stepwise path: the database exists before the call, so sqlx applies each file.
+        sqlx::query(&format!("CREATE DATABASE {} {CHARSET}", stepwise.quoted()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        create_and_migrate(&pool, url, &stepwise, migrator)
+            .await
+            .unwrap();
+        let a = definitions(&pool, fresh.as_str()).await;
+        let b = definitions(&pool, stepwise.as_str()).await;
+        assert!(!a.is_empty());
+        assert_eq!(a, b, "{kind:?}: fresh and stepwise schemas differ");
+        let bookkeeping = |db: String| {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_as::<_, (i64, String, bool, Vec<u8>)>(&format!(
+                    "SELECT version, description, success, checksum FROM `{db}`._sqlx_migrations ORDER BY version"
+                ))
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        assert_eq!(
+            bookkeeping(fresh.to_string()).await,
+            bookkeeping(stepwise.to_string()).await
+        );
+        // sqlx's own run checks every recorded checksum and finds nothing to do.
+        migrate(url, &fresh, migrator).await.unwrap();
+
+        // Killed after the first migration's DDL, before anything was recorded.
+        sqlx::query(&format!("CREATE DATABASE {} {CHARSET}", torn.quoted()))
+            .execute(&pool)
+            .await
+            .unwrap();
+        let first = migrator.iter().next().unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::raw_sql(&format!("USE {}; {}", torn.quoted(), first.sql))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        conn.detach();
+        create_and_migrate(&pool, url, &torn, migrator)
+            .await
+            .unwrap();
+        assert_eq!(definitions(&pool, torn.as_str()).await, a, "{kind:?}: torn");
+    }
+}

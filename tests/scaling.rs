@@ -984,3 +984,72 @@ async fn a_supplier_terminated_by_a_worker_killed_mid_archive_settles_after_rest
     .unwrap();
     assert_eq!(archived, 0);
 }
+
+/// A catalog batch stuck on MySQL (its brand's table locked by someone else) does not hold up
+/// provisioning: each processor runs its own loop, on its own thread.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stuck_catalog_batch_does_not_delay_provisioning() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let worker = t.spawn_run("w");
+    let brand = new_id();
+    t.emit_ok(&[lines::created(&brand, "BRAND", "stuck")]);
+    t.wait_status(&pool, &brand, "active").await;
+    let db = format!("{}_brand_stuck", t.ns);
+    let mut blocker = pool.acquire().await.unwrap();
+    sqlx::query(&format!("LOCK TABLES `{db}`.fabrics WRITE"))
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    t.emit_ok(&[lines::catalog(&brand, 1, &["F1"], &[])]);
+    let waiting = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE STATE = 'Waiting for table metadata lock' AND INFO LIKE ?",
+        )
+        .bind(format!("%{db}%"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        n
+    };
+    wait_for(
+        "the catalog to wait on the locked table",
+        Duration::from_secs(60),
+        || async { (waiting().await > 0).then_some(()) },
+    )
+    .await;
+
+    let supplier = new_id();
+    let started = std::time::Instant::now();
+    t.emit_ok(&[lines::created(&supplier, "SUPPLIER", "meanwhile")]);
+    wait_for(
+        "the supplier to be provisioned meanwhile",
+        Duration::from_secs(30),
+        || async {
+            (status_of(&pool, &t.ns, &supplier).await.as_deref() == Some("active")).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        waiting().await > 0,
+        "the catalog should still be stuck while the supplier was provisioned\n{}",
+        worker.log_text()
+    );
+    eprintln!(
+        "provisioned in {:?} while the catalog waited",
+        started.elapsed()
+    );
+
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    drop(blocker);
+    wait_for(
+        "the catalog event to apply once unlocked",
+        Duration::from_secs(60),
+        || async { (!fabric_rows(&pool, &db).await.is_empty()).then_some(()) },
+    )
+    .await;
+}

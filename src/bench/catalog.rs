@@ -114,7 +114,7 @@ fn event_of(shape: &Shape, k: usize) -> (usize, i64, Vec<usize>) {
 
 /// Column values of fabric `i` at `revision` (prices move with the revision, so an upsert
 /// really changes the row).
-fn fabric_json(i: usize, revision: i64) -> serde_json::Value {
+pub(super) fn fabric_json(i: usize, revision: i64) -> serde_json::Value {
     json!({"code": format!("F{i:06}"), "name": format!("Fabric {i}"), "collection": format!("C{}", i % 40),
         "colour": COLOURS[i % 4], "material": "Polyester",
         "width_mm": 2000 + (i % 5) as i64 * 250, "price_minor": price(i, revision), "currency": "GBP"})
@@ -126,12 +126,12 @@ fn price(i: usize, revision: i64) -> i64 {
 
 const COLOURS: [&str; 4] = ["White", "Ivory", "Sage", "Navy"];
 
-struct Tenant {
-    id: String,
-    db: DatabaseName,
+pub(super) struct Tenant {
+    pub(super) id: String,
+    pub(super) db: DatabaseName,
 }
 
-async fn provision(
+pub(super) async fn provision(
     pool: &MySqlPool,
     tenants: &Tenants,
     config: &Config,
@@ -372,18 +372,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     println!("ratio projector/raw: {:.2}", projector_eps / raw_eps);
 
     if !args.keep {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
-        )
-        .bind(ns.database_like_pattern())
-        .fetch_all(&pool)
-        .await?;
-        for name in names {
-            // Names come from the server and match our validated namespace pattern.
-            sqlx::query(&format!("DROP DATABASE `{name}`"))
-                .execute(&pool)
-                .await?;
-        }
+        super::drop_namespace(&pool, &ns).await?;
     }
     Ok(())
 }
@@ -604,7 +593,7 @@ async fn applied_events(
         .count() as i64)
 }
 
-async fn done(
+pub(super) async fn done(
     pool: &MySqlPool,
     brands: &[DatabaseName],
     last: &HashMap<i32, i64>,

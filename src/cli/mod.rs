@@ -120,6 +120,9 @@ pub enum BenchCommand {
     /// The broker's own produce and consume rates for plain messages (no processing): the
     /// ceiling the processors sit under.
     Broker(crate::bench::broker::BrokerArgs),
+    /// From emitting N catalog events to the last one applied, next to a plain consumer's rate
+    /// for the same messages.
+    E2e(crate::bench::e2e::E2eArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -196,6 +199,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Broker(args),
         } => {
             crate::bench::broker::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::E2e(args),
+        } => {
+            crate::bench::e2e::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Access { command } => access::run(config, command).await,

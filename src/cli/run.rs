@@ -7,12 +7,11 @@ use std::time::Duration;
 use rdkafka::producer::Producer;
 
 use crate::config::Config;
-use crate::stream::dead_letters::DeadLetters;
 use crate::stream::health::Health;
-use crate::stream::{self, consumer, Processor, Settings};
-use crate::tenancy::provisioning::upgrade_tenant_databases;
+use crate::stream::{self, consumer, Settings};
+use crate::tenancy::provisioning::{prepare_service_databases, upgrade_tenant_databases};
+use crate::tenancy::tenants::Tenants;
 use crate::topics::Topic;
-use crate::wire::Codec;
 use crate::worker::{Processors, WorkerOptions};
 
 /// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
@@ -58,8 +57,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub write_concurrency: usize,
     /// Organisations provisioned at the same time (each creates and migrates a database on a
-    /// connection of its own, plus two pooled ones). More than 4 did not go faster here: 8 and
-    /// 16 doubled the time per tenant (the server is the bound).
+    /// connection of its own, plus two pooled ones). 8 was no faster than 4 here: MariaDB's DDL
+    /// is the bound (`scripts/bench-provisioning`).
     #[arg(long, default_value_t = 4)]
     pub provision_concurrency: usize,
     /// Most messages applied in one batch (memory grows with it: the catalog benchmark peaks at
@@ -96,33 +95,32 @@ pub struct RunArgs {
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = super::shutdown_on_signal();
     let health = Health::default();
+    let ns = config.namespace.clone();
+    let enabled = |name: &str| args.processors.iter().any(|p| p == name);
+    // Registered before /readyz is served, so a starting worker is not ready until every
+    // processor has joined its group.
+    let mut processors = Vec::new();
+    for (name, topics) in [
+        ("provisioner", vec![Topic::Organisations]),
+        ("catalog", vec![Topic::BrandCatalog, Topic::BrandAccess]),
+        ("purger", vec![Topic::Tenancy]),
+    ] {
+        if enabled(name) {
+            let group = format!("{ns}.{name}");
+            let reporting = health.processor(name, &group);
+            processors.push((name, topics, group, reporting));
+        }
+    }
     let http = match args.http.0 {
         Some(addr) => Some(stream::health::serve(addr, health.clone(), shutdown.clone()).await?),
         None => None,
     };
-    let ns = config.namespace.clone();
-    let lifecycle = WorkerOptions {
-        // Each write in flight holds two connections (a tenant's named lock and its
-        // transaction): a pool of less than twice the writes of all three processors could
-        // starve itself. A few more for gating and status.
-        db_connections: (2
-            * (2 * args.write_concurrency.max(1) + args.provision_concurrency.max(1))
-            + 4) as u32,
-        grace: args.grace,
-        purge_check: args.purge_check,
-        fail_after: args.fail_after.clone(),
-    };
-    let Processors {
-        pool,
-        tenants,
-        codec,
-        producer,
-        dead_letters,
-        provisioner,
-        catalog,
-        purger,
-        timer,
-    } = Processors::build(&config, &lifecycle).await?;
+    // The worker's own work (topics, service databases, upgrades, the status reporter) on a
+    // small pool; each processor brings its own.
+    let pool = crate::db::connect_pool_sized(&config, 4).await?;
+    crate::topics::ensure_topics(&config).await?;
+    prepare_service_databases(&pool, &config.database_url, &ns).await?;
+    let tenants = Tenants::new(pool.clone(), &ns);
     upgrade_tenant_databases(&pool, &config.database_url, &tenants).await?;
     let settings = Settings {
         batch_max: args.batch_max,
@@ -138,21 +136,44 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         assignor: args.assignor,
     };
-    let enabled = |name: &str| args.processors.iter().any(|p| p == name);
-    // Only the enabled processors join their groups: an idle member would hold partitions.
-    let loop_of = |p: &'static str, topics: Vec<Topic>| -> anyhow::Result<Option<_>> {
-        if !enabled(p) {
-            return Ok(None);
-        }
-        let group = format!("{ns}.{p}");
-        let names: Vec<String> = topics.iter().map(|t| t.name(&ns)).collect();
-        let consumer = consumer::join(&config, p, &group, &names, &membership)?;
-        tracing::info!(namespace = %ns, processor = p, %group, topics = %names.join(","), "processor running");
-        Ok(Some((consumer, health.processor(p, &group))))
+    let options = |concurrency: usize| WorkerOptions {
+        // Each write in flight holds two connections (a tenant's named lock and its
+        // transaction): fewer than twice the writes could starve the pool. A few more for
+        // gating and the watermark.
+        db_connections: (2 * concurrency + 4) as u32,
+        grace: args.grace,
+        purge_check: args.purge_check,
+        fail_after: args.fail_after.clone(),
     };
-    let provisioner_loop = loop_of("provisioner", vec![Topic::Organisations])?;
-    let catalog_loop = loop_of("catalog", vec![Topic::BrandCatalog, Topic::BrandAccess])?;
-    let purger_loop = loop_of("purger", vec![Topic::Tenancy])?;
+    let mut threads = Vec::new();
+    // Only the enabled processors join their groups: an idle member would hold partitions.
+    for (name, topics, group, reporting) in processors {
+        let names: Vec<String> = topics.iter().map(|t| t.name(&ns)).collect();
+        tracing::info!(namespace = %ns, processor = name, %group, topics = %names.join(","), "processor starting");
+        let job = ProcessorJob {
+            name,
+            config: config.clone(),
+            options: options(if name == "provisioner" {
+                args.provision_concurrency.max(1)
+            } else {
+                settings.write_concurrency
+            }),
+            settings: Settings {
+                write_concurrency: if name == "provisioner" {
+                    args.provision_concurrency.max(1)
+                } else {
+                    settings.write_concurrency
+                },
+                ..settings.clone()
+            },
+            membership: membership.clone(),
+            health: reporting,
+            group,
+            topics: names,
+            shutdown: shutdown.clone(),
+        };
+        threads.push((name, on_own_thread(job)?));
+    }
     tracing::info!(namespace = %ns, grace = %humantime::format_duration(args.grace),
         hold_for = %humantime::format_duration(args.hold_for), "worker started");
 
@@ -163,69 +184,111 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         http.map(|a| a.to_string()),
         shutdown.clone(),
     ));
-    // The loops run on this task (their futures are not Send, see stream::Processor).
-    let provisioning = Settings {
-        write_concurrency: args.provision_concurrency.max(1),
-        ..settings.clone()
-    };
-    tokio::try_join!(
-        run_loop(
-            &provisioner,
-            provisioner_loop,
-            &codec,
-            &dead_letters,
-            &provisioning,
-            &shutdown
-        ),
-        async {
-            if enabled("provisioner") {
-                timer.run(shutdown.clone()).await?;
-            }
-            anyhow::Ok(())
-        },
-        run_loop(
-            &catalog,
-            catalog_loop,
-            &codec,
-            &dead_letters,
-            &settings,
-            &shutdown
-        ),
-        run_loop(
-            &purger,
-            purger_loop,
-            &codec,
-            &dead_letters,
-            &settings,
-            &shutdown
-        ),
-    )?;
-    producer
-        .flush(Duration::from_secs(10))
-        .map_err(|e| anyhow::anyhow!("flushing produced events: {e}"))?;
+    let results = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|(name, t)| {
+                t.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the {name} thread panicked")))
+                    .map_err(|e| e.context(format!("processor {name}")))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await?;
     shutdown.cancel();
     let _ = reporter.await;
     pool.close().await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_loop<P: Processor>(
+/// What one processor's thread needs.
+struct ProcessorJob {
+    name: &'static str,
+    config: Config,
+    options: WorkerOptions,
+    settings: Settings,
+    membership: consumer::Membership,
+    health: stream::health::ProcessorHealth,
+    group: String,
+    topics: Vec<String>,
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Runs one processor on a thread of its own, on its own single-threaded runtime with its own
+/// clients (MySQL pool, producer, Redis): a slow catalog batch, waiting on MySQL or busy
+/// building statements, never delays provisioning, and on two cores the processors really run
+/// side by side. (The loop's futures are not `Send`, so they cannot be tokio tasks of one
+/// runtime.) A processor that fails stops the others through `shutdown`, as one failing
+/// worker should.
+fn on_own_thread(job: ProcessorJob) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let name = job.name;
+    let shutdown = job.shutdown.clone();
+    Ok(std::thread::Builder::new()
+        .name(format!("tenancy-{name}"))
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(run_processor(job)));
+            if let Err(e) = &result {
+                tracing::error!(processor = name, error = %format!("{e:#}"), "processor stopped: stopping the worker");
+                shutdown.cancel();
+            }
+            result
+        })?)
+}
+
+async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
+    let p = Processors::build(&job.config, &job.options).await?;
+    let consumer = consumer::join(
+        &job.config,
+        job.name,
+        &job.group,
+        &job.topics,
+        &job.membership,
+    )?;
+    let ProcessorJob {
+        name,
+        health,
+        settings,
+        shutdown,
+        ..
+    } = job;
+    let result = match name {
+        "provisioner" => tokio::try_join!(
+            run_loop(&p.provisioner, consumer, &p, health, &settings, &shutdown),
+            p.timer.run(shutdown.clone()),
+        )
+        .map(|_| ()),
+        "catalog" => run_loop(&p.catalog, consumer, &p, health, &settings, &shutdown).await,
+        "purger" => run_loop(&p.purger, consumer, &p, health, &settings, &shutdown).await,
+        other => Err(anyhow::anyhow!("no processor named {other}")),
+    };
+    // What was published (outcomes, dead letters) leaves before the thread does.
+    p.producer
+        .flush(Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("flushing produced events: {e}"))?;
+    p.pool.close().await;
+    result
+}
+
+/// One processor's loop with the worker's codec and dead-letter topic.
+async fn run_loop<P: stream::Processor>(
     processor: &P,
-    joined: Option<(consumer::GroupConsumer, stream::health::ProcessorHealth)>,
-    codec: &Codec,
-    dead_letters: &DeadLetters,
+    consumer: consumer::GroupConsumer,
+    p: &Processors,
+    health: stream::health::ProcessorHealth,
     settings: &Settings,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some((consumer, health)) = joined else {
-        return Ok(());
-    };
     stream::run(
         processor,
         consumer,
-        codec,
-        dead_letters,
+        &p.codec,
+        &p.dead_letters,
         health,
         settings,
         shutdown.clone(),

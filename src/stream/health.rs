@@ -123,7 +123,12 @@ impl Health {
                     holds: s.holds,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // A worker still starting (migrating, connecting) has registered no processor yet: it
+        // is not ready, though nothing in it is failing.
+        if processors.is_empty() {
+            not_ready.push("no processor has started yet".to_owned());
+        }
         Snapshot {
             ready: not_ready.is_empty(),
             not_ready,
@@ -292,6 +297,7 @@ mod tests {
     #[test]
     fn readiness_follows_joins_outages_and_old_retry_loops() {
         let health = Health::default();
+        assert!(!health.snapshot().ready, "a worker with no processor yet");
         let p = health.processor("catalog", "ns.catalog");
         let s = health.snapshot();
         assert!(!s.ready);

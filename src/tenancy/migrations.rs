@@ -54,21 +54,105 @@ pub async fn create_and_migrate(
     db: &DatabaseName,
     migrator: &Migrator,
 ) -> Result<i64, sqlx::Error> {
-    sqlx::query(&format!(
+    let created = sqlx::query(&format!(
         "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
         db.quoted()
     ))
     .execute(pool)
-    .await?;
+    .await?
+    .rows_affected()
+        > 0;
+    if created {
+        return migrate_fresh(database_url, db, migrator).await;
+    }
     migrate(database_url, db, migrator).await
 }
 
-/// Every pending migration of an existing database (see [`create_and_migrate`]).
-pub async fn migrate(
+/// The DDL of every migration that `sqlx` would run on an empty database, as one script.
+fn fresh_script(migrator: &Migrator) -> String {
+    let mut script = String::new();
+    for m in migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+    {
+        // A trailing `;` would leave an empty statement, which MySQL refuses.
+        script.push_str(m.sql.trim_end().trim_end_matches(';'));
+        script.push_str(";\n");
+    }
+    script
+}
+
+/// A database this call has just created: every migration sent as one multi-statement script
+/// and recorded in `_sqlx_migrations` with one insert, then `sqlx`'s own run, which finds
+/// nothing to do but checks every recorded checksum.
+///
+/// `sqlx` applies each migration on its own with three commits of bookkeeping, which made the
+/// migration step four times the DDL it runs (the provisioning benchmark). A crash part-way
+/// leaves a database that exists with some migrations missing or unrecorded: the next attempt
+/// takes the ordinary path, which re-runs them (every migration is idempotent).
+async fn migrate_fresh(
     database_url: &str,
     db: &DatabaseName,
     migrator: &Migrator,
 ) -> Result<i64, sqlx::Error> {
+    let mut conn = connect_locked(database_url, db).await?;
+    let result = async {
+        // Another worker may have taken the lock first and migrated it the ordinary way (a
+        // service database two workers start on at once).
+        let recorded: Option<String> =
+            sqlx::query_scalar("SHOW TABLES LIKE '\\_sqlx\\_migrations'")
+                .fetch_optional(&mut conn)
+                .await?;
+        if recorded.is_some() {
+            return run_locked(&mut conn, db, migrator).await;
+        }
+        sqlx::raw_sql(&fresh_script(migrator))
+            .execute(&mut conn)
+            .await?;
+        // The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs); its own run below
+        // refuses anything it does not recognise.
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS _sqlx_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
+             success BOOLEAN NOT NULL, checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
+        )
+        .execute(&mut conn)
+        .await?;
+        let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) ",
+        );
+        insert.push_values(
+            migrator.iter().filter(|m| m.migration_type.is_up_migration()),
+            |mut row, m| {
+                row.push_bind(m.version)
+                    .push_bind(m.description.as_ref())
+                    .push_bind(true)
+                    .push_bind(m.checksum.as_ref())
+                    .push_bind(-1i64);
+            },
+        );
+        insert.build().execute(&mut conn).await?;
+        migrator.run(&mut conn).await.map_err(migrate_error)
+    }
+    .await;
+    conn.close().await.ok();
+    result?;
+    Ok(latest_version(migrator))
+}
+
+fn migrate_error(e: MigrateError) -> sqlx::Error {
+    match e {
+        MigrateError::Execute(e) => e,
+        other => sqlx::Error::Migrate(Box::new(other)),
+    }
+}
+
+/// A connection of its own to `db`, holding the named lock that serialises migrations of that
+/// database across workers (closing the connection releases it).
+async fn connect_locked(
+    database_url: &str,
+    db: &DatabaseName,
+) -> Result<sqlx::MySqlConnection, sqlx::Error> {
     let options = MySqlConnectOptions::from_str(database_url)?
         .database(db.as_str())
         .disable_statement_logging();
@@ -90,22 +174,40 @@ pub async fn migrate(
             format!("timed out waiting for another worker migrating {db}"),
         )));
     }
-    let result = match migrator.run(&mut conn).await {
+    Ok(conn)
+}
+
+/// Every pending migration of an existing database (see [`create_and_migrate`]).
+pub async fn migrate(
+    database_url: &str,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<i64, sqlx::Error> {
+    let mut conn = connect_locked(database_url, db).await?;
+    let result = run_locked(&mut conn, db, migrator).await;
+    // Closing the session releases the named lock too.
+    conn.close().await.ok();
+    result?;
+    Ok(latest_version(migrator))
+}
+
+/// `sqlx`'s run on a connection holding the migration lock. Under that lock, a migration left
+/// half-applied (`Dirty`) can only be a killed worker's, so it is re-run.
+async fn run_locked(
+    conn: &mut sqlx::MySqlConnection,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<(), sqlx::Error> {
+    match migrator.run(&mut *conn).await {
         Err(MigrateError::Dirty(version)) => {
             tracing::warn!(database = %db, version, "migration was left half-applied; re-running it");
             sqlx::query("DELETE FROM _sqlx_migrations WHERE version = ? AND success = FALSE")
                 .bind(version)
-                .execute(&mut conn)
+                .execute(&mut *conn)
                 .await?;
-            migrator.run(&mut conn).await
+            migrator.run(&mut *conn).await
         }
         other => other,
-    };
-    // Closing the session releases the named lock too.
-    conn.close().await.ok();
-    result.map_err(|e| match e {
-        MigrateError::Execute(e) => e,
-        other => sqlx::Error::Migrate(Box::new(other)),
-    })?;
-    Ok(latest_version(migrator))
+    }
+    .map_err(migrate_error)
 }

@@ -1,0 +1,258 @@
+//! `tenancy bench e2e`: the whole path, from `tenancy emit` of N catalog events (validated,
+//! encoded, produced) to the last one applied in MySQL by the catalog processor, next to the
+//! broker's own consume rate for the same messages (a plain consumer reading them back) in the
+//! same run. The ratio says how close the system comes to the broker's ceiling.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::catalog::{done, fabric_json, provision, Tenant};
+use super::peak_rss_mib;
+use crate::config::Config;
+use crate::stream::dead_letters::DeadLetters;
+use crate::stream::health::Health;
+use crate::stream::Settings;
+use crate::tenancy::provisioning::prepare_service_databases;
+use crate::tenancy::tenants::Tenants;
+use crate::tenant::{DatabaseName, Namespace, OrganisationType};
+use crate::topics::{ensure_topics, Topic};
+use crate::wire::Codec;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct E2eArgs {
+    /// BrandCatalogUpdated events emitted.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// Fabrics per event.
+    #[arg(long, default_value_t = 5)]
+    pub per_event: usize,
+    #[arg(long, default_value_t = 20)]
+    pub brands: usize,
+    /// Keep the benchmark's databases afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.events > 0 && args.brands > 0,
+        "--events and --brands must be positive"
+    );
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let ns = config.namespace.clone();
+    let settings = Settings::default();
+    let pool =
+        crate::db::connect_pool_sized(&config, (2 * settings.write_concurrency + 4) as u32).await?;
+    ensure_topics(&config).await?;
+    prepare_service_databases(&pool, &config.database_url, &ns).await?;
+    let tenants = Tenants::new(pool.clone(), &ns);
+    let mut brands: Vec<Tenant> = Vec::new();
+    for i in 0..args.brands {
+        brands.push(provision(&pool, &tenants, &config, OrganisationType::Brand, i).await?);
+    }
+    // The JSON lines an operator would give `tenancy emit`, written to a file as they are made
+    // (nothing is held in memory); event k for brand k % brands.
+    let input = std::env::temp_dir().join(format!("tenancy-bench-e2e-{suffix}.jsonl"));
+    eprintln!(
+        "namespace {ns}: {} brands; writing {} events to {}",
+        args.brands,
+        args.events,
+        input.display()
+    );
+    {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&input)?);
+        for k in 0..args.events {
+            let b = k % args.brands;
+            let n = k / args.brands;
+            let fabrics: Vec<serde_json::Value> = (0..args.per_event)
+                .map(|j| fabric_json((n * args.per_event + j) % 1000, n as i64))
+                .collect();
+            let line = json!({"type": "BrandCatalogUpdated", "brand_id": brands[b].id,
+                "brand_slug": format!("brand{b}"), "revision": n, "fabrics_upserted": fabrics,
+                "fabrics_removed": []});
+            writeln!(out, "{line}")?;
+        }
+        out.flush()?;
+    }
+
+    // The processor runs from the start; the clock runs from starting `tenancy emit`.
+    let topic = Topic::BrandCatalog.name(&ns);
+    let processors =
+        crate::worker::Processors::build(&config, &crate::worker::WorkerOptions::default()).await?;
+    let group = format!("{ns}.catalog");
+    let consumer = crate::stream::consumer::join(
+        &config,
+        "catalog",
+        &group,
+        std::slice::from_ref(&topic),
+        &crate::stream::consumer::Membership {
+            session_timeout: Duration::from_secs(10),
+            assignor: crate::stream::consumer::Assignor::CooperativeSticky,
+        },
+    )?;
+    let health = Health::default().processor("catalog", &group);
+    let dead_letters = DeadLetters::new(
+        crate::kafka::producer(&config)?,
+        Topic::DeadLetter.name(&ns),
+    );
+    let codec = Arc::new(Codec::new(&config.schema_registry_url));
+    let shutdown = CancellationToken::new();
+    let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
+    let started = Instant::now();
+    let emit_and_wait = async {
+        let last = emit(&config, &input).await?;
+        let emitted = started.elapsed();
+        loop {
+            if done(&pool, &brand_dbs, &last).await? {
+                shutdown.cancel();
+                return anyhow::Ok((emitted, started.elapsed()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let settings = Settings {
+        leave_group_on_exit: true,
+        ..settings
+    };
+    let (run, timed) = tokio::join!(
+        crate::stream::run(
+            &processors.catalog,
+            consumer,
+            &codec,
+            &dead_letters,
+            health,
+            &settings,
+            shutdown.clone()
+        ),
+        emit_and_wait
+    );
+    let _ = std::fs::remove_file(&input);
+    run?;
+    let (emitted, applied) = timed?;
+    let rss_peak = peak_rss_mib();
+    let emit_rss = children_peak_rss_mib();
+    let system_eps = args.events as f64 / applied.as_secs_f64();
+
+    // The broker's own rate for the same messages.
+    let broker_eps = plain_consume(&config, &topic, args.events).await?;
+    println!(
+        "end to end: {} catalog events of {} fabrics for {} brands: emitted in {:.1} s, all applied {:.1} s after the first was emitted = {system_eps:.0} events/s",
+        args.events,
+        args.per_event,
+        args.brands,
+        emitted.as_secs_f64(),
+        applied.as_secs_f64()
+    );
+    println!(
+        "broker: a plain consumer reads the same {} messages at {broker_eps:.0} events/s",
+        args.events
+    );
+    println!(
+        "peak RSS: the processor (this process) {rss_peak:.0} MiB; `tenancy emit` {emit_rss:.0} MiB"
+    );
+    println!(
+        "ratio system/broker consume: {:.2}",
+        system_eps / broker_eps
+    );
+    if !args.keep {
+        super::drop_namespace(&pool, &ns).await?;
+    }
+    Ok(())
+}
+
+/// Runs `tenancy emit FILE` (this binary) for the bench's namespace; returns the last offset
+/// it reports per partition.
+async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMap<i32, i64>> {
+    use tokio::io::AsyncBufReadExt;
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    if !config.kafka_options.is_empty() {
+        command.env(
+            "KAFKA_OPTIONS",
+            config
+                .kafka_options
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    let mut child = command
+        .arg("emit")
+        .arg(input)
+        .env("TENANCY_NAMESPACE", config.namespace.to_string())
+        .env("KAFKA_BOOTSTRAP_SERVERS", &config.kafka_bootstrap_servers)
+        .env("SCHEMA_REGISTRY_URL", &config.schema_registry_url)
+        .env("DATABASE_URL", &config.database_url)
+        .env("REDIS_URL", &config.redis_url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    // Each line: `topic/partition/offset<TAB>kind<TAB>key`.
+    while let Some(line) = lines.next_line().await? {
+        let place = line.split('\t').next().unwrap_or_default();
+        let mut parts = place.rsplitn(3, '/');
+        let (Some(offset), Some(partition)) = (parts.next(), parts.next()) else {
+            anyhow::bail!("unexpected output of tenancy emit: {line}");
+        };
+        let e = last.entry(partition.parse()?).or_insert(-1);
+        *e = (*e).max(offset.parse()?);
+    }
+    let status = child.wait().await?;
+    anyhow::ensure!(status.success(), "tenancy emit failed: {status}");
+    Ok(last)
+}
+
+/// Peak resident memory of the largest child process waited for, in MiB.
+fn children_peak_rss_mib() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+/// Reads `count` messages of `topic` from the start with a plain consumer; messages/s.
+async fn plain_consume(config: &Config, topic: &str, count: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let config = config.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config
+            .kafka_client_config()
+            .set("group.id", format!("{}.bench-plain", config.namespace))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in meta.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let started = Instant::now();
+        let mut read = 0;
+        while read < count {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(900),
+                "read {read} of {count}"
+            );
+            match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(_)) => read += 1,
+                Some(Err(e)) => anyhow::bail!("consuming {topic}: {e}"),
+                None => {}
+            }
+        }
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    })
+    .await?
+}
