@@ -11,7 +11,7 @@ use sqlx::{MySql, MySqlPool};
 
 use crate::config::Config;
 use crate::stream::StepError;
-use crate::tenant::Namespace;
+use crate::tenant::{DatabaseName, Namespace};
 
 /// One pool per MySQL server.
 pub async fn connect_pool(config: &Config) -> anyhow::Result<MySqlPool> {
@@ -58,6 +58,25 @@ impl NamedLock {
         organisation_id: &str,
     ) -> Result<NamedLock, StepError> {
         Self::acquire(pool, format!("{ns}:l:{}", compact(organisation_id))).await
+    }
+
+    /// Claims the rebuild of one organisation without waiting: `None` while another rebuild,
+    /// in any process on any host, holds it. A killed rebuild's claim goes with its connection.
+    pub async fn rebuild(
+        pool: &MySqlPool,
+        ns: &Namespace,
+        organisation_id: &str,
+    ) -> Result<Option<NamedLock>, sqlx::Error> {
+        let name = format!("{ns}:r:{}", compact(organisation_id));
+        let mut conn = pool.acquire().await?;
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok((got == Some(1)).then(|| NamedLock {
+            conn: Some(conn),
+            name,
+        }))
     }
 
     async fn acquire(pool: &MySqlPool, name: String) -> Result<NamedLock, StepError> {
@@ -109,4 +128,25 @@ impl Drop for NamedLock {
 /// A uuid without dashes (32 characters); other text unchanged.
 fn compact(id: &str) -> String {
     id.replace('-', "")
+}
+
+/// Whether a database exists.
+pub async fn database_exists(pool: &MySqlPool, db: &DatabaseName) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
+    )
+    .bind(db.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// Tables of a database, in name order (empty if it does not exist).
+pub async fn tables(pool: &MySqlPool, db: &DatabaseName) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME",
+    )
+    .bind(db.as_str())
+    .fetch_all(pool)
+    .await
 }

@@ -21,6 +21,8 @@
 //!   bookkeeping in each tenant DB (by offset, and by event id).
 //! - [`db`], [`caches`]: the MySQL pool and named locks; the Redis connection and key layout.
 //! - [`dead_letter`]: reading and replaying `{ns}.dead-letter`.
+//! - [`rebuild`]: a tenant's database rebuilt from the topics beside the live one, compared and
+//!   swapped in online (`tenancy rebuild`).
 //! - [`status`]: what every worker reports, for `tenancy status`.
 //! - [`worker`]: one worker's processors, built one way for `run`, benchmarks and tests.
 //! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
@@ -29,7 +31,7 @@
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
 //!
 //! `stream` knows no processor; `tenancy`, `catalog` and `access` use `stream` and the events;
-//! `status`, `bench` and `cli` sit on top.
+//! `rebuild`, `status`, `bench` and `cli` sit on top.
 
 pub mod access;
 pub mod applied;
@@ -44,6 +46,7 @@ pub mod emit;
 pub mod events;
 pub mod kafka;
 pub mod offsets;
+pub mod rebuild;
 pub mod registry;
 pub mod status;
 pub mod stream;

@@ -104,6 +104,20 @@ impl Namespace {
         Some(DatabaseName(format!("{}_arc_{}", self.0, id.simple())))
     }
 
+    /// Where `tenancy rebuild` builds an organisation's database beside the live one:
+    /// `{ns}_shadow_{uuid without dashes}` (at most 24 + 8 + 32 = 64 characters).
+    pub fn shadow_database(&self, organisation_id: &str) -> Option<DatabaseName> {
+        let id = uuid::Uuid::parse_str(organisation_id).ok()?;
+        Some(DatabaseName(format!("{}_shadow_{}", self.0, id.simple())))
+    }
+
+    /// Where `tenancy rebuild` keeps the replaced tables until `--drop-old` (and from where
+    /// `--rollback` brings them back): `{ns}_old_{uuid without dashes}`.
+    pub fn old_database(&self, organisation_id: &str) -> Option<DatabaseName> {
+        let id = uuid::Uuid::parse_str(organisation_id).ok()?;
+        Some(DatabaseName(format!("{}_old_{}", self.0, id.simple())))
+    }
+
     /// The `LIKE` pattern matching every database of this namespace (`_` escaped).
     pub fn database_like_pattern(&self) -> String {
         format!("{}\\_%", self.0.replace('_', "\\_"))

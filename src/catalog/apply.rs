@@ -81,18 +81,22 @@ impl CatalogProcessor {
         partition: i32,
         events: &[&Msg<Item>],
     ) -> Result<(), StepError> {
-        let spec = &self.spec;
         let mut tx = self.pool.begin().await?;
-        let before = offsets::get(&mut tx, brand_db, &spec.projection, topic, partition).await?;
-        let mut fresh: Vec<&Msg<Item>> = events
-            .iter()
-            .copied()
-            .filter(|m| before.is_none_or(|b| m.origin.offset > b))
-            .collect();
-        let Some(last) = fresh.last().map(|m| m.origin.offset) else {
+        let (before, written) = write_brand_run(
+            &mut tx,
+            &self.spec,
+            self.dedupe,
+            &brand.organisation_id,
+            brand_db,
+            topic,
+            partition,
+            events,
+        )
+        .await?;
+        tx.commit().await?;
+        let Some((last, change)) = written else {
             // Everything here was applied already (a redelivery, or another worker was first):
             // the fan-out below may still be behind and catches up from the brand.
-            tx.commit().await?;
             return self
                 .fan_out(
                     brand,
@@ -105,53 +109,6 @@ impl CatalogProcessor {
                 )
                 .await;
         };
-        if self.dedupe {
-            // Past the offset, but perhaps not new: the same event at another offset.
-            let ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
-            let seen = applied::seen(&mut tx, brand_db, &spec.projection, &ids).await?;
-            if !seen.is_empty() {
-                for m in fresh.iter().filter(|m| seen.contains(&m.item.event_id)) {
-                    let first = applied::first_applied(
-                        &mut tx,
-                        brand_db,
-                        &spec.projection,
-                        &m.item.event_id,
-                    )
-                    .await?;
-                    applied::duplicate("catalog", &m.item.event_id, &m.origin, first.as_ref());
-                }
-                fresh.retain(|m| !seen.contains(&m.item.event_id));
-            }
-        }
-        let values: Vec<&Value> = fresh
-            .iter()
-            .filter_map(|m| match &m.item.change {
-                Change::Catalog(v) => Some(v),
-                _ => None,
-            })
-            .collect();
-        let change = NetChange::of(spec, &values);
-        let stored = store::stored_revisions(&mut tx, brand_db, spec, &change.codes(spec)).await?;
-        let (change, stale) = change.without_stale(spec, &stored);
-        if stale > 0 {
-            metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
-            tracing::info!(processor = "catalog", tenant = %brand.organisation_id, stale,
-                "fabric changes older than the stored revision: not applied");
-        }
-        store::write_brand(&mut tx, brand_db, spec, &change).await?;
-        if self.dedupe {
-            let ids: Vec<(&str, &crate::stream::Origin)> = fresh
-                .iter()
-                .map(|m| (m.item.event_id.as_str(), &m.origin))
-                .collect();
-            applied::record(&mut tx, brand_db, &spec.projection, &ids).await?;
-        }
-        // Past duplicates too: they were handled.
-        offsets::set(&mut tx, brand_db, &spec.projection, topic, partition, last).await?;
-        tx.commit().await?;
-        tracing::debug!(processor = "catalog", tenant = %brand.organisation_id, database = %brand_db,
-            events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
-            "catalog applied");
         self.fan_out(
             brand,
             brand_db,
@@ -291,4 +248,75 @@ pub(super) async fn read_permissions(
     .fetch_optional(&mut **tx)
     .await?;
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+}
+
+/// The brand's side of a run of one partition's catalog events, in `tx`: what the database's
+/// offset or event ids say was applied is skipped, changes older than the stored revisions are
+/// dropped, the rest is written with the event ids and the partition's offset. Shared by the
+/// live processor and `tenancy rebuild`, which replays into a shadow database, so both fold
+/// events the same way. Returns the offset stored before, and the last offset and the change
+/// written (`None` when everything here was applied before).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn write_brand_run(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    spec: &super::spec::CatalogSpec,
+    dedupe: bool,
+    brand_id: &str,
+    brand_db: &DatabaseName,
+    topic: &str,
+    partition: i32,
+    events: &[&Msg<Item>],
+) -> Result<(Option<i64>, Option<(i64, NetChange)>), sqlx::Error> {
+    let before = offsets::get(tx, brand_db, &spec.projection, topic, partition).await?;
+    let mut fresh: Vec<&Msg<Item>> = events
+        .iter()
+        .copied()
+        .filter(|m| before.is_none_or(|b| m.origin.offset > b))
+        .collect();
+    let Some(last) = fresh.last().map(|m| m.origin.offset) else {
+        return Ok((before, None));
+    };
+    if dedupe {
+        // Past the offset, but perhaps not new: the same event at another offset.
+        let ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
+        let seen = applied::seen(tx, brand_db, &spec.projection, &ids).await?;
+        if !seen.is_empty() {
+            for m in fresh.iter().filter(|m| seen.contains(&m.item.event_id)) {
+                let first =
+                    applied::first_applied(tx, brand_db, &spec.projection, &m.item.event_id)
+                        .await?;
+                applied::duplicate("catalog", &m.item.event_id, &m.origin, first.as_ref());
+            }
+            fresh.retain(|m| !seen.contains(&m.item.event_id));
+        }
+    }
+    let values: Vec<&Value> = fresh
+        .iter()
+        .filter_map(|m| match &m.item.change {
+            Change::Catalog(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    let change = NetChange::of(spec, &values);
+    let stored = store::stored_revisions(tx, brand_db, spec, &change.codes(spec)).await?;
+    let (change, stale) = change.without_stale(spec, &stored);
+    if stale > 0 {
+        metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
+        tracing::info!(processor = "catalog", tenant = %brand_id, stale,
+            "fabric changes older than the stored revision: not applied");
+    }
+    store::write_brand(tx, brand_db, spec, &change).await?;
+    if dedupe {
+        let ids: Vec<(&str, &crate::stream::Origin)> = fresh
+            .iter()
+            .map(|m| (m.item.event_id.as_str(), &m.origin))
+            .collect();
+        applied::record(tx, brand_db, &spec.projection, &ids).await?;
+    }
+    // Past duplicates too: they were handled.
+    offsets::set(tx, brand_db, &spec.projection, topic, partition, last).await?;
+    tracing::debug!(processor = "catalog", tenant = %brand_id, database = %brand_db,
+        events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
+        "catalog applied");
+    Ok((before, Some((last, change))))
 }

@@ -13,7 +13,7 @@
 //! The consumer loop itself (batching, holding, retries, dead letters, offsets, rebalances) is
 //! [`crate::stream`].
 
-mod apply;
+pub(crate) mod apply;
 pub mod change;
 pub mod copies;
 pub mod gate;

@@ -3,6 +3,7 @@
 mod access;
 mod dead_letter;
 mod emit;
+mod rebuild;
 mod run;
 mod status;
 mod tenants;
@@ -70,6 +71,16 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Rebuild a tenant's database from the topics beside the live one, compare, and swap it
+    /// in atomically while the workers keep running.
+    ///
+    /// Replays every event of the tenant from offset 0 into {ns}_shadow_{id} with the live
+    /// projection code, catches up with the live database under the tenant's locks, compares
+    /// every table (rows by primary key, write-time columns ignored) and prints the
+    /// differences, then swaps with one RENAME TABLE. The replaced tables stay in
+    /// {ns}_old_{id} for --rollback until --drop-old. Publishes nothing, writes no Redis key,
+    /// touches no other tenant. Brands only so far.
+    Rebuild(rebuild::RebuildArgs),
     /// Inspect and replay events in {ns}.dead-letter.
     DeadLetter {
         #[command(subcommand)]
@@ -209,6 +220,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Access { command } => access::run(config, command).await,
         Command::DeadLetter { command } => dead_letter::run(config, command).await,
+        Command::Rebuild(args) => rebuild::run(config, args).await,
     }
 }
 

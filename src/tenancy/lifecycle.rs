@@ -22,6 +22,7 @@ use sqlx::MySqlPool;
 use super::outcomes::derived_event_id;
 use super::provisioning::Provisioner;
 use super::tenants::{Logged, Pending, Status, TenantRecord};
+use crate::db::tables;
 use crate::events::{EventKind, OrganisationRestored, OrganisationTerminated};
 use crate::stream::{error::kafka_outage, Origin, StepError};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
@@ -35,19 +36,6 @@ pub(super) fn at(millis: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(millis)
         .single()
         .unwrap_or_default()
-}
-
-/// Tables of a database, in name order (empty if it does not exist).
-pub(super) async fn tables(
-    pool: &MySqlPool,
-    db: &DatabaseName,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT CAST(TABLE_NAME AS CHAR) FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? ORDER BY TABLE_NAME",
-    )
-    .bind(db.as_str())
-    .fetch_all(pool)
-    .await
 }
 
 /// Moves every table of `from` into `to` with one atomic `RENAME TABLE`, then drops `from`.

@@ -19,7 +19,7 @@ use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::tenants::{Claim, Logged, Status, Tenants};
 use super::watermark::Watermark;
 use crate::caches::Redis;
-use crate::db::NamedLock;
+use crate::db::{database_exists, NamedLock};
 use crate::events::{EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed};
 use crate::stream::{error::kafka_outage, Origin, StepError};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
@@ -159,16 +159,6 @@ pub async fn upgrade_tenant_databases(
         );
     }
     Ok(checked)
-}
-
-async fn database_exists(pool: &MySqlPool, db: &DatabaseName) -> Result<bool, sqlx::Error> {
-    let found: Option<String> = sqlx::query_scalar(
-        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-    )
-    .bind(db.as_str())
-    .fetch_optional(pool)
-    .await?;
-    Ok(found.is_some())
 }
 
 impl Provisioner {

@@ -1,0 +1,138 @@
+//! `tenancy rebuild`: rebuild a tenant's database from the topics, online.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::rebuild::replay::Replayed;
+use crate::rebuild::{resolve, Mode, Rebuilder};
+
+#[derive(Debug, clap::Args)]
+pub struct RebuildArgs {
+    /// The tenant: organisation id, or `brand/SLUG`. Brands only so far.
+    pub tenant: String,
+    /// Rebuild and compare with the live database; change nothing. Exit 1 if they differ.
+    #[arg(long, conflicts_with_all = ["rollback", "drop_old", "accept_differences"])]
+    pub dry_run: bool,
+    /// Swap the rebuilt database in even when it differs from the live one (the differences
+    /// are printed first). Without it, a rebuild that differs is not swapped in (exit 1).
+    #[arg(long)]
+    pub accept_differences: bool,
+    /// Bring back the tables the last rebuild replaced (kept in {ns}_old_{id}), with the events
+    /// applied since replayed into them.
+    #[arg(long, conflicts_with_all = ["drop_old", "accept_differences"])]
+    pub rollback: bool,
+    /// Drop the tables the last rebuild replaced (there is no rollback after this).
+    #[arg(long, conflicts_with = "accept_differences")]
+    pub drop_old: bool,
+    /// Crash tests: abort right after this step (shadow, replay, locked).
+    #[arg(long, hide = true)]
+    pub fail_after: Option<String>,
+}
+
+/// Differences printed per rebuild before the rest are only counted.
+const SHOWN_DIFFERENCES: usize = 50;
+
+pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
+    let r = Rebuilder::new(&config, args.fail_after.clone()).await?;
+    let t = resolve(&r.tenants, &args.tenant).await?;
+    if args.drop_old {
+        let dropped = r.drop_old(&t).await?;
+        println!(
+            "{}",
+            if dropped {
+                "old tables dropped"
+            } else {
+                "no old tables to drop"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.rollback {
+        let replayed = r.rollback(&t).await?;
+        println!(
+            "rolled back {}: the tables before the last rebuild are live again ({} events applied since the swap replayed into them)",
+            t.organisation_id, replayed.applied
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mode = if args.dry_run {
+        Mode::DryRun
+    } else {
+        Mode::Swap {
+            accept_differences: args.accept_differences,
+        }
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
+        )
+    });
+    let started = Instant::now();
+    let tenant = t.organisation_id.clone();
+    let report = |done: &Replayed, at: &HashMap<i32, i64>| {
+        let rate = done.read as f64 / started.elapsed().as_secs_f64().max(0.001);
+        let msg = format!(
+            "{} messages read ({rate:.0}/s), {} of the tenant's events applied, {} skipped; at offsets {:?}",
+            done.read, done.applied, done.skipped, at
+        );
+        match &bar {
+            Some(bar) => bar.set_message(msg),
+            None => tracing::info!(%tenant, "rebuilding: {msg}"),
+        }
+    };
+    let outcome = r.rebuild(&t, mode, report).await;
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let outcome = outcome?;
+    for (table, (live, rebuilt)) in &outcome.comparison.counts {
+        println!("{table}: {live} rows live, {rebuilt} rebuilt");
+    }
+    let differences = &outcome.comparison.differences;
+    for d in differences.iter().take(SHOWN_DIFFERENCES) {
+        println!("difference: {d}");
+    }
+    if differences.len() > SHOWN_DIFFERENCES {
+        println!(
+            "… and {} more differences",
+            differences.len() - SHOWN_DIFFERENCES
+        );
+    }
+    println!(
+        "rebuilt {} from {} messages ({} of its events, {} skipped) in {:.1} s; {} difference(s)",
+        outcome.database,
+        outcome.replayed.read,
+        outcome.replayed.applied,
+        outcome.replayed.skipped,
+        outcome.elapsed.as_secs_f64(),
+        differences.len()
+    );
+    match (&outcome.swapped_to, mode) {
+        (Some(old), _) => {
+            println!(
+                "swapped in; writes held {} ms; the replaced tables are kept in {old} (`--rollback` brings them back, `--drop-old` drops them)",
+                outcome.pause.as_millis()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, Mode::DryRun) => {
+            println!("dry run: nothing changed");
+            Ok(if differences.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        (None, Mode::Swap { .. }) => {
+            println!(
+                "not swapped in: the rebuilt database differs from the live one (--accept-differences to swap anyway)"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! `tenancy rebuild`: a tenant's database rebuilt from the topics beside the live one, compared
+//! with it, and swapped in atomically while the processors keep running.
+//!
+//! 1. Claim the organisation's rebuild (a MySQL named lock: one rebuild per tenant across every
+//!    host; a killed rebuild's claim ends with its connection).
+//! 2. Create `{ns}_shadow_{id}`, run the migrations, and replay every event of the tenant from
+//!    offset 0 up to what the live database holds ([`replay`]), with the live projection code.
+//! 3. Take the tenant's lifecycle and brand locks (the live catalog writes the brand under the
+//!    latter), replay the few events applied meanwhile, compare every table ([`compare`]).
+//! 4. Unless `--dry-run` or differences without `--accept-differences`: one `RENAME TABLE`
+//!    moves the live tables to `{ns}_old_{id}` and the shadow's into the live database, so a
+//!    reader sees the old tables or the new ones, never none. The locks are held from step 3
+//!    to here only: that is the swap pause.
+//!
+//! The live database is only ever touched by that rename. A rebuild publishes nothing and
+//! writes no Redis key. `--rollback` brings the old tables back the same way (after replaying
+//! into them what the live database applied since the swap); `--drop-old` drops them.
+//!
+//! Brands only for now: supplier copies and retailer databases are not rebuilt yet.
+
+pub mod compare;
+pub mod replay;
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use sqlx::MySqlPool;
+
+use crate::catalog::spec::CatalogSpec;
+use crate::config::Config;
+use crate::db::{database_exists, tables, NamedLock};
+use crate::tenancy::migrations;
+use crate::tenancy::tenants::{Status, TenantRef, Tenants};
+use crate::tenant::{DatabaseName, OrganisationType};
+use crate::topics::Topic;
+use crate::wire::Codec;
+
+use compare::Comparison;
+use replay::{held_offsets, Replay, Replayed};
+
+/// What to do once the shadow has caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Compare and report; change nothing.
+    DryRun,
+    /// Swap in when equal (or, with `accept_differences`, whatever the differences).
+    Swap { accept_differences: bool },
+}
+
+/// How a rebuild ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub database: DatabaseName,
+    pub replayed: Replayed,
+    pub comparison: Comparison,
+    /// Where the replaced tables are, when swapped.
+    pub swapped_to: Option<DatabaseName>,
+    /// How long the tenant's writes were held for the final catch-up, compare and swap.
+    pub pause: Duration,
+    pub elapsed: Duration,
+}
+
+/// Crash tests only: abort the process right after this step (`shadow`, `replay`, `locked`).
+pub type FailAfter = Option<String>;
+
+fn fail_after(at: &FailAfter, step: &str) {
+    if at.as_deref() == Some(step) {
+        eprintln!("rebuild: aborting after {step} (--fail-after)");
+        std::process::abort();
+    }
+}
+
+/// Finds the one tenant `name` means: an organisation id, or `brand/slug` (also `supplier/…`,
+/// `retailer/…`).
+pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef> {
+    let (kind, key) = match name.split_once('/') {
+        Some((kind, slug)) => (Some(OrganisationType::parse(&kind.to_uppercase())?), slug),
+        None => (None, name),
+    };
+    let rows: Vec<_> = tenants
+        .find(key)
+        .await?
+        .into_iter()
+        .filter(|r| kind.is_none_or(|k| r.organisation_type == k))
+        .collect();
+    let record = match rows.as_slice() {
+        [] => anyhow::bail!("unknown tenant {name:?}: no organisation has that id or slug"),
+        [one] => one,
+        many => anyhow::bail!(
+            "{name:?} names {} tenants ({}): give the organisation id or type/slug",
+            many.len(),
+            many.iter()
+                .map(|r| format!("{}/{}", r.organisation_type.db_word(), r.slug))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let found = tenants.lookup(&[&record.organisation_id]).await?;
+    found
+        .get(&record.organisation_id)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("tenant {name:?} vanished while looking it up"))
+}
+
+/// The checks before anything is created: what is rebuilt, and whether it can be.
+fn refuse_unless_rebuildable(t: &TenantRef) -> anyhow::Result<DatabaseName> {
+    if t.kind != OrganisationType::Brand {
+        anyhow::bail!(
+            "tenant {} is a {}: only brand databases can be rebuilt so far",
+            t.organisation_id,
+            t.kind
+        );
+    }
+    if t.status != Status::Active || t.changing {
+        anyhow::bail!(
+            "tenant {} is {}{}: only an active tenant is rebuilt (an archive is not)",
+            t.organisation_id,
+            t.status,
+            if t.changing {
+                ", in the middle of a lifecycle step"
+            } else {
+                ""
+            }
+        );
+    }
+    t.database
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("tenant {} has no database", t.organisation_id))
+}
+
+/// Every partition of `topic` must still start at offset 0: a rebuild from a log whose start
+/// was deleted would silently lose those events.
+fn refuse_unless_log_complete(config: &Config, topic: &str) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = config
+        .kafka_client_config()
+        .set("group.id", format!("{}.rebuild", config.namespace))
+        .create()?;
+    let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut gone = Vec::new();
+    for t in meta.topics() {
+        for p in t.partitions() {
+            let (low, _) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            if low > 0 {
+                gone.push(format!("partition {} lost offsets 0..{}", p.id(), low - 1));
+            }
+        }
+    }
+    if !gone.is_empty() {
+        anyhow::bail!(
+            "{topic} no longer holds its whole history ({}): a rebuild would miss those events",
+            gone.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// One atomic `RENAME TABLE`: `live`'s tables to `out`, then `incoming`'s into `live`. Table
+/// names come from the server's catalog and are checked before they are quoted.
+async fn exchange(
+    pool: &MySqlPool,
+    live: &DatabaseName,
+    incoming: &DatabaseName,
+    out: &DatabaseName,
+) -> anyhow::Result<()> {
+    let check = |t: &String| -> anyhow::Result<()> {
+        anyhow::ensure!(
+            t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "unexpected table name {t:?}"
+        );
+        Ok(())
+    };
+    let mut moves = Vec::new();
+    for t in tables(pool, live).await? {
+        check(&t)?;
+        moves.push(format!("{}.`{t}` TO {}.`{t}`", live.quoted(), out.quoted()));
+    }
+    for t in tables(pool, incoming).await? {
+        check(&t)?;
+        moves.push(format!(
+            "{}.`{t}` TO {}.`{t}`",
+            incoming.quoted(),
+            live.quoted()
+        ));
+    }
+    sqlx::query(&format!("RENAME TABLE {}", moves.join(", ")))
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Everything a rebuild needs, built once.
+pub struct Rebuilder {
+    pub config: Config,
+    pub pool: MySqlPool,
+    pub tenants: Tenants,
+    pub codec: Codec,
+    pub spec: CatalogSpec,
+    pub fail_after: FailAfter,
+}
+
+impl Rebuilder {
+    pub async fn new(config: &Config, fail_after: FailAfter) -> anyhow::Result<Rebuilder> {
+        let pool = crate::db::connect_pool_sized(config, 6).await?;
+        Ok(Rebuilder {
+            tenants: Tenants::new(pool.clone(), &config.namespace),
+            codec: Codec::new(&config.schema_registry_url),
+            spec: CatalogSpec::load()?,
+            config: config.clone(),
+            pool,
+            fail_after,
+        })
+    }
+
+    fn topic(&self) -> String {
+        Topic::BrandCatalog.name(&self.config.namespace)
+    }
+
+    fn replay<'a>(&'a self, brand: &'a TenantRef, topic: &'a str) -> Replay<'a> {
+        Replay {
+            config: &self.config,
+            pool: &self.pool,
+            codec: &self.codec,
+            spec: &self.spec,
+            brand,
+            topic,
+        }
+    }
+
+    /// The shadow and old databases of `t`.
+    fn beside(&self, t: &TenantRef) -> anyhow::Result<(DatabaseName, DatabaseName)> {
+        let ns = &self.config.namespace;
+        ns.shadow_database(&t.organisation_id)
+            .zip(ns.old_database(&t.organisation_id))
+            .ok_or_else(|| anyhow::anyhow!("organisation id {} is not a uuid", t.organisation_id))
+    }
+
+    async fn claim(&self, t: &TenantRef) -> anyhow::Result<NamedLock> {
+        NamedLock::rebuild(&self.pool, &self.config.namespace, &t.organisation_id)
+            .await?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "another rebuild of tenant {} is running; wait for it to end",
+                    t.organisation_id
+                )
+            })
+    }
+
+    /// Holds the tenant's lifecycle and brand locks (in the order the lifecycle takes them),
+    /// and checks it is still active under them.
+    async fn hold_writes(&self, t: &TenantRef) -> anyhow::Result<(NamedLock, NamedLock)> {
+        let ns = &self.config.namespace;
+        let lifecycle = NamedLock::lifecycle(&self.pool, ns, &t.organisation_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let brand = NamedLock::brand(&self.pool, ns, &t.organisation_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let now = resolve(&self.tenants, &t.organisation_id).await?;
+        if let Err(e) = refuse_unless_rebuildable(&now) {
+            brand.release().await;
+            lifecycle.release().await;
+            return Err(e);
+        }
+        Ok((lifecycle, brand))
+    }
+
+    /// Rebuilds `t` beside its live database and, as `mode` says, swaps it in.
+    pub async fn rebuild(
+        &self,
+        t: &TenantRef,
+        mode: Mode,
+        progress: impl FnMut(&Replayed, &std::collections::HashMap<i32, i64>),
+    ) -> anyhow::Result<Outcome> {
+        let started = Instant::now();
+        let live = refuse_unless_rebuildable(t)?;
+        let (shadow, old) = self.beside(t)?;
+        let claim = self.claim(t).await?;
+        let result = async {
+            if mode != Mode::DryRun && database_exists(&self.pool, &old).await? {
+                anyhow::bail!(
+                    "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
+                    t.organisation_id
+                );
+            }
+            let topic = self.topic();
+            refuse_unless_log_complete(&self.config, &topic)?;
+            // A shadow left by a killed rebuild is ours now (we hold the claim): start afresh.
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(&self.pool)
+                .await?;
+            migrations::create_and_migrate(
+                &self.pool,
+                &self.config.database_url,
+                &shadow,
+                migrations::for_tenant(t.kind),
+            )
+            .await?;
+            fail_after(&self.fail_after, "shadow");
+            let mut progress = progress;
+            let replay = self.replay(t, &topic);
+            // Most of the history without holding anyone up.
+            let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+            let mut replayed = replay.run(&shadow, &upto, &mut progress).await?;
+            fail_after(&self.fail_after, "replay");
+
+            let (lifecycle, brand) = self.hold_writes(t).await?;
+            let held_from = Instant::now();
+            let under_lock = async {
+                fail_after(&self.fail_after, "locked");
+                let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+                replayed += replay.run(&shadow, &upto, &mut progress).await?;
+                let comparison = compare::compare(&self.pool, &live, &shadow).await?;
+                let swap = match mode {
+                    Mode::DryRun => false,
+                    Mode::Swap { accept_differences } => {
+                        comparison.differences.is_empty() || accept_differences
+                    }
+                };
+                if swap {
+                    sqlx::query(&format!(
+                        "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                        old.quoted()
+                    ))
+                    .execute(&self.pool)
+                    .await?;
+                    exchange(&self.pool, &live, &shadow, &old).await?;
+                }
+                anyhow::Ok((comparison, swap))
+            }
+            .await;
+            brand.release().await;
+            lifecycle.release().await;
+            let pause = held_from.elapsed();
+            let (comparison, swapped) = under_lock?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(&self.pool)
+                .await?;
+            Ok(Outcome {
+                database: live.clone(),
+                replayed,
+                comparison,
+                swapped_to: swapped.then(|| old.clone()),
+                pause,
+                elapsed: started.elapsed(),
+            })
+        }
+        .await;
+        claim.release().await;
+        if result.is_err() {
+            // Leave nothing half-built behind; the live database was not touched.
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(&self.pool)
+                .await;
+        }
+        result
+    }
+
+    /// Brings the tables a rebuild replaced back into the live database, after replaying into
+    /// them what the live database applied since the swap. Returns the events replayed.
+    pub async fn rollback(&self, t: &TenantRef) -> anyhow::Result<Replayed> {
+        let live = refuse_unless_rebuildable(t)?;
+        let (shadow, old) = self.beside(t)?;
+        let claim = self.claim(t).await?;
+        let result = async {
+            if tables(&self.pool, &old).await?.is_empty() {
+                anyhow::bail!(
+                    "no earlier copy of tenant {} to roll back to ({old} is missing or empty)",
+                    t.organisation_id
+                );
+            }
+            let topic = self.topic();
+            let replay = self.replay(t, &topic);
+            let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+            let mut replayed = replay.run(&old, &upto, |_, _| {}).await?;
+            let (lifecycle, brand) = self.hold_writes(t).await?;
+            let swapped = async {
+                let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+                replayed += replay.run(&old, &upto, |_, _| {}).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                    .execute(&self.pool)
+                    .await?;
+                sqlx::query(&format!(
+                    "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                    shadow.quoted()
+                ))
+                .execute(&self.pool)
+                .await?;
+                exchange(&self.pool, &live, &old, &shadow).await
+            }
+            .await;
+            brand.release().await;
+            lifecycle.release().await;
+            swapped?;
+            for db in [&shadow, &old] {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
+                    .execute(&self.pool)
+                    .await?;
+            }
+            Ok(replayed)
+        }
+        .await;
+        claim.release().await;
+        result
+    }
+
+    /// Drops the tables an earlier rebuild replaced. Returns whether there were any.
+    pub async fn drop_old(&self, t: &TenantRef) -> anyhow::Result<bool> {
+        let (_, old) = self.beside(t)?;
+        let claim = self.claim(t).await?;
+        let existed = database_exists(&self.pool, &old).await;
+        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+            .execute(&self.pool)
+            .await;
+        claim.release().await;
+        dropped?;
+        Ok(existed?)
+    }
+}

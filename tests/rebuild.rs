@@ -1,0 +1,213 @@
+//! `tenancy rebuild` against a running worker: the real broker, MariaDB and registry.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use sqlx::MySqlPool;
+
+/// A running worker with one active brand `slug` and its catalog events applied.
+async fn brand_with_catalog(
+    t: &TestNs,
+    pool: &MySqlPool,
+    slug: &str,
+    revisions: i64,
+) -> (Worker, String, String) {
+    let worker = t.spawn_run("w");
+    let brand = new_id();
+    t.emit_ok(&[lines::created(&brand, "BRAND", slug)]);
+    t.wait_status(pool, &brand, "active").await;
+    let events: Vec<String> = (1..=revisions)
+        .map(|r| lines::catalog(&brand, r, &["A", "B", &format!("R{r}")], &[]))
+        .collect();
+    t.emit_ok(&events);
+    let db = format!("{}_brand_{slug}", t.ns);
+    let want = 2 + revisions as usize;
+    wait_for("the catalog to apply", Duration::from_secs(60), || async {
+        (fabric_rows(pool, &db).await.len() == want).then_some(())
+    })
+    .await;
+    (worker, brand, db)
+}
+
+/// A projection bug simulated by corrupting the live rows: a dry run reports each difference
+/// and changes nothing, a rebuild without --accept-differences refuses, with it repairs them
+/// (the worker keeps applying into the swapped-in tables), and --rollback brings the corrupted
+/// copy back with the events applied since.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_repairs_corrupted_rows_and_rollback_restores_them() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (worker, brand, db) = brand_with_catalog(&t, &pool, "corrupt", 3).await;
+    let good = fabric_rows(&pool, &db).await;
+    sqlx::query(&format!(
+        "UPDATE `{db}`.fabrics SET name = 'garbage' WHERE code = 'A'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("DELETE FROM `{db}`.fabrics WHERE code = 'R2'"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let corrupted = fabric_rows(&pool, &db).await;
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(out.contains("fabrics [A]: differs"), "{out}");
+    assert!(
+        out.contains("fabrics [R2]: only in the rebuilt database"),
+        "{out}"
+    );
+    assert!(out.contains("2 difference(s)"), "{out}");
+    assert_eq!(
+        fabric_rows(&pool, &db).await,
+        corrupted,
+        "a dry run changes nothing"
+    );
+
+    let (code, out, _) = t.tenancy_output(&["rebuild", "brand/corrupt"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not swapped in"), "{out}");
+    assert_eq!(fabric_rows(&pool, &db).await, corrupted);
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("swapped in"), "{out}");
+    assert_eq!(fabric_rows(&pool, &db).await, good, "repaired");
+    let old = format!("{}_old_{}", t.ns, brand.replace('-', ""));
+    assert!(database_exists(&pool, &old).await);
+
+    // The live worker writes into the swapped-in tables.
+    t.emit_ok(&[lines::catalog(&brand, 4, &["C"], &[])]);
+    wait_for("revision 4 to apply", Duration::from_secs(60), || async {
+        fabric_rows(&pool, &db)
+            .await
+            .iter()
+            .any(|(c, _, _)| c == "C")
+            .then_some(())
+    })
+    .await;
+    // A second rebuild is refused while the old tables are kept.
+    let (code, _, err) = t.tenancy_output(&["rebuild", &brand]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--drop-old"), "{err}");
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--rollback"]);
+    assert_eq!(code, Some(0), "{out}\n{err}\n{}", worker.log_text());
+    let rows = fabric_rows(&pool, &db).await;
+    assert!(
+        rows.iter().any(|(c, n, _)| c == "A" && n == "garbage"),
+        "the corrupted copy is back: {rows:?}"
+    );
+    assert!(
+        rows.iter().any(|(c, _, _)| c == "C"),
+        "with the event applied since the swap: {rows:?}"
+    );
+    assert!(!database_exists(&pool, &old).await);
+    let (code, out, _) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("no old tables"), "{out}");
+}
+
+/// Rebuilt and swapped in while a producer keeps emitting for the brand and a reader keeps
+/// querying it: the reader never fails nor sees fewer rows than before, and once the producer
+/// stops the live database equals a fresh rebuild.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_under_load_is_invisible_to_readers_and_ends_equal() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, brand, db) = brand_with_catalog(&t, &pool, "busy", 50).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (pool, db, stop, reads) = (pool.clone(), db.clone(), stop.clone(), reads.clone());
+        tokio::spawn(async move {
+            let mut seen = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.fabrics"))
+                    .fetch_one(&pool)
+                    .await
+                    .expect("the live table is always there");
+                assert!(n >= seen, "rows went from {seen} to {n}");
+                seen = n;
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let producer = {
+        let t2 = TestNs::attach(t.ns.clone(), t.config.clone());
+        let (brand, stop) = (brand.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut r = 100;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<String> = (0..20)
+                    .map(|i| lines::catalog(&brand, r + i, &[&format!("L{}", r + i)], &[]))
+                    .collect();
+                t2.emit_ok(&batch);
+                r += 20;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand]);
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    producer.await.unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+    assert!(reads.load(Ordering::Relaxed) > 10);
+
+    t.wait_caught_up().await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+}
+
+/// A rebuild killed at each step leaves the live database as it was and the next rebuild
+/// works (its claim died with it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_rebuild_leaves_the_live_database_alone() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, brand, db) = brand_with_catalog(&t, &pool, "killed", 5).await;
+    let before = checksums(&pool, &db).await;
+    for step in ["shadow", "replay", "locked"] {
+        let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--fail-after", step]);
+        assert_ne!(code, Some(0), "{step}: {out}\n{err}");
+        assert!(err.contains(&format!("aborting after {step}")), "{err}");
+        assert_eq!(
+            checksums(&pool, &db).await,
+            before,
+            "after a kill at {step}"
+        );
+    }
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+    let shadow = format!("{}_shadow_{}", t.ns, brand.replace('-', ""));
+    assert!(!database_exists(&pool, &shadow).await);
+}
+
+/// Refusals name the reason: an unknown tenant, a tenant that is not a brand.
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_refuses_what_it_cannot_rebuild() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let supplier = new_id();
+    t.emit_ok(&[lines::created(&supplier, "SUPPLIER", "sup")]);
+    t.wait_status(&pool, &supplier, "active").await;
+    let (code, _, err) = t.tenancy_output(&["rebuild", "brand/nosuch"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown tenant"), "{err}");
+    let (code, _, err) = t.tenancy_output(&["rebuild", &supplier]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("only brand databases"), "{err}");
+}
