@@ -211,3 +211,56 @@ async fn rebuild_refuses_what_it_cannot_rebuild() {
     assert_eq!(code, Some(1));
     assert!(err.contains("only brand databases"), "{err}");
 }
+
+/// `--all` rebuilds every active brand with one summary: a dry run names the brand that
+/// differs, and with --accept-differences every brand is swapped in and equal afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_all_covers_every_active_brand() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, first, first_db) = brand_with_catalog(&t, &pool, "one", 3).await;
+    let second = new_id();
+    t.emit_ok(&[
+        lines::created(&second, "BRAND", "two"),
+        lines::catalog(&second, 1, &["X"], &[]),
+    ]);
+    let second_db = format!("{}_brand_two", t.ns);
+    wait_for(
+        "the second brand's catalog",
+        Duration::from_secs(60),
+        || async { (!fabric_rows(&pool, &second_db).await.is_empty()).then_some(()) },
+    )
+    .await;
+    sqlx::query(&format!(
+        "DELETE FROM `{first_db}`.fabrics WHERE code = 'B'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(out.contains("brand/one: 1 difference(s)"), "{out}");
+    assert!(out.contains("brand/two: equal"), "{out}");
+    assert!(
+        out.contains("2 brands: 0 swapped in, 1 equal, 1 differ, 0 failed"),
+        "{out}"
+    );
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("2 brands: 2 swapped in"), "{out}");
+    assert!(
+        fabric_rows(&pool, &first_db)
+            .await
+            .iter()
+            .any(|(c, _, _)| c == "B"),
+        "repaired"
+    );
+    for brand in [&first, &second] {
+        let (code, _, _) = t.tenancy_output(&["rebuild", brand, "--drop-old"]);
+        assert_eq!(code, Some(0));
+    }
+    let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+}

@@ -451,11 +451,11 @@ async fn raw_baseline(
 }
 
 /// One row the raw baseline writes: a brand's fabric (`brand` None) or a supplier's copy of it.
-struct RawRow {
-    brand: Option<String>,
-    code: usize,
-    revision: i64,
-    pricing: bool,
+pub(super) struct RawRow {
+    pub(super) brand: Option<String>,
+    pub(super) code: usize,
+    pub(super) revision: i64,
+    pub(super) pricing: bool,
 }
 
 /// Empties what the catalog projection wrote, so the next pass starts from nothing.
@@ -618,7 +618,7 @@ pub(super) async fn done(
         .all(|(p, o)| reached.get(p).is_some_and(|r| r >= o)))
 }
 
-async fn raw_upsert(
+pub(super) async fn raw_upsert(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     db: &DatabaseName,
     rows: &[RawRow],

@@ -4,23 +4,18 @@
 //! same run. The ratio says how close the system comes to the broker's ceiling.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-use super::catalog::{done, fabric_json, provision, Tenant};
+use super::catalog::{fabric_json, provision, Tenant};
 use super::peak_rss_mib;
 use crate::config::Config;
-use crate::stream::dead_letters::DeadLetters;
-use crate::stream::health::Health;
 use crate::stream::Settings;
 use crate::tenancy::provisioning::prepare_service_databases;
 use crate::tenancy::tenants::Tenants;
 use crate::tenant::{DatabaseName, Namespace, OrganisationType};
 use crate::topics::{ensure_topics, Topic};
-use crate::wire::Codec;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct E2eArgs {
@@ -83,60 +78,19 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
 
     // The processor runs from the start; the clock runs from starting `tenancy emit`.
     let topic = Topic::BrandCatalog.name(&ns);
-    let processors =
-        crate::worker::Processors::build(&config, &crate::worker::WorkerOptions::default()).await?;
-    let group = format!("{ns}.catalog");
-    let consumer = crate::stream::consumer::join(
-        &config,
-        "catalog",
-        &group,
-        std::slice::from_ref(&topic),
-        &crate::stream::consumer::Membership {
-            session_timeout: Duration::from_secs(10),
-            assignor: crate::stream::consumer::Assignor::CooperativeSticky,
-        },
-    )?;
-    let health = Health::default().processor("catalog", &group);
-    let dead_letters = DeadLetters::new(
-        crate::kafka::producer(&config)?,
-        Topic::DeadLetter.name(&ns),
-    );
-    let codec = Arc::new(Codec::new(&config.schema_registry_url));
-    let shutdown = CancellationToken::new();
     let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
     let started = Instant::now();
-    let emit_and_wait = async {
+    let timed = super::with_catalog_processor(&config, async {
         let last = emit(&config, &input).await?;
         let emitted = started.elapsed();
-        loop {
-            if done(&pool, &brand_dbs, &last).await? {
-                shutdown.cancel();
-                return anyhow::Ok((emitted, started.elapsed()));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    let settings = Settings {
-        leave_group_on_exit: true,
-        ..settings
-    };
-    let (run, timed) = tokio::join!(
-        crate::stream::run(
-            &processors.catalog,
-            consumer,
-            &codec,
-            &dead_letters,
-            health,
-            &settings,
-            shutdown.clone()
-        ),
-        emit_and_wait
-    );
+        super::wait_applied(&pool, &brand_dbs, &last).await?;
+        anyhow::Ok((emitted, started.elapsed()))
+    })
+    .await;
     let _ = std::fs::remove_file(&input);
-    run?;
     let (emitted, applied) = timed?;
     let rss_peak = peak_rss_mib();
-    let emit_rss = children_peak_rss_mib();
+    let emit_rss = super::children_peak_rss_mib();
     let system_eps = args.events as f64 / applied.as_secs_f64();
 
     // The broker's own rate for the same messages.
@@ -170,26 +124,10 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
 /// it reports per partition.
 async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMap<i32, i64>> {
     use tokio::io::AsyncBufReadExt;
-    let mut command = tokio::process::Command::new(std::env::current_exe()?);
-    if !config.kafka_options.is_empty() {
-        command.env(
-            "KAFKA_OPTIONS",
-            config
-                .kafka_options
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(","),
-        );
-    }
+    let mut command = super::tenancy_command(config)?;
     let mut child = command
         .arg("emit")
         .arg(input)
-        .env("TENANCY_NAMESPACE", config.namespace.to_string())
-        .env("KAFKA_BOOTSTRAP_SERVERS", &config.kafka_bootstrap_servers)
-        .env("SCHEMA_REGISTRY_URL", &config.schema_registry_url)
-        .env("DATABASE_URL", &config.database_url)
-        .env("REDIS_URL", &config.redis_url)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
@@ -207,16 +145,6 @@ async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMa
     let status = child.wait().await?;
     anyhow::ensure!(status.success(), "tenancy emit failed: {status}");
     Ok(last)
-}
-
-/// Peak resident memory of the largest child process waited for, in MiB.
-fn children_peak_rss_mib() -> f64 {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
-        return 0.0;
-    }
-    usage.ru_maxrss as f64 / 1024.0
 }
 
 /// Reads `count` messages of `topic` from the start with a plain consumer; messages/s.

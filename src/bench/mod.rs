@@ -5,10 +5,12 @@
 //! - [`broker`]: the broker's own produce and consume rates, the ceiling every processor sits
 //!   under.
 //! - [`e2e`]: `tenancy emit` to the last event applied, against the broker's consume rate.
+//! - [`rebuild`]: `tenancy rebuild` of a large brand, against plain upserts of the same rows.
 
 pub mod broker;
 pub mod catalog;
 pub mod e2e;
+pub mod rebuild;
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
@@ -39,6 +41,101 @@ pub(crate) async fn drop_namespace(
         sqlx::query(&format!("DROP DATABASE `{name}`"))
             .execute(pool)
             .await?;
+    }
+    Ok(())
+}
+
+/// This binary, run for `config`'s namespace and services (a child of a benchmark).
+pub(crate) fn tenancy_command(
+    config: &crate::config::Config,
+) -> anyhow::Result<tokio::process::Command> {
+    let mut command = tokio::process::Command::new(std::env::current_exe()?);
+    command
+        .env("TENANCY_NAMESPACE", config.namespace.to_string())
+        .env("KAFKA_BOOTSTRAP_SERVERS", &config.kafka_bootstrap_servers)
+        .env("SCHEMA_REGISTRY_URL", &config.schema_registry_url)
+        .env("DATABASE_URL", &config.database_url)
+        .env("REDIS_URL", &config.redis_url);
+    if !config.kafka_options.is_empty() {
+        command.env(
+            "KAFKA_OPTIONS",
+            config
+                .kafka_options
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
+    Ok(command)
+}
+
+/// Peak resident memory of the largest child process waited for, in MiB.
+pub(crate) fn children_peak_rss_mib() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+/// Runs the catalog processor of `config`'s namespace (group `{ns}.catalog`) in this process
+/// until `work` ends; returns what `work` returned.
+pub(crate) async fn with_catalog_processor<T>(
+    config: &crate::config::Config,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    use crate::stream::consumer::{join, Assignor, Membership};
+    use crate::topics::Topic;
+    let ns = &config.namespace;
+    let processors =
+        crate::worker::Processors::build(config, &crate::worker::WorkerOptions::default()).await?;
+    let group = format!("{ns}.catalog");
+    let consumer = join(
+        config,
+        "catalog",
+        &group,
+        &[Topic::BrandCatalog.name(ns)],
+        &Membership {
+            session_timeout: std::time::Duration::from_secs(10),
+            assignor: Assignor::CooperativeSticky,
+        },
+    )?;
+    let health = crate::stream::health::Health::default().processor("catalog", &group);
+    let settings = crate::stream::Settings {
+        leave_group_on_exit: true,
+        ..Default::default()
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (run, result) = tokio::join!(
+        crate::stream::run(
+            &processors.catalog,
+            consumer,
+            &processors.codec,
+            &processors.dead_letters,
+            health,
+            &settings,
+            shutdown.clone()
+        ),
+        async {
+            let r = work.await;
+            shutdown.cancel();
+            r
+        }
+    );
+    run?;
+    result
+}
+
+/// Waits until the brands' databases hold every partition's `last` catalog offset.
+pub(crate) async fn wait_applied(
+    pool: &sqlx::MySqlPool,
+    brands: &[crate::tenant::DatabaseName],
+    last: &std::collections::HashMap<i32, i64>,
+) -> anyhow::Result<()> {
+    while !catalog::done(pool, brands, last).await? {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     Ok(())
 }

@@ -134,6 +134,9 @@ pub enum BenchCommand {
     /// From emitting N catalog events to the last one applied, next to a plain consumer's rate
     /// for the same messages.
     E2e(crate::bench::e2e::E2eArgs),
+    /// One brand with many catalog events rebuilt online by `tenancy rebuild`, next to plain
+    /// upserts of the same rows.
+    Rebuild(crate::bench::rebuild::RebuildBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -216,6 +219,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::E2e(args),
         } => {
             crate::bench::e2e::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Rebuild(args),
+        } => {
+            crate::bench::rebuild::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Access { command } => access::run(config, command).await,

@@ -10,11 +10,20 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Config;
 use crate::rebuild::replay::Replayed;
 use crate::rebuild::{resolve, Mode, Rebuilder};
+use crate::tenancy::tenants::Status;
+use crate::tenant::OrganisationType;
 
 #[derive(Debug, clap::Args)]
 pub struct RebuildArgs {
     /// The tenant: organisation id, or `brand/SLUG`. Brands only so far.
-    pub tenant: String,
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub tenant: Option<String>,
+    /// Every active brand, a few at a time (--parallel), with one summary at the end.
+    #[arg(long, conflicts_with_all = ["rollback", "drop_old"])]
+    pub all: bool,
+    /// With --all: tenants rebuilt at the same time.
+    #[arg(long, default_value_t = 2, requires = "all")]
+    pub parallel: usize,
     /// Rebuild and compare with the live database; change nothing. Exit 1 if they differ.
     #[arg(long, conflicts_with_all = ["rollback", "drop_old", "accept_differences"])]
     pub dry_run: bool,
@@ -38,8 +47,18 @@ pub struct RebuildArgs {
 const SHOWN_DIFFERENCES: usize = 50;
 
 pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
-    let r = Rebuilder::new(&config, args.fail_after.clone()).await?;
-    let t = resolve(&r.tenants, &args.tenant).await?;
+    let r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
+    let mode = if args.dry_run {
+        Mode::DryRun
+    } else {
+        Mode::Swap {
+            accept_differences: args.accept_differences,
+        }
+    };
+    let Some(name) = &args.tenant else {
+        return all(&r, mode, args.parallel.max(1)).await;
+    };
+    let t = resolve(&r.tenants, name).await?;
     if args.drop_old {
         let dropped = r.drop_old(&t).await?;
         println!(
@@ -60,13 +79,6 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mode = if args.dry_run {
-        Mode::DryRun
-    } else {
-        Mode::Swap {
-            accept_differences: args.accept_differences,
-        }
-    };
     let bar = std::io::stderr().is_terminal().then(|| {
         ProgressBar::new_spinner().with_style(
             ProgressStyle::with_template("{spinner} {elapsed} {msg}").expect("valid template"),
@@ -135,4 +147,77 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `--all`: every active brand, `parallel` at a time, one line each and a summary.
+async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitCode> {
+    use futures::stream::{self, StreamExt};
+    let active = r.tenants.list(Some(Status::Active)).await?;
+    let (brands, others): (Vec<_>, Vec<_>) = active
+        .into_iter()
+        .partition(|t| t.organisation_type == OrganisationType::Brand);
+    if !others.is_empty() {
+        eprintln!(
+            "{} active supplier and retailer tenants are not rebuilt (brands only so far)",
+            others.len()
+        );
+    }
+    eprintln!("rebuilding {} brands, {parallel} at a time", brands.len());
+    let results: Vec<(String, anyhow::Result<crate::rebuild::Outcome>)> =
+        stream::iter(brands.iter())
+            .map(|b| async move {
+                let name = format!("brand/{}", b.slug);
+                let outcome = async {
+                    let t = resolve(&r.tenants, &b.organisation_id).await?;
+                    let tenant = name.clone();
+                    r.rebuild(&t, mode, |done: &Replayed, _| {
+                tracing::info!(%tenant, read = done.read, applied = done.applied, "rebuilding");
+            })
+            .await
+                }
+                .await;
+                (name, outcome)
+            })
+            .buffer_unordered(parallel)
+            .collect()
+            .await;
+    let (mut swapped, mut equal, mut differ, mut failed) = (0, 0, 0, 0);
+    for (name, result) in &results {
+        match result {
+            Ok(o) if o.swapped_to.is_some() => {
+                swapped += 1;
+                println!(
+                    "{name}: swapped in ({} events, {} difference(s), writes held {} ms)",
+                    o.replayed.applied,
+                    o.comparison.differences.len(),
+                    o.pause.as_millis()
+                );
+            }
+            Ok(o) if o.comparison.differences.is_empty() => {
+                equal += 1;
+                println!("{name}: equal ({} events; dry run)", o.replayed.applied);
+            }
+            Ok(o) => {
+                differ += 1;
+                println!(
+                    "{name}: {} difference(s), not swapped in (first: {})",
+                    o.comparison.differences.len(),
+                    o.comparison.differences[0]
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{name}: failed: {e:#}");
+            }
+        }
+    }
+    println!(
+        "{} brands: {swapped} swapped in, {equal} equal, {differ} differ, {failed} failed",
+        results.len()
+    );
+    Ok(if differ + failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -2,6 +2,7 @@
 //! row was written left out (they differ by construction).
 
 use std::collections::BTreeMap;
+
 use std::fmt;
 
 use sqlx::MySqlPool;
@@ -88,41 +89,41 @@ async fn columns(
     Ok((compared, key))
 }
 
-/// (key, digest of the compared columns) of every row, by key.
-async fn digests(
-    pool: &MySqlPool,
+/// `SELECT key, digest` of every row of `table` in `db`, in byte order of the key (the order
+/// Rust compares strings in), so two sides can be merged as they stream.
+fn digest_sql(
     db: &DatabaseName,
     table: &str,
     compared: &[String],
     key: &[String],
-) -> Result<BTreeMap<String, String>, sqlx::Error> {
+) -> Result<String, sqlx::Error> {
     let text = |c: &String| -> Result<String, sqlx::Error> {
         // NULL is spelled out, so it differs from an empty string.
         Ok(format!(
-            "COALESCE(CAST(`{}` AS CHAR), '\\\\N')",
+            "COALESCE(CAST(`{}` AS CHAR), '\\N')",
             identifier(c)?
         ))
     };
     let key_cols = if key.is_empty() { compared } else { key };
     let key_expr = key_cols.iter().map(text).collect::<Result<Vec<_>, _>>()?;
     let row_expr = compared.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-    let sql = format!(
-        "SELECT CONCAT_WS('|', {}), MD5(CONCAT_WS(0x1f, {})) FROM {}.`{}`",
-        key_expr.join(", "),
+    Ok(format!(
+        "SELECT CONCAT_WS('|', {k}) AS k, MD5(CONCAT_WS(0x1f, {})) FROM {}.`{}` ORDER BY CAST(CONCAT_WS('|', {k}) AS BINARY)",
         row_expr.join(", "),
         db.quoted(),
-        identifier(table)?
-    );
-    let rows: Vec<(String, String)> = sqlx::query_as(&sql).fetch_all(pool).await?;
-    Ok(rows.into_iter().collect())
+        identifier(table)?,
+        k = key_expr.join(", "),
+    ))
 }
 
-/// Compares every table of `live` with `rebuilt`.
+/// Compares every table of `live` with `rebuilt`, streaming both sides (memory stays flat
+/// however large the tables are).
 pub async fn compare(
     pool: &MySqlPool,
     live: &DatabaseName,
     rebuilt: &DatabaseName,
 ) -> Result<Comparison, sqlx::Error> {
+    use futures::TryStreamExt;
     let mut names = tables(pool, live).await?;
     names.extend(tables(pool, rebuilt).await?);
     names.sort();
@@ -139,31 +140,53 @@ pub async fn compare(
             });
             continue;
         }
-        let a = digests(pool, live, table, &compared, &key).await?;
-        let b = digests(pool, rebuilt, table, &compared, &key).await?;
-        out.counts.insert(table.clone(), (a.len(), b.len()));
-        for (k, digest) in &a {
-            match b.get(k) {
-                None => out.differences.push(Difference {
-                    table: table.clone(),
-                    key: k.clone(),
-                    kind: DifferenceKind::OnlyLive,
-                }),
-                Some(d) if d != digest => out.differences.push(Difference {
-                    table: table.clone(),
-                    key: k.clone(),
-                    kind: DifferenceKind::Differs,
-                }),
-                Some(_) => {}
-            }
-        }
-        for k in b.keys().filter(|k| !a.contains_key(*k)) {
+        let live_sql = digest_sql(live, table, &compared, &key)?;
+        let rebuilt_sql = digest_sql(rebuilt, table, &compared, &key)?;
+        let mut a = sqlx::query_as::<_, (String, String)>(&live_sql).fetch(pool);
+        let mut b = sqlx::query_as::<_, (String, String)>(&rebuilt_sql).fetch(pool);
+        let (mut x, mut y) = (a.try_next().await?, b.try_next().await?);
+        let (mut live_rows, mut rebuilt_rows) = (0, 0);
+        let mut differ = |key: &str, kind| {
             out.differences.push(Difference {
                 table: table.clone(),
-                key: k.clone(),
-                kind: DifferenceKind::OnlyRebuilt,
-            });
+                key: key.to_owned(),
+                kind,
+            })
+        };
+        loop {
+            let order = match (&x, &y) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(l), Some(r)) => l.0.as_bytes().cmp(r.0.as_bytes()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    differ(&x.as_ref().expect("live row").0, DifferenceKind::OnlyLive);
+                    live_rows += 1;
+                    x = a.try_next().await?;
+                }
+                std::cmp::Ordering::Greater => {
+                    differ(
+                        &y.as_ref().expect("rebuilt row").0,
+                        DifferenceKind::OnlyRebuilt,
+                    );
+                    rebuilt_rows += 1;
+                    y = b.try_next().await?;
+                }
+                std::cmp::Ordering::Equal => {
+                    let (l, r) = (x.as_ref().expect("live"), y.as_ref().expect("rebuilt"));
+                    if l.1 != r.1 {
+                        differ(&l.0, DifferenceKind::Differs);
+                    }
+                    live_rows += 1;
+                    rebuilt_rows += 1;
+                    x = a.try_next().await?;
+                    y = b.try_next().await?;
+                }
+            }
         }
+        out.counts.insert(table.clone(), (live_rows, rebuilt_rows));
     }
     Ok(out)
 }

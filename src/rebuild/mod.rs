@@ -60,6 +60,9 @@ pub struct Outcome {
     pub elapsed: Duration,
 }
 
+/// Comparisons made before taking the tenant's locks, before one is made under them.
+const ATTEMPTS_BEFORE_LOCKED_COMPARE: u32 = 4;
+
 /// Crash tests only: abort the process right after this step (`shadow`, `replay`, `locked`).
 pub type FailAfter = Option<String>;
 
@@ -199,8 +202,14 @@ pub struct Rebuilder {
 }
 
 impl Rebuilder {
-    pub async fn new(config: &Config, fail_after: FailAfter) -> anyhow::Result<Rebuilder> {
-        let pool = crate::db::connect_pool_sized(config, 6).await?;
+    /// For up to `parallel` rebuilds at once: each holds up to three connections for its
+    /// claim and locks, and one for its queries.
+    pub async fn new(
+        config: &Config,
+        fail_after: FailAfter,
+        parallel: usize,
+    ) -> anyhow::Result<Rebuilder> {
+        let pool = crate::db::connect_pool_sized(config, (4 * parallel.max(1) + 2) as u32).await?;
         Ok(Rebuilder {
             tenants: Tenants::new(pool.clone(), &config.namespace),
             codec: Codec::new(&config.schema_registry_url),
@@ -276,7 +285,8 @@ impl Rebuilder {
         let (shadow, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
         let result = async {
-            if mode != Mode::DryRun && database_exists(&self.pool, &old).await? {
+            // (An empty one is a killed rebuild's, about to swap: it is reused.)
+            if mode != Mode::DryRun && !tables(&self.pool, &old).await?.is_empty() {
                 anyhow::bail!(
                     "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
                     t.organisation_id
@@ -298,40 +308,71 @@ impl Rebuilder {
             fail_after(&self.fail_after, "shadow");
             let mut progress = progress;
             let replay = self.replay(t, &topic);
-            // Most of the history without holding anyone up.
-            let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
-            let mut replayed = replay.run(&shadow, &upto, &mut progress).await?;
-            fail_after(&self.fail_after, "replay");
-
-            let (lifecycle, brand) = self.hold_writes(t).await?;
-            let held_from = Instant::now();
-            let under_lock = async {
-                fail_after(&self.fail_after, "locked");
+            let wants_swap = mode != Mode::DryRun;
+            if wants_swap {
+                sqlx::query(&format!(
+                    "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                    old.quoted()
+                ))
+                .execute(&self.pool)
+                .await?;
+            }
+            // Catch up and compare without holding anyone up; then, under the tenant's locks,
+            // the comparison stands if the live offsets have not moved since it began (every
+            // live write to the database moves them in the same transaction). If they keep
+            // moving, the last attempt catches up and compares under the locks.
+            let mut replayed = Replayed::default();
+            let mut attempt = 0;
+            let (comparison, swapped, pause) = loop {
+                attempt += 1;
+                let last_attempt = attempt == ATTEMPTS_BEFORE_LOCKED_COMPARE;
                 let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
                 replayed += replay.run(&shadow, &upto, &mut progress).await?;
-                let comparison = compare::compare(&self.pool, &live, &shadow).await?;
-                let swap = match mode {
-                    Mode::DryRun => false,
-                    Mode::Swap { accept_differences } => {
-                        comparison.differences.is_empty() || accept_differences
-                    }
+                fail_after(&self.fail_after, "replay");
+                let unlocked = if last_attempt {
+                    None
+                } else {
+                    Some(compare::compare(&self.pool, &live, &shadow).await?)
                 };
-                if swap {
-                    sqlx::query(&format!(
-                        "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                        old.quoted()
-                    ))
+                let (lifecycle, brand) = self.hold_writes(t).await?;
+                let held_from = Instant::now();
+                let under_lock = async {
+                    fail_after(&self.fail_after, "locked");
+                    let now = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+                    let comparison = match unlocked {
+                        Some(c) if now == upto => c,
+                        Some(_) => return Ok(None),
+                        None => {
+                            replayed += replay.run(&shadow, &now, &mut progress).await?;
+                            compare::compare(&self.pool, &live, &shadow).await?
+                        }
+                    };
+                    let swap = match mode {
+                        Mode::DryRun => false,
+                        Mode::Swap { accept_differences } => {
+                            comparison.differences.is_empty() || accept_differences
+                        }
+                    };
+                    if swap {
+                        exchange(&self.pool, &live, &shadow, &old).await?;
+                    }
+                    anyhow::Ok(Some((comparison, swap)))
+                }
+                .await;
+                brand.release().await;
+                lifecycle.release().await;
+                let pause = held_from.elapsed();
+                if let Some((comparison, swapped)) = under_lock? {
+                    break (comparison, swapped, pause);
+                }
+                tracing::info!(tenant = %t.organisation_id, attempt,
+                    "live events applied during the comparison: catching up again");
+            };
+            if wants_swap && !swapped {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
                     .execute(&self.pool)
                     .await?;
-                    exchange(&self.pool, &live, &shadow, &old).await?;
-                }
-                anyhow::Ok((comparison, swap))
             }
-            .await;
-            brand.release().await;
-            lifecycle.release().await;
-            let pause = held_from.elapsed();
-            let (comparison, swapped) = under_lock?;
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(&self.pool)
                 .await?;
@@ -351,6 +392,11 @@ impl Rebuilder {
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(&self.pool)
                 .await;
+            if tables(&self.pool, &old).await.is_ok_and(|t| t.is_empty()) {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+                    .execute(&self.pool)
+                    .await;
+            }
         }
         result
     }

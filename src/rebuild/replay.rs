@@ -103,58 +103,93 @@ impl Replay<'_> {
             .set("group.id", format!("{}.rebuild", self.config.namespace))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // librdkafka prefetches up to 64 MiB per partition by default; the replay consumes
+            // as fast as MySQL applies, so a smaller read-ahead costs nothing and keeps the
+            // rebuild's memory small.
+            .set("queued.max.messages.kbytes", "8192")
             .create()?;
         consumer.assign(&assignment)?;
-        let mut pending: HashMap<i32, Vec<Msg<item::Item>>> = HashMap::new();
-        let mut last_report = Instant::now();
-        while position.iter().any(|(p, at)| *at < upto[p]) {
-            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no message from {} for 30 s while replaying", self.topic)
-                })??;
-            let p = m.partition();
-            let Some(&end) = upto.get(&p) else { continue };
-            if m.offset() > end || position.get(&p).is_some_and(|at| m.offset() <= *at) {
-                continue;
-            }
-            position.insert(p, m.offset());
-            done.read += 1;
-            let ours = m.key() == Some(self.brand.organisation_id.as_bytes());
-            if ours {
-                match self.codec.decode(m.payload()).await.map(item::parse) {
-                    Ok(Ok(it))
-                        if it.brand == self.brand.organisation_id
-                            && matches!(it.change, Change::Catalog(_))
-                            && !self.brand.was_archived_at(it.occurred_at) =>
-                    {
-                        let origin = Origin::of(&m);
-                        pending
-                            .entry(p)
-                            .or_default()
-                            .push(Msg::new(origin, it, m.detach()));
+        // Reading and decoding run ahead of applying (a batch or two), so the topic is read
+        // while MySQL writes the previous batch.
+        let (batches, ready) = tokio::sync::mpsc::channel::<(i32, Vec<Msg<item::Item>>)>(2);
+        let applied = std::cell::Cell::new(0u64);
+        let read = async {
+            let mut pending: HashMap<i32, Vec<Msg<item::Item>>> = HashMap::new();
+            let mut last_report = Instant::now();
+            while position.iter().any(|(p, at)| *at < upto[p]) {
+                let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("no message from {} for 30 s while replaying", self.topic)
+                    })??;
+                let p = m.partition();
+                let Some(&end) = upto.get(&p) else { continue };
+                if m.offset() > end || position.get(&p).is_some_and(|at| m.offset() <= *at) {
+                    continue;
+                }
+                position.insert(p, m.offset());
+                done.read += 1;
+                if m.key() == Some(self.brand.organisation_id.as_bytes()) {
+                    match self.codec.decode(m.payload()).await.map(item::parse) {
+                        Ok(Ok(it))
+                            if it.brand == self.brand.organisation_id
+                                && matches!(it.change, Change::Catalog(_))
+                                && !self.brand.was_archived_at(it.occurred_at) =>
+                        {
+                            let origin = Origin::of(&m);
+                            pending
+                                .entry(p)
+                                .or_default()
+                                .push(Msg::new(origin, it, m.detach()));
+                        }
+                        _ => done.skipped += 1,
                     }
-                    _ => done.skipped += 1,
+                }
+                let full = pending.get(&p).is_some_and(|v| v.len() >= BATCH);
+                if full || m.offset() == end {
+                    if let Some(run) = pending.remove(&p) {
+                        // A closed channel means the applier failed; its error is returned.
+                        if batches.send((p, run)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_secs(2) {
+                    done.applied = applied.get();
+                    progress(&done, &position);
+                    last_report = Instant::now();
                 }
             }
-            let full = pending.get(&p).is_some_and(|v| v.len() >= BATCH);
-            if full || m.offset() == end {
-                done.applied += self.apply(target, p, pending.remove(&p)).await?;
+            for (p, run) in pending.drain() {
+                if batches.send((p, run)).await.is_err() {
+                    break;
+                }
             }
-            if last_report.elapsed() >= Duration::from_secs(2) {
-                progress(&done, &position);
-                last_report = Instant::now();
+            drop(batches);
+            anyhow::Ok(())
+        };
+        let apply = async {
+            // Owned here: an applier that fails drops it, which ends the reader's sends.
+            let mut ready = ready;
+            // One connection for every batch: they are applied one after another anyway, and
+            // the prepared multi-row statements are then cached on one connection only.
+            let mut conn = self.pool.acquire().await?;
+            while let Some((p, run)) = ready.recv().await {
+                applied.set(applied.get() + self.apply(&mut conn, target, p, Some(run)).await?);
             }
-        }
-        for (p, run) in pending.drain() {
-            done.applied += self.apply(target, p, Some(run)).await?;
-        }
+            anyhow::Ok(())
+        };
+        let (read, apply) = tokio::join!(read, apply);
+        apply?;
+        read?;
+        done.applied = applied.get();
         progress(&done, &position);
         Ok(done)
     }
 
     async fn apply(
         &self,
+        conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
         target: &DatabaseName,
         partition: i32,
         run: Option<Vec<Msg<item::Item>>>,
@@ -163,7 +198,7 @@ impl Replay<'_> {
             return Ok(0);
         };
         let refs: Vec<&Msg<item::Item>> = run.iter().collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
         write_brand_run(
             &mut tx,
             self.spec,

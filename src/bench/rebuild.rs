@@ -1,0 +1,195 @@
+//! `tenancy bench rebuild`: one brand with many catalog events, applied live, then rebuilt
+//! online by `tenancy rebuild` (a child process, so its memory is its own), next to a raw
+//! baseline in the same run: the same rows, batch by batch as the replay folds them, written by
+//! plain multi-row upserts into an empty brand database, one transaction per batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
+
+use rdkafka::producer::FutureRecord;
+use serde_json::json;
+
+use super::catalog::{fabric_json, provision, raw_upsert, RawRow};
+use crate::config::Config;
+use crate::events::json::record_from_json;
+use crate::events::EventKind;
+use crate::tenancy::provisioning::prepare_service_databases;
+use crate::tenancy::tenants::Tenants;
+use crate::tenant::{Namespace, OrganisationType};
+use crate::topics::{ensure_topics, Topic};
+use crate::wire::Codec;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RebuildBenchArgs {
+    /// BrandCatalogUpdated events of the one brand.
+    #[arg(long, default_value_t = 500_000)]
+    pub events: usize,
+    /// Fabrics per event.
+    #[arg(long, default_value_t = 5)]
+    pub per_event: usize,
+    /// Distinct fabric codes (the brand's catalog size); events cycle through them.
+    #[arg(long, default_value_t = 20_000)]
+    pub catalog: usize,
+    /// Keep the benchmark's databases afterwards.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// The replay folds this many events per transaction (as `rebuild::replay`).
+const BATCH: usize = 1000;
+/// Rows per statement in the raw baseline (as the projector's store).
+const ROWS_PER_STATEMENT: usize = 500;
+
+fn codes_of(args: &RebuildBenchArgs, n: usize) -> impl Iterator<Item = usize> + '_ {
+    (0..args.per_event).map(move |j| (n * args.per_event + j) % args.catalog)
+}
+
+pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.events > 0 && args.per_event > 0 && args.catalog > 0,
+        "--events, --per-event and --catalog must be positive"
+    );
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let ns = config.namespace.clone();
+    let pool = crate::db::connect_pool_sized(&config, 8).await?;
+    ensure_topics(&config).await?;
+    prepare_service_databases(&pool, &config.database_url, &ns).await?;
+    let tenants = Tenants::new(pool.clone(), &ns);
+    let brand = provision(&pool, &tenants, &config, OrganisationType::Brand, 0).await?;
+
+    eprintln!(
+        "namespace {ns}: producing {} events for one brand",
+        args.events
+    );
+    let codec = Codec::new(&config.schema_registry_url);
+    let topic = Topic::BrandCatalog.name(&ns);
+    let producer = crate::kafka::producer(&config)?;
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    let mut in_flight = std::collections::VecDeque::new();
+    for n in 0..args.events {
+        let fabrics: Vec<serde_json::Value> = codes_of(&args, n)
+            .map(|i| fabric_json(i, n as i64))
+            .collect();
+        let line = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0,
+            "brand_id": brand.id, "brand_slug": "brand0", "revision": n as i64,
+            "fabrics_upserted": fabrics, "fabrics_removed": []});
+        let value = record_from_json(EventKind::BrandCatalogUpdated.schema(), &line, &[])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let payload = codec
+            .encode(&topic, EventKind::BrandCatalogUpdated, value)
+            .await
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        loop {
+            match producer.send_result(FutureRecord::to(&topic).key(&brand.id).payload(&payload)) {
+                Ok(d) => {
+                    in_flight.push_back(d);
+                    break;
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(_), _)) => {
+                    // The queue is full: settle the oldest.
+                    let d = in_flight.pop_front().expect("something in flight");
+                    let d = d
+                        .await?
+                        .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+                    let e = last.entry(d.partition).or_insert(-1);
+                    *e = (*e).max(d.offset);
+                }
+                Err((e, _)) => anyhow::bail!("produce: {e}"),
+            }
+        }
+        if (n + 1) % 100_000 == 0 {
+            eprintln!("  {} produced", n + 1);
+        }
+    }
+    for d in in_flight {
+        let d = d
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        let e = last.entry(d.partition).or_insert(-1);
+        *e = (*e).max(d.offset);
+    }
+    drop(producer);
+
+    eprintln!("applying them live with the catalog processor");
+    let started = Instant::now();
+    let brands = [brand.db.clone()];
+    super::with_catalog_processor(&config, super::wait_applied(&pool, &brands, &last)).await?;
+    let live = started.elapsed();
+
+    eprintln!("rebuilding the brand online (tenancy rebuild)");
+    let started = Instant::now();
+    let out = super::tenancy_command(&config)?
+        .arg("rebuild")
+        .arg(&brand.id)
+        .output()
+        .await?;
+    let rebuilt = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "tenancy rebuild failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rebuild_rss = super::children_peak_rss_mib();
+    let pause_ms: f64 = stdout
+        .split("writes held ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
+
+    // The raw baseline: an empty brand database of the same schema, the same net rows per
+    // batch of events.
+    let raw = provision(&pool, &tenants, &config, OrganisationType::Brand, 1).await?;
+    let started = Instant::now();
+    let mut rows_written = 0usize;
+    for first in (0..args.events).step_by(BATCH) {
+        let mut net: BTreeMap<usize, i64> = BTreeMap::new();
+        for n in first..(first + BATCH).min(args.events) {
+            for code in codes_of(&args, n) {
+                net.insert(code, n as i64);
+            }
+        }
+        let rows: Vec<RawRow> = net
+            .into_iter()
+            .map(|(code, revision)| RawRow {
+                brand: None,
+                code,
+                revision,
+                pricing: true,
+            })
+            .collect();
+        let mut tx = pool.begin().await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            raw_upsert(&mut tx, &raw.db, chunk).await?;
+        }
+        tx.commit().await?;
+        rows_written += rows.len();
+    }
+    let raw_elapsed = started.elapsed();
+
+    let rebuild_rows = rows_written as f64 / rebuilt.as_secs_f64();
+    let raw_rows = rows_written as f64 / raw_elapsed.as_secs_f64();
+    println!(
+        "rebuild benchmark: one brand, {} events of {} fabrics over {} codes ({rows_written} row writes in batches of {BATCH} events); applied live in {:.1} s",
+        args.events,
+        args.per_event,
+        args.catalog,
+        live.as_secs_f64()
+    );
+    println!(
+        "tenancy rebuild (replay, compare, swap, as a child process): {:.1} s = {:.0} events/s, {rebuild_rows:.0} rows/s; swap pause {pause_ms:.0} ms; peak RSS {rebuild_rss:.0} MiB",
+        rebuilt.as_secs_f64(),
+        args.events as f64 / rebuilt.as_secs_f64()
+    );
+    println!(
+        "raw baseline (the same net rows, multi-row upserts, one transaction per batch): {:.1} s = {raw_rows:.0} rows/s",
+        raw_elapsed.as_secs_f64()
+    );
+    println!("ratio rebuild/raw: {:.2}", rebuild_rows / raw_rows);
+    if !args.keep {
+        super::drop_namespace(&pool, &ns).await?;
+    }
+    Ok(())
+}
