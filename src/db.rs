@@ -67,7 +67,7 @@ impl NamedLock {
         ns: &Namespace,
         organisation_id: &str,
     ) -> Result<Option<NamedLock>, sqlx::Error> {
-        let name = format!("{ns}:r:{}", compact(organisation_id));
+        let name = Self::rebuild_name(ns, organisation_id);
         let mut conn = pool.acquire().await?;
         let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 0)")
             .bind(&name)
@@ -77,6 +77,11 @@ impl NamedLock {
             conn: Some(conn),
             name,
         }))
+    }
+
+    /// The name of an organisation's rebuild claim (`tenancy status` asks whether it is held).
+    pub fn rebuild_name(ns: &Namespace, organisation_id: &str) -> String {
+        format!("{ns}:r:{}", compact(organisation_id))
     }
 
     async fn acquire(pool: &MySqlPool, name: String) -> Result<NamedLock, StepError> {

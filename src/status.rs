@@ -43,7 +43,7 @@ fn platform(ns: &Namespace) -> DatabaseName {
 }
 
 /// This host's name, for the report.
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .or_else(|_| std::env::var("HOSTNAME"))

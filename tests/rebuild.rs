@@ -187,12 +187,20 @@ async fn a_killed_rebuild_leaves_the_live_database_alone() {
             before,
             "after a kill at {step}"
         );
+        // `tenancy status` shows the killed rebuild as such (its claim died with it).
+        let status = t.status();
+        let rebuilds = status["rebuilds"].as_array().expect("rebuilds");
+        assert_eq!(rebuilds.len(), 1, "{status}");
+        assert_eq!(rebuilds[0]["organisation_id"], brand.as_str());
+        assert_eq!(rebuilds[0]["running"], false, "{status}");
     }
     let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("0 difference(s)"), "{out}");
     let shadow = format!("{}_shadow_{}", t.ns, brand.replace('-', ""));
     assert!(!database_exists(&pool, &shadow).await);
+    let status = t.status();
+    assert_eq!(status["rebuilds"], serde_json::json!([]), "{status}");
 }
 
 /// Refusals name the reason: an unknown tenant, a tenant that is not a brand.

@@ -1,5 +1,6 @@
 //! `tenancy status`: per processor and partition, where the group stands and who owns it; per
-//! worker, whether it is ready; and what every worker holds, for whom, since when.
+//! worker, whether it is ready; what every worker holds, for whom, since when; and the
+//! rebuilds in progress.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -9,7 +10,8 @@ use crate::status::WorkerRow;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
-    /// One JSON object instead of tables: {"partitions": [...], "workers": [...]}.
+    /// One JSON object instead of tables: {"partitions": [...], "workers": [...],
+    /// "rebuilds": [...]}.
     #[arg(long)]
     pub json: bool,
 }
@@ -77,16 +79,49 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    // A namespace whose workers predate the rebuilds table has none to show.
+    let rebuilds = crate::rebuild::report::rebuilds(&pool, &config.namespace)
+        .await
+        .unwrap_or_default();
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"partitions": partitions, "workers": workers})
+            serde_json::json!({"partitions": partitions, "workers": workers, "rebuilds": rebuilds})
         );
         return Ok(ExitCode::SUCCESS);
     }
     print_partitions(&partitions);
     print_workers(&workers);
+    print_rebuilds(&rebuilds);
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_rebuilds(rows: &[crate::rebuild::report::RebuildRow]) {
+    println!();
+    if rows.is_empty() {
+        println!("no rebuilds in progress");
+        return;
+    }
+    println!(
+        "{:<38} {:<28} {:<16} {:>10} {:>10}  STARTED",
+        "REBUILDING", "BY", "PHASE", "READ", "APPLIED"
+    );
+    for r in rows {
+        let phase = if r.running {
+            r.phase.clone()
+        } else {
+            format!("killed in {}", r.phase)
+        };
+        println!(
+            "{:<38} {:<28} {:<16} {:>10} {:>10}  {}",
+            r.organisation_id,
+            format!("{}:{}", r.host, r.pid),
+            phase,
+            r.events_read,
+            r.events_applied,
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+        );
+    }
 }
 
 fn print_partitions(rows: &[PartitionRow]) {

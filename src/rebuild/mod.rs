@@ -20,7 +20,9 @@
 
 pub mod compare;
 pub mod replay;
+pub mod report;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -203,13 +205,20 @@ pub struct Rebuilder {
 
 impl Rebuilder {
     /// For up to `parallel` rebuilds at once: each holds up to three connections for its
-    /// claim and locks, and one for its queries.
+    /// claim and locks, one for its queries and one for its progress report.
     pub async fn new(
         config: &Config,
         fail_after: FailAfter,
         parallel: usize,
     ) -> anyhow::Result<Rebuilder> {
-        let pool = crate::db::connect_pool_sized(config, (4 * parallel.max(1) + 2) as u32).await?;
+        let pool = crate::db::connect_pool_sized(config, (5 * parallel.max(1) + 2) as u32).await?;
+        // The rebuilds table may be newer than the workers that migrated the platform.
+        crate::tenancy::provisioning::prepare_service_databases(
+            &pool,
+            &config.database_url,
+            &config.namespace,
+        )
+        .await?;
         Ok(Rebuilder {
             tenants: Tenants::new(pool.clone(), &config.namespace),
             codec: Codec::new(&config.schema_registry_url),
@@ -284,7 +293,20 @@ impl Rebuilder {
         let live = refuse_unless_rebuildable(t)?;
         let (shadow, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
+        let reported = Arc::new(report::Progress::default());
+        let reporter = report::Reporter::start(
+            self.pool.clone(),
+            self.config.namespace.clone(),
+            t.organisation_id.clone(),
+            reported.clone(),
+        );
+        let mut progress = progress;
+        let mut progress = |done: &Replayed, at: &std::collections::HashMap<i32, i64>| {
+            reported.counts(done.read, done.applied);
+            progress(done, at);
+        };
         let result = async {
+            reported.phase("preparing");
             // (An empty one is a killed rebuild's, about to swap: it is reused.)
             if mode != Mode::DryRun && !tables(&self.pool, &old).await?.is_empty() {
                 anyhow::bail!(
@@ -306,7 +328,7 @@ impl Rebuilder {
             )
             .await?;
             fail_after(&self.fail_after, "shadow");
-            let mut progress = progress;
+            reported.phase("replaying");
             let replay = self.replay(t, &topic);
             let wants_swap = mode != Mode::DryRun;
             if wants_swap {
@@ -329,11 +351,13 @@ impl Rebuilder {
                 let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
                 replayed += replay.run(&shadow, &upto, &mut progress).await?;
                 fail_after(&self.fail_after, "replay");
+                reported.phase("comparing");
                 let unlocked = if last_attempt {
                     None
                 } else {
                     Some(compare::compare(&self.pool, &live, &shadow).await?)
                 };
+                reported.phase("holding writes");
                 let (lifecycle, brand) = self.hold_writes(t).await?;
                 let held_from = Instant::now();
                 let under_lock = async {
@@ -386,6 +410,7 @@ impl Rebuilder {
             })
         }
         .await;
+        reporter.finish().await;
         claim.release().await;
         if result.is_err() {
             // Leave nothing half-built behind; the live database was not touched.
