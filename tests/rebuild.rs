@@ -272,3 +272,44 @@ async fn rebuild_all_covers_every_active_brand() {
     let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--dry-run"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
 }
+
+/// The replaced tables are kept for `--keep-old`, then a worker's purge timer drops them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_old_tables_expire_on_the_purge_timer() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run_with("w", &["--purge-check", "1s"]);
+    let brand = new_id();
+    t.emit_ok(&[
+        lines::created(&brand, "BRAND", "kept"),
+        lines::catalog(&brand, 1, &["A"], &[]),
+    ]);
+    let db = format!("{}_brand_kept", t.ns);
+    wait_for("the catalog", Duration::from_secs(60), || async {
+        (!fabric_rows(&pool, &db).await.is_empty()).then_some(())
+    })
+    .await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--keep-old", "3s"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("kept in"), "{out}");
+    let old = format!("{}_old_{}", t.ns, brand.replace('-', ""));
+    assert!(database_exists(&pool, &old).await, "kept at first");
+    wait_for(
+        "the old tables to expire",
+        Duration::from_secs(60),
+        || async { (!database_exists(&pool, &old).await).then_some(()) },
+    )
+    .await;
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM `{}_platform`.kept_copies",
+        t.ns
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+    assert!(
+        !fabric_rows(&pool, &db).await.is_empty(),
+        "the live tables stay"
+    );
+}

@@ -35,6 +35,10 @@ pub struct RebuildArgs {
     /// applied since replayed into them.
     #[arg(long, conflicts_with_all = ["drop_old", "accept_differences"])]
     pub rollback: bool,
+    /// How long the replaced tables are kept for --rollback after a swap; then a worker
+    /// (`tenancy run`, with its purge timer) drops them. E.g. 7d, 12h.
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub keep_old: std::time::Duration,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
     #[arg(long, conflicts_with = "accept_differences")]
     pub drop_old: bool,
@@ -47,7 +51,8 @@ pub struct RebuildArgs {
 const SHOWN_DIFFERENCES: usize = 50;
 
 pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
-    let r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
+    let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
+    r.keep_old = args.keep_old;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -127,8 +132,9 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     match (&outcome.swapped_to, mode) {
         (Some(old), _) => {
             println!(
-                "swapped in; writes held {} ms; the replaced tables are kept in {old} (`--rollback` brings them back, `--drop-old` drops them)",
-                outcome.pause.as_millis()
+                "swapped in; writes held {} ms; the replaced tables are kept in {old} for {} (`--rollback` brings them back, `--drop-old` drops them)",
+                outcome.pause.as_millis(),
+                humantime::format_duration(args.keep_old)
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -250,6 +250,7 @@ async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
         &job.topics,
         &job.membership,
     )?;
+    let purge_check = job.options.purge_check;
     let ProcessorJob {
         name,
         health,
@@ -261,6 +262,17 @@ async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
         "provisioner" => tokio::try_join!(
             run_loop(&p.provisioner, consumer, &p, health, &settings, &shutdown),
             p.timer.run(shutdown.clone()),
+            async {
+                // Old copies of rebuilt tenants expire on the purge timer's beat.
+                crate::rebuild::kept::expire_every(
+                    p.pool.clone(),
+                    p.tenants.namespace().clone(),
+                    purge_check,
+                    shutdown.clone(),
+                )
+                .await;
+                anyhow::Ok(())
+            },
         )
         .map(|_| ()),
         "catalog" => run_loop(&p.catalog, consumer, &p, health, &settings, &shutdown).await,

@@ -19,6 +19,7 @@
 //! Brands only for now: supplier copies and retailer databases are not rebuilt yet.
 
 pub mod compare;
+pub mod kept;
 pub mod replay;
 pub mod report;
 
@@ -201,6 +202,8 @@ pub struct Rebuilder {
     pub codec: Codec,
     pub spec: CatalogSpec,
     pub fail_after: FailAfter,
+    /// How long the replaced tables are kept after a swap (`--keep-old`).
+    pub keep_old: Duration,
 }
 
 impl Rebuilder {
@@ -226,6 +229,7 @@ impl Rebuilder {
             config: config.clone(),
             pool,
             fail_after,
+            keep_old: Duration::from_secs(7 * 24 * 3600),
         })
     }
 
@@ -392,6 +396,10 @@ impl Rebuilder {
                 tracing::info!(tenant = %t.organisation_id, attempt,
                     "live events applied during the comparison: catching up again");
             };
+            if swapped {
+                kept::keep(&self.pool, &self.config.namespace, &t.organisation_id, self.keep_old)
+                    .await?;
+            }
             if wants_swap && !swapped {
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
                     .execute(&self.pool)
@@ -467,6 +475,7 @@ impl Rebuilder {
                     .execute(&self.pool)
                     .await?;
             }
+            kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
             Ok(replayed)
         }
         .await;
@@ -479,9 +488,13 @@ impl Rebuilder {
         let (_, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
         let existed = database_exists(&self.pool, &old).await;
-        let dropped = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-            .execute(&self.pool)
-            .await;
+        let dropped = async {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+                .execute(&self.pool)
+                .await?;
+            kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await
+        }
+        .await;
         claim.release().await;
         dropped?;
         Ok(existed?)
