@@ -130,7 +130,13 @@ impl Replay<'_> {
                 position.insert(p, m.offset());
                 done.read += 1;
                 if m.key() == Some(self.brand.organisation_id.as_bytes()) {
-                    match self.codec.decode(m.payload()).await.map(item::parse) {
+                    let decoded = self.codec.decode(m.payload()).await;
+                    // An outage is not a bad event: passing over it would lose the events.
+                    if let Err(e @ crate::wire::DecodeError::RegistryUnavailable { .. }) = &decoded
+                    {
+                        anyhow::bail!("cannot replay {}: {e}", self.topic);
+                    }
+                    match decoded.map(item::parse) {
                         Ok(Ok(it))
                             if it.brand == self.brand.organisation_id
                                 && matches!(it.change, Change::Catalog(_))
