@@ -17,6 +17,7 @@
 //!   lifecycle watermark and the outcome events.
 //! - [`catalog`]: brand catalogs and supplier copies (the catalog processor).
 //! - [`access`]: supplier → brand permissions and the Redis permission cache.
+//! - [`domains`]: retailers' custom domains (the domains processor) and host validation.
 //! - [`offsets`], [`applied`]: `projection_offsets` and `applied_events`, the effectively-once
 //!   bookkeeping in each tenant DB (by offset, and by event id).
 //! - [`db`], [`caches`]: the MySQL pool and named locks; the Redis connection and key layout.
@@ -30,7 +31,7 @@
 //! - [`bench`]: the catalog benchmark against a raw MySQL baseline (`tenancy bench catalog`).
 //! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
 //!
-//! `stream` knows no processor; `tenancy`, `catalog` and `access` use `stream` and the events;
+//! `stream` knows no processor; `tenancy`, `catalog`, `access` and `domains` use `stream` and the events;
 //! `rebuild`, `status`, `bench` and `cli` sit on top.
 
 pub mod access;
@@ -42,6 +43,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod dead_letter;
+pub mod domains;
 pub mod emit;
 pub mod events;
 pub mod kafka;

@@ -11,6 +11,7 @@ use crate::caches::Redis;
 use crate::catalog::spec::CatalogSpec;
 use crate::catalog::{CatalogHooks, CatalogProcessor};
 use crate::config::Config;
+use crate::domains::DomainProcessor;
 use crate::stream::dead_letters::DeadLetters;
 use crate::tenancy::outcomes::OutcomePublisher;
 use crate::tenancy::provisioning::{prepare_service_databases, LifecycleHooks, Provisioner};
@@ -53,6 +54,7 @@ pub struct Processors {
     pub provisioner: Provisioner,
     pub catalog: CatalogProcessor,
     pub purger: Purger,
+    pub domains: DomainProcessor,
     pub timer: PurgeTimer,
 }
 
@@ -110,6 +112,12 @@ impl Processors {
                 redis,
                 watermark: watermark.clone(),
                 hooks: Some(hooks),
+            },
+            domains: DomainProcessor {
+                ns: ns.clone(),
+                pool: pool.clone(),
+                tenants: tenants.clone(),
+                watermark: watermark.clone(),
             },
             timer: PurgeTimer {
                 tenants: tenants.clone(),

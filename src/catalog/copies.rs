@@ -306,7 +306,21 @@ impl CatalogHooks {
 
     async fn drop_brand_copies_locked(&self, brand_id: &str) -> anyhow::Result<usize> {
         let mut dropped = 0;
-        for supplier in &self.grantees(brand_id).await? {
+        // Every supplier, not only the brand's grantees in the index: a revoke whose worker
+        // died between the supplier's commit and the index update leaves the index naming a
+        // supplier it should not, and whether the purge then reaches that supplier's access
+        // bookkeeping depended on timing (a chaos run found it). A purge is rare; one small
+        // transaction per supplier database makes its end state independent of the index.
+        let suppliers: Vec<String> = self
+            .tenants
+            .list(None)
+            .await?
+            .into_iter()
+            .filter(|t| t.organisation_type == OrganisationType::Supplier)
+            .map(|t| t.organisation_id)
+            .collect();
+        let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
+        for supplier in self.tenants.lookup(&ids).await?.values() {
             let db = match supplier.status {
                 Status::Active => supplier.database.clone(),
                 Status::Archived => supplier.archive_database.clone(),

@@ -34,7 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the stream processors until SIGTERM or ctrl-c.
     ///
-    /// Joins the consumer groups {ns}.provisioner, {ns}.catalog and {ns}.purger; start more
+    /// Joins the consumer groups {ns}.provisioner, {ns}.catalog, {ns}.purger and {ns}.domains;
+    /// start more
     /// copies (on any host) to scale out, stop or kill them at will: partitions move to the
     /// others and nothing is lost or applied twice. Creates the namespace's topics and service
     /// databases first if missing, and brings existing tenant databases to the latest migration.
@@ -102,7 +103,7 @@ pub enum TopicsCommand {
     /// How far each processor's consumer group is behind the end of its topics.
     Lag {
         /// Only these processors (default: all).
-        #[arg(value_parser = ["provisioner", "catalog", "purger"])]
+        #[arg(value_parser = run::PROCESSORS)]
         processors: Vec<String>,
         /// Wait (up to this many seconds) until every group has caught up; exit 1 if not.
         #[arg(long, value_name = "SECS")]
@@ -111,7 +112,7 @@ pub enum TopicsCommand {
     /// Rewind a processor's consumer group to the start of its topics, to rebuild its
     /// projections by replay. Stop that processor's workers first.
     Rewind {
-        /// provisioner, catalog or purger
+        /// provisioner, catalog, purger or domains
         #[arg(value_parser = run::PROCESSORS)]
         processor: String,
         /// How long to wait for the group's members to go (a killed worker's session lasts
@@ -240,6 +241,7 @@ fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(&'static str, String,
         match p {
             "provisioner" => vec![Topic::Organisations],
             "catalog" => vec![Topic::BrandCatalog, Topic::BrandAccess],
+            "domains" => vec![Topic::RetailerDomains],
             _ => vec![Topic::Tenancy],
         }
     };
@@ -329,7 +331,10 @@ mod tests {
             args.http,
             run::Listen(Some("127.0.0.1:9464".parse().unwrap()))
         );
-        assert_eq!(args.processors, ["provisioner", "catalog", "purger"]);
+        assert_eq!(
+            args.processors,
+            ["provisioner", "catalog", "purger", "domains"]
+        );
         let Command::Run(args) = parse(&[
             "run",
             "--http",

@@ -15,7 +15,7 @@ use crate::topics::Topic;
 use crate::worker::{Processors, WorkerOptions};
 
 /// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
-pub const PROCESSORS: [&str; 3] = ["provisioner", "catalog", "purger"];
+pub const PROCESSORS: [&str; 4] = ["provisioner", "catalog", "purger", "domains"];
 
 /// `--http`: an address, or `off` (a newtype: clap reads an `Option` field as "may be absent").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,8 +33,9 @@ fn http_addr(raw: &str) -> Result<Listen, String> {
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// Which processors to run (comma-separated): provisioner (with the purge timer), catalog,
-    /// purger. Every worker of a namespace may run all three; start more workers to scale out.
-    #[arg(long, value_delimiter = ',', default_value = "provisioner,catalog,purger",
+    /// purger, domains. Every worker of a namespace may run all of them; start more workers to
+    /// scale out.
+    #[arg(long, value_delimiter = ',', default_value = "provisioner,catalog,purger,domains",
         value_parser = PROCESSORS)]
     pub processors: Vec<String>,
     /// Serve /healthz, /readyz and /metrics here (`off` to serve nothing). Each worker on one
@@ -104,6 +105,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         ("provisioner", vec![Topic::Organisations]),
         ("catalog", vec![Topic::BrandCatalog, Topic::BrandAccess]),
         ("purger", vec![Topic::Tenancy]),
+        ("domains", vec![Topic::RetailerDomains]),
     ] {
         if enabled(name) {
             let group = format!("{ns}.{name}");
@@ -277,6 +279,7 @@ async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
         .map(|_| ()),
         "catalog" => run_loop(&p.catalog, consumer, &p, health, &settings, &shutdown).await,
         "purger" => run_loop(&p.purger, consumer, &p, health, &settings, &shutdown).await,
+        "domains" => run_loop(&p.domains, consumer, &p, health, &settings, &shutdown).await,
         other => Err(anyhow::anyhow!("no processor named {other}")),
     };
     // What was published (outcomes, dead letters) leaves before the thread does.

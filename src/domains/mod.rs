@@ -1,0 +1,258 @@
+//! Retailer domains: RetailerDomainAssigned/Removed on `{ns}.retailer-domains` into the
+//! retailer's `domains` table and the platform-wide index `{ns}_platform.retailer_domains`
+//! (host → retailer), effectively once like the catalog (group `{ns}.domains`).
+//!
+//! A host belongs to one retailer: assigning a host another retailer holds is refused with the
+//! reason (dead-lettered, never retried), and a removal only removes the retailer's own
+//! assignment. Both databases are written in one transaction (they are on the same server),
+//! with the retailer's offsets and event ids, so a redelivery changes nothing.
+
+pub mod host;
+
+use std::collections::HashMap;
+
+use sqlx::MySqlPool;
+
+use crate::applied;
+use crate::events::{Event, EventKind};
+use crate::offsets;
+use crate::stream::{Failed, Gate, Msg, Origin, Processor, SkipReason, StepError, Wait};
+use crate::tenancy::tenants::{Status, TenantRef, Tenants};
+use crate::tenancy::watermark::{settled, Watermark};
+use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
+
+use host::Host;
+
+/// The projection's name in `projection_offsets` and `applied_events`.
+const PROJECTION: &str = "domains";
+
+/// One domain change, parsed.
+#[derive(Debug, Clone)]
+pub struct DomainChange {
+    pub event_id: String,
+    pub retailer: String,
+    pub host: Host,
+    pub assign: bool,
+    pub occurred_at: i64,
+}
+
+/// What a domain event asks, or why it is refused.
+pub fn parse(event: Event) -> Result<DomainChange, String> {
+    let Event::Other { kind, value } = event else {
+        return Err(format!(
+            "{} does not belong on the retailer domains topic",
+            event.kind().name()
+        ));
+    };
+    let assign = match kind {
+        EventKind::RetailerDomainAssigned => true,
+        EventKind::RetailerDomainRemoved => false,
+        other => {
+            return Err(format!(
+                "{} does not belong on the retailer domains topic",
+                other.name()
+            ))
+        }
+    };
+    let apache_avro::types::Value::Record(fields) = &value else {
+        return Err(format!("{} is not a record", kind.name()));
+    };
+    let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let text = |name: &str| match get(name) {
+        Some(apache_avro::types::Value::String(s)) => Ok(s.clone()),
+        Some(apache_avro::types::Value::Uuid(u)) => Ok(u.to_string()),
+        _ => Err(format!("{} has no text field {name}", kind.name())),
+    };
+    let id = |name: &str| {
+        let raw = text(name)?;
+        uuid::Uuid::parse_str(&raw)
+            .map(|u| u.hyphenated().to_string())
+            .map_err(|e| format!("{} field {name}: {raw:?} is not a uuid: {e}", kind.name()))
+    };
+    let occurred_at = match get("occurred_at") {
+        Some(
+            apache_avro::types::Value::TimestampMillis(t) | apache_avro::types::Value::Long(t),
+        ) => *t,
+        _ => 0,
+    };
+    Ok(DomainChange {
+        event_id: id("event_id")?,
+        retailer: id("retailer_id")?,
+        host: Host::parse(&text("domain")?).map_err(|e| format!("{}: {e}", kind.name()))?,
+        assign,
+        occurred_at,
+    })
+}
+
+pub struct DomainProcessor {
+    pub ns: Namespace,
+    pub pool: MySqlPool,
+    pub tenants: Tenants,
+    pub watermark: Watermark,
+}
+
+impl DomainProcessor {
+    fn index(&self) -> String {
+        format!(
+            "{}.retailer_domains",
+            self.ns.service_database(ServiceDatabase::Platform).quoted()
+        )
+    }
+
+    /// One event, in one transaction over the retailer's database and the platform index.
+    async fn apply_one(&self, m: &Msg<DomainChange>, db: &DatabaseName) -> Result<(), StepError> {
+        let c = &m.item;
+        let o = &m.origin;
+        let mut tx = self.pool.begin().await?;
+        let done = offsets::get(&mut tx, db, PROJECTION, &o.topic, o.partition).await?;
+        if done.is_some_and(|d| o.offset <= d) {
+            return Ok(());
+        }
+        if !applied::seen(&mut tx, db, PROJECTION, &[&c.event_id])
+            .await?
+            .is_empty()
+        {
+            applied::duplicate("domains", &c.event_id, o, None);
+        } else if c.assign {
+            // Locks the host's index row, so two retailers claiming it at once serialise.
+            let owner: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT retailer_id FROM {} WHERE host = ? FOR UPDATE",
+                self.index()
+            ))
+            .bind(c.host.as_str())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(other) = owner.filter(|o| *o != c.retailer) {
+                return Err(StepError::reject(format!(
+                    "domain {} is already assigned to retailer {other}; remove it there first",
+                    c.host
+                )));
+            }
+            let at = chrono::DateTime::from_timestamp_millis(c.occurred_at).unwrap_or_default();
+            sqlx::query(&format!(
+                "INSERT INTO {} (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
+                self.index()
+            ))
+            .bind(c.host.as_str())
+            .bind(&c.retailer)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {}.domains (domain, assigned_at) VALUES (?, ?) \
+                 ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
+                db.quoted()
+            ))
+            .bind(c.host.as_str())
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query(&format!(
+                "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
+                self.index()
+            ))
+            .bind(c.host.as_str())
+            .bind(&c.retailer)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "DELETE FROM {}.domains WHERE domain = ?",
+                db.quoted()
+            ))
+            .bind(c.host.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
+        offsets::set(&mut tx, db, PROJECTION, &o.topic, o.partition, o.offset).await?;
+        tx.commit().await?;
+        tracing::info!(processor = "domains", tenant = %c.retailer, host = %c.host,
+            assigned = c.assign, "retailer domain applied");
+        Ok(())
+    }
+}
+
+/// The verdict for one retailer: as the catalog judges a brand (see `catalog::gate`).
+fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<DatabaseName> {
+    let id = &c.retailer;
+    let Some(t) = tenants.get(id) else {
+        return Gate::Hold(Wait::Tenant(id.clone()));
+    };
+    if t.kind != OrganisationType::Retailer {
+        return Gate::Reject(format!(
+            "retailer_id {id} names a {} tenant, not a {}",
+            t.kind,
+            OrganisationType::Retailer
+        ));
+    }
+    if t.changing {
+        return Gate::Hold(Wait::Lifecycle);
+    }
+    let skip = Gate::Skip {
+        reason: SkipReason::Terminated,
+        tenant: Some(id.clone()),
+    };
+    if t.was_archived_at(c.occurred_at) {
+        return skip;
+    }
+    match t.status {
+        Status::Active => match &t.database {
+            Some(db) => Gate::Ready(db.clone()),
+            None => Gate::Reject(format!("retailer {id} has no valid database")),
+        },
+        Status::Provisioning => Gate::Hold(Wait::Tenant(id.clone())),
+        Status::Archived | Status::Purged => skip,
+        Status::Failed => Gate::Reject(format!(
+            "retailer {id} failed provisioning; replay this event once it is fixed"
+        )),
+    }
+}
+
+impl Processor for DomainProcessor {
+    type Item = DomainChange;
+    type Target = DatabaseName;
+
+    fn name(&self) -> &'static str {
+        "domains"
+    }
+
+    fn parse(&self, event: Event, _origin: &Origin) -> Result<DomainChange, String> {
+        parse(event)
+    }
+
+    fn order_key(&self, item: &DomainChange) -> String {
+        item.retailer.clone()
+    }
+
+    async fn gate(
+        &self,
+        msgs: &[&Msg<DomainChange>],
+    ) -> Result<Vec<Gate<DatabaseName>>, StepError> {
+        let ends = self.watermark.ends().await?;
+        let applied = self.watermark.applied().await?;
+        let mut ids: Vec<&str> = msgs.iter().map(|m| m.item.retailer.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let tenants = self.tenants.lookup(&ids).await?;
+        Ok(msgs
+            .iter()
+            .map(|m| {
+                if !ends.late_enough_for(m.item.occurred_at, m.received_at_ms)
+                    || !settled(&applied, &ends)
+                {
+                    return Gate::Hold(Wait::Lifecycle);
+                }
+                check(&tenants, &m.item)
+            })
+            .collect())
+    }
+
+    async fn apply(&self, run: &[(&Msg<DomainChange>, &DatabaseName)]) -> Result<(), Failed> {
+        for (i, (m, db)) in run.iter().enumerate() {
+            self.apply_one(m, db).await.map_err(|e| Failed::at(i, e))?;
+        }
+        Ok(())
+    }
+}

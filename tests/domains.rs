@@ -1,0 +1,122 @@
+//! Retailer domains end to end: events emitted with the real binary, applied by `tenancy run`,
+//! checked in the retailer's database and the platform index.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use sqlx::MySqlPool;
+
+fn assigned(retailer: &str, domain: &str) -> String {
+    json!({"type": "RetailerDomainAssigned", "retailer_id": retailer, "domain": domain}).to_string()
+}
+
+fn removed(retailer: &str, domain: &str) -> String {
+    json!({"type": "RetailerDomainRemoved", "retailer_id": retailer, "domain": domain}).to_string()
+}
+
+async fn index(pool: &MySqlPool, t: &TestNs) -> Vec<(String, String)> {
+    sqlx::query_as(&format!(
+        "SELECT host, retailer_id FROM `{}_platform`.retailer_domains ORDER BY host",
+        t.ns
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn own(pool: &MySqlPool, db: &str) -> Vec<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT domain FROM `{db}`.domains ORDER BY domain"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Assign (normalised), a second retailer refused the same host, a supplier's id refused, bad
+/// hosts refused, remove; the retailer's table and the platform index agree throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn retailer_domains_are_assigned_once_normalised_and_removed() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (first, second, supplier) = (new_id(), new_id(), new_id());
+    t.emit_ok(&[
+        lines::created(&first, "RETAILER", "first"),
+        lines::created(&second, "RETAILER", "second"),
+        lines::created(&supplier, "SUPPLIER", "sup"),
+    ]);
+    for org in [&first, &second, &supplier] {
+        t.wait_status(&pool, org, "active").await;
+    }
+    let first_db = format!("{}_retailer_first", t.ns);
+    t.emit_ok(&[
+        assigned(&first, "Shop.Example.COM."),
+        assigned(&first, "bücher.example"),
+        assigned(&second, "shop.example.com"),
+        assigned(&supplier, "sup.example.com"),
+    ]);
+    let letters = t.dead_letters(2, Duration::from_secs(60));
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|l| l.header("dlq.reason").unwrap_or_default())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("already assigned to retailer")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains(&format!("retailer_id {supplier} names a SUPPLIER"))),
+        "{reasons:?}"
+    );
+    wait_for(
+        "the first retailer's domains",
+        Duration::from_secs(60),
+        || async { (own(&pool, &first_db).await.len() == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        own(&pool, &first_db).await,
+        ["shop.example.com", "xn--bcher-kva.example"]
+    );
+    assert_eq!(
+        index(&pool, &t).await,
+        [
+            ("shop.example.com".to_owned(), first.clone()),
+            ("xn--bcher-kva.example".to_owned(), first.clone())
+        ]
+    );
+
+    // `tenancy emit` checks the schema only: the processor refuses a bad host, naming it.
+    t.emit_ok(&[assigned(&first, "../etc/passwd")]);
+    let letters = t.dead_letters(3, Duration::from_secs(60));
+    assert!(
+        letters.iter().any(|l| l
+            .header("dlq.reason")
+            .unwrap_or_default()
+            .contains("../etc/passwd")),
+        "the bad host is named"
+    );
+
+    // Removed by its owner; the second retailer can then take it.
+    t.emit_ok(&[
+        removed(&first, "shop.example.com"),
+        assigned(&second, "shop.example.com"),
+    ]);
+    let second_db = format!("{}_retailer_second", t.ns);
+    wait_for("the host to move", Duration::from_secs(60), || async {
+        (own(&pool, &second_db).await == ["shop.example.com"]).then_some(())
+    })
+    .await;
+    assert_eq!(own(&pool, &first_db).await, ["xn--bcher-kva.example"]);
+    assert!(index(&pool, &t)
+        .await
+        .contains(&("shop.example.com".to_owned(), second.clone())));
+}
