@@ -397,8 +397,14 @@ impl Rebuilder {
                     "live events applied during the comparison: catching up again");
             };
             if swapped {
-                kept::keep(&self.pool, &self.config.namespace, &t.organisation_id, self.keep_old)
-                    .await?;
+                // The swap is done: failing to record the expiry must not make it look failed.
+                if let Err(e) =
+                    kept::keep(&self.pool, &self.config.namespace, &t.organisation_id, self.keep_old)
+                        .await
+                {
+                    tracing::warn!(tenant = %t.organisation_id, database = %old, error = %e,
+                        "cannot record when the old tables expire; drop them with --drop-old");
+                }
             }
             if wants_swap && !swapped {
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
