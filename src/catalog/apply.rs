@@ -298,14 +298,15 @@ pub(crate) async fn write_brand_run(
         })
         .collect();
     let change = NetChange::of(spec, &values);
-    let stored = store::stored_revisions(tx, brand_db, spec, &change.codes(spec)).await?;
+    let (stored, removed) =
+        store::stored_revisions(tx, brand_db, spec, &change.codes(spec)).await?;
     let (change, stale) = change.without_stale(spec, &stored);
     if stale > 0 {
         metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
         tracing::info!(processor = "catalog", tenant = %brand_id, stale,
             "fabric changes older than the stored revision: not applied");
     }
-    store::write_brand(tx, brand_db, spec, &change).await?;
+    store::write_brand(tx, brand_db, spec, &change, &removed).await?;
     if dedupe {
         let ids: Vec<(&str, &crate::stream::Origin)> = fresh
             .iter()

@@ -29,11 +29,15 @@ fn placeholders(n: usize) -> String {
 }
 
 /// Upserts and removals into the brand's own table.
+///
+/// `removed` are the codes with a removal marker (from [`stored_revisions`]): only those are
+/// cleared when they come back, so a batch without returning codes sends no delete at all.
 pub async fn write_brand(
     tx: &mut Transaction<'_, MySql>,
     db: &DatabaseName,
     spec: &CatalogSpec,
     change: &NetChange,
+    removed: &Removed,
 ) -> Result<(), sqlx::Error> {
     let mut columns: Vec<&str> = spec.columns.iter().map(String::as_str).collect();
     columns.push(&spec.brand_revision_column);
@@ -55,18 +59,29 @@ pub async fn write_brand(
         // A code back in the catalog is no longer removed: the table then holds each code's
         // latest change only, whichever way a run happened to batch its events.
         let key = spec.key_index();
-        let sql = format!(
-            "DELETE FROM {}.`{}` WHERE `{}` IN ({})",
-            db.quoted(),
-            spec.brand_removed_table,
-            spec.key_column,
-            vec!["?"; chunk.len()].join(",")
-        );
-        let mut q = sqlx::query(&sql);
-        for row in chunk {
-            q = bind_cell(q, &row[key]);
+        let back: Vec<&Cell> = chunk
+            .iter()
+            .map(|row| &row[key])
+            .filter(|c| match c {
+                Cell::Text(code) => removed.contains(code),
+                Cell::Int(code) => removed.contains(&code.to_string()),
+                _ => false,
+            })
+            .collect();
+        if !back.is_empty() {
+            let sql = format!(
+                "DELETE FROM {}.`{}` WHERE `{}` IN ({})",
+                db.quoted(),
+                spec.brand_removed_table,
+                spec.key_column,
+                vec!["?"; back.len()].join(",")
+            );
+            let mut q = sqlx::query(&sql);
+            for cell in back {
+                q = bind_cell(q, cell);
+            }
+            q.execute(&mut **tx).await?;
         }
-        q.execute(&mut **tx).await?;
     }
     for chunk in change.removals.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
@@ -101,38 +116,46 @@ pub async fn write_brand(
     Ok(())
 }
 
-/// The newest revision the brand holds for each of `codes`: its row's, or the removal's.
+/// The newest revision the brand holds for each of `codes` (its row's, or the removal's), and
+/// which of them have a removal marker.
 pub async fn stored_revisions(
     tx: &mut Transaction<'_, MySql>,
     db: &DatabaseName,
     spec: &CatalogSpec,
     codes: &[String],
-) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+) -> Result<(std::collections::HashMap<String, i64>, Removed), sqlx::Error> {
     let mut stored = std::collections::HashMap::new();
+    let mut removed = Removed::new();
     for chunk in codes.chunks(ROWS_PER_STATEMENT) {
         let list = vec!["?"; chunk.len()].join(",");
         let sql = format!(
-            "SELECT `{key}`, `{rev}` FROM {db}.`{rows}` WHERE `{key}` IN ({list}) \
-             UNION ALL SELECT `{key}`, `{rev}` FROM {db}.`{removed}` WHERE `{key}` IN ({list})",
+            "SELECT `{key}`, `{rev}`, 0 FROM {db}.`{rows}` WHERE `{key}` IN ({list}) \
+             UNION ALL SELECT `{key}`, `{rev}`, 1 FROM {db}.`{removed}` WHERE `{key}` IN ({list})",
             key = spec.key_column,
             rev = spec.brand_revision_column,
             db = db.quoted(),
             rows = spec.brand_table,
             removed = spec.brand_removed_table,
         );
-        let mut q = sqlx::query_as::<_, (String, i64)>(&sql);
+        let mut q = sqlx::query_as::<_, (String, i64, i32)>(&sql);
         for _ in 0..2 {
             for code in chunk {
                 q = q.bind(code);
             }
         }
-        for (code, revision) in q.fetch_all(&mut **tx).await? {
+        for (code, revision, marker) in q.fetch_all(&mut **tx).await? {
+            if marker == 1 {
+                removed.insert(code.clone());
+            }
             let entry = stored.entry(code).or_insert(revision);
             *entry = (*entry).max(revision);
         }
     }
-    Ok(stored)
+    Ok((stored, removed))
 }
+
+/// Codes that have a removal marker in the brand's database.
+pub type Removed = std::collections::HashSet<String>;
 
 fn upsert_sql(db: &DatabaseName, table: &str, columns: &[&str], key: &str, rows: usize) -> String {
     let quoted: Vec<String> = columns.iter().map(|c| format!("`{c}`")).collect();
