@@ -288,38 +288,64 @@ pub async fn rebuild_copy(
 /// Suppliers per UNION query: keeps statements short.
 const SUPPLIERS_PER_QUERY: usize = 100;
 
-/// Each supplier database's permissions on `brand_id` (`None` without a grant row), in order:
-/// one `UNION ALL` query per hundred databases instead of one query each.
-pub async fn permissions_of(
+/// One value per database, in order (`None` where its `select` finds no row): one `UNION ALL`
+/// query per hundred databases instead of one query each. `select(db)` is that database's
+/// `SELECT` of one column; `params` are bound to each database's part.
+async fn per_database<T>(
     pool: &sqlx::MySqlPool,
     dbs: &[&DatabaseName],
-    brand_id: &str,
-) -> Result<Vec<Option<Vec<String>>>, sqlx::Error> {
-    let mut out = vec![None; dbs.len()];
+    select: impl Fn(&DatabaseName) -> String,
+    params: &[&str],
+) -> Result<Vec<Option<T>>, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, MySql> + sqlx::Type<MySql> + Send + Unpin,
+{
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None).take(dbs.len()).collect();
     for (chunk_no, chunk) in dbs.chunks(SUPPLIERS_PER_QUERY).enumerate() {
         let sql = chunk
             .iter()
             .enumerate()
-            .map(|(i, db)| {
-                format!(
-                    "SELECT {i} AS n, CAST(permissions AS CHAR) AS p FROM {}.brand_access WHERE brand_id = ?",
-                    db.quoted()
-                )
-            })
+            .map(|(i, db)| format!("SELECT {i} AS n, v FROM ({}) AS one_{i}", select(db)))
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
-        let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
+        let mut q = sqlx::query_as::<_, (i64, T)>(&sql);
         for _ in chunk {
-            q = q.bind(brand_id);
+            for p in params {
+                q = q.bind(*p);
+            }
         }
-        for (n, json) in q.fetch_all(pool).await? {
-            out[chunk_no * SUPPLIERS_PER_QUERY + n as usize] = serde_json::from_str(&json).ok();
+        for (n, value) in q.fetch_all(pool).await? {
+            out[chunk_no * SUPPLIERS_PER_QUERY + n as usize] = Some(value);
         }
     }
     Ok(out)
 }
 
-/// Each database's offset for `projection` on one partition, in order (`UNION ALL` as above).
+/// Each supplier database's permissions on `brand_id` (`None` without a grant row), in order.
+pub async fn permissions_of(
+    pool: &sqlx::MySqlPool,
+    dbs: &[&DatabaseName],
+    brand_id: &str,
+) -> Result<Vec<Option<Vec<String>>>, sqlx::Error> {
+    let json: Vec<Option<String>> = per_database(
+        pool,
+        dbs,
+        |db| {
+            format!(
+                "SELECT CAST(permissions AS CHAR) AS v FROM {}.brand_access WHERE brand_id = ?",
+                db.quoted()
+            )
+        },
+        &[brand_id],
+    )
+    .await?;
+    Ok(json
+        .into_iter()
+        .map(|j| j.and_then(|j| serde_json::from_str(&j).ok()))
+        .collect())
+}
+
+/// Each database's offset for `projection` on one partition, in order.
 pub async fn offsets_of(
     pool: &sqlx::MySqlPool,
     dbs: &[&DatabaseName],
@@ -327,26 +353,18 @@ pub async fn offsets_of(
     topic: &str,
     partition: i32,
 ) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    let mut out = vec![None; dbs.len()];
-    for (chunk_no, chunk) in dbs.chunks(SUPPLIERS_PER_QUERY).enumerate() {
-        let sql = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, db)| {
-                format!(
-                    "SELECT {i} AS n, `offset` FROM {}.projection_offsets WHERE projection = ? AND topic = ? AND `partition` = ?",
-                    db.quoted()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let mut q = sqlx::query_as::<_, (i64, i64)>(&sql);
-        for _ in chunk {
-            q = q.bind(projection).bind(topic).bind(partition);
-        }
-        for (n, offset) in q.fetch_all(pool).await? {
-            out[chunk_no * SUPPLIERS_PER_QUERY + n as usize] = Some(offset);
-        }
-    }
-    Ok(out)
+    per_database(
+        pool,
+        dbs,
+        // The partition is an integer: written into the text, not bound.
+        |db| {
+            format!(
+                "SELECT `offset` AS v FROM {}.projection_offsets \
+                 WHERE projection = ? AND topic = ? AND `partition` = {partition}",
+                db.quoted()
+            )
+        },
+        &[projection, topic],
+    )
+    .await
 }
