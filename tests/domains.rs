@@ -128,3 +128,38 @@ async fn retailer_domains_are_assigned_once_normalised_and_removed() {
         .await
         .contains(&("shop.example.com".to_owned(), second.clone())));
 }
+
+/// A replayed assignment (the same event id again, e.g. a dead-letter replay or a producer
+/// retry after the removal) does not bring a removed domain back, and a second worker applying
+/// the same partition changes nothing: each event applies once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_assignment_does_not_undo_a_removal() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _a = t.spawn_run("a");
+    let _b = t.spawn_run("b");
+    let retailer = new_id();
+    t.emit_ok(&[lines::created(&retailer, "RETAILER", "replayed")]);
+    t.wait_status(&pool, &retailer, "active").await;
+    let db = format!("{}_retailer_replayed", t.ns);
+    let assign = json!({"type": "RetailerDomainAssigned", "event_id": new_id(),
+        "retailer_id": retailer, "domain": "shop.replayed.example"})
+    .to_string();
+    t.emit_ok(std::slice::from_ref(&assign));
+    wait_for("the domain", Duration::from_secs(60), || async {
+        (own(&pool, &db).await.len() == 1).then_some(())
+    })
+    .await;
+    t.emit_ok(&[removed(&retailer, "shop.replayed.example")]);
+    wait_for("the removal", Duration::from_secs(60), || async {
+        own(&pool, &db).await.is_empty().then_some(())
+    })
+    .await;
+    t.emit_ok(std::slice::from_ref(&assign));
+    t.wait_caught_up().await;
+    assert!(
+        own(&pool, &db).await.is_empty(),
+        "the replay re-assigned it"
+    );
+    assert!(index(&pool, &t).await.is_empty());
+}

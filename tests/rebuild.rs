@@ -153,7 +153,14 @@ async fn a_rebuild_under_load_is_invisible_to_readers_and_ends_equal() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The rebuild starts once the producer's events are being applied live.
+    let before = fabric_rows(&pool, &db).await.len();
+    wait_for(
+        "the producer's first events to apply",
+        Duration::from_secs(60),
+        || async { (fabric_rows(&pool, &db).await.len() > before).then_some(()) },
+    )
+    .await;
     let (code, out, err) = t.tenancy_output(&["rebuild", &brand]);
     stop.store(true, Ordering::Relaxed);
     reader.await.unwrap();
