@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
@@ -22,7 +22,7 @@ use crate::offsets;
 use crate::stream::{Msg, Origin};
 use crate::tenancy::tenants::TenantRef;
 use crate::tenant::DatabaseName;
-use crate::wire::Codec;
+use crate::wire::{decode_batch, Codec, DecodeError};
 
 /// Events applied per transaction.
 const BATCH: usize = 1000;
@@ -114,7 +114,9 @@ impl Replay<'_> {
         let (batches, ready) = tokio::sync::mpsc::channel::<(i32, Vec<Msg<item::Item>>)>(2);
         let applied = std::cell::Cell::new(0u64);
         let read = async {
-            let mut pending: HashMap<i32, Vec<Msg<item::Item>>> = HashMap::new();
+            // This brand's messages as read, decoded a run at a time (one Avro reader per
+            // writer schema, as the live loop does).
+            let mut pending: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
             let mut last_report = Instant::now();
             while position.iter().any(|(p, at)| *at < upto[p]) {
                 let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -130,30 +132,12 @@ impl Replay<'_> {
                 position.insert(p, m.offset());
                 done.read += 1;
                 if m.key() == Some(self.brand.organisation_id.as_bytes()) {
-                    let decoded = self.codec.decode(m.payload()).await;
-                    // An outage is not a bad event: passing over it would lose the events.
-                    if let Err(e @ crate::wire::DecodeError::RegistryUnavailable { .. }) = &decoded
-                    {
-                        anyhow::bail!("cannot replay {}: {e}", self.topic);
-                    }
-                    match decoded.map(item::parse) {
-                        Ok(Ok(it))
-                            if it.brand == self.brand.organisation_id
-                                && matches!(it.change, Change::Catalog(_))
-                                && !self.brand.was_archived_at(it.occurred_at) =>
-                        {
-                            let origin = Origin::of(&m);
-                            pending
-                                .entry(p)
-                                .or_default()
-                                .push(Msg::new(origin, it, m.detach()));
-                        }
-                        _ => done.skipped += 1,
-                    }
+                    pending.entry(p).or_default().push(m.detach());
                 }
                 let full = pending.get(&p).is_some_and(|v| v.len() >= BATCH);
                 if full || m.offset() == end {
-                    if let Some(run) = pending.remove(&p) {
+                    if let Some(raw) = pending.remove(&p) {
+                        let run = self.decode(raw, &mut done).await?;
                         // A closed channel means the applier failed; its error is returned.
                         if batches.send((p, run)).await.is_err() {
                             break;
@@ -166,7 +150,8 @@ impl Replay<'_> {
                     last_report = Instant::now();
                 }
             }
-            for (p, run) in pending.drain() {
+            for (p, raw) in std::mem::take(&mut pending) {
+                let run = self.decode(raw, &mut done).await?;
                 if batches.send((p, run)).await.is_err() {
                     break;
                 }
@@ -191,6 +176,44 @@ impl Replay<'_> {
         done.applied = applied.get();
         progress(&done, &position);
         Ok(done)
+    }
+
+    /// The brand's catalog events among `raw`, decoded; the rest (undecodable, dead-lettered
+    /// live, or inside an archived period, skipped live too) are counted as skipped. A registry
+    /// outage stops the replay: passing over those events would lose them.
+    async fn decode(
+        &self,
+        raw: Vec<OwnedMessage>,
+        done: &mut Replayed,
+    ) -> anyhow::Result<Vec<Msg<item::Item>>> {
+        let mut framed = Vec::with_capacity(raw.len());
+        let mut kept = Vec::with_capacity(raw.len());
+        for m in raw {
+            match self.codec.writer_schema(m.payload()).await {
+                Ok(schema) => {
+                    framed.push((schema, m.payload().unwrap_or_default().to_vec()));
+                    kept.push(m);
+                }
+                Err(e @ DecodeError::RegistryUnavailable { .. }) => {
+                    anyhow::bail!("cannot replay {}: {e}", self.topic)
+                }
+                Err(_) => done.skipped += 1,
+            }
+        }
+        let mut run = Vec::with_capacity(kept.len());
+        for (m, decoded) in kept.into_iter().zip(decode_batch(&framed)) {
+            match decoded.map(item::parse) {
+                Ok(Ok(it))
+                    if it.brand == self.brand.organisation_id
+                        && matches!(it.change, Change::Catalog(_))
+                        && !self.brand.was_archived_at(it.occurred_at) =>
+                {
+                    run.push(Msg::new(Origin::of(&m), it, m));
+                }
+                _ => done.skipped += 1,
+            }
+        }
+        Ok(run)
     }
 
     async fn apply(
