@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 
 use super::item::Item;
-use crate::stream::{Gate, SkipReason, Wait};
-use crate::tenancy::tenants::{Status, TenantRef};
+use crate::stream::{Gate, Wait};
+use crate::tenancy::tenants::TenantRef;
+use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, LogEnds};
 use crate::tenant::OrganisationType;
 
@@ -21,51 +22,6 @@ use crate::tenant::OrganisationType;
 pub struct Target {
     pub brand: TenantRef,
     pub supplier: Option<TenantRef>,
-}
-
-/// One tenant's verdict; combined per event by [`gate`].
-fn check(
-    tenants: &HashMap<String, TenantRef>,
-    id: &str,
-    field: &str,
-    expected: OrganisationType,
-    occurred_at: i64,
-) -> Gate<TenantRef> {
-    let Some(t) = tenants.get(id) else {
-        return Gate::Hold(Wait::Tenant(id.to_owned()));
-    };
-    if t.kind != expected {
-        return Gate::Reject(format!(
-            "{field} {id} names a {} tenant, not a {expected}",
-            t.kind
-        ));
-    }
-    if t.changing {
-        return Gate::Hold(Wait::Lifecycle);
-    }
-    let skip = || Gate::Skip {
-        reason: SkipReason::Terminated,
-        tenant: Some(id.to_owned()),
-    };
-    if t.was_archived_at(occurred_at) {
-        return skip();
-    }
-    match t.status {
-        Status::Active => Gate::Ready(t.clone()),
-        Status::Provisioning => Gate::Hold(Wait::Tenant(id.to_owned())),
-        // Before the termination it still belongs in the (archived) data: a replay, or a late
-        // delivery, must end as the live run did.
-        Status::Archived if t.archived_at.is_some_and(|a| occurred_at < a) => {
-            match t.at_archive() {
-                Some(archived) => Gate::Ready(archived),
-                None => Gate::Reject(format!("tenant {id} has no archive database")),
-            }
-        }
-        Status::Archived | Status::Purged => skip(),
-        Status::Failed => Gate::Reject(format!(
-            "tenant {id} failed provisioning; replay this event once it is fixed"
-        )),
-    }
 }
 
 /// The lifecycle log as far as it matters: its ends when read, and what the provisioner has
@@ -91,7 +47,7 @@ pub fn gate(
     {
         return Gate::Hold(Wait::Lifecycle);
     }
-    let brand = check(
+    let brand = verdict(
         tenants,
         &item.brand,
         "brand_id",
@@ -99,7 +55,7 @@ pub fn gate(
         item.occurred_at,
     );
     let supplier = item.supplier().map(|s| {
-        check(
+        verdict(
             tenants,
             s,
             "supplier_id",
@@ -145,6 +101,7 @@ pub fn gate(
 mod tests {
     use super::*;
     use crate::catalog::item::Change;
+    use crate::tenancy::tenants::Status;
 
     fn tenant(id: &str, kind: OrganisationType, status: Status) -> TenantRef {
         TenantRef {

@@ -16,8 +16,9 @@ use sqlx::MySqlPool;
 use crate::applied;
 use crate::events::{Event, EventKind};
 use crate::offsets;
-use crate::stream::{Failed, Gate, Msg, Origin, Processor, SkipReason, StepError, Wait};
-use crate::tenancy::tenants::{Status, TenantRef, Tenants};
+use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
+use crate::tenancy::tenants::{TenantRef, Tenants};
+use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, Watermark};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 
@@ -174,39 +175,23 @@ impl DomainProcessor {
     }
 }
 
-/// The verdict for one retailer: as the catalog judges a brand (see `catalog::gate`).
+/// The verdict for one retailer, as every projection judges a tenant ([`verdict`]): an
+/// assignment from before a termination applies to the archive, as it did live.
 fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<DatabaseName> {
-    let id = &c.retailer;
-    let Some(t) = tenants.get(id) else {
-        return Gate::Hold(Wait::Tenant(id.clone()));
-    };
-    if t.kind != OrganisationType::Retailer {
-        return Gate::Reject(format!(
-            "retailer_id {id} names a {} tenant, not a {}",
-            t.kind,
-            OrganisationType::Retailer
-        ));
-    }
-    if t.changing {
-        return Gate::Hold(Wait::Lifecycle);
-    }
-    let skip = Gate::Skip {
-        reason: SkipReason::Terminated,
-        tenant: Some(id.clone()),
-    };
-    if t.was_archived_at(c.occurred_at) {
-        return skip;
-    }
-    match t.status {
-        Status::Active => match &t.database {
-            Some(db) => Gate::Ready(db.clone()),
-            None => Gate::Reject(format!("retailer {id} has no valid database")),
+    match verdict(
+        tenants,
+        &c.retailer,
+        "retailer_id",
+        OrganisationType::Retailer,
+        c.occurred_at,
+    ) {
+        Gate::Ready(t) => match t.database {
+            Some(db) => Gate::Ready(db),
+            None => Gate::Reject(format!("retailer {} has no valid database", c.retailer)),
         },
-        Status::Provisioning => Gate::Hold(Wait::Tenant(id.clone())),
-        Status::Archived | Status::Purged => skip,
-        Status::Failed => Gate::Reject(format!(
-            "retailer {id} failed provisioning; replay this event once it is fixed"
-        )),
+        Gate::Hold(wait) => Gate::Hold(wait),
+        Gate::Skip { reason, tenant } => Gate::Skip { reason, tenant },
+        Gate::Reject(reason) => Gate::Reject(reason),
     }
 }
 

@@ -9,4 +9,5 @@ mod processor;
 pub mod provisioning;
 pub mod purge;
 pub mod tenants;
+pub mod verdict;
 pub mod watermark;
