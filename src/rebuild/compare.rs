@@ -52,7 +52,7 @@ pub struct Comparison {
 }
 
 /// An identifier read from the server's catalog, checked before it is quoted into SQL.
-fn identifier(name: &str) -> Result<&str, sqlx::Error> {
+pub(super) fn identifier(name: &str) -> Result<&str, sqlx::Error> {
     if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         Ok(name)
     } else {

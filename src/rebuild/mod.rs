@@ -168,20 +168,13 @@ async fn exchange(
     incoming: &DatabaseName,
     out: &DatabaseName,
 ) -> anyhow::Result<()> {
-    let check = |t: &String| -> anyhow::Result<()> {
-        anyhow::ensure!(
-            t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
-            "unexpected table name {t:?}"
-        );
-        Ok(())
-    };
     let mut moves = Vec::new();
     for t in tables(pool, live).await? {
-        check(&t)?;
+        compare::identifier(&t)?;
         moves.push(format!("{}.`{t}` TO {}.`{t}`", live.quoted(), out.quoted()));
     }
     for t in tables(pool, incoming).await? {
-        check(&t)?;
+        compare::identifier(&t)?;
         moves.push(format!(
             "{}.`{t}` TO {}.`{t}`",
             incoming.quoted(),
