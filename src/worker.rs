@@ -32,6 +32,9 @@ pub struct WorkerOptions {
     pub purge_check: Duration,
     /// Crash tests only: abort after this lifecycle step.
     pub fail_after: Option<String>,
+    /// Create missing topics and migrate the service databases while building (off when the
+    /// caller already did, as `tenancy run` does once for all its processors).
+    pub prepare: bool,
 }
 
 impl Default for WorkerOptions {
@@ -41,6 +44,7 @@ impl Default for WorkerOptions {
             grace: Duration::from_secs(30 * 24 * 3600),
             purge_check: Duration::from_secs(10),
             fail_after: None,
+            prepare: true,
         }
     }
 }
@@ -67,8 +71,10 @@ impl Processors {
         let spec = CatalogSpec::load()?;
         let pool = crate::db::connect_pool_sized(config, options.db_connections).await?;
         let redis = Redis::connect(&config.redis_url, &ns).await?;
-        topics::ensure_topics(config).await?;
-        prepare_service_databases(&pool, &config.database_url, &ns).await?;
+        if options.prepare {
+            topics::ensure_topics(config).await?;
+            prepare_service_databases(&pool, &config.database_url, &ns).await?;
+        }
         let tenants = Tenants::new(pool.clone(), &ns);
         let codec = Arc::new(Codec::new(&config.schema_registry_url));
         let producer = crate::kafka::producer(config)?;

@@ -236,22 +236,13 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Each processor, its group and the topics it consumes.
 fn processor_topics(ns: &crate::tenant::Namespace) -> Vec<(&'static str, String, Vec<String>)> {
-    use crate::topics::Topic;
-    let topics = |p: &str| -> Vec<Topic> {
-        match p {
-            "provisioner" => vec![Topic::Organisations],
-            "catalog" => vec![Topic::BrandCatalog, Topic::BrandAccess],
-            "domains" => vec![Topic::RetailerDomains],
-            _ => vec![Topic::Tenancy],
-        }
-    };
     run::PROCESSORS
         .iter()
         .map(|p| {
             (
                 *p,
                 format!("{ns}.{p}"),
-                topics(p).iter().map(|t| t.name(ns)).collect(),
+                run::topics_of(p).iter().map(|t| t.name(ns)).collect(),
             )
         })
         .collect()

@@ -17,6 +17,17 @@ use crate::worker::{Processors, WorkerOptions};
 /// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
 pub const PROCESSORS: [&str; 4] = ["provisioner", "catalog", "purger", "domains"];
 
+/// The topics each processor consumes.
+pub fn topics_of(processor: &str) -> Vec<Topic> {
+    match processor {
+        "provisioner" => vec![Topic::Organisations],
+        "catalog" => vec![Topic::BrandCatalog, Topic::BrandAccess],
+        "purger" => vec![Topic::Tenancy],
+        "domains" => vec![Topic::RetailerDomains],
+        _ => Vec::new(),
+    }
+}
+
 /// `--http`: an address, or `off` (a newtype: clap reads an `Option` field as "may be absent").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
@@ -101,12 +112,8 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     // Registered before /readyz is served, so a starting worker is not ready until every
     // processor has joined its group.
     let mut processors = Vec::new();
-    for (name, topics) in [
-        ("provisioner", vec![Topic::Organisations]),
-        ("catalog", vec![Topic::BrandCatalog, Topic::BrandAccess]),
-        ("purger", vec![Topic::Tenancy]),
-        ("domains", vec![Topic::RetailerDomains]),
-    ] {
+    for name in PROCESSORS {
+        let topics = topics_of(name);
         if enabled(name) {
             let group = format!("{ns}.{name}");
             let reporting = health.processor(name, &group);
@@ -146,26 +153,25 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         grace: args.grace,
         purge_check: args.purge_check,
         fail_after: args.fail_after.clone(),
+        // Done once above, not again by each processor's thread.
+        prepare: false,
     };
     let mut threads = Vec::new();
     // Only the enabled processors join their groups: an idle member would hold partitions.
     for (name, topics, group, reporting) in processors {
         let names: Vec<String> = topics.iter().map(|t| t.name(&ns)).collect();
         tracing::info!(namespace = %ns, processor = name, %group, topics = %names.join(","), "processor starting");
+        let concurrency = if name == "provisioner" {
+            args.provision_concurrency.max(1)
+        } else {
+            settings.write_concurrency
+        };
         let job = ProcessorJob {
             name,
             config: config.clone(),
-            options: options(if name == "provisioner" {
-                args.provision_concurrency.max(1)
-            } else {
-                settings.write_concurrency
-            }),
+            options: options(concurrency),
             settings: Settings {
-                write_concurrency: if name == "provisioner" {
-                    args.provision_concurrency.max(1)
-                } else {
-                    settings.write_concurrency
-                },
+                write_concurrency: concurrency,
                 ..settings.clone()
             },
             membership: membership.clone(),
