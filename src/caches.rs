@@ -3,7 +3,9 @@
 //!
 //! - permission cache: `{ns}:supplier:{supplier_id}:brand_access:{brand_id}` (see
 //!   `access::cache` for what the values mean and who writes them);
-//! - domain cache: `{ns}:domain:{host}`.
+//! - domain cache: `{ns}:domain:{host}`, guarded by the generation `{ns}:domain-generation`
+//!   (see `serve::resolve`): whatever changes what a host resolves to calls
+//!   [`Redis::domains_changed`] after its commit.
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -29,6 +31,11 @@ pub fn permission_key(ns: &Namespace, supplier_id: &str, brand_id: &str) -> Stri
 /// `{ns}:domain:{host}`.
 pub fn domain_key(ns: &Namespace, host: &str) -> String {
     format!("{ns}:domain:{host}")
+}
+
+/// `{ns}:domain-generation`: moved on by every change that can alter a resolution.
+pub fn domain_generation_key(ns: &Namespace) -> String {
+    format!("{ns}:domain-generation")
 }
 
 /// `redis://user:secret@host` → `redis://***@host`, for error messages.
@@ -116,12 +123,30 @@ impl Redis {
                 }
             }
         }
-        keys.extend(domains.iter().map(|d| domain_key(&self.ns, d)));
-        if keys.is_empty() {
+        let mut removed = 0;
+        if !keys.is_empty() {
+            removed = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
+        }
+        // The tenant's status changed: every cached resolution is stale, its own hosts and
+        // `{slug}.{base domain}` names alike.
+        Ok(removed + self.domains_changed(domains).await?)
+    }
+
+    /// After a commit that changes what hosts resolve to (a domain assigned or removed, a
+    /// tenant archived, restored or purged): moves the domain generation on, so no entry loaded
+    /// before it is served or written, then deletes the named hosts' keys. Returns how many keys
+    /// went.
+    pub async fn domains_changed(&self, hosts: &[String]) -> redis::RedisResult<usize> {
+        let mut conn = self.conn.clone();
+        redis::cmd("INCR")
+            .arg(domain_generation_key(&self.ns))
+            .query_async::<i64>(&mut conn)
+            .await?;
+        if hosts.is_empty() {
             return Ok(0);
         }
-        let removed: usize = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-        Ok(removed)
+        let keys: Vec<String> = hosts.iter().map(|h| domain_key(&self.ns, h)).collect();
+        redis::cmd("DEL").arg(&keys).query_async(&mut conn).await
     }
 }
 

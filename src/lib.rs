@@ -50,6 +50,7 @@ pub mod kafka;
 pub mod offsets;
 pub mod rebuild;
 pub mod registry;
+pub mod serve;
 pub mod status;
 pub mod stream;
 pub mod telemetry;

@@ -115,7 +115,7 @@ impl Processors {
                 ns: ns.clone(),
                 pool: pool.clone(),
                 tenants: tenants.clone(),
-                redis,
+                redis: redis.clone(),
                 watermark: watermark.clone(),
                 hooks: Some(hooks),
             },
@@ -124,6 +124,7 @@ impl Processors {
                 pool: pool.clone(),
                 tenants: tenants.clone(),
                 watermark: watermark.clone(),
+                redis: redis.clone(),
             },
             timer: PurgeTimer {
                 tenants: tenants.clone(),

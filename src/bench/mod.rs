@@ -6,11 +6,14 @@
 //!   under.
 //! - [`e2e`]: `tenancy emit` to the last event applied, against the broker's consume rate.
 //! - [`rebuild`]: `tenancy rebuild` of a large brand, against plain upserts of the same rows.
+//! - [`serve`]: `tenancy serve`'s brand catalog API, against the same query sent straight to
+//!   MariaDB.
 
 pub mod broker;
 pub mod catalog;
 pub mod e2e;
 pub mod rebuild;
+pub mod serve;
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {

@@ -5,6 +5,7 @@ mod dead_letter;
 mod emit;
 mod rebuild;
 mod run;
+mod serve;
 mod status;
 mod tenants;
 
@@ -82,6 +83,20 @@ pub enum Command {
     /// {ns}_old_{id} for --rollback until --drop-old. Publishes nothing, writes no Redis key,
     /// touches no other tenant. Brands only so far.
     Rebuild(rebuild::RebuildArgs),
+    /// Serve the tenant API: brand catalogs for suppliers (bearer tokens), retailers by host.
+    ///
+    /// GET /api/brands/{slug}/fabrics (or /api/fabrics on SLUG.brand.BASE) answers a supplier
+    /// holding catalog.read on the brand, with prices only for pricing.read; GET
+    /// /api/retailer/profile answers on SLUG.BASE or a retailer's custom domain. Errors are
+    /// JSON: 400 bad slug or host, 401 bad token, 403 no access, 404 unknown tenant, 410
+    /// archived, 503 (Retry-After) while a tenant is archived or restored, or when busy.
+    /// /metrics and /healthz on the same address. Needs TENANCY_TOKEN_KEY.
+    Serve(serve::ServeArgs),
+    /// Bearer tokens for `tenancy serve`.
+    Tokens {
+        #[command(subcommand)]
+        command: serve::TokensCommand,
+    },
     /// Inspect and replay events in {ns}.dead-letter.
     DeadLetter {
         #[command(subcommand)]
@@ -92,7 +107,10 @@ pub enum Command {
 impl Command {
     /// Whether the command prints its answer and ends (everything but the servers).
     pub fn is_one_shot(&self) -> bool {
-        !matches!(self, Command::Run(_) | Command::Registry(_))
+        !matches!(
+            self,
+            Command::Run(_) | Command::Registry(_) | Command::Serve(_)
+        )
     }
 }
 
@@ -138,6 +156,10 @@ pub enum BenchCommand {
     /// One brand with many catalog events rebuilt online by `tenancy rebuild`, next to plain
     /// upserts of the same rows.
     Rebuild(crate::bench::rebuild::RebuildBenchArgs),
+    /// `tenancy serve`'s GET /api/brands/{slug}/fabrics over many brands with warm caches,
+    /// next to the same SELECT sent straight to MariaDB with as many clients and connections;
+    /// prints requests/s, p50 and p99 of both and their ratio.
+    Serve(crate::bench::serve::ServeBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,9 +250,17 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::bench::rebuild::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            command: BenchCommand::Serve(args),
+        } => {
+            crate::bench::serve::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Access { command } => access::run(config, command).await,
         Command::DeadLetter { command } => dead_letter::run(config, command).await,
         Command::Rebuild(args) => rebuild::run(config, args).await,
+        Command::Serve(args) => serve::serve(config, args).await,
+        Command::Tokens { command } => serve::tokens(command),
     }
 }
 

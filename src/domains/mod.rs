@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use sqlx::MySqlPool;
 
 use crate::applied;
+use crate::caches::Redis;
 use crate::events::{Event, EventKind};
 use crate::offsets;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
@@ -90,6 +91,8 @@ pub struct DomainProcessor {
     pub pool: MySqlPool,
     pub tenants: Tenants,
     pub watermark: Watermark,
+    /// The domain cache, invalidated after each change (`caches::Redis::domains_changed`).
+    pub redis: Redis,
 }
 
 impl DomainProcessor {
@@ -237,6 +240,12 @@ impl Processor for DomainProcessor {
     async fn apply(&self, run: &[(&Msg<DomainChange>, &DatabaseName)]) -> Result<(), Failed> {
         for (i, (m, db)) in run.iter().enumerate() {
             self.apply_one(m, db).await.map_err(|e| Failed::at(i, e))?;
+            // Also for an event found applied already: its first delivery may have committed
+            // and then lost Redis before invalidating.
+            self.redis
+                .domains_changed(&[m.item.host.as_str().to_owned()])
+                .await
+                .map_err(|e| Failed::at(i, e))?;
         }
         Ok(())
     }

@@ -214,6 +214,29 @@ impl ProcessorHealth {
     }
 }
 
+/// The process-wide Prometheus recorder: installed by the first server that asks, shared by
+/// every later one (the worker's health server, `tenancy serve`).
+pub fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static RECORDER: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    if let Some(h) = RECORDER.get() {
+        return Ok(h.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // Request latencies as histograms (the rest stay summaries): aggregatable across
+        // servers, buckets around the 10 ms p99 goal.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .map_err(|e| anyhow::anyhow!("invalid histogram buckets: {e}"))?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    Ok(RECORDER.get_or_init(|| handle).clone())
+}
+
 /// Serves `/healthz` (the process is up), `/readyz` (every processor joined its group, no
 /// shared service being waited for, no retry loop older than [`READY_RETRY_THRESHOLD`]) and
 /// `/metrics` (Prometheus text) on `addr` until `shutdown`. Returns the bound address (port 0
@@ -226,18 +249,7 @@ pub async fn serve(
     use axum::http::StatusCode;
     use axum::routing::get;
 
-    // The recorder is process-global: installed once, shared by every server.
-    static RECORDER: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-        std::sync::OnceLock::new();
-    let prometheus = match RECORDER.get() {
-        Some(h) => h.clone(),
-        None => {
-            let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
-            RECORDER.get_or_init(|| handle).clone()
-        }
-    };
+    let prometheus = prometheus()?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(
             "cannot serve health and metrics on {addr}: {e} (another worker on this host? give each its own --http ADDR, or --http off)"

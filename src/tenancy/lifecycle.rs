@@ -379,6 +379,8 @@ impl Provisioner {
             .log(&ev.event_id, org, Logged::Restored, at(ev.occurred_at))
             .await?;
         self.tenants.mark_restored(org, at(ev.occurred_at)).await?;
+        // Cached resolutions still say "archived" (410): refreshed from here on.
+        self.redis.domains_changed(&[]).await?;
         if let Some(hooks) = &self.hooks {
             hooks
                 .after_reactivation(org, row.organisation_type, &live)

@@ -237,6 +237,8 @@ impl Provisioner {
             .activate(&ev.organisation_id, version)
             .await
             .map_err(|e| StepError::from(e).context("marking the tenant active"))?;
+        // A request that found no such tenant may have cached that for a few seconds.
+        self.redis.domains_changed(&[]).await?;
         let activated = started.elapsed();
         let outcome = TenantProvisioned {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantProvisioned),

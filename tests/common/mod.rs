@@ -663,6 +663,19 @@ pub fn emitted(stdout: &str) -> Vec<(String, i32, i64)> {
 }
 
 impl TestNs {
+    /// Emits OrganisationCreated for each (organisation id, type, slug) and waits until every
+    /// one is active (a worker must be running).
+    pub async fn provisioned(&self, pool: &MySqlPool, orgs: &[(&str, &str, &str)]) {
+        let lines: Vec<String> = orgs
+            .iter()
+            .map(|(org, kind, slug)| lines::created(org, kind, slug))
+            .collect();
+        self.emit_ok(&lines);
+        for (org, _, _) in orgs {
+            self.wait_status(pool, org, "active").await;
+        }
+    }
+
     /// Waits until `org`'s tenant has `status`.
     pub async fn wait_status(&self, pool: &MySqlPool, org: &str, status: &str) {
         wait_for(

@@ -1,0 +1,236 @@
+//! `tenancy serve`: the request side of the platform.
+//!
+//! - `GET /api/brands/{slug}/fabrics`, or `GET /api/fabrics` with Host
+//!   `{slug}.brand.{base domain}`: a brand's catalog, for a supplier named by a bearer token
+//!   (see [`token`]), answered only if the permission cache says that supplier may read that
+//!   brand; prices only with `pricing.read`.
+//! - `GET /api/retailer/profile`: the retailer named by Host (`{slug}.{base domain}` or a
+//!   custom domain of the domains projection).
+//! - `/healthz`, `/metrics`.
+//!
+//! One connection pool for the MySQL server (`DATABASE_URL`), never one per tenant: every
+//! query names its tenant database, never `USE`. A tenant holds at most
+//! `--tenant-concurrency` connections at once, and every request ends within
+//! `--request-timeout` (503 with `Retry-After` otherwise).
+
+pub mod error;
+pub mod fabrics;
+pub mod limits;
+pub mod resolve;
+pub mod retailer;
+pub mod token;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::access::cache::PermissionCache;
+use crate::caches::Redis;
+use crate::config::Config;
+use crate::domains::host::Host;
+use crate::tenant::Namespace;
+
+use error::ApiError;
+use limits::TenantLimits;
+use resolve::Resolver;
+use token::TokenKey;
+
+/// How `tenancy serve` runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Brands answer on `{slug}.brand.{base}`, retailers on `{slug}.{base}`.
+    pub base_domain: Host,
+    /// Connections to the MySQL server, shared by every tenant.
+    pub pool_size: u32,
+    pub tenant_concurrency: usize,
+    pub request_timeout: Duration,
+}
+
+/// What every handler shares.
+pub struct Api {
+    pub ns: Namespace,
+    pub pool: MySqlPool,
+    pub resolver: Resolver,
+    pub permissions: PermissionCache,
+    pub key: TokenKey,
+    pub limits: TenantLimits,
+    pub timeout: Duration,
+}
+
+impl Api {
+    pub async fn connect(
+        config: &Config,
+        options: &ServeOptions,
+        key: TokenKey,
+    ) -> anyhow::Result<Api> {
+        let limit_secs = options.request_timeout.as_secs().max(1);
+        let pool = sqlx::mysql::MySqlPoolOptions::new()
+            .max_connections(options.pool_size.max(1))
+            // Bounded by the request's own timeout, which answers first.
+            .acquire_timeout(options.request_timeout + Duration::from_secs(1))
+            // A request that timed out drops its query, but the server would go on waiting
+            // (on a held lock, say) with the connection still out of the pool: bound the wait
+            // on the server too, so the connection comes back.
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    use sqlx::Executor;
+                    conn.execute(format!("SET SESSION lock_wait_timeout = {limit_secs}").as_str())
+                        .await?;
+                    // MariaDB only (MySQL has no such variable): every statement, not just
+                    // lock waits.
+                    if let Err(e) = conn
+                        .execute(format!("SET SESSION max_statement_time = {limit_secs}").as_str())
+                        .await
+                    {
+                        tracing::debug!(error = %e, "no max_statement_time on this server");
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&config.database_url)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url)
+            })?;
+        let redis = Redis::connect(&config.redis_url, &config.namespace).await?;
+        Ok(Api {
+            ns: config.namespace.clone(),
+            resolver: Resolver::new(
+                &config.namespace,
+                options.base_domain.clone(),
+                pool.clone(),
+                redis.conn(),
+            ),
+            permissions: PermissionCache::on(&redis),
+            pool,
+            key,
+            limits: TenantLimits::new(options.tenant_concurrency),
+            timeout: options.request_timeout,
+        })
+    }
+
+    /// A pooled connection, with the wait recorded (`tenancy_pool_wait_seconds`).
+    pub async fn connection(&self) -> Result<PoolConnection<MySql>, ApiError> {
+        let started = Instant::now();
+        let conn = self.pool.acquire().await;
+        metrics::histogram!("tenancy_pool_wait_seconds").record(started.elapsed().as_secs_f64());
+        Ok(conn?)
+    }
+
+    /// The supplier a request's `Authorization: Bearer …` names, or a 401 saying why not.
+    pub fn supplier(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let raw = headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "missing Authorization: Bearer TOKEN (see `tenancy tokens issue`)",
+                )
+            })?
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+        let token = raw
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer TOKEN"))?;
+        self.key
+            .verify(token.trim(), chrono::Utc::now().timestamp())
+            .map_err(|e| ApiError::unauthorized(e.to_string()))
+    }
+
+    /// The Host header's text, or a 400.
+    pub fn host<'h>(&self, headers: &'h HeaderMap) -> Result<&'h str, ApiError> {
+        headers
+            .get(header::HOST)
+            .ok_or_else(|| ApiError::bad_request("invalid_host", "no Host header"))?
+            .to_str()
+            .map_err(|_| ApiError::bad_request("invalid_host", "the Host header is not text"))
+    }
+}
+
+/// Times out, counts and times every routed request. Labels are the route template and the
+/// status, never a tenant, so the series stay few.
+async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let response = match tokio::time::timeout(api.timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable(
+            "timeout",
+            format!(
+                "no answer within {} ms; try again shortly",
+                api.timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    };
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("tenancy_http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("tenancy_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The API's routes (without `/metrics`, which needs the process's recorder).
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/api/brands/{slug}/fabrics", get(fabrics::by_path))
+        .route("/api/fabrics", get(fabrics::by_host))
+        .route("/api/retailer/profile", get(retailer::profile))
+        .route_layer(axum::middleware::from_fn_with_state(api.clone(), observe))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::NOT_FOUND,
+                "no_route",
+                "no such route; see /api/brands/{slug}/fabrics, /api/fabrics, /api/retailer/profile",
+            )
+        })
+        .with_state(api)
+}
+
+/// Serves until `shutdown`; returns the bound address once listening (port 0 picks one).
+pub async fn serve(
+    config: &Config,
+    options: &ServeOptions,
+    key: TokenKey,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let prometheus = crate::stream::health::prometheus()?;
+    let api = Arc::new(Api::connect(config, options, key).await?);
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", options.listen))?;
+    let bound = listener.local_addr()?;
+    let app = router(api).route(
+        "/metrics",
+        get(move || {
+            prometheus.run_upkeep();
+            let text = prometheus.render();
+            async move { text }
+        }),
+    );
+    let task = tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the API server stopped");
+        }
+    });
+    Ok((bound, task))
+}
