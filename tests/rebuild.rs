@@ -320,3 +320,84 @@ async fn kept_old_tables_expire_on_the_purge_timer() {
         "the live tables stay"
     );
 }
+
+/// A rebuild touches no other tenant unless asked: suppliers' copies keep what the replaced
+/// tables fanned out; with --refresh-copies they are rebuilt from the swapped-in tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn refresh_copies_pushes_the_repaired_rows_to_supplier_copies() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, brand, db) = brand_with_catalog(&t, &pool, "copied", 2).await;
+    let supplier = new_id();
+    t.provisioned(&pool, &[(&supplier, "SUPPLIER", "reader")])
+        .await;
+    t.emit_ok(&[lines::grant(
+        &new_id(),
+        &brand,
+        &supplier,
+        &["catalog.read"],
+    )]);
+    let copy = format!("{}_supplier_reader", t.ns);
+    let copy_name = |code: &'static str| {
+        let (pool, copy) = (pool.clone(), copy.clone());
+        async move {
+            sqlx::query_scalar::<_, String>(&format!(
+                "SELECT name FROM `{copy}`.brand_fabrics WHERE code = ?"
+            ))
+            .bind(code)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    wait_for("the grant's backfill", Duration::from_secs(60), || async {
+        copy_name("A").await
+    })
+    .await;
+    let good = copy_name("A").await;
+    let corrupt = || async {
+        for table in [format!("`{db}`.fabrics"), format!("`{copy}`.brand_fabrics")] {
+            sqlx::query(&format!(
+                "UPDATE {table} SET name = 'garbage' WHERE code = 'A'"
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+
+    corrupt().await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_ne!(
+        fabric_rows(&pool, &db).await[0].1,
+        "garbage",
+        "brand repaired"
+    );
+    assert_eq!(
+        copy_name("A").await.as_deref(),
+        Some("garbage"),
+        "without --refresh-copies no supplier database is touched"
+    );
+    let (code, _, _) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0));
+
+    corrupt().await;
+    let (code, out, err) = t.tenancy_output(&[
+        "rebuild",
+        &brand,
+        "--accept-differences",
+        "--refresh-copies",
+    ]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("1 supplier copy of the brand rebuilt"),
+        "{out}"
+    );
+    assert_ne!(fabric_rows(&pool, &db).await[0].1, "garbage");
+    assert_eq!(
+        copy_name("A").await,
+        good,
+        "the copy follows the repaired brand"
+    );
+}

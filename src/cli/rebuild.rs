@@ -39,6 +39,11 @@ pub struct RebuildArgs {
     /// (`tenancy run`, with its purge timer) drops them. E.g. 7d, 12h.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub keep_old: std::time::Duration,
+    /// After the swap (or --rollback), rebuild every active supplier's copy of the brand from
+    /// the tables now live, as a grant's backfill does. Without it a rebuild touches no other
+    /// tenant, and suppliers keep what the replaced tables fanned out to them.
+    #[arg(long, conflicts_with_all = ["dry_run", "drop_old"])]
+    pub refresh_copies: bool,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
     #[arg(long, conflicts_with = "accept_differences")]
     pub drop_old: bool,
@@ -53,6 +58,7 @@ const SHOWN_DIFFERENCES: usize = 50;
 pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
     r.keep_old = args.keep_old;
+    r.refresh_copies = args.refresh_copies;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -136,6 +142,12 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
                 outcome.pause.as_millis(),
                 humantime::format_duration(args.keep_old)
             );
+            if let Some(n) = outcome.copies_refreshed {
+                println!(
+                    "{n} supplier cop{} of the brand rebuilt from the swapped-in tables",
+                    if n == 1 { "y" } else { "ies" }
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         (None, Mode::DryRun) => {
@@ -193,10 +205,13 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
             Ok(o) if o.swapped_to.is_some() => {
                 swapped += 1;
                 println!(
-                    "{name}: swapped in ({} events, {} difference(s), writes held {} ms)",
+                    "{name}: swapped in ({} events, {} difference(s), writes held {} ms{})",
                     o.replayed.applied,
                     o.comparison.differences.len(),
-                    o.pause.as_millis()
+                    o.pause.as_millis(),
+                    o.copies_refreshed
+                        .map(|n| format!(", {n} supplier copies rebuilt"))
+                        .unwrap_or_default()
                 );
             }
             Ok(o) if o.comparison.differences.is_empty() => {

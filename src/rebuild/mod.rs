@@ -16,7 +16,9 @@
 //! writes no Redis key. `--rollback` brings the old tables back the same way (after replaying
 //! into them what the live database applied since the swap); `--drop-old` drops them.
 //!
-//! Brands only for now: supplier copies and retailer databases are not rebuilt yet.
+//! Brands only for now: supplier copies and retailer databases are not rebuilt yet. Suppliers'
+//! copies of a rebuilt brand keep what the old tables fanned out to them unless
+//! `--refresh-copies` rebuilds them from the swapped-in tables.
 
 pub mod compare;
 pub mod kept;
@@ -58,6 +60,8 @@ pub struct Outcome {
     pub comparison: Comparison,
     /// Where the replaced tables are, when swapped.
     pub swapped_to: Option<DatabaseName>,
+    /// Supplier copies of the brand rebuilt from the swapped-in tables (`--refresh-copies`).
+    pub copies_refreshed: Option<usize>,
     /// How long the tenant's writes were held for the final catch-up, compare and swap.
     pub pause: Duration,
     pub elapsed: Duration,
@@ -197,6 +201,10 @@ pub struct Rebuilder {
     pub fail_after: FailAfter,
     /// How long the replaced tables are kept after a swap (`--keep-old`).
     pub keep_old: Duration,
+    /// After a swap or rollback, rebuild every active supplier's copy of the brand from the
+    /// tables now live (`--refresh-copies`). Off by default: a rebuild touches no other tenant
+    /// unless asked.
+    pub refresh_copies: bool,
 }
 
 impl Rebuilder {
@@ -223,6 +231,7 @@ impl Rebuilder {
             pool,
             fail_after,
             keep_old: Duration::from_secs(7 * 24 * 3600),
+            refresh_copies: false,
         })
     }
 
@@ -407,11 +416,16 @@ impl Rebuilder {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(&self.pool)
                 .await?;
+            let copies_refreshed = match swapped && self.refresh_copies {
+                true => Some(self.refresh_supplier_copies(t, &live).await?),
+                false => None,
+            };
             Ok(Outcome {
                 database: live.clone(),
                 replayed,
                 comparison,
                 swapped_to: swapped.then(|| old.clone()),
+                copies_refreshed,
                 pause,
                 elapsed: started.elapsed(),
             })
@@ -475,11 +489,36 @@ impl Rebuilder {
                     .await?;
             }
             kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
+            if self.refresh_copies {
+                let n = self.refresh_supplier_copies(t, &live).await?;
+                tracing::info!(tenant = %t.organisation_id, copies = n, "supplier copies refreshed");
+            }
             Ok(replayed)
         }
         .await;
         claim.release().await;
         result
+    }
+
+    /// Every active supplier's copy of brand `t`, rebuilt from `live` (what a grant's backfill
+    /// does, one supplier at a time under the brand's lock, so the fan-out carries on from
+    /// there). Returns how many copies were rebuilt.
+    async fn refresh_supplier_copies(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+    ) -> anyhow::Result<usize> {
+        // The hooks carry a permission cache for other steps; this one writes no Redis key.
+        let redis =
+            crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace).await?;
+        let hooks = crate::catalog::copies::CatalogHooks {
+            ns: self.config.namespace.clone(),
+            pool: self.pool.clone(),
+            tenants: self.tenants.clone(),
+            spec: self.spec.clone(),
+            cache: crate::access::cache::PermissionCache::on(&redis),
+        };
+        hooks.rebuild_brand_copies(&t.organisation_id, live).await
     }
 
     /// Drops the tables an earlier rebuild replaced. Returns whether there were any.
