@@ -401,3 +401,67 @@ async fn refresh_copies_pushes_the_repaired_rows_to_supplier_copies() {
         "the copy follows the repaired brand"
     );
 }
+
+/// An archived brand's archive is rebuilt only with --archived, from the events before its
+/// termination (one emitted after it, skipped live, stays out of the rebuild too);
+/// `--all --archived` takes the archived brands and leaves the active one; a restore then
+/// brings the repaired rows back live.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archived_brand_is_rebuilt_into_its_archive_with_archived() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, brand, db) = brand_with_catalog(&t, &pool, "gone", 2).await;
+    let other = new_id();
+    t.provisioned(&pool, &[(&other, "BRAND", "stays")]).await;
+    t.emit_ok(&[lines::terminated(&new_id(), &brand, "BRAND", "gone")]);
+    t.wait_status(&pool, &brand, "archived").await;
+    // Happened after the termination: skipped live, and by the rebuild. Then one from before
+    // it, delivered late: applied to the archive live, so the archive's offsets pass the first.
+    let mut early: serde_json::Value =
+        serde_json::from_str(&lines::catalog(&brand, 4, &["EARLY"], &[])).unwrap();
+    early["occurred_at"] = serde_json::json!(chrono::Utc::now().timestamp_millis() - 3_600_000);
+    t.emit_ok(&[lines::catalog(&brand, 3, &["LATE"], &[]), early.to_string()]);
+    t.wait_caught_up().await;
+    let archive = format!("{}_arc_{}", t.ns, brand.replace('-', ""));
+    let good = fabric_rows(&pool, &archive).await;
+    let codes: Vec<&str> = good.iter().map(|(c, _, _)| c.as_str()).collect();
+    assert_eq!(codes, ["A", "B", "EARLY", "R1", "R2"], "live");
+    sqlx::query(&format!(
+        "UPDATE `{archive}`.fabrics SET name = 'garbage' WHERE code = 'A'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let (code, _, err) = t.tenancy_output(&["rebuild", &brand]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("only with --archived"), "{err}");
+    let (code, _, err) = t.tenancy_output(&["rebuild", &other, "--archived"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not archived"), "{err}");
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--archived", "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(out.contains("fabrics [A]: differs"), "{out}");
+    assert!(
+        out.contains("1 difference(s)"),
+        "the late event stays out: {out}"
+    );
+
+    let (code, out, err) =
+        t.tenancy_output(&["rebuild", "--all", "--archived", "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("1 brands: 1 swapped in"), "{out}");
+    assert!(err.contains("not rebuilt by this run: 1 active"), "{err}");
+    assert_eq!(fabric_rows(&pool, &archive).await, good, "archive repaired");
+    let (code, _, _) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0));
+
+    t.emit_ok(&[lines::restored(&new_id(), &brand, "BRAND", "gone")]);
+    t.wait_status(&pool, &brand, "active").await;
+    assert_eq!(
+        fabric_rows(&pool, &db).await,
+        good,
+        "the repaired rows are live again"
+    );
+}

@@ -42,8 +42,13 @@ pub struct RebuildArgs {
     /// After the swap (or --rollback), rebuild every active supplier's copy of the brand from
     /// the tables now live, as a grant's backfill does. Without it a rebuild touches no other
     /// tenant, and suppliers keep what the replaced tables fanned out to them.
-    #[arg(long, conflicts_with_all = ["dry_run", "drop_old"])]
+    #[arg(long, conflicts_with_all = ["dry_run", "drop_old", "archived"])]
     pub refresh_copies: bool,
+    /// Rebuild an archived tenant's archive ({ns}_arc_{id}) from the events before its
+    /// termination, instead of an active tenant's live database (with --all: every archived
+    /// brand instead of every active one).
+    #[arg(long)]
+    pub archived: bool,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
     #[arg(long, conflicts_with = "accept_differences")]
     pub drop_old: bool,
@@ -59,6 +64,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
     r.keep_old = args.keep_old;
     r.refresh_copies = args.refresh_copies;
+    r.archived = args.archived;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -167,20 +173,46 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     }
 }
 
-/// `--all`: every active brand, `parallel` at a time, one line each and a summary.
+/// `--all`: every active brand (with --archived, every archived one), `parallel` at a time,
+/// one line each and a summary. The tenants' states are the live lifecycle's, read from the
+/// tenants table: what is archived stays archived, what is purged is left alone.
 async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitCode> {
     use futures::stream::{self, StreamExt};
-    let active = r.tenants.list(Some(Status::Active)).await?;
-    let (brands, others): (Vec<_>, Vec<_>) = active
+    let status = if r.archived {
+        Status::Archived
+    } else {
+        Status::Active
+    };
+    let (brands, others): (Vec<_>, Vec<_>) = r
+        .tenants
+        .list(Some(status))
+        .await?
         .into_iter()
         .partition(|t| t.organisation_type == OrganisationType::Brand);
     if !others.is_empty() {
         eprintln!(
-            "{} active supplier and retailer tenants are not rebuilt (brands only so far)",
+            "{} {status} supplier and retailer tenants are not rebuilt (brands only so far)",
             others.len()
         );
     }
-    eprintln!("rebuilding {} brands, {parallel} at a time", brands.len());
+    let elsewhere = r.tenants.counts().await?;
+    let left: Vec<String> = elsewhere
+        .iter()
+        .filter(|(s, n)| *s != status.as_str() && *n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    if !left.is_empty() {
+        let hint = if !r.archived && elsewhere.iter().any(|(s, n)| s == "archived" && *n > 0) {
+            " (--archived rebuilds archived brands' archives)"
+        } else {
+            ""
+        };
+        eprintln!("not rebuilt by this run: {} tenants{hint}", left.join(", "));
+    }
+    eprintln!(
+        "rebuilding {} {status} brands, {parallel} at a time",
+        brands.len()
+    );
     let results: Vec<(String, anyhow::Result<crate::rebuild::Outcome>)> =
         stream::iter(brands.iter())
             .map(|b| async move {

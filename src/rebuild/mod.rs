@@ -112,8 +112,9 @@ pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef>
         .ok_or_else(|| anyhow::anyhow!("tenant {name:?} vanished while looking it up"))
 }
 
-/// The checks before anything is created: what is rebuilt, and whether it can be.
-fn refuse_unless_rebuildable(t: &TenantRef) -> anyhow::Result<DatabaseName> {
+/// The checks before anything is created: what is rebuilt, and whether it can be. The
+/// database rebuilt is the live one, or with `archived` the archive of an archived tenant.
+fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<DatabaseName> {
     if t.kind != OrganisationType::Brand {
         anyhow::bail!(
             "tenant {} is a {}: only brand databases can be rebuilt so far",
@@ -121,21 +122,35 @@ fn refuse_unless_rebuildable(t: &TenantRef) -> anyhow::Result<DatabaseName> {
             t.kind
         );
     }
-    if t.status != Status::Active || t.changing {
+    if t.changing {
         anyhow::bail!(
-            "tenant {} is {}{}: only an active tenant is rebuilt (an archive is not)",
+            "tenant {} is {}, in the middle of a lifecycle step: try again when it is done",
             t.organisation_id,
-            t.status,
-            if t.changing {
-                ", in the middle of a lifecycle step"
-            } else {
-                ""
-            }
+            t.status
         );
     }
-    t.database
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("tenant {} has no database", t.organisation_id))
+    match (t.status, archived) {
+        (Status::Active, false) => t
+            .database
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("tenant {} has no database", t.organisation_id)),
+        (Status::Archived, true) => t
+            .archive_database
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("tenant {} has no archive database", t.organisation_id)),
+        (Status::Archived, false) => anyhow::bail!(
+            "tenant {} is archived: its archive is rebuilt only with --archived",
+            t.organisation_id
+        ),
+        (Status::Active, true) => anyhow::bail!(
+            "tenant {} is active, not archived: rebuild it without --archived",
+            t.organisation_id
+        ),
+        (status, _) => anyhow::bail!(
+            "tenant {} is {status}: it has no database to rebuild",
+            t.organisation_id
+        ),
+    }
 }
 
 /// Every partition of `topic` must still start at offset 0: a rebuild from a log whose start
@@ -205,6 +220,9 @@ pub struct Rebuilder {
     /// tables now live (`--refresh-copies`). Off by default: a rebuild touches no other tenant
     /// unless asked.
     pub refresh_copies: bool,
+    /// Rebuild archived tenants' archives instead of active tenants' live databases
+    /// (`--archived`).
+    pub archived: bool,
 }
 
 impl Rebuilder {
@@ -232,6 +250,7 @@ impl Rebuilder {
             fail_after,
             keep_old: Duration::from_secs(7 * 24 * 3600),
             refresh_copies: false,
+            archived: false,
         })
     }
 
@@ -280,7 +299,7 @@ impl Rebuilder {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = resolve(&self.tenants, &t.organisation_id).await?;
-        if let Err(e) = refuse_unless_rebuildable(&now) {
+        if let Err(e) = refuse_unless_rebuildable(&now, self.archived) {
             brand.release().await;
             lifecycle.release().await;
             return Err(e);
@@ -296,7 +315,7 @@ impl Rebuilder {
         progress: impl FnMut(&Replayed, &std::collections::HashMap<i32, i64>),
     ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
-        let live = refuse_unless_rebuildable(t)?;
+        let live = refuse_unless_rebuildable(t, self.archived)?;
         let (shadow, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
         let reported = Arc::new(report::Progress::default());
@@ -416,7 +435,7 @@ impl Rebuilder {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(&self.pool)
                 .await?;
-            let copies_refreshed = match swapped && self.refresh_copies {
+            let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
                 true => Some(self.refresh_supplier_copies(t, &live).await?),
                 false => None,
             };
@@ -450,7 +469,7 @@ impl Rebuilder {
     /// Brings the tables a rebuild replaced back into the live database, after replaying into
     /// them what the live database applied since the swap. Returns the events replayed.
     pub async fn rollback(&self, t: &TenantRef) -> anyhow::Result<Replayed> {
-        let live = refuse_unless_rebuildable(t)?;
+        let live = refuse_unless_rebuildable(t, self.archived)?;
         let (shadow, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
         let result = async {
@@ -489,7 +508,7 @@ impl Rebuilder {
                     .await?;
             }
             kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
-            if self.refresh_copies {
+            if self.refresh_copies && !self.archived {
                 let n = self.refresh_supplier_copies(t, &live).await?;
                 tracing::info!(tenant = %t.organisation_id, copies = n, "supplier copies refreshed");
             }

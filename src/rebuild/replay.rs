@@ -4,7 +4,8 @@
 //! The target's `projection_offsets` say where it stands: a replay reads each partition from the
 //! offset after it, up to the offsets the live database holds, so the two hold exactly the same
 //! events when it returns. Events of other brands (the topic is keyed by brand) and events that
-//! happened while the brand was archived (skipped live too) are passed over.
+//! happened while the brand was archived (skipped live too) are passed over; for an archived
+//! brand's archive, so is everything from after its termination.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
 use crate::offsets;
 use crate::stream::{Msg, Origin};
-use crate::tenancy::tenants::TenantRef;
+use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
 use crate::wire::{decode_batch, Codec, DecodeError};
 
@@ -206,7 +207,7 @@ impl Replay<'_> {
                 Ok(Ok(it))
                     if it.brand == self.brand.organisation_id
                         && matches!(it.change, Change::Catalog(_))
-                        && !self.brand.was_archived_at(it.occurred_at) =>
+                        && self.belongs(it.occurred_at) =>
                 {
                     run.push(Msg::new(Origin::of(&m), it, m));
                 }
@@ -214,6 +215,19 @@ impl Replay<'_> {
             }
         }
         Ok(run)
+    }
+
+    /// Whether an event that happened at `occurred_at` was applied live, by the tenant's
+    /// lifecycle (as `tenancy::verdict` judged it): not inside an earlier archived period, and
+    /// for an archived tenant only from before its termination (what its archive holds).
+    fn belongs(&self, occurred_at: i64) -> bool {
+        if self.brand.was_archived_at(occurred_at) {
+            return false;
+        }
+        match self.brand.status {
+            Status::Archived => self.brand.archived_at.is_some_and(|a| occurred_at < a),
+            _ => true,
+        }
     }
 
     async fn apply(
