@@ -35,7 +35,8 @@ pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Re
 pub struct NamedLock {
     /// `None` once released.
     conn: Option<PoolConnection<MySql>>,
-    name: String,
+    /// Every lock held on `conn` (a server holds several per connection).
+    names: Vec<String>,
 }
 
 /// How long to wait for a named lock before reporting the event as worth retrying.
@@ -48,7 +49,44 @@ impl NamedLock {
         ns: &Namespace,
         brand_id: &str,
     ) -> Result<NamedLock, StepError> {
-        Self::acquire(pool, format!("{ns}:b:{}", compact(brand_id))).await
+        Self::acquire(pool, Self::brand_name(ns, brand_id)).await
+    }
+
+    /// Taken by the access projector, after the brand's lock, for its writes into a
+    /// supplier's database: with the locks of the brands the supplier reads, it fences every
+    /// writer of that database (`tenancy rebuild` of a supplier).
+    pub async fn supplier(
+        pool: &MySqlPool,
+        ns: &Namespace,
+        supplier_id: &str,
+    ) -> Result<NamedLock, StepError> {
+        Self::acquire(pool, Self::supplier_name(ns, supplier_id)).await
+    }
+
+    pub fn brand_name(ns: &Namespace, brand_id: &str) -> String {
+        format!("{ns}:b:{}", compact(brand_id))
+    }
+
+    pub fn supplier_name(ns: &Namespace, supplier_id: &str) -> String {
+        format!("{ns}:s:{}", compact(supplier_id))
+    }
+
+    /// Several locks on one connection, taken in the order given (callers sort them the way
+    /// every other holder takes them). Released together.
+    pub async fn all(pool: &MySqlPool, names: Vec<String>) -> Result<NamedLock, StepError> {
+        let mut lock = NamedLock {
+            conn: Some(pool.acquire().await?),
+            names: Vec::with_capacity(names.len()),
+        };
+        for name in names {
+            let conn = lock.conn.as_mut().expect("held");
+            if !Self::get(conn, &name).await? {
+                // Dropping `lock` closes its connection, which frees what it took so far.
+                return Err(Self::waited(&name));
+            }
+            lock.names.push(name);
+        }
+        Ok(lock)
     }
 
     /// Serialises the lifecycle steps (create, terminate, restore, purge) of one organisation.
@@ -75,7 +113,7 @@ impl NamedLock {
             .await?;
         Ok((got == Some(1)).then(|| NamedLock {
             conn: Some(conn),
-            name,
+            names: vec![name],
         }))
     }
 
@@ -85,24 +123,33 @@ impl NamedLock {
     }
 
     async fn acquire(pool: &MySqlPool, name: String) -> Result<NamedLock, StepError> {
-        // Names are limited to 64 characters: namespace (<= 24) + 3 + uuid without dashes (32).
-        debug_assert!(name.len() <= 64, "lock name {name} too long");
         let mut conn = pool.acquire().await?;
-        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
-            .bind(&name)
-            .bind(LOCK_WAIT_SECS)
-            .fetch_one(&mut *conn)
-            .await?;
-        if got == Some(1) {
+        if Self::get(&mut conn, &name).await? {
             Ok(NamedLock {
                 conn: Some(conn),
-                name,
+                names: vec![name],
             })
         } else {
-            Err(StepError::retry(anyhow::anyhow!(
-                "waited {LOCK_WAIT_SECS}s for lock {name}, held by another worker"
-            )))
+            Err(Self::waited(&name))
         }
+    }
+
+    /// GET_LOCK with the usual wait: whether it was granted.
+    async fn get(conn: &mut PoolConnection<MySql>, name: &str) -> Result<bool, sqlx::Error> {
+        // Names are limited to 64 characters: namespace (<= 24) + 3 + uuid without dashes (32).
+        debug_assert!(name.len() <= 64, "lock name {name} too long");
+        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+            .bind(name)
+            .bind(LOCK_WAIT_SECS)
+            .fetch_one(&mut **conn)
+            .await?;
+        Ok(got == Some(1))
+    }
+
+    fn waited(name: &str) -> StepError {
+        StepError::retry(anyhow::anyhow!(
+            "waited {LOCK_WAIT_SECS}s for lock {name}, held by another worker"
+        ))
     }
 
     /// Releases the lock and returns the connection to the pool. A lock dropped without this
@@ -111,12 +158,15 @@ impl NamedLock {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        let released = sqlx::query("SELECT RELEASE_LOCK(?)")
-            .bind(&self.name)
-            .execute(&mut *conn)
-            .await;
-        if released.is_err() {
-            let _ = conn.close().await;
+        for name in &self.names {
+            let released = sqlx::query("SELECT RELEASE_LOCK(?)")
+                .bind(name)
+                .execute(&mut *conn)
+                .await;
+            if released.is_err() {
+                let _ = conn.close().await;
+                return;
+            }
         }
     }
 }

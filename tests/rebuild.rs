@@ -210,21 +210,30 @@ async fn a_killed_rebuild_leaves_the_live_database_alone() {
     assert_eq!(status["rebuilds"], serde_json::json!([]), "{status}");
 }
 
-/// Refusals name the reason: an unknown tenant, a tenant that is not a brand.
+/// Refusals name the reason: an unknown tenant, a retailer, a supplier's archive.
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_refuses_what_it_cannot_rebuild() {
     let t = TestNs::new();
     let pool = t.pool().await;
     let _worker = t.spawn_run("w");
-    let supplier = new_id();
-    t.emit_ok(&[lines::created(&supplier, "SUPPLIER", "sup")]);
-    t.wait_status(&pool, &supplier, "active").await;
+    let (supplier, retailer) = (new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&supplier, "SUPPLIER", "sup"),
+            (&retailer, "RETAILER", "shop"),
+        ],
+    )
+    .await;
     let (code, _, err) = t.tenancy_output(&["rebuild", "brand/nosuch"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown tenant"), "{err}");
-    let (code, _, err) = t.tenancy_output(&["rebuild", &supplier]);
+    let (code, _, err) = t.tenancy_output(&["rebuild", &retailer]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("only brand databases"), "{err}");
+    assert!(err.contains("retailer databases are not rebuilt"), "{err}");
+    let (code, _, err) = t.tenancy_output(&["rebuild", &supplier, "--archived"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("supplier archives are not rebuilt"), "{err}");
 }
 
 /// `--all` rebuilds every active brand with one summary: a dry run names the brand that
@@ -258,13 +267,18 @@ async fn rebuild_all_covers_every_active_brand() {
     assert!(out.contains("brand/one: 1 difference(s)"), "{out}");
     assert!(out.contains("brand/two: equal"), "{out}");
     assert!(
-        out.contains("2 brands: 0 swapped in, 1 equal, 1 differ, 0 failed"),
+        out.contains(
+            "2 tenant(s) (2 brand(s), 0 supplier(s)): 0 swapped in, 1 equal, 1 differ, 0 failed"
+        ),
         "{out}"
     );
 
     let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--accept-differences"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("2 brands: 2 swapped in"), "{out}");
+    assert!(
+        out.contains("2 tenant(s) (2 brand(s), 0 supplier(s)): 2 swapped in"),
+        "{out}"
+    );
     assert!(
         fabric_rows(&pool, &first_db)
             .await
@@ -451,7 +465,10 @@ async fn an_archived_brand_is_rebuilt_into_its_archive_with_archived() {
     let (code, out, err) =
         t.tenancy_output(&["rebuild", "--all", "--archived", "--accept-differences"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("1 brands: 1 swapped in"), "{out}");
+    assert!(
+        out.contains("1 tenant(s) (1 brand(s), 0 supplier(s)): 1 swapped in"),
+        "{out}"
+    );
     assert!(err.contains("not rebuilt by this run: 1 active"), "{err}");
     assert_eq!(fabric_rows(&pool, &archive).await, good, "archive repaired");
     let (code, _, _) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
@@ -464,4 +481,320 @@ async fn an_archived_brand_is_rebuilt_into_its_archive_with_archived() {
         good,
         "the repaired rows are live again"
     );
+}
+
+/// A supplier reading three brands, with a history of grants (a revoke and a re-grant, pricing
+/// on one brand, one brand archived since).
+async fn supplier_with_history(t: &TestNs, pool: &MySqlPool) -> (Worker, String, Vec<String>) {
+    let worker = t.spawn_run("w");
+    let supplier = new_id();
+    let brands: Vec<String> = (0..3).map(|_| new_id()).collect();
+    t.provisioned(
+        pool,
+        &[
+            (&supplier, "SUPPLIER", "reader"),
+            (&brands[0], "BRAND", "first"),
+            (&brands[1], "BRAND", "second"),
+            (&brands[2], "BRAND", "third"),
+        ],
+    )
+    .await;
+    let mut events = Vec::new();
+    for (i, b) in brands.iter().enumerate() {
+        events.push(lines::catalog(b, 1, &["A", "B", &format!("X{i}")], &[]));
+    }
+    events.push(lines::grant(
+        &new_id(),
+        &brands[0],
+        &supplier,
+        &["catalog.read", "pricing.read"],
+    ));
+    events.push(lines::grant(
+        &new_id(),
+        &brands[1],
+        &supplier,
+        &["catalog.read"],
+    ));
+    events.push(lines::revoke(&brands[1], &supplier));
+    events.push(lines::grant(
+        &new_id(),
+        &brands[1],
+        &supplier,
+        &["catalog.read"],
+    ));
+    events.push(lines::grant(
+        &new_id(),
+        &brands[2],
+        &supplier,
+        &["catalog.read"],
+    ));
+    events.push(lines::catalog(&brands[0], 2, &["C"], &["B"]));
+    t.emit_ok(&events);
+    t.wait_caught_up().await;
+    t.emit_ok(&[lines::terminated(&new_id(), &brands[2], "BRAND", "third")]);
+    t.wait_status(pool, &brands[2], "archived").await;
+    t.wait_caught_up().await;
+    (worker, supplier, brands)
+}
+
+async fn copy_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, String, Option<i64>)> {
+    sqlx::query_as(&format!(
+        "SELECT brand_id, code, name, price_minor FROM `{db}`.brand_fabrics ORDER BY brand_id, code"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// A supplier rebuilt from its grants and the brands' projections equals the live one; a
+/// corrupted copy and a lost grant are reported by the dry run, repaired by the rebuild (the
+/// worker keeps writing into the swapped-in tables) and brought back by --rollback.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_supplier_rebuild_repairs_its_grants_and_copies() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (worker, supplier, brands) = supplier_with_history(&t, &pool).await;
+    let db = format!("{}_supplier_reader", t.ns);
+    let good = copy_rows(&pool, &db).await;
+    assert_eq!(
+        good.len(),
+        3 + 3,
+        "first (A, C, X0) and second (A, B, X1): {good:?}"
+    );
+    assert!(
+        good.iter()
+            .all(|(b, _, _, price)| (b == &brands[0]) == price.is_some()),
+        "prices only from the brand granted pricing.read: {good:?}"
+    );
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", "supplier/reader", "--dry-run"]);
+    assert_eq!(
+        code,
+        Some(0),
+        "the rebuild equals the live supplier: {out}\n{err}"
+    );
+    assert!(out.contains("0 difference(s)"), "{out}");
+
+    sqlx::query(&format!(
+        "UPDATE `{db}`.brand_fabrics SET name = 'garbage' WHERE code = 'A'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "DELETE FROM `{db}`.brand_access WHERE brand_id = ?"
+    ))
+    .bind(&brands[2])
+    .execute(&pool)
+    .await
+    .unwrap();
+    let corrupted = checksums(&pool, &db).await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(out.contains("brand_access"), "{out}");
+    assert!(out.contains("brand_fabrics"), "{out}");
+    assert!(out.contains("3 difference(s)"), "{out}");
+    assert_eq!(
+        checksums(&pool, &db).await,
+        corrupted,
+        "a dry run changes nothing"
+    );
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(copy_rows(&pool, &db).await, good, "copies repaired");
+    let access: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.brand_access"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(access, 3, "the lost grant is back");
+
+    // The worker fans out into the swapped-in tables.
+    t.emit_ok(&[lines::catalog(&brands[1], 2, &["D"], &[])]);
+    wait_for(
+        "the fan-out after the swap",
+        Duration::from_secs(60),
+        || async {
+            copy_rows(&pool, &db)
+                .await
+                .iter()
+                .any(|(_, c, _, _)| c == "D")
+                .then_some(())
+        },
+    )
+    .await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--rollback"]);
+    assert_eq!(code, Some(0), "{out}\n{err}\n{}", worker.log_text());
+    // The grants as they were before the rebuild (the lost one lost again), with the copies
+    // rebuilt from the brands as they are now (the change since the swap included).
+    let access: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.brand_access"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(access, 2, "the rolled-back grants");
+    let rows = copy_rows(&pool, &db).await;
+    assert!(rows.iter().any(|(_, c, _, _)| c == "D"), "{rows:?}");
+    assert!(rows.iter().all(|(_, _, n, _)| n != "garbage"), "{rows:?}");
+    assert_eq!(rows.len(), good.len() + 1, "{rows:?}");
+}
+
+/// A supplier rebuilt and swapped in while its brands keep changing (fan-outs into its
+/// copies) and its grants keep changing (pricing toggled): a reader of its copy never fails
+/// nor finds it empty, the swap reports no difference, and afterwards it equals a rebuild.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_supplier_rebuild_under_load_is_invisible_and_ends_equal() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, supplier, brands) = supplier_with_history(&t, &pool).await;
+    let db = format!("{}_supplier_reader", t.ns);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (pool, db, stop, reads) = (pool.clone(), db.clone(), stop.clone(), reads.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let n: i64 =
+                    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.brand_fabrics"))
+                        .fetch_one(&pool)
+                        .await
+                        .expect("the live table is always there");
+                assert!(n > 0, "the copy was empty");
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let producer = {
+        let t2 = TestNs::attach(t.ns.clone(), t.config.clone());
+        let (brands, supplier, stop) = (brands.clone(), supplier.clone(), stop.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut r = 10;
+            while !stop.load(Ordering::Relaxed) {
+                let perms: &[&str] = if r % 20 == 0 {
+                    &["catalog.read", "pricing.read"]
+                } else {
+                    &["catalog.read"]
+                };
+                let mut batch = vec![lines::grant(&new_id(), &brands[1], &supplier, perms)];
+                for b in &brands[..2] {
+                    batch.push(lines::catalog(b, r, &[&format!("L{r}")], &[]));
+                }
+                t2.emit_ok(&batch);
+                r += 10;
+            }
+        })
+    };
+    let before = copy_rows(&pool, &db).await.len();
+    wait_for(
+        "the producer's events to reach the copy",
+        Duration::from_secs(60),
+        || async { (copy_rows(&pool, &db).await.len() >= before + 6).then_some(()) },
+    )
+    .await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier]);
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    producer.await.unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+    assert!(reads.load(Ordering::Relaxed) > 10);
+
+    t.wait_caught_up().await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+}
+
+/// Writes that arrive while a supplier rebuild holds the supplier's writes for its swap wait,
+/// and land in the swapped-in tables: a grant of a brand the supplier did not read yet, a
+/// revoke, and a catalog change fanned out to its copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_during_a_supplier_swap_wait_and_land_in_the_new_tables() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, supplier, brands) = supplier_with_history(&t, &pool).await;
+    let fourth = new_id();
+    t.provisioned(&pool, &[(&fourth, "BRAND", "fourth")]).await;
+    t.emit_ok(&[lines::catalog(&fourth, 1, &["F"], &[])]);
+    t.wait_caught_up().await;
+    let db = format!("{}_supplier_reader", t.ns);
+
+    let rebuild = t
+        .tenancy()
+        .args(["rebuild", &supplier, "--pause-before-swap", "4s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the rebuild to hold writes",
+        Duration::from_secs(60),
+        || async {
+            let status = t.status();
+            (status["rebuilds"][0]["phase"] == "holding writes").then_some(())
+        },
+    )
+    .await;
+    t.emit_ok(&[
+        lines::grant(&new_id(), &fourth, &supplier, &["catalog.read"]),
+        lines::revoke(&brands[1], &supplier),
+        lines::catalog(&brands[0], 5, &["LATE"], &[]),
+    ]);
+    let out = rebuild.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    t.wait_caught_up().await;
+    let access: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT brand_id FROM `{db}`.brand_access ORDER BY brand_id"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut want = vec![brands[0].clone(), brands[2].clone(), fourth.clone()];
+    want.sort();
+    assert_eq!(
+        access, want,
+        "the grant and the revoke are in the live tables"
+    );
+    let rows = copy_rows(&pool, &db).await;
+    assert!(
+        rows.iter().any(|(b, c, _, _)| b == &fourth && c == "F"),
+        "{rows:?}"
+    );
+    assert!(rows.iter().any(|(_, c, _, _)| c == "LATE"), "{rows:?}");
+    assert!(rows.iter().all(|(b, _, _, _)| b != &brands[1]), "{rows:?}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+}
+
+/// A supplier rebuild killed at each step leaves the live database as it was, and the next
+/// one works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_supplier_rebuild_leaves_the_live_database_alone() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, supplier, _) = supplier_with_history(&t, &pool).await;
+    let db = format!("{}_supplier_reader", t.ns);
+    let before = checksums(&pool, &db).await;
+    for step in ["shadow", "replay", "locked"] {
+        let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--fail-after", step]);
+        assert_ne!(code, Some(0), "{step}: {out}\n{err}");
+        assert!(err.contains(&format!("aborting after {step}")), "{err}");
+        assert_eq!(
+            checksums(&pool, &db).await,
+            before,
+            "after a kill at {step}"
+        );
+    }
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
 }

@@ -23,7 +23,7 @@ use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 /// The supplier's copy of one brand becomes the brand's current projection (under the
 /// supplier's permissions), recording the brand offsets it reflects so the fan-out continues
 /// from exactly there.
-pub(super) async fn backfill_copy(
+pub(crate) async fn backfill_copy(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     spec: &CatalogSpec,
     supplier_db: &DatabaseName,

@@ -26,7 +26,7 @@ use crate::tenant::DatabaseName;
 
 /// Offsets and event ids of a brand's access events in a supplier's database (per brand, so
 /// purging a brand can take its grants' bookkeeping with it).
-pub(super) fn access_projection(brand_id: &str) -> String {
+pub(crate) fn access_projection(brand_id: &str) -> String {
     format!("access:{brand_id}")
 }
 
@@ -43,6 +43,66 @@ async fn is_new(
 ) -> Result<bool, sqlx::Error> {
     let applied = offsets::get(tx, db, projection, &origin.topic, origin.partition).await?;
     Ok(applied.is_none_or(|a| origin.offset > a))
+}
+
+/// A grant's or revoke's row in the supplier's `brand_access`, as the live projector writes it
+/// (the copy, the index and the cache are separate steps). Shared with `tenancy rebuild`.
+pub(crate) async fn write_access_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    supplier_db: &DatabaseName,
+    item: &Item,
+) -> Result<(), sqlx::Error> {
+    match &item.change {
+        Change::Grant { permissions, .. } => {
+            sqlx::query(&format!(
+                "INSERT INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, ?) \
+                 ON DUPLICATE KEY UPDATE permissions = VALUES(permissions), granted_at = VALUES(granted_at)",
+                supplier_db.quoted()
+            ))
+            .bind(&item.brand)
+            .bind(serde_json::to_string(permissions).expect("strings serialise"))
+            .bind(chrono::DateTime::from_timestamp_millis(item.occurred_at).unwrap_or_default())
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::Revoke { .. } => {
+            sqlx::query(&format!(
+                "DELETE FROM {}.brand_access WHERE brand_id = ?",
+                supplier_db.quoted()
+            ))
+            .bind(&item.brand)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Change::Catalog(_) => {}
+    }
+    Ok(())
+}
+
+/// Records, in the supplier's transaction, that an access event is applied: its offset and
+/// (with `dedupe`) its id. Shared with `tenancy rebuild`.
+pub(crate) async fn mark_access_applied(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    supplier_db: &DatabaseName,
+    brand_id: &str,
+    m: &Msg<Item>,
+    dedupe: bool,
+) -> Result<(), sqlx::Error> {
+    let projection = access_projection(brand_id);
+    let o = &m.origin;
+    offsets::set(
+        tx,
+        supplier_db,
+        &projection,
+        &o.topic,
+        o.partition,
+        o.offset,
+    )
+    .await?;
+    if dedupe {
+        applied::record(tx, supplier_db, &projection, &[(&m.item.event_id, o)]).await?;
+    }
+    Ok(())
 }
 
 impl CatalogProcessor {
@@ -67,6 +127,16 @@ impl CatalogProcessor {
             .clone()
             .ok_or_else(|| StepError::reject("brand has no valid database"))?;
         let lock = NamedLock::brand(&self.pool, &self.ns, &brand.organisation_id).await?;
+        // After the brand's: fences this supplier's database for a rebuild's swap, which holds
+        // the supplier's lock and those of the brands it reads (see `rebuild::supplier`).
+        let supplier_lock =
+            match NamedLock::supplier(&self.pool, &self.ns, &supplier.organisation_id).await {
+                Ok(l) => l,
+                Err(e) => {
+                    lock.release().await;
+                    return Err(e);
+                }
+            };
         let result = async {
             self.still(brand).await?;
             self.still(supplier).await?;
@@ -99,6 +169,7 @@ impl CatalogProcessor {
             Ok(())
         }
         .await;
+        supplier_lock.release().await;
         lock.release().await;
         result
     }
@@ -122,16 +193,7 @@ impl CatalogProcessor {
 
         let mut tx = self.pool.begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
-            sqlx::query(&format!(
-                "INSERT INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE permissions = VALUES(permissions), granted_at = VALUES(granted_at)",
-                supplier_db.quoted()
-            ))
-            .bind(brand_id)
-            .bind(&json)
-            .bind(chrono::DateTime::from_timestamp_millis(m.item.occurred_at).unwrap_or_default())
-            .execute(&mut *tx)
-            .await?;
+            write_access_row(&mut tx, supplier_db, &m.item).await?;
             // Backfill: the supplier's copy becomes the brand's current projection, and records
             // the brand offsets it reflects so the fan-out continues from exactly there. Only
             // between two live tenants (see apply::fan_out); restore backfills the others.
@@ -176,13 +238,7 @@ impl CatalogProcessor {
         // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
         let mut tx = self.pool.begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
-            sqlx::query(&format!(
-                "DELETE FROM {}.brand_access WHERE brand_id = ?",
-                supplier_db.quoted()
-            ))
-            .bind(brand_id)
-            .execute(&mut *tx)
-            .await?;
+            write_access_row(&mut tx, supplier_db, &m.item).await?;
             let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
             offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
             self.mark_applied(&mut tx, supplier_db, brand_id, m).await?;
@@ -195,8 +251,7 @@ impl CatalogProcessor {
         Ok(())
     }
 
-    /// Records, in the supplier's transaction, that this access event is applied: its offset
-    /// and its id.
+    /// Records, in the supplier's transaction, that this access event is applied.
     async fn mark_applied(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
@@ -204,21 +259,7 @@ impl CatalogProcessor {
         brand_id: &str,
         m: &Msg<Item>,
     ) -> Result<(), sqlx::Error> {
-        let projection = access_projection(brand_id);
-        let o = &m.origin;
-        offsets::set(
-            tx,
-            supplier_db,
-            &projection,
-            &o.topic,
-            o.partition,
-            o.offset,
-        )
-        .await?;
-        if self.dedupe {
-            applied::record(tx, supplier_db, &projection, &[(&m.item.event_id, o)]).await?;
-        }
-        Ok(())
+        mark_access_applied(tx, supplier_db, brand_id, m, self.dedupe).await
     }
 
     /// Whether the supplier's database already applied this event at another offset (the same

@@ -17,7 +17,7 @@ pub(crate) mod apply;
 pub mod change;
 pub mod copies;
 pub mod gate;
-mod grants;
+pub(crate) mod grants;
 pub mod item;
 pub mod spec;
 pub mod store;

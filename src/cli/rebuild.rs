@@ -15,7 +15,7 @@ use crate::tenant::OrganisationType;
 
 #[derive(Debug, clap::Args)]
 pub struct RebuildArgs {
-    /// The tenant: organisation id, or `brand/SLUG`. Brands only so far.
+    /// The tenant: organisation id, or `brand/SLUG`, `supplier/SLUG`. Brands and suppliers.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     pub tenant: Option<String>,
     /// Every active brand, a few at a time (--parallel), with one summary at the end.
@@ -52,6 +52,9 @@ pub struct RebuildArgs {
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
     #[arg(long, conflicts_with = "accept_differences")]
     pub drop_old: bool,
+    /// Fence tests: hold the tenant's writes this long just before the swap.
+    #[arg(long, hide = true, value_parser = humantime::parse_duration)]
+    pub pause_before_swap: Option<std::time::Duration>,
     /// Crash tests: abort right after this step (shadow, replay, locked).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
@@ -65,6 +68,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     r.keep_old = args.keep_old;
     r.refresh_copies = args.refresh_copies;
     r.archived = args.archived;
+    r.pause_before_swap = args.pause_before_swap;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -173,9 +177,10 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     }
 }
 
-/// `--all`: every active brand (with --archived, every archived one), `parallel` at a time,
-/// one line each and a summary. The tenants' states are the live lifecycle's, read from the
-/// tenants table: what is archived stays archived, what is purged is left alone.
+/// `--all`: every active brand, then every active supplier (whose copies are taken from the
+/// brands, rebuilt by then); with --archived, every archived brand's archive. `parallel` at a
+/// time, one line each and a summary. The tenants' states are the live lifecycle's, read from
+/// the tenants table: what is archived stays archived, what is purged is left alone.
 async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitCode> {
     use futures::stream::{self, StreamExt};
     let status = if r.archived {
@@ -183,16 +188,23 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
     } else {
         Status::Active
     };
-    let (brands, others): (Vec<_>, Vec<_>) = r
-        .tenants
-        .list(Some(status))
-        .await?
-        .into_iter()
-        .partition(|t| t.organisation_type == OrganisationType::Brand);
-    if !others.is_empty() {
+    let listed = r.tenants.list(Some(status)).await?;
+    let of = |kind: OrganisationType| -> Vec<_> {
+        listed
+            .iter()
+            .filter(|t| t.organisation_type == kind)
+            .collect()
+    };
+    let brands = of(OrganisationType::Brand);
+    let suppliers = if r.archived {
+        Vec::new()
+    } else {
+        of(OrganisationType::Supplier)
+    };
+    let skipped = listed.len() - brands.len() - suppliers.len();
+    if skipped > 0 {
         eprintln!(
-            "{} {status} supplier and retailer tenants are not rebuilt (brands only so far)",
-            others.len()
+            "{skipped} {status} tenants are not rebuilt (retailers, or suppliers' archives: not built yet)"
         );
     }
     let elsewhere = r.tenants.counts().await?;
@@ -210,20 +222,23 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         eprintln!("not rebuilt by this run: {} tenants{hint}", left.join(", "));
     }
     eprintln!(
-        "rebuilding {} {status} brands, {parallel} at a time",
-        brands.len()
+        "rebuilding {} {status} brands, then {} suppliers, {parallel} at a time",
+        brands.len(),
+        suppliers.len()
     );
-    let results: Vec<(String, anyhow::Result<crate::rebuild::Outcome>)> =
-        stream::iter(brands.iter())
+    let mut results: Vec<(String, anyhow::Result<crate::rebuild::Outcome>)> = Vec::new();
+    // Brands first: suppliers' copies are backfilled from them.
+    for group in [&brands, &suppliers] {
+        let done: Vec<_> = stream::iter(group.iter())
             .map(|b| async move {
-                let name = format!("brand/{}", b.slug);
+                let name = format!("{}/{}", b.organisation_type.db_word(), b.slug);
                 let outcome = async {
                     let t = resolve(&r.tenants, &b.organisation_id).await?;
                     let tenant = name.clone();
                     r.rebuild(&t, mode, |done: &Replayed, _| {
-                tracing::info!(%tenant, read = done.read, applied = done.applied, "rebuilding");
-            })
-            .await
+                        tracing::info!(%tenant, read = done.read, applied = done.applied, "rebuilding");
+                    })
+                    .await
                 }
                 .await;
                 (name, outcome)
@@ -231,6 +246,8 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
             .buffer_unordered(parallel)
             .collect()
             .await;
+        results.extend(done);
+    }
     let (mut swapped, mut equal, mut differ, mut failed) = (0, 0, 0, 0);
     for (name, result) in &results {
         match result {
@@ -265,8 +282,10 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         }
     }
     println!(
-        "{} brands: {swapped} swapped in, {equal} equal, {differ} differ, {failed} failed",
-        results.len()
+        "{} tenant(s) ({} brand(s), {} supplier(s)): {swapped} swapped in, {equal} equal, {differ} differ, {failed} failed",
+        results.len(),
+        brands.len(),
+        suppliers.len()
     );
     Ok(if differ + failed == 0 {
         ExitCode::SUCCESS

@@ -16,7 +16,8 @@
 //! writes no Redis key. `--rollback` brings the old tables back the same way (after replaying
 //! into them what the live database applied since the swap); `--drop-old` drops them.
 //!
-//! Brands only for now: supplier copies and retailer databases are not rebuilt yet. Suppliers'
+//! Brands, and suppliers ([`supplier`]: grants replayed, copies backfilled from the brands);
+//! retailer databases are not rebuilt yet. Suppliers'
 //! copies of a rebuilt brand keep what the old tables fanned out to them unless
 //! `--refresh-copies` rebuilds them from the swapped-in tables.
 
@@ -24,6 +25,7 @@ pub mod compare;
 pub mod kept;
 pub mod replay;
 pub mod report;
+mod supplier;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +52,18 @@ pub enum Mode {
     DryRun,
     /// Swap in when equal (or, with `accept_differences`, whatever the differences).
     Swap { accept_differences: bool },
+}
+
+impl Mode {
+    /// Whether a rebuild that compared as `comparison` is swapped in.
+    fn swaps(self, comparison: &Comparison) -> bool {
+        match self {
+            Mode::DryRun => false,
+            Mode::Swap { accept_differences } => {
+                comparison.differences.is_empty() || accept_differences
+            }
+        }
+    }
 }
 
 /// How a rebuild ended.
@@ -115,12 +129,17 @@ pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef>
 /// The checks before anything is created: what is rebuilt, and whether it can be. The
 /// database rebuilt is the live one, or with `archived` the archive of an archived tenant.
 fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<DatabaseName> {
-    if t.kind != OrganisationType::Brand {
-        anyhow::bail!(
-            "tenant {} is a {}: only brand databases can be rebuilt so far",
-            t.organisation_id,
-            t.kind
-        );
+    match (t.kind, archived) {
+        (OrganisationType::Brand, _) | (OrganisationType::Supplier, false) => {}
+        (OrganisationType::Supplier, true) => anyhow::bail!(
+            "tenant {} is a supplier: supplier archives are not rebuilt (an archived supplier \
+             keeps no copies; its grants come back with it)",
+            t.organisation_id
+        ),
+        (OrganisationType::Retailer, _) => anyhow::bail!(
+            "tenant {} is a retailer: retailer databases are not rebuilt yet",
+            t.organisation_id
+        ),
     }
     if t.changing {
         anyhow::bail!(
@@ -223,6 +242,9 @@ pub struct Rebuilder {
     /// Rebuild archived tenants' archives instead of active tenants' live databases
     /// (`--archived`).
     pub archived: bool,
+    /// Tests only: wait this long, holding the tenant's writes, between the decision to swap
+    /// and the swap itself, so a test can show that no write slips in there.
+    pub pause_before_swap: Option<Duration>,
 }
 
 impl Rebuilder {
@@ -251,6 +273,7 @@ impl Rebuilder {
             keep_old: Duration::from_secs(7 * 24 * 3600),
             refresh_copies: false,
             archived: false,
+            pause_before_swap: None,
         })
     }
 
@@ -331,39 +354,14 @@ impl Rebuilder {
             progress(done, at);
         };
         let result = async {
-            reported.phase("preparing");
-            // (An empty one is a killed rebuild's, about to swap: it is reused.)
-            if mode != Mode::DryRun && !tables(&self.pool, &old).await?.is_empty() {
-                anyhow::bail!(
-                    "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
-                    t.organisation_id
-                );
+            if t.kind == OrganisationType::Supplier {
+                return self.rebuild_supplier(t, &live, mode, &reported).await;
             }
             let topic = self.topic();
-            refuse_unless_log_complete(&self.config, &topic)?;
-            // A shadow left by a killed rebuild is ours now (we hold the claim): start afresh.
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(&self.pool)
+            self.prepare(t, &shadow, &old, mode, &topic, &reported)
                 .await?;
-            migrations::create_and_migrate(
-                &self.pool,
-                &self.config.database_url,
-                &shadow,
-                migrations::for_tenant(t.kind),
-            )
-            .await?;
-            fail_after(&self.fail_after, "shadow");
             reported.phase("replaying");
             let replay = self.replay(t, &topic);
-            let wants_swap = mode != Mode::DryRun;
-            if wants_swap {
-                sqlx::query(&format!(
-                    "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                    old.quoted()
-                ))
-                .execute(&self.pool)
-                .await?;
-            }
             // Catch up and compare without holding anyone up; then, under the tenant's locks,
             // the comparison stands if the live offsets have not moved since it began (every
             // live write to the database moves them in the same transaction). If they keep
@@ -396,13 +394,9 @@ impl Rebuilder {
                             compare::compare(&self.pool, &live, &shadow).await?
                         }
                     };
-                    let swap = match mode {
-                        Mode::DryRun => false,
-                        Mode::Swap { accept_differences } => {
-                            comparison.differences.is_empty() || accept_differences
-                        }
-                    };
+                    let swap = mode.swaps(&comparison);
                     if swap {
+                        self.pause_before_swap().await;
                         exchange(&self.pool, &live, &shadow, &old).await?;
                     }
                     anyhow::Ok(Some((comparison, swap)))
@@ -417,24 +411,7 @@ impl Rebuilder {
                 tracing::info!(tenant = %t.organisation_id, attempt,
                     "live events applied during the comparison: catching up again");
             };
-            if swapped {
-                // The swap is done: failing to record the expiry must not make it look failed.
-                if let Err(e) =
-                    kept::keep(&self.pool, &self.config.namespace, &t.organisation_id, self.keep_old)
-                        .await
-                {
-                    tracing::warn!(tenant = %t.organisation_id, database = %old, error = %e,
-                        "cannot record when the old tables expire; drop them with --drop-old");
-                }
-            }
-            if wants_swap && !swapped {
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                    .execute(&self.pool)
-                    .await?;
-            }
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(&self.pool)
-                .await?;
+            self.finish(t, mode, swapped, &shadow, &old).await?;
             let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
                 true => Some(self.refresh_supplier_copies(t, &live).await?),
                 false => None,
@@ -479,6 +456,16 @@ impl Rebuilder {
                     t.organisation_id
                 );
             }
+            if t.kind == OrganisationType::Supplier {
+                let replayed = self.rollback_supplier(t, &live).await?;
+                for db in [&shadow, &old] {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
+                        .execute(&self.pool)
+                        .await?;
+                }
+                kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
+                return Ok(replayed);
+            }
             let topic = self.topic();
             let replay = self.replay(t, &topic);
             let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
@@ -517,6 +504,91 @@ impl Rebuilder {
         .await;
         claim.release().await;
         result
+    }
+
+    /// Before any replay: the old tables of an earlier rebuild must be gone (unless this is a
+    /// dry run), the log must be whole, and the shadow is created afresh (one left by a killed
+    /// rebuild is ours now: we hold the claim); the database for the replaced tables too.
+    async fn prepare(
+        &self,
+        t: &TenantRef,
+        shadow: &DatabaseName,
+        old: &DatabaseName,
+        mode: Mode,
+        topic: &str,
+        reported: &report::Progress,
+    ) -> anyhow::Result<()> {
+        reported.phase("preparing");
+        // (An empty one is a killed rebuild's, about to swap: it is reused.)
+        if mode != Mode::DryRun && !tables(&self.pool, old).await?.is_empty() {
+            anyhow::bail!(
+                "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
+                t.organisation_id
+            );
+        }
+        refuse_unless_log_complete(&self.config, topic)?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+            .execute(&self.pool)
+            .await?;
+        migrations::create_and_migrate(
+            &self.pool,
+            &self.config.database_url,
+            shadow,
+            migrations::for_tenant(t.kind),
+        )
+        .await?;
+        fail_after(&self.fail_after, "shadow");
+        if mode != Mode::DryRun {
+            sqlx::query(&format!(
+                "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                old.quoted()
+            ))
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// After the swap (or the decision not to): the replaced tables' expiry recorded, or
+    /// their empty database dropped; the shadow dropped.
+    async fn finish(
+        &self,
+        t: &TenantRef,
+        mode: Mode,
+        swapped: bool,
+        shadow: &DatabaseName,
+        old: &DatabaseName,
+    ) -> anyhow::Result<()> {
+        if swapped {
+            // The swap is done: failing to record the expiry must not make it look failed.
+            if let Err(e) = kept::keep(
+                &self.pool,
+                &self.config.namespace,
+                &t.organisation_id,
+                self.keep_old,
+            )
+            .await
+            {
+                tracing::warn!(tenant = %t.organisation_id, database = %old, error = %e,
+                    "cannot record when the old tables expire; drop them with --drop-old");
+            }
+        }
+        if mode != Mode::DryRun && !swapped {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+                .execute(&self.pool)
+                .await?;
+        }
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn pause_before_swap(&self) {
+        if let Some(pause) = self.pause_before_swap {
+            tracing::warn!(?pause, "--pause-before-swap: holding the tenant's writes");
+            tokio::time::sleep(pause).await;
+        }
     }
 
     /// Every active supplier's copy of brand `t`, rebuilt from `live` (what a grant's backfill

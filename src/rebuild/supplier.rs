@@ -1,0 +1,412 @@
+//! Rebuilding a supplier's database: its grants and revokes replayed from `{ns}.brand-access`
+//! with the live projector's own writes, then its copies backfilled from the brands' live
+//! projections as a grant does (a copy is by design the brand's current projection under the
+//! supplier's permissions), compared with the live database and swapped in.
+//!
+//! # Holding the supplier's writes
+//!
+//! Every writer of a supplier database holds a brand's lock (the fan-out, grants, revokes, a
+//! brand's archive, restore and purge) or the supplier's lifecycle lock; the access projector
+//! also takes the supplier's own lock after the brand's. The swap holds the lifecycle lock, the
+//! locks of every brand the live database names (sorted, on one connection), then the
+//! supplier's: a grant of a brand it did not name yet waits on the last. If the live database
+//! names a brand outside the set once they are held, they are released and taken again.
+//!
+//! Whether anything was written meanwhile is read from the live `projection_offsets`: every
+//! writer moves a row of it in the same transaction as its rows.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use sqlx::MySqlPool;
+
+use super::compare::{self, Comparison};
+use super::{
+    exchange, fail_after, report, Mode, Outcome, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE,
+};
+use crate::catalog::copies::backfill_copy;
+use crate::catalog::grants::{access_projection, mark_access_applied, write_access_row};
+use crate::catalog::item::{self, Item};
+use crate::db::NamedLock;
+use crate::stream::{Gate, Msg, Origin};
+use crate::tenancy::tenants::{Status, TenantRef};
+use crate::tenancy::verdict::verdict;
+use crate::tenant::{DatabaseName, OrganisationType};
+use crate::topics::Topic;
+
+use super::replay::Replayed;
+
+/// Every row of a database's `projection_offsets`, sorted: it moves whenever a writer commits.
+type Fingerprint = Vec<(String, String, i32, i64)>;
+
+async fn fingerprint(pool: &MySqlPool, db: &DatabaseName) -> Result<Fingerprint, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT projection, topic, `partition`, `offset` FROM {}.projection_offsets \
+         ORDER BY projection, topic, `partition`",
+        db.quoted()
+    ))
+    .fetch_all(pool)
+    .await
+}
+
+/// The last access event applied per (brand, partition), from a fingerprint.
+fn access_bounds(fp: &Fingerprint, topic: &str) -> HashMap<(String, i32), i64> {
+    fp.iter()
+        .filter(|(_, t, _, _)| t == topic)
+        .filter_map(|(projection, _, p, o)| {
+            let brand = projection.strip_prefix("access:")?;
+            Some(((brand.to_owned(), *p), *o))
+        })
+        .collect()
+}
+
+/// The brands a supplier database names: its grants, its copies and its bookkeeping.
+async fn brands_named(
+    pool: &MySqlPool,
+    db: &DatabaseName,
+) -> Result<BTreeSet<String>, sqlx::Error> {
+    let mut brands: BTreeSet<String> = sqlx::query_scalar(&format!(
+        "SELECT brand_id FROM {db}.brand_access UNION SELECT DISTINCT brand_id FROM {db}.brand_fabrics",
+        db = db.quoted()
+    ))
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .collect();
+    for (projection, ..) in fingerprint(pool, db).await? {
+        if let Some(b) = projection
+            .strip_prefix("access:")
+            .or_else(|| projection.strip_prefix("copy:"))
+        {
+            brands.insert(b.to_owned());
+        }
+    }
+    Ok(brands)
+}
+
+impl Rebuilder {
+    fn access_topic(&self) -> String {
+        Topic::BrandAccess.name(&self.config.namespace)
+    }
+
+    /// Brings `target`'s grants up to `bounds`: every access event naming the supplier that
+    /// the live database applied (at or below its brand's offset, and applied by the tenants'
+    /// lifecycles as `tenancy::verdict` judges), in log order, with the live writes.
+    async fn replay_access(
+        &self,
+        t: &TenantRef,
+        target: &DatabaseName,
+        bounds: &HashMap<(String, i32), i64>,
+    ) -> anyhow::Result<Replayed> {
+        let topic = self.access_topic();
+        let mut upto: HashMap<i32, i64> = HashMap::new();
+        for ((_, p), o) in bounds {
+            let e = upto.entry(*p).or_insert(*o);
+            *e = (*e).max(*o);
+        }
+        let mut done = Replayed::default();
+        if upto.is_empty() {
+            return Ok(done);
+        }
+        let held = access_bounds(&fingerprint(&self.pool, target).await?, &topic);
+        let mut assignment = TopicPartitionList::new();
+        for p in upto.keys() {
+            assignment.add_partition_offset(&topic, *p, Offset::Beginning)?;
+        }
+        let consumer: StreamConsumer = self
+            .config
+            .kafka_client_config()
+            .set("group.id", format!("{}.rebuild", self.config.namespace))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?;
+        consumer.assign(&assignment)?;
+        let mut brands: Vec<&str> = bounds.keys().map(|(b, _)| b.as_str()).collect();
+        brands.push(&t.organisation_id);
+        brands.sort_unstable();
+        brands.dedup();
+        let tenants = self.tenants.lookup(&brands).await?;
+        let mut position: HashMap<i32, i64> = upto.keys().map(|p| (*p, -1)).collect();
+        while position.iter().any(|(p, at)| *at < upto[p]) {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!("no message from {topic} for 30 s while replaying")
+                })??;
+            let p = m.partition();
+            if position.get(&p).is_none_or(|at| m.offset() <= *at) || m.offset() > upto[&p] {
+                continue;
+            }
+            position.insert(p, m.offset());
+            done.read += 1;
+            let item = match self.codec.decode(m.payload()).await {
+                Ok(event) => item::parse(event),
+                Err(e) if e.is_transient() => anyhow::bail!("cannot replay {topic}: {e}"),
+                Err(e) => Err(e.to_string()),
+            };
+            let Ok(item) = item else { continue };
+            if item.supplier() != Some(t.organisation_id.as_str()) {
+                continue;
+            }
+            let key = (item.brand.clone(), p);
+            let live_bound = bounds.get(&key).copied();
+            let applied_here = held.get(&key).is_some_and(|h| m.offset() <= *h);
+            if live_bound.is_none_or(|b| m.offset() > b) || applied_here {
+                continue;
+            }
+            if !applied_live(&tenants, &item) {
+                done.skipped += 1;
+                continue;
+            }
+            let msg = Msg::new(Origin::of(&m), item, m.detach());
+            let mut tx = self.pool.begin().await?;
+            let projection = access_projection(&msg.item.brand);
+            let first =
+                crate::applied::first_applied(&mut tx, target, &projection, &msg.item.event_id)
+                    .await?;
+            // Applied before at another offset: the live projector wrote nothing for it.
+            if first.is_none() {
+                write_access_row(&mut tx, target, &msg.item).await?;
+                mark_access_applied(&mut tx, target, &msg.item.brand, &msg, true).await?;
+                done.applied += 1;
+            } else {
+                done.skipped += 1;
+            }
+            tx.commit().await?;
+        }
+        Ok(done)
+    }
+
+    /// `target`'s copies, all rebuilt: the brand's live projection for every grant holding
+    /// the catalog permission of a brand that is active (copies exist only between two live
+    /// tenants), with the brand offsets they reflect.
+    async fn backfill_copies(&self, target: &DatabaseName) -> anyhow::Result<usize> {
+        let grants: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access ORDER BY brand_id",
+            target.quoted()
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let ids: Vec<&str> = grants.iter().map(|(b, _)| b.as_str()).collect();
+        let brands = self.tenants.lookup(&ids).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(&format!(
+            "DELETE FROM {}.`{}`",
+            target.quoted(),
+            compare::identifier(&self.spec.supplier_table)?
+        ))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(&format!(
+            "DELETE FROM {}.projection_offsets WHERE projection LIKE 'copy:%'",
+            target.quoted()
+        ))
+        .execute(&mut *tx)
+        .await?;
+        let mut copies = 0;
+        for (brand_id, json) in &grants {
+            let permissions: Vec<String> = serde_json::from_str(json).unwrap_or_default();
+            let Some(brand) = brands.get(brand_id) else {
+                continue;
+            };
+            let (Status::Active, Some(brand_db)) = (brand.status, &brand.database) else {
+                continue;
+            };
+            if permissions.contains(&self.spec.requires_permission) {
+                backfill_copy(
+                    &mut tx,
+                    &self.spec,
+                    target,
+                    brand_db,
+                    brand_id,
+                    &permissions,
+                )
+                .await?;
+                copies += 1;
+            }
+        }
+        tx.commit().await?;
+        Ok(copies)
+    }
+
+    /// Holds every writer of `live` off (module docs); `None` if the live database named a
+    /// brand outside the set once the locks were held (the caller tries again).
+    async fn hold_supplier_writes(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+        shadow: &DatabaseName,
+    ) -> anyhow::Result<Option<(NamedLock, NamedLock)>> {
+        let ns = &self.config.namespace;
+        let lifecycle = NamedLock::lifecycle(&self.pool, ns, &t.organisation_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut brands = brands_named(&self.pool, live).await?;
+        brands.extend(brands_named(&self.pool, shadow).await?);
+        let mut names: Vec<String> = brands
+            .iter()
+            .map(|b| NamedLock::brand_name(ns, b))
+            .collect();
+        names.push(NamedLock::supplier_name(ns, &t.organisation_id));
+        let writes = match NamedLock::all(&self.pool, names).await {
+            Ok(l) => l,
+            Err(e) => {
+                lifecycle.release().await;
+                anyhow::bail!("{e}");
+            }
+        };
+        let now = super::resolve(&self.tenants, &t.organisation_id).await?;
+        let checked = super::refuse_unless_rebuildable(&now, false);
+        let named = brands_named(&self.pool, live).await?;
+        if checked.is_err() || !named.is_subset(&brands) {
+            writes.release().await;
+            lifecycle.release().await;
+            checked?;
+            return Ok(None);
+        }
+        Ok(Some((lifecycle, writes)))
+    }
+
+    /// Rebuilds supplier `t` beside its live database and, as `mode` says, swaps it in.
+    pub(super) async fn rebuild_supplier(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+        mode: Mode,
+        reported: &report::Progress,
+    ) -> anyhow::Result<Outcome> {
+        let started = Instant::now();
+        let (shadow, old) = self.beside(t)?;
+        let topic = self.access_topic();
+        self.prepare(t, &shadow, &old, mode, &topic, reported)
+            .await?;
+        let mut replayed = Replayed::default();
+        let mut attempt = 0;
+        let (comparison, swapped, pause) = loop {
+            attempt += 1;
+            let last_attempt = attempt >= ATTEMPTS_BEFORE_LOCKED_COMPARE;
+            reported.phase("replaying");
+            let seen = fingerprint(&self.pool, live).await?;
+            replayed += self
+                .replay_access(t, &shadow, &access_bounds(&seen, &topic))
+                .await?;
+            self.backfill_copies(&shadow).await?;
+            reported.counts(replayed.read, replayed.applied);
+            fail_after(&self.fail_after, "replay");
+            reported.phase("comparing");
+            let unlocked = if last_attempt {
+                None
+            } else {
+                Some(compare::compare(&self.pool, live, &shadow).await?)
+            };
+            reported.phase("holding writes");
+            let Some((lifecycle, writes)) = self.hold_supplier_writes(t, live, &shadow).await?
+            else {
+                continue;
+            };
+            let held_from = Instant::now();
+            let under_lock = async {
+                fail_after(&self.fail_after, "locked");
+                let now = fingerprint(&self.pool, live).await?;
+                let comparison: Comparison = match unlocked {
+                    Some(c) if now == seen => c,
+                    Some(_) => return Ok(None),
+                    None => {
+                        replayed += self
+                            .replay_access(t, &shadow, &access_bounds(&now, &topic))
+                            .await?;
+                        self.backfill_copies(&shadow).await?;
+                        compare::compare(&self.pool, live, &shadow).await?
+                    }
+                };
+                let swap = mode.swaps(&comparison);
+                if swap {
+                    self.pause_before_swap().await;
+                    exchange(&self.pool, live, &shadow, &old).await?;
+                }
+                anyhow::Ok(Some((comparison, swap)))
+            }
+            .await;
+            writes.release().await;
+            lifecycle.release().await;
+            let pause = held_from.elapsed();
+            if let Some((comparison, swapped)) = under_lock? {
+                break (comparison, swapped, pause);
+            }
+            tracing::info!(tenant = %t.organisation_id, attempt,
+                "the supplier's database changed during the comparison: catching up again");
+        };
+        self.finish(t, mode, swapped, &shadow, &old).await?;
+        Ok(Outcome {
+            database: live.clone(),
+            replayed,
+            comparison,
+            swapped_to: swapped.then(|| old.clone()),
+            copies_refreshed: None,
+            pause,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// The tables a supplier rebuild replaced, live again: the grants applied since the swap
+    /// replayed into them and their copies backfilled, under the supplier's writes held.
+    pub(super) async fn rollback_supplier(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+    ) -> anyhow::Result<Replayed> {
+        let (shadow, old) = self.beside(t)?;
+        let topic = self.access_topic();
+        let (lifecycle, writes) = loop {
+            if let Some(held) = self.hold_supplier_writes(t, live, &old).await? {
+                break held;
+            }
+        };
+        let swapped = async {
+            let now = fingerprint(&self.pool, live).await?;
+            let replayed = self
+                .replay_access(t, &old, &access_bounds(&now, &topic))
+                .await?;
+            self.backfill_copies(&old).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(&self.pool)
+                .await?;
+            sqlx::query(&format!(
+                "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                shadow.quoted()
+            ))
+            .execute(&self.pool)
+            .await?;
+            exchange(&self.pool, live, &old, &shadow).await?;
+            anyhow::Ok(replayed)
+        }
+        .await;
+        writes.release().await;
+        lifecycle.release().await;
+        swapped
+    }
+}
+
+/// Whether the live projector applied an access event to the supplier's database, by both
+/// tenants' lifecycles as `tenancy::verdict` judges them (the gate's rule: a refusal or a skip
+/// of either side means no write).
+fn applied_live(tenants: &HashMap<String, TenantRef>, item: &Item) -> bool {
+    let brand = verdict(
+        tenants,
+        &item.brand,
+        "brand_id",
+        OrganisationType::Brand,
+        item.occurred_at,
+    );
+    let supplier = verdict(
+        tenants,
+        item.supplier().unwrap_or_default(),
+        "supplier_id",
+        OrganisationType::Supplier,
+        item.occurred_at,
+    );
+    matches!((brand, supplier), (Gate::Ready(_), Gate::Ready(_)))
+}
