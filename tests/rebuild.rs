@@ -33,6 +33,33 @@ async fn brand_with_catalog(
     (worker, brand, db)
 }
 
+/// `tenancy rebuild tenant` while a reader and a producer run (stopped through `stop` when it
+/// ends): it swaps in with no difference, the reader read throughout, and once the workers have
+/// caught up a fresh dry run finds the live database equal.
+async fn rebuild_under_load(
+    t: &TestNs,
+    tenant: &str,
+    stop: &AtomicBool,
+    reads: &AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+    producer: tokio::task::JoinHandle<()>,
+) {
+    let (code, out, err) = t.tenancy_output(&["rebuild", tenant]);
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    producer.await.unwrap();
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+    assert!(reads.load(Ordering::Relaxed) > 10);
+
+    t.wait_caught_up().await;
+    let (code, out, err) = t.tenancy_output(&["rebuild", tenant, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", tenant, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+}
+
 /// A projection bug simulated by corrupting the live rows: a dry run reports each difference
 /// and changes nothing, a rebuild without --accept-differences refuses, with it repairs them
 /// (the worker keeps applying into the swapped-in tables), and --rollback brings the corrupted
@@ -161,20 +188,7 @@ async fn a_rebuild_under_load_is_invisible_to_readers_and_ends_equal() {
         || async { (fabric_rows(&pool, &db).await.len() > before).then_some(()) },
     )
     .await;
-    let (code, out, err) = t.tenancy_output(&["rebuild", &brand]);
-    stop.store(true, Ordering::Relaxed);
-    reader.await.unwrap();
-    producer.await.unwrap();
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("0 difference(s)"), "{out}");
-    assert!(reads.load(Ordering::Relaxed) > 10);
-
-    t.wait_caught_up().await;
-    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("0 difference(s)"), "{out}");
+    rebuild_under_load(&t, &brand, &stop, &reads, reader, producer).await;
 }
 
 /// A rebuild killed at each step leaves the live database as it was and the next rebuild
@@ -691,20 +705,7 @@ async fn a_supplier_rebuild_under_load_is_invisible_and_ends_equal() {
         || async { (copy_rows(&pool, &db).await.len() >= before + 6).then_some(()) },
     )
     .await;
-    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier]);
-    stop.store(true, Ordering::Relaxed);
-    reader.await.unwrap();
-    producer.await.unwrap();
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("0 difference(s)"), "{out}");
-    assert!(reads.load(Ordering::Relaxed) > 10);
-
-    t.wait_caught_up().await;
-    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--drop-old"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("0 difference(s)"), "{out}");
+    rebuild_under_load(&t, &supplier, &stop, &reads, reader, producer).await;
 }
 
 /// Writes that arrive while a supplier rebuild holds the supplier's writes for its swap wait,

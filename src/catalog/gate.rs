@@ -31,22 +31,12 @@ pub struct Lifecycle<'a> {
     pub applied: &'a HashMap<i32, i64>,
 }
 
-/// The verdict on one event (received at `received_at`, epoch ms), given the lifecycle log and
-/// the tenants table. A rejection beats a skip, which beats a hold: an event that can never
-/// apply is not kept.
-pub fn gate(
+/// Each tenant's own verdict on an event, by its lifecycle at the event's time: the brand's,
+/// and for an access event the supplier's. (`tenancy rebuild` of a supplier asks it too.)
+pub fn verdicts(
     item: &Item,
-    received_at: i64,
-    lifecycle: &Lifecycle<'_>,
     tenants: &HashMap<String, TenantRef>,
-) -> Gate<Target> {
-    if !lifecycle
-        .ends
-        .late_enough_for(item.occurred_at, received_at)
-        || !settled(lifecycle.applied, lifecycle.ends)
-    {
-        return Gate::Hold(Wait::Lifecycle);
-    }
+) -> (Gate<TenantRef>, Option<Gate<TenantRef>>) {
     let brand = verdict(
         tenants,
         &item.brand,
@@ -63,6 +53,26 @@ pub fn gate(
             item.occurred_at,
         )
     });
+    (brand, supplier)
+}
+
+/// The verdict on one event (received at `received_at`, epoch ms), given the lifecycle log and
+/// the tenants table. A rejection beats a skip, which beats a hold: an event that can never
+/// apply is not kept.
+pub fn gate(
+    item: &Item,
+    received_at: i64,
+    lifecycle: &Lifecycle<'_>,
+    tenants: &HashMap<String, TenantRef>,
+) -> Gate<Target> {
+    if !lifecycle
+        .ends
+        .late_enough_for(item.occurred_at, received_at)
+        || !settled(lifecycle.applied, lifecycle.ends)
+    {
+        return Gate::Hold(Wait::Lifecycle);
+    }
+    let (brand, supplier) = verdicts(item, tenants);
     let verdicts = std::iter::once(&brand).chain(supplier.as_ref());
     let mut hold = None;
     for v in verdicts {

@@ -65,6 +65,21 @@ pub async fn held_offsets(
         .collect())
 }
 
+/// A consumer for a replay: it never joins a group or commits (partitions are assigned by
+/// hand), and reads ahead little.
+pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
+    Ok(config
+        .kafka_client_config()
+        .set("group.id", format!("{}.rebuild", config.namespace))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // librdkafka prefetches up to 64 MiB per partition by default; a replay consumes as
+        // fast as MySQL applies, so a smaller read-ahead costs nothing and keeps the rebuild's
+        // memory small.
+        .set("queued.max.messages.kbytes", "8192")
+        .create()?)
+}
+
 pub struct Replay<'a> {
     pub config: &'a Config,
     pub pool: &'a MySqlPool,
@@ -97,18 +112,7 @@ impl Replay<'_> {
         if assignment.count() == 0 {
             return Ok(done);
         }
-        let consumer: StreamConsumer = self
-            .config
-            .kafka_client_config()
-            // Never joins or commits: partitions are assigned by hand.
-            .set("group.id", format!("{}.rebuild", self.config.namespace))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // librdkafka prefetches up to 64 MiB per partition by default; the replay consumes
-            // as fast as MySQL applies, so a smaller read-ahead costs nothing and keeps the
-            // rebuild's memory small.
-            .set("queued.max.messages.kbytes", "8192")
-            .create()?;
+        let consumer = consumer(self.config)?;
         consumer.assign(&assignment)?;
         // Reading and decoding run ahead of applying (a batch or two), so the topic is read
         // while MySQL writes the previous batch.

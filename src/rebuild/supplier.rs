@@ -18,7 +18,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
@@ -33,8 +33,7 @@ use crate::catalog::item::{self, Item};
 use crate::db::NamedLock;
 use crate::stream::{Gate, Msg, Origin};
 use crate::tenancy::tenants::{Status, TenantRef};
-use crate::tenancy::verdict::verdict;
-use crate::tenant::{DatabaseName, OrganisationType};
+use crate::tenant::DatabaseName;
 use crate::topics::Topic;
 
 use super::replay::Replayed;
@@ -116,13 +115,7 @@ impl Rebuilder {
         for p in upto.keys() {
             assignment.add_partition_offset(&topic, *p, Offset::Beginning)?;
         }
-        let consumer: StreamConsumer = self
-            .config
-            .kafka_client_config()
-            .set("group.id", format!("{}.rebuild", self.config.namespace))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .create()?;
+        let consumer = super::replay::consumer(&self.config)?;
         consumer.assign(&assignment)?;
         let mut brands: Vec<&str> = bounds.keys().map(|(b, _)| b.as_str()).collect();
         brands.push(&t.organisation_id);
@@ -390,23 +383,10 @@ impl Rebuilder {
     }
 }
 
-/// Whether the live projector applied an access event to the supplier's database, by both
-/// tenants' lifecycles as `tenancy::verdict` judges them (the gate's rule: a refusal or a skip
-/// of either side means no write).
+/// Whether the live projector applied an access event to the supplier's database: both
+/// tenants ready by their lifecycles, as the catalog gate judges them (a refusal or a skip of
+/// either side means no write).
 fn applied_live(tenants: &HashMap<String, TenantRef>, item: &Item) -> bool {
-    let brand = verdict(
-        tenants,
-        &item.brand,
-        "brand_id",
-        OrganisationType::Brand,
-        item.occurred_at,
-    );
-    let supplier = verdict(
-        tenants,
-        item.supplier().unwrap_or_default(),
-        "supplier_id",
-        OrganisationType::Supplier,
-        item.occurred_at,
-    );
-    matches!((brand, supplier), (Gate::Ready(_), Gate::Ready(_)))
+    let (brand, supplier) = crate::catalog::gate::verdicts(item, tenants);
+    matches!((brand, supplier), (Gate::Ready(_), Some(Gate::Ready(_))))
 }
