@@ -99,7 +99,7 @@ pub(crate) async fn with_catalog_processor<T>(
         config,
         "catalog",
         &group,
-        &[Topic::BrandCatalog.name(ns)],
+        &[Topic::BrandCatalog.name(ns), Topic::BrandAccess.name(ns)],
         &Membership {
             session_timeout: std::time::Duration::from_secs(10),
             assignor: Assignor::CooperativeSticky,

@@ -3,6 +3,10 @@
 //! baseline in the same run: the same final rows (fabrics, and the event ids the projection
 //! keeps), batch by batch as the replay folds them, written by plain multi-row inserts into an
 //! empty brand database, one transaction per batch.
+//!
+//! Then one supplier reading `--supplier-brands` brands of `--supplier-catalog` fabrics each
+//! (grants applied live through the topic, copies backfilled), rebuilt online the same way,
+//! next to plain inserts of its final rows (grants and copies) into an empty supplier database.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -31,6 +35,12 @@ pub struct RebuildBenchArgs {
     /// Distinct fabric codes (the brand's catalog size); events cycle through them.
     #[arg(long, default_value_t = 20_000)]
     pub catalog: usize,
+    /// Brands the benchmark's supplier reads (0: no supplier part).
+    #[arg(long, default_value_t = 20)]
+    pub supplier_brands: usize,
+    /// Fabrics in each of those brands.
+    #[arg(long, default_value_t = 1000)]
+    pub supplier_catalog: usize,
     /// Keep the benchmark's databases afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -209,9 +219,136 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
         "raw baseline (the same net rows and event ids, multi-row inserts, one transaction per batch): {:.1} s = {raw_rows:.0} rows/s",
         raw_elapsed.as_secs_f64()
     );
+    if args.supplier_brands > 0 {
+        supplier_part(&config, &args, &pool, &tenants, &codec).await?;
+    }
     println!("ratio rebuild/raw: {:.2}", rebuild_rows / raw_rows);
     if !args.keep {
         super::drop_namespace(&pool, &ns).await?;
     }
+    Ok(())
+}
+
+/// The supplier part: its grants produced and applied live, then `tenancy rebuild` of it, then
+/// the raw baseline. Prints its own figures and ratio.
+async fn supplier_part(
+    config: &Config,
+    args: &RebuildBenchArgs,
+    pool: &sqlx::MySqlPool,
+    tenants: &Tenants,
+    codec: &Codec,
+) -> anyhow::Result<()> {
+    let (n, k) = (args.supplier_brands, args.supplier_catalog.max(1));
+    eprintln!("supplier part: {n} brands of {k} fabrics, one supplier granted them all");
+    let rows_of = |brand: Option<String>| -> Vec<RawRow> {
+        (0..k)
+            .map(|code| RawRow {
+                brand: brand.clone(),
+                code,
+                revision: 1,
+                pricing: true,
+            })
+            .collect()
+    };
+    let mut brands = Vec::new();
+    for b in 0..n {
+        let brand = provision(pool, tenants, config, OrganisationType::Brand, 100 + b).await?;
+        let mut tx = pool.begin().await?;
+        for chunk in rows_of(None).chunks(ROWS_PER_STATEMENT) {
+            raw_upsert(&mut tx, &brand.db, chunk).await?;
+        }
+        tx.commit().await?;
+        brands.push(brand);
+    }
+    let supplier = provision(pool, tenants, config, OrganisationType::Supplier, 0).await?;
+    let topic = Topic::BrandAccess.name(&config.namespace);
+    let producer = crate::kafka::producer(config)?;
+    for brand in &brands {
+        let line = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0,
+            "brand_id": brand.id, "supplier_id": supplier.id,
+            "permissions": ["catalog.read", "pricing.read"]});
+        let value = record_from_json(EventKind::SupplierBrandAccessGranted.schema(), &line, &[])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let payload = codec
+            .encode(&topic, EventKind::SupplierBrandAccessGranted, value)
+            .await
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        producer
+            .send(
+                FutureRecord::to(&topic).key(&brand.id).payload(&payload),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    drop(producer);
+    let copies = (n * k) as i64;
+    super::with_catalog_processor(config, async {
+        loop {
+            let have: i64 = sqlx::query_scalar(&format!(
+                "SELECT COUNT(*) FROM {}.brand_fabrics",
+                supplier.db.quoted()
+            ))
+            .fetch_one(pool)
+            .await?;
+            if have == copies {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await?;
+
+    let started = Instant::now();
+    let out = super::tenancy_command(config)?
+        .arg("rebuild")
+        .arg(&supplier.id)
+        .output()
+        .await?;
+    let rebuilt = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "tenancy rebuild of the supplier failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pause_ms: f64 = stdout
+        .split("writes held ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
+
+    // Raw: the same grants and copy rows into an empty supplier database, one transaction per
+    // brand.
+    let raw = provision(pool, tenants, config, OrganisationType::Supplier, 1).await?;
+    let started = Instant::now();
+    for brand in &brands {
+        let mut tx = pool.begin().await?;
+        sqlx::query(&format!(
+            "INSERT INTO {}.brand_access (brand_id, permissions, granted_at) VALUES (?, ?, UTC_TIMESTAMP(3))",
+            raw.db.quoted()
+        ))
+        .bind(&brand.id)
+        .bind(r#"["catalog.read","pricing.read"]"#)
+        .execute(&mut *tx)
+        .await?;
+        for chunk in rows_of(Some(brand.id.clone())).chunks(ROWS_PER_STATEMENT) {
+            raw_upsert(&mut tx, &raw.db, chunk).await?;
+        }
+        tx.commit().await?;
+    }
+    let raw_elapsed = started.elapsed();
+    let rows = (copies + n as i64) as f64;
+    let (ours, theirs) = (
+        rows / rebuilt.as_secs_f64(),
+        rows / raw_elapsed.as_secs_f64(),
+    );
+    println!(
+        "supplier rebuild: {n} grants and {copies} copy rows (child process): {:.2} s = {ours:.0} rows/s; swap pause {pause_ms:.0} ms; raw inserts of the same rows: {:.2} s = {theirs:.0} rows/s; ratio supplier rebuild/raw: {:.2}",
+        rebuilt.as_secs_f64(),
+        raw_elapsed.as_secs_f64(),
+        ours / theirs
+    );
     Ok(())
 }
