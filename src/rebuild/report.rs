@@ -27,6 +27,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn phase(&self, phase: &'static str) {
+        tracing::debug!(phase, "rebuild phase");
         *self.phase.lock().expect("not poisoned") = phase;
     }
 

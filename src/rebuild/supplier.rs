@@ -113,7 +113,9 @@ impl Rebuilder {
         let held = access_bounds(&fingerprint(&self.pool, target).await?, &topic);
         let mut assignment = TopicPartitionList::new();
         for p in upto.keys() {
-            assignment.add_partition_offset(&topic, *p, Offset::Beginning)?;
+            // From 0, not Beginning: the log was checked whole, and an explicit offset spares
+            // librdkafka an offset lookup before the first fetch.
+            assignment.add_partition_offset(&topic, *p, Offset::Offset(0))?;
         }
         let consumer = super::replay::consumer(&self.config)?;
         consumer.assign(&assignment)?;
@@ -286,6 +288,7 @@ impl Rebuilder {
             replayed += self
                 .replay_access(t, &shadow, &access_bounds(&seen, &topic))
                 .await?;
+            reported.phase("copying");
             self.backfill_copies(&shadow).await?;
             reported.counts(replayed.read, replayed.applied);
             fail_after(&self.fail_after, "replay");
