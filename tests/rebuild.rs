@@ -799,3 +799,59 @@ async fn a_killed_supplier_rebuild_leaves_the_live_database_alone() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("0 difference(s)"), "{out}");
 }
+
+/// Event ids older than the 35-day window, pruned live (or expired and not pruned yet), are no
+/// difference; an unexpired id missing live is one.
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_event_ids_are_no_difference_but_recent_ones_are() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, brand, db) = brand_with_catalog(&t, &pool, "aged", 6).await;
+    let ids: Vec<(String, i64)> = sqlx::query_as(&format!(
+        "SELECT event_id, `offset` FROM `{db}`.applied_events ORDER BY `offset`"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 6);
+    // The first four applied 40 days ago: two pruned already, two waiting for the pruning.
+    for (id, _) in &ids[..4] {
+        sqlx::query(&format!(
+            "UPDATE `{db}`.applied_events SET applied_at = UTC_TIMESTAMP(3) - INTERVAL 40 DAY WHERE event_id = ?"
+        ))
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    for (id, _) in &ids[..2] {
+        sqlx::query(&format!(
+            "DELETE FROM `{db}`.applied_events WHERE event_id = ?"
+        ))
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+
+    // A recent id the live database lost is a difference.
+    sqlx::query(&format!(
+        "DELETE FROM `{db}`.applied_events WHERE event_id = ?"
+    ))
+    .bind(&ids[5].0)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "applied_events [{}|catalog]: only in the rebuilt database",
+            ids[5].0
+        )),
+        "{out}"
+    );
+}

@@ -1,5 +1,6 @@
 //! Shadow against live: every table's rows, by primary key, with the columns that record when a
-//! row was written left out (they differ by construction).
+//! row was written left out (they differ by construction), and event ids only as far back as
+//! the live database keeps them ([`id_window`]).
 
 use std::collections::BTreeMap;
 
@@ -96,24 +97,47 @@ fn digest_sql(
     table: &str,
     compared: &[String],
     key: &[String],
+    live: &DatabaseName,
 ) -> Result<String, sqlx::Error> {
     let text = |c: &String| -> Result<String, sqlx::Error> {
         // NULL is spelled out, so it differs from an empty string.
         Ok(format!(
-            "COALESCE(CAST(`{}` AS CHAR), '\\N')",
+            "COALESCE(CAST(t.`{}` AS CHAR), '\\N')",
             identifier(c)?
         ))
     };
     let key_cols = if key.is_empty() { compared } else { key };
     let key_expr = key_cols.iter().map(text).collect::<Result<Vec<_>, _>>()?;
     let row_expr = compared.iter().map(text).collect::<Result<Vec<_>, _>>()?;
+    let window = if table == "applied_events" {
+        id_window(live)
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "SELECT CONCAT_WS('|', {k}) AS k, MD5(CONCAT_WS(0x1f, {})) FROM {}.`{}` ORDER BY CAST(CONCAT_WS('|', {k}) AS BINARY)",
+        "SELECT CONCAT_WS('|', {k}) AS k, MD5(CONCAT_WS(0x1f, {})) FROM {}.`{}` t{window} ORDER BY CAST(CONCAT_WS('|', {k}) AS BINARY)",
         row_expr.join(", "),
         db.quoted(),
         identifier(table)?,
         k = key_expr.join(", "),
     ))
+}
+
+/// Event ids are kept [`crate::applied::WINDOW_DAYS`] days, and the live database prunes the expired
+/// ones a few at a time, while a replay records every id afresh. So `applied_events` is
+/// compared, on both sides, from the oldest id the live database still keeps unexpired per
+/// (projection, topic, partition): ids written in offset order, older ones expired first. The
+/// older ids a rebuilt database keeps are harmless (more remembered ids) and age out in turn.
+fn id_window(live: &DatabaseName) -> String {
+    format!(
+        " JOIN (SELECT projection, topic, `partition`, MIN(`offset`) AS since \
+         FROM {}.applied_events WHERE applied_at >= UTC_TIMESTAMP(3) - INTERVAL {} DAY \
+         GROUP BY projection, topic, `partition`) w \
+         ON w.projection = t.projection AND w.topic = t.topic AND w.`partition` = t.`partition` \
+         WHERE t.`offset` >= w.since",
+        live.quoted(),
+        crate::applied::WINDOW_DAYS
+    )
 }
 
 /// Compares every table of `live` with `rebuilt`, streaming both sides (memory stays flat
@@ -140,8 +164,8 @@ pub async fn compare(
             });
             continue;
         }
-        let live_sql = digest_sql(live, table, &compared, &key)?;
-        let rebuilt_sql = digest_sql(rebuilt, table, &compared, &key)?;
+        let live_sql = digest_sql(live, table, &compared, &key, live)?;
+        let rebuilt_sql = digest_sql(rebuilt, table, &compared, &key, live)?;
         let mut a = sqlx::query_as::<_, (String, String)>(&live_sql).fetch(pool);
         let mut b = sqlx::query_as::<_, (String, String)>(&rebuilt_sql).fetch(pool);
         let (mut x, mut y) = (a.try_next().await?, b.try_next().await?);
