@@ -29,12 +29,17 @@ impl Drop for Server {
 }
 
 fn spawn_serve(t: &TestNs, extra: &[&str]) -> Server {
+    spawn_serve_env(t, extra, &[])
+}
+
+fn spawn_serve_env(t: &TestNs, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let log = std::env::temp_dir().join(format!("{}-serve.log", t.ns));
     let mut child = t
         .tenancy()
         .args(["serve", "--listen", "127.0.0.1:0", "--base-domain", BASE])
         .args(extra)
         .env("TENANCY_TOKEN_KEY", KEY)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -800,4 +805,52 @@ async fn a_lookup_in_flight_during_a_change_neither_writes_nor_serves_the_old_an
         None,
         "an entry from before the change is not served"
     );
+}
+
+/// Redis taken away: /readyz says so (503, naming it) and requests are answered 503 with
+/// Retry-After, not hung or 500; Redis back: both recover by themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_outage_is_a_503_and_readyz_says_so() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (supplier, brands) = granted_brands(&t, &pool, 1).await;
+    let upstream = t.config.redis_url.trim_start_matches("redis://").to_owned();
+    let proxy = Proxy::start(&upstream).await;
+    let url = format!("redis://{}", proxy.addr);
+    let server = spawn_serve_env(&t, &[], &[("REDIS_URL", url.as_str())]);
+    let mine = token(&t, &supplier);
+    let path = format!("/api/brands/{}/fabrics", brands[0].1);
+    assert_eq!(server.get(&path, Some(&mine), None).await.0, 200);
+    let (status, body) = server.get("/readyz", None, None).await;
+    assert_eq!((status, &body["redis"]), (200, &json!("up")), "{body}");
+
+    proxy.down();
+    let (status, body) = server.get("/readyz", None, None).await;
+    assert_eq!(
+        (status, &body["redis"], &body["mysql"]),
+        (503, &json!("down"), &json!("up"))
+    );
+    let resp = server
+        .client
+        .get(format!("{}{path}", server.url))
+        .bearer_auth(&mine)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["error"]["code"],
+        json!("service_unavailable"),
+        "{body}"
+    );
+
+    proxy.up();
+    wait_for("Redis back", Duration::from_secs(30), || async {
+        (server.get(&path, Some(&mine), None).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(server.get("/readyz", None, None).await.0, 200);
 }

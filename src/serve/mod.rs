@@ -6,7 +6,7 @@
 //!   brand; prices only with `pricing.read`.
 //! - `GET /api/retailer/profile`: the retailer named by Host (`{slug}.{base domain}` or a
 //!   custom domain of the domains projection).
-//! - `/healthz`, `/metrics`.
+//! - `/healthz` (the process is up), `/readyz` (MySQL and Redis answer), `/metrics`.
 //!
 //! One connection pool for the MySQL server (`DATABASE_URL`), never one per tenant: every
 //! query names its tenant database, never `USE`. A tenant holds at most
@@ -66,6 +66,8 @@ pub struct Api {
     pub key: TokenKey,
     pub limits: TenantLimits,
     pub timeout: Duration,
+    /// For `/readyz`.
+    redis: redis::aio::ConnectionManager,
 }
 
 impl Api {
@@ -117,6 +119,7 @@ impl Api {
             key,
             limits: TenantLimits::new(options.tenant_concurrency),
             timeout: options.request_timeout,
+            redis: redis.conn(),
         })
     }
 
@@ -185,6 +188,35 @@ async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> R
     response
 }
 
+/// `/readyz`: whether MySQL and Redis answer now (each within a second). 503 names what does
+/// not, so a load balancer stops sending requests that could only fail; the gauge
+/// `tenancy_serve_dependency_up{service}` says the same to monitoring.
+async fn ready(State(api): State<Arc<Api>>) -> Response {
+    let wait = Duration::from_secs(1);
+    let mysql = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(&api.pool))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let mut conn = api.redis.clone();
+    let redis = tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let mut body = serde_json::Map::new();
+    for (service, up) in [("mysql", mysql), ("redis", redis)] {
+        metrics::gauge!("tenancy_serve_dependency_up", "service" => service).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+        body.insert(service.into(), (if up { "up" } else { "down" }).into());
+    }
+    let status = if mysql && redis {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(serde_json::Value::Object(body))).into_response()
+}
+
 /// The API's routes (without `/metrics`, which needs the process's recorder).
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
@@ -193,6 +225,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/api/retailer/profile", get(retailer::profile))
         .route_layer(axum::middleware::from_fn_with_state(api.clone(), observe))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
