@@ -52,23 +52,23 @@ impl NamedLock {
         Self::acquire(pool, Self::brand_name(ns, brand_id)).await
     }
 
-    /// Taken by the access projector, after the brand's lock, for its writes into a
-    /// supplier's database: with the locks of the brands the supplier reads, it fences every
-    /// writer of that database (`tenancy rebuild` of a supplier).
-    pub async fn supplier(
+    /// A tenant's own writes, for the writers no other lock covers: the access projector
+    /// (after the brand's lock) for a supplier's database, the domains processor for a
+    /// retailer's. `tenancy rebuild` holds it, with the rest, to fence the tenant for its swap.
+    pub async fn writes(
         pool: &MySqlPool,
         ns: &Namespace,
-        supplier_id: &str,
+        organisation_id: &str,
     ) -> Result<NamedLock, StepError> {
-        Self::acquire(pool, Self::supplier_name(ns, supplier_id)).await
+        Self::acquire(pool, Self::writes_name(ns, organisation_id)).await
     }
 
     pub fn brand_name(ns: &Namespace, brand_id: &str) -> String {
         format!("{ns}:b:{}", compact(brand_id))
     }
 
-    pub fn supplier_name(ns: &Namespace, supplier_id: &str) -> String {
-        format!("{ns}:s:{}", compact(supplier_id))
+    pub fn writes_name(ns: &Namespace, organisation_id: &str) -> String {
+        format!("{ns}:w:{}", compact(organisation_id))
     }
 
     /// Several locks on one connection, taken in the order given (callers sort them the way

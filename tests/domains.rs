@@ -9,27 +9,12 @@ use common::*;
 use serde_json::json;
 use sqlx::MySqlPool;
 
-fn assigned(retailer: &str, domain: &str) -> String {
-    json!({"type": "RetailerDomainAssigned", "retailer_id": retailer, "domain": domain}).to_string()
-}
-
-fn removed(retailer: &str, domain: &str) -> String {
-    json!({"type": "RetailerDomainRemoved", "retailer_id": retailer, "domain": domain}).to_string()
-}
+use lines::{domain_assigned as assigned, domain_removed as removed};
 
 async fn index(pool: &MySqlPool, t: &TestNs) -> Vec<(String, String)> {
     sqlx::query_as(&format!(
         "SELECT host, retailer_id FROM `{}_platform`.retailer_domains ORDER BY host",
         t.ns
-    ))
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
-async fn own(pool: &MySqlPool, db: &str) -> Vec<String> {
-    sqlx::query_scalar(&format!(
-        "SELECT domain FROM `{db}`.domains ORDER BY domain"
     ))
     .fetch_all(pool)
     .await
@@ -60,7 +45,7 @@ async fn retailer_domains_are_assigned_once_normalised_and_removed() {
     wait_for(
         "the first retailer's domains",
         Duration::from_secs(60),
-        || async { (own(&pool, &first_db).await.len() == 2).then_some(()) },
+        || async { (domains_of(&pool, &first_db).await.len() == 2).then_some(()) },
     )
     .await;
     // Retailers are different keys, with no order between them: the competing claim is sent
@@ -87,7 +72,7 @@ async fn retailer_domains_are_assigned_once_normalised_and_removed() {
         "{reasons:?}"
     );
     assert_eq!(
-        own(&pool, &first_db).await,
+        domains_of(&pool, &first_db).await,
         ["shop.example.com", "xn--bcher-kva.example"]
     );
     assert_eq!(
@@ -120,10 +105,13 @@ async fn retailer_domains_are_assigned_once_normalised_and_removed() {
     t.emit_ok(&[assigned(&second, "shop.example.com")]);
     let second_db = format!("{}_retailer_second", t.ns);
     wait_for("the host to move", Duration::from_secs(60), || async {
-        (own(&pool, &second_db).await == ["shop.example.com"]).then_some(())
+        (domains_of(&pool, &second_db).await == ["shop.example.com"]).then_some(())
     })
     .await;
-    assert_eq!(own(&pool, &first_db).await, ["xn--bcher-kva.example"]);
+    assert_eq!(
+        domains_of(&pool, &first_db).await,
+        ["xn--bcher-kva.example"]
+    );
     assert!(index(&pool, &t)
         .await
         .contains(&("shop.example.com".to_owned(), second.clone())));
@@ -147,18 +135,18 @@ async fn a_replayed_assignment_does_not_undo_a_removal() {
     .to_string();
     t.emit_ok(std::slice::from_ref(&assign));
     wait_for("the domain", Duration::from_secs(60), || async {
-        (own(&pool, &db).await.len() == 1).then_some(())
+        (domains_of(&pool, &db).await.len() == 1).then_some(())
     })
     .await;
     t.emit_ok(&[removed(&retailer, "shop.replayed.example")]);
     wait_for("the removal", Duration::from_secs(60), || async {
-        own(&pool, &db).await.is_empty().then_some(())
+        domains_of(&pool, &db).await.is_empty().then_some(())
     })
     .await;
     t.emit_ok(std::slice::from_ref(&assign));
     t.wait_caught_up().await;
     assert!(
-        own(&pool, &db).await.is_empty(),
+        domains_of(&pool, &db).await.is_empty(),
         "the replay re-assigned it"
     );
     assert!(index(&pool, &t).await.is_empty());

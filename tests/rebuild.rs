@@ -224,7 +224,7 @@ async fn a_killed_rebuild_leaves_the_live_database_alone() {
     assert_eq!(status["rebuilds"], serde_json::json!([]), "{status}");
 }
 
-/// Refusals name the reason: an unknown tenant, a retailer, a supplier's archive.
+/// Refusals name the reason: an unknown tenant, a retailer's or a supplier's archive.
 #[tokio::test(flavor = "multi_thread")]
 async fn rebuild_refuses_what_it_cannot_rebuild() {
     let t = TestNs::new();
@@ -242,9 +242,9 @@ async fn rebuild_refuses_what_it_cannot_rebuild() {
     let (code, _, err) = t.tenancy_output(&["rebuild", "brand/nosuch"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown tenant"), "{err}");
-    let (code, _, err) = t.tenancy_output(&["rebuild", &retailer]);
+    let (code, _, err) = t.tenancy_output(&["rebuild", &retailer, "--archived"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("retailer databases are not rebuilt"), "{err}");
+    assert!(err.contains("retailer archives are not rebuilt"), "{err}");
     let (code, _, err) = t.tenancy_output(&["rebuild", &supplier, "--archived"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("supplier archives are not rebuilt"), "{err}");
@@ -282,7 +282,7 @@ async fn rebuild_all_covers_every_active_brand() {
     assert!(out.contains("brand/two: equal"), "{out}");
     assert!(
         out.contains(
-            "2 tenant(s) (2 brand(s), 0 supplier(s)): 0 swapped in, 1 equal, 1 differ, 0 failed"
+            "2 tenant(s) (2 brand(s), 0 supplier(s), 0 retailer(s)): 0 swapped in, 1 equal, 1 differ, 0 failed"
         ),
         "{out}"
     );
@@ -290,7 +290,7 @@ async fn rebuild_all_covers_every_active_brand() {
     let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--accept-differences"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        out.contains("2 tenant(s) (2 brand(s), 0 supplier(s)): 2 swapped in"),
+        out.contains("2 tenant(s) (2 brand(s), 0 supplier(s), 0 retailer(s)): 2 swapped in"),
         "{out}"
     );
     assert!(
@@ -480,7 +480,7 @@ async fn an_archived_brand_is_rebuilt_into_its_archive_with_archived() {
         t.tenancy_output(&["rebuild", "--all", "--archived", "--accept-differences"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        out.contains("1 tenant(s) (1 brand(s), 0 supplier(s)): 1 swapped in"),
+        out.contains("1 tenant(s) (1 brand(s), 0 supplier(s), 0 retailer(s)): 1 swapped in"),
         "{out}"
     );
     assert!(err.contains("not rebuilt by this run: 1 active"), "{err}");
@@ -722,34 +722,14 @@ async fn writes_during_a_supplier_swap_wait_and_land_in_the_new_tables() {
     t.wait_caught_up().await;
     let db = format!("{}_supplier_reader", t.ns);
 
-    let rebuild = t
-        .tenancy()
-        .args(["rebuild", &supplier, "--pause-before-swap", "4s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(
-        "the rebuild to hold writes",
-        Duration::from_secs(60),
-        || async {
-            let status = t.status();
-            (status["rebuilds"][0]["phase"] == "holding writes").then_some(())
-        },
-    )
+    while_the_swap_is_held(&t, &supplier, || {
+        t.emit_ok(&[
+            lines::grant(&new_id(), &fourth, &supplier, &["catalog.read"]),
+            lines::revoke(&brands[1], &supplier),
+            lines::catalog(&brands[0], 5, &["LATE"], &[]),
+        ]);
+    })
     .await;
-    t.emit_ok(&[
-        lines::grant(&new_id(), &fourth, &supplier, &["catalog.read"]),
-        lines::revoke(&brands[1], &supplier),
-        lines::catalog(&brands[0], 5, &["LATE"], &[]),
-    ]);
-    let out = rebuild.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
     t.wait_caught_up().await;
     let access: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT brand_id FROM `{db}`.brand_access ORDER BY brand_id"
@@ -774,6 +754,32 @@ async fn writes_during_a_supplier_swap_wait_and_land_in_the_new_tables() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
+}
+
+/// `tenancy rebuild tenant`, with `during` run while it holds the tenant's writes just before
+/// its swap; the rebuild must succeed.
+async fn while_the_swap_is_held(t: &TestNs, tenant: &str, during: impl FnOnce()) {
+    let rebuild = t
+        .tenancy()
+        .args(["rebuild", tenant, "--pause-before-swap", "4s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the rebuild to hold writes",
+        Duration::from_secs(60),
+        || async { (t.status()["rebuilds"][0]["phase"] == "holding writes").then_some(()) },
+    )
+    .await;
+    during();
+    let out = rebuild.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A supplier rebuild killed at each step leaves the live database as it was, and the next
@@ -853,5 +859,105 @@ async fn expired_event_ids_are_no_difference_but_recent_ones_are() {
             ids[5].0
         )),
         "{out}"
+    );
+}
+
+/// Two retailers with a history of domains: assigned, removed, and one refused live because
+/// the other holds it.
+async fn retailers_with_domains(t: &TestNs, pool: &MySqlPool) -> (Worker, String, String) {
+    let worker = t.spawn_run("w");
+    let (shop, other) = (new_id(), new_id());
+    t.provisioned(
+        pool,
+        &[(&shop, "RETAILER", "shop"), (&other, "RETAILER", "other")],
+    )
+    .await;
+    t.emit_ok(&[
+        lines::domain_assigned(&shop, "a.example"),
+        lines::domain_assigned(&shop, "b.example"),
+        lines::domain_assigned(&other, "taken.example"),
+    ]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[
+        lines::domain_removed(&shop, "b.example"),
+        lines::domain_assigned(&shop, "c.example"),
+        lines::domain_assigned(&shop, "taken.example"),
+    ]);
+    t.wait_caught_up().await;
+    (worker, shop, other)
+}
+
+/// A retailer rebuilt from its domain events equals the live one (the assignment refused live
+/// stays out); corrupted rows are reported and repaired, the worker writes into the swapped-in
+/// tables, and `--all` takes retailers too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retailer_rebuild_repairs_its_domains() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, shop, _) = retailers_with_domains(&t, &pool).await;
+    let db = format!("{}_retailer_shop", t.ns);
+    assert_eq!(domains_of(&pool, &db).await, ["a.example", "c.example"]);
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", "retailer/shop", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("0 difference(s)"), "{out}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", "--all", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("(0 brand(s), 0 supplier(s), 2 retailer(s)): 0 swapped in, 2 equal"),
+        "{out}"
+    );
+
+    sqlx::query(&format!(
+        "DELETE FROM `{db}`.domains WHERE domain = 'a.example'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO `{db}`.domains (domain, assigned_at) VALUES ('bogus.example', NOW())"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, out, err) = t.tenancy_output(&["rebuild", &shop, "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        out.contains("domains [a.example]: only in the rebuilt database"),
+        "{out}"
+    );
+    assert!(
+        out.contains("domains [bogus.example]: only in the live database"),
+        "{out}"
+    );
+    let (code, out, err) = t.tenancy_output(&["rebuild", &shop, "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(domains_of(&pool, &db).await, ["a.example", "c.example"]);
+
+    t.emit_ok(&[lines::domain_assigned(&shop, "d.example")]);
+    wait_for(
+        "the assignment after the swap",
+        Duration::from_secs(60),
+        || async { (domains_of(&pool, &db).await.len() == 3).then_some(()) },
+    )
+    .await;
+}
+
+/// An assignment sent while a retailer rebuild holds its writes for the swap waits, and lands
+/// in the swapped-in tables.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_during_a_retailer_swap_wait_and_land_in_the_new_tables() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (_worker, shop, _) = retailers_with_domains(&t, &pool).await;
+    let db = format!("{}_retailer_shop", t.ns);
+    while_the_swap_is_held(&t, &shop, || {
+        t.emit_ok(&[lines::domain_assigned(&shop, "late.example")]);
+    })
+    .await;
+    t.wait_caught_up().await;
+    assert_eq!(
+        domains_of(&pool, &db).await,
+        ["a.example", "c.example", "late.example"]
     );
 }

@@ -130,7 +130,7 @@ impl CatalogProcessor {
         // After the brand's: fences this supplier's database for a rebuild's swap, which holds
         // the supplier's lock and those of the brands it reads (see `rebuild::supplier`).
         let supplier_lock =
-            match NamedLock::supplier(&self.pool, &self.ns, &supplier.organisation_id).await {
+            match NamedLock::writes(&self.pool, &self.ns, &supplier.organisation_id).await {
                 Ok(l) => l,
                 Err(e) => {
                     lock.release().await;

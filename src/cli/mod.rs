@@ -81,9 +81,9 @@ pub enum Command {
     /// every table (rows by primary key, write-time columns ignored) and prints the
     /// differences, then swaps with one RENAME TABLE. The replaced tables stay in
     /// {ns}_old_{id} for --rollback until --drop-old. Publishes nothing, writes no Redis key,
-    /// touches no other tenant. Brands and suppliers (a supplier's grants are replayed from
-    /// {ns}.brand-access, its copies backfilled from the brands' live projections); not
-    /// retailers yet.
+    /// touches no other tenant. Brands, suppliers (grants replayed from {ns}.brand-access,
+    /// copies backfilled from the brands' live projections) and retailers (domain events
+    /// replayed from {ns}.retailer-domains).
     Rebuild(rebuild::RebuildArgs),
     /// Serve the tenant API: brand catalogs for suppliers (bearer tokens), retailers by host.
     ///

@@ -15,7 +15,7 @@ use crate::tenant::OrganisationType;
 
 #[derive(Debug, clap::Args)]
 pub struct RebuildArgs {
-    /// The tenant: organisation id, or `brand/SLUG`, `supplier/SLUG`. Brands and suppliers.
+    /// The tenant: organisation id, or `brand/SLUG`, `supplier/SLUG`, `retailer/SLUG`.
     #[arg(required_unless_present = "all", conflicts_with = "all")]
     pub tenant: Option<String>,
     /// Every active brand, a few at a time (--parallel), with one summary at the end.
@@ -178,7 +178,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
 }
 
 /// `--all`: every active brand, then every active supplier (whose copies are taken from the
-/// brands, rebuilt by then); with --archived, every archived brand's archive. `parallel` at a
+/// brands, rebuilt by then), then every active retailer; with --archived, every archived brand's archive. `parallel` at a
 /// time, one line each and a summary. The tenants' states are the live lifecycle's, read from
 /// the tenants table: what is archived stays archived, what is purged is left alone.
 async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitCode> {
@@ -196,15 +196,18 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
             .collect()
     };
     let brands = of(OrganisationType::Brand);
-    let suppliers = if r.archived {
-        Vec::new()
+    let (suppliers, retailers) = if r.archived {
+        (Vec::new(), Vec::new())
     } else {
-        of(OrganisationType::Supplier)
+        (
+            of(OrganisationType::Supplier),
+            of(OrganisationType::Retailer),
+        )
     };
-    let skipped = listed.len() - brands.len() - suppliers.len();
+    let skipped = listed.len() - brands.len() - suppliers.len() - retailers.len();
     if skipped > 0 {
         eprintln!(
-            "{skipped} {status} tenants are not rebuilt (retailers, or suppliers' archives: not built yet)"
+            "{skipped} {status} suppliers and retailers are not rebuilt (their archives are not)"
         );
     }
     let elsewhere = r.tenants.counts().await?;
@@ -222,13 +225,14 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         eprintln!("not rebuilt by this run: {} tenants{hint}", left.join(", "));
     }
     eprintln!(
-        "rebuilding {} {status} brands, then {} suppliers, {parallel} at a time",
+        "rebuilding {} {status} brands, then {} suppliers and {} retailers, {parallel} at a time",
         brands.len(),
-        suppliers.len()
+        suppliers.len(),
+        retailers.len()
     );
     let mut results: Vec<(String, anyhow::Result<crate::rebuild::Outcome>)> = Vec::new();
     // Brands first: suppliers' copies are backfilled from them.
-    for group in [&brands, &suppliers] {
+    for group in [&brands, &suppliers, &retailers] {
         let done: Vec<_> = stream::iter(group.iter())
             .map(|b| async move {
                 let name = format!("{}/{}", b.organisation_type.db_word(), b.slug);
@@ -282,10 +286,11 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         }
     }
     println!(
-        "{} tenant(s) ({} brand(s), {} supplier(s)): {swapped} swapped in, {equal} equal, {differ} differ, {failed} failed",
+        "{} tenant(s) ({} brand(s), {} supplier(s), {} retailer(s)): {swapped} swapped in, {equal} equal, {differ} differ, {failed} failed",
         results.len(),
         brands.len(),
-        suppliers.len()
+        suppliers.len(),
+        retailers.len()
     );
     Ok(if differ + failed == 0 {
         ExitCode::SUCCESS

@@ -15,6 +15,7 @@ use sqlx::MySqlPool;
 
 use crate::applied;
 use crate::caches::Redis;
+use crate::db::NamedLock;
 use crate::events::{Event, EventKind};
 use crate::offsets;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
@@ -26,7 +27,7 @@ use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 use host::Host;
 
 /// The projection's name in `projection_offsets` and `applied_events`.
-const PROJECTION: &str = "domains";
+pub const PROJECTION: &str = "domains";
 
 /// One domain change, parsed.
 #[derive(Debug, Clone)]
@@ -103,8 +104,20 @@ impl DomainProcessor {
         )
     }
 
-    /// One event, in one transaction over the retailer's database and the platform index.
+    /// One event, in one transaction over the retailer's database and the platform index,
+    /// under the retailer's writes lock (which `tenancy rebuild` holds for its swap).
     async fn apply_one(&self, m: &Msg<DomainChange>, db: &DatabaseName) -> Result<(), StepError> {
+        let lock = NamedLock::writes(&self.pool, &self.ns, &m.item.retailer).await?;
+        let result = self.apply_locked(m, db).await;
+        lock.release().await;
+        result
+    }
+
+    async fn apply_locked(
+        &self,
+        m: &Msg<DomainChange>,
+        db: &DatabaseName,
+    ) -> Result<(), StepError> {
         let c = &m.item;
         let o = &m.origin;
         let mut tx = self.pool.begin().await?;
@@ -117,57 +130,39 @@ impl DomainProcessor {
             .is_empty()
         {
             applied::duplicate("domains", &c.event_id, o, None);
-        } else if c.assign {
-            // Locks the host's index row, so two retailers claiming it at once serialise.
-            let owner: Option<String> = sqlx::query_scalar(&format!(
-                "SELECT retailer_id FROM {} WHERE host = ? FOR UPDATE",
-                self.index()
-            ))
-            .bind(c.host.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(other) = owner.filter(|o| *o != c.retailer) {
-                return Err(StepError::reject(format!(
-                    "domain {} is already assigned to retailer {other}; remove it there first",
-                    c.host
-                )));
-            }
-            let at = chrono::DateTime::from_timestamp_millis(c.occurred_at).unwrap_or_default();
-            sqlx::query(&format!(
-                "INSERT INTO {} (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
-                 ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
-                self.index()
-            ))
-            .bind(c.host.as_str())
-            .bind(&c.retailer)
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "INSERT INTO {}.domains (domain, assigned_at) VALUES (?, ?) \
-                 ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
-                db.quoted()
-            ))
-            .bind(c.host.as_str())
-            .bind(at)
-            .execute(&mut *tx)
-            .await?;
         } else {
-            sqlx::query(&format!(
-                "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
-                self.index()
-            ))
-            .bind(c.host.as_str())
-            .bind(&c.retailer)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "DELETE FROM {}.domains WHERE domain = ?",
-                db.quoted()
-            ))
-            .bind(c.host.as_str())
-            .execute(&mut *tx)
-            .await?;
+            if c.assign {
+                // Locks the host's index row, so two retailers claiming it at once serialise.
+                if let Some(other) = owner(&mut tx, &self.ns, &c.host, true)
+                    .await?
+                    .filter(|o| *o != c.retailer)
+                {
+                    return Err(StepError::reject(format!(
+                        "domain {} is already assigned to retailer {other}; remove it there first",
+                        c.host
+                    )));
+                }
+                sqlx::query(&format!(
+                    "INSERT INTO {} (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
+                     ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
+                    self.index()
+                ))
+                .bind(c.host.as_str())
+                .bind(&c.retailer)
+                .bind(assigned_at(c))
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                sqlx::query(&format!(
+                    "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
+                    self.index()
+                ))
+                .bind(c.host.as_str())
+                .bind(&c.retailer)
+                .execute(&mut *tx)
+                .await?;
+            }
+            write_retailer_row(&mut tx, db, c).await?;
         }
         applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
         offsets::set(&mut tx, db, PROJECTION, &o.topic, o.partition, o.offset).await?;
@@ -176,6 +171,55 @@ impl DomainProcessor {
             assigned = c.assign, "retailer domain applied");
         Ok(())
     }
+}
+
+fn assigned_at(c: &DomainChange) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(c.occurred_at).unwrap_or_default()
+}
+
+/// Which retailer the platform index says holds `host` (`for_update` locks the row).
+pub async fn owner(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    ns: &Namespace,
+    host: &Host,
+    for_update: bool,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT retailer_id FROM {}.retailer_domains WHERE host = ?{}",
+        ns.service_database(ServiceDatabase::Platform).quoted(),
+        if for_update { " FOR UPDATE" } else { "" }
+    ))
+    .bind(host.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// The change's row in the retailer's own `domains` table. Shared with `tenancy rebuild`.
+pub async fn write_retailer_row(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    db: &DatabaseName,
+    c: &DomainChange,
+) -> Result<(), sqlx::Error> {
+    if c.assign {
+        sqlx::query(&format!(
+            "INSERT INTO {}.domains (domain, assigned_at) VALUES (?, ?) \
+             ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
+            db.quoted()
+        ))
+        .bind(c.host.as_str())
+        .bind(assigned_at(c))
+        .execute(&mut **tx)
+        .await?;
+    } else {
+        sqlx::query(&format!(
+            "DELETE FROM {}.domains WHERE domain = ?",
+            db.quoted()
+        ))
+        .bind(c.host.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// The verdict for one retailer, as every projection judges a tenant ([`verdict`]): an

@@ -16,15 +16,17 @@
 //! writes no Redis key. `--rollback` brings the old tables back the same way (after replaying
 //! into them what the live database applied since the swap); `--drop-old` drops them.
 //!
-//! Brands, and suppliers ([`supplier`]: grants replayed, copies backfilled from the brands);
-//! retailer databases are not rebuilt yet. Suppliers'
+//! Brands; suppliers ([`supplier`]: grants replayed, copies backfilled from the brands) and
+//! retailers ([`retailer`]: domain events replayed), both through [`fenced`]. Suppliers'
 //! copies of a rebuilt brand keep what the old tables fanned out to them unless
 //! `--refresh-copies` rebuilds them from the swapped-in tables.
 
 pub mod compare;
+mod fenced;
 pub mod kept;
 pub mod replay;
 pub mod report;
+mod retailer;
 mod supplier;
 
 use std::sync::Arc;
@@ -130,14 +132,17 @@ pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef>
 /// database rebuilt is the live one, or with `archived` the archive of an archived tenant.
 fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<DatabaseName> {
     match (t.kind, archived) {
-        (OrganisationType::Brand, _) | (OrganisationType::Supplier, false) => {}
+        (OrganisationType::Brand, _)
+        | (OrganisationType::Supplier, false)
+        | (OrganisationType::Retailer, false) => {}
         (OrganisationType::Supplier, true) => anyhow::bail!(
             "tenant {} is a supplier: supplier archives are not rebuilt (an archived supplier \
              keeps no copies; its grants come back with it)",
             t.organisation_id
         ),
-        (OrganisationType::Retailer, _) => anyhow::bail!(
-            "tenant {} is a retailer: retailer databases are not rebuilt yet",
+        (OrganisationType::Retailer, true) => anyhow::bail!(
+            "tenant {} is a retailer: retailer archives are not rebuilt (its domains come back \
+             with it)",
             t.organisation_id
         ),
     }
@@ -354,8 +359,8 @@ impl Rebuilder {
             progress(done, at);
         };
         let result = async {
-            if t.kind == OrganisationType::Supplier {
-                return self.rebuild_supplier(t, &live, mode, &reported).await;
+            if t.kind != OrganisationType::Brand {
+                return self.rebuild_fenced(t, &live, mode, &reported).await;
             }
             let topic = self.topic();
             self.prepare(t, &shadow, &old, mode, &topic, &reported)
@@ -394,11 +399,9 @@ impl Rebuilder {
                             compare::compare(&self.pool, &live, &shadow).await?
                         }
                     };
-                    let swap = mode.swaps(&comparison);
-                    if swap {
-                        self.pause_before_swap().await;
-                        exchange(&self.pool, &live, &shadow, &old).await?;
-                    }
+                    let swap = self
+                        .swap_if_chosen(mode, &comparison, &live, &shadow, &old)
+                        .await?;
                     anyhow::Ok(Some((comparison, swap)))
                 }
                 .await;
@@ -456,8 +459,8 @@ impl Rebuilder {
                     t.organisation_id
                 );
             }
-            if t.kind == OrganisationType::Supplier {
-                let replayed = self.rollback_supplier(t, &live).await?;
+            if t.kind != OrganisationType::Brand {
+                let replayed = self.rollback_fenced(t, &live).await?;
                 for db in [&shadow, &old] {
                     sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
                         .execute(&self.pool)
@@ -582,6 +585,23 @@ impl Rebuilder {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Swaps `shadow` in (the live tables to `old`) if `mode` chooses to for `comparison`.
+    async fn swap_if_chosen(
+        &self,
+        mode: Mode,
+        comparison: &Comparison,
+        live: &DatabaseName,
+        shadow: &DatabaseName,
+        old: &DatabaseName,
+    ) -> anyhow::Result<bool> {
+        let swap = mode.swaps(comparison);
+        if swap {
+            self.pause_before_swap().await;
+            exchange(&self.pool, live, shadow, old).await?;
+        }
+        Ok(swap)
     }
 
     async fn pause_before_swap(&self) {

@@ -7,26 +7,21 @@
 //!
 //! Every writer of a supplier database holds a brand's lock (the fan-out, grants, revokes, a
 //! brand's archive, restore and purge) or the supplier's lifecycle lock; the access projector
-//! also takes the supplier's own lock after the brand's. The swap holds the lifecycle lock, the
-//! locks of every brand the live database names (sorted, on one connection), then the
-//! supplier's: a grant of a brand it did not name yet waits on the last. If the live database
+//! also takes the supplier's writes lock after the brand's. The swap holds the lifecycle lock,
+//! the locks of every brand the live database names (sorted, on one connection), then the
+//! writes lock: a grant of a brand it did not name yet waits on the last. If the live database
 //! names a brand outside the set once they are held, they are released and taken again.
 //!
 //! Whether anything was written meanwhile is read from the live `projection_offsets`: every
 //! writer moves a row of it in the same transaction as its rows.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
-use super::compare::{self, Comparison};
-use super::{
-    exchange, fail_after, report, Mode, Outcome, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE,
-};
+use super::compare;
+use super::Rebuilder;
 use crate::catalog::copies::backfill_copy;
 use crate::catalog::grants::{access_projection, mark_access_applied, write_access_row};
 use crate::catalog::item::{self, Item};
@@ -36,23 +31,11 @@ use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
 use crate::topics::Topic;
 
-use super::replay::Replayed;
-
-/// Every row of a database's `projection_offsets`, sorted: it moves whenever a writer commits.
-type Fingerprint = Vec<(String, String, i32, i64)>;
-
-async fn fingerprint(pool: &MySqlPool, db: &DatabaseName) -> Result<Fingerprint, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT projection, topic, `partition`, `offset` FROM {}.projection_offsets \
-         ORDER BY projection, topic, `partition`",
-        db.quoted()
-    ))
-    .fetch_all(pool)
-    .await
-}
+use super::fenced::{fingerprint, Fingerprint};
+use super::replay::{decode_event, Range, Replayed};
 
 /// The last access event applied per (brand, partition), from a fingerprint.
-fn access_bounds(fp: &Fingerprint, topic: &str) -> HashMap<(String, i32), i64> {
+pub(super) fn access_bounds(fp: &Fingerprint, topic: &str) -> HashMap<(String, i32), i64> {
     fp.iter()
         .filter(|(_, t, _, _)| t == topic)
         .filter_map(|(projection, _, p, o)| {
@@ -87,14 +70,14 @@ async fn brands_named(
 }
 
 impl Rebuilder {
-    fn access_topic(&self) -> String {
+    pub(super) fn access_topic(&self) -> String {
         Topic::BrandAccess.name(&self.config.namespace)
     }
 
     /// Brings `target`'s grants up to `bounds`: every access event naming the supplier that
     /// the live database applied (at or below its brand's offset, and applied by the tenants'
     /// lifecycles as `tenancy::verdict` judges), in log order, with the live writes.
-    async fn replay_access(
+    pub(super) async fn replay_access(
         &self,
         t: &TenantRef,
         target: &DatabaseName,
@@ -111,37 +94,21 @@ impl Rebuilder {
             return Ok(done);
         }
         let held = access_bounds(&fingerprint(&self.pool, target).await?, &topic);
-        let mut assignment = TopicPartitionList::new();
-        for p in upto.keys() {
-            // From 0, not Beginning: the log was checked whole, and an explicit offset spares
-            // librdkafka an offset lookup before the first fetch.
-            assignment.add_partition_offset(&topic, *p, Offset::Offset(0))?;
-        }
-        let consumer = super::replay::consumer(&self.config)?;
-        consumer.assign(&assignment)?;
         let mut brands: Vec<&str> = bounds.keys().map(|(b, _)| b.as_str()).collect();
         brands.push(&t.organisation_id);
         brands.sort_unstable();
         brands.dedup();
         let tenants = self.tenants.lookup(&brands).await?;
-        let mut position: HashMap<i32, i64> = upto.keys().map(|p| (*p, -1)).collect();
-        while position.iter().any(|(p, at)| *at < upto[p]) {
-            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-                .await
-                .map_err(|_| {
-                    anyhow::anyhow!("no message from {topic} for 30 s while replaying")
-                })??;
+        // From 0: a partition holds every brand's events, each applied up to its own offset.
+        let Some(mut range) = Range::new(&self.config, &topic, &HashMap::new(), upto)? else {
+            return Ok(done);
+        };
+        while let Some(m) = range.next().await? {
             let p = m.partition();
-            if position.get(&p).is_none_or(|at| m.offset() <= *at) || m.offset() > upto[&p] {
-                continue;
-            }
-            position.insert(p, m.offset());
             done.read += 1;
-            let item = match self.codec.decode(m.payload()).await {
-                Ok(event) => item::parse(event),
-                Err(e) if e.is_transient() => anyhow::bail!("cannot replay {topic}: {e}"),
-                Err(e) => Err(e.to_string()),
-            };
+            let item = decode_event(&self.codec, &topic, m.payload())
+                .await?
+                .and_then(item::parse);
             let Ok(item) = item else { continue };
             if item.supplier() != Some(t.organisation_id.as_str()) {
                 continue;
@@ -178,7 +145,7 @@ impl Rebuilder {
     /// `target`'s copies, all rebuilt: the brand's live projection for every grant holding
     /// the catalog permission of a brand that is active (copies exist only between two live
     /// tenants), with the brand offsets they reflect.
-    async fn backfill_copies(&self, target: &DatabaseName) -> anyhow::Result<usize> {
+    pub(super) async fn backfill_copies(&self, target: &DatabaseName) -> anyhow::Result<usize> {
         let grants: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access ORDER BY brand_id",
             target.quoted()
@@ -229,7 +196,7 @@ impl Rebuilder {
 
     /// Holds every writer of `live` off (module docs); `None` if the live database named a
     /// brand outside the set once the locks were held (the caller tries again).
-    async fn hold_supplier_writes(
+    pub(super) async fn hold_supplier_writes(
         &self,
         t: &TenantRef,
         live: &DatabaseName,
@@ -245,7 +212,7 @@ impl Rebuilder {
             .iter()
             .map(|b| NamedLock::brand_name(ns, b))
             .collect();
-        names.push(NamedLock::supplier_name(ns, &t.organisation_id));
+        names.push(NamedLock::writes_name(ns, &t.organisation_id));
         let writes = match NamedLock::all(&self.pool, names).await {
             Ok(l) => l,
             Err(e) => {
@@ -263,126 +230,6 @@ impl Rebuilder {
             return Ok(None);
         }
         Ok(Some((lifecycle, writes)))
-    }
-
-    /// Rebuilds supplier `t` beside its live database and, as `mode` says, swaps it in.
-    pub(super) async fn rebuild_supplier(
-        &self,
-        t: &TenantRef,
-        live: &DatabaseName,
-        mode: Mode,
-        reported: &report::Progress,
-    ) -> anyhow::Result<Outcome> {
-        let started = Instant::now();
-        let (shadow, old) = self.beside(t)?;
-        let topic = self.access_topic();
-        self.prepare(t, &shadow, &old, mode, &topic, reported)
-            .await?;
-        let mut replayed = Replayed::default();
-        let mut attempt = 0;
-        let (comparison, swapped, pause) = loop {
-            attempt += 1;
-            let last_attempt = attempt >= ATTEMPTS_BEFORE_LOCKED_COMPARE;
-            reported.phase("replaying");
-            let seen = fingerprint(&self.pool, live).await?;
-            replayed += self
-                .replay_access(t, &shadow, &access_bounds(&seen, &topic))
-                .await?;
-            reported.phase("copying");
-            self.backfill_copies(&shadow).await?;
-            reported.counts(replayed.read, replayed.applied);
-            fail_after(&self.fail_after, "replay");
-            reported.phase("comparing");
-            let unlocked = if last_attempt {
-                None
-            } else {
-                Some(compare::compare(&self.pool, live, &shadow).await?)
-            };
-            reported.phase("holding writes");
-            let Some((lifecycle, writes)) = self.hold_supplier_writes(t, live, &shadow).await?
-            else {
-                continue;
-            };
-            let held_from = Instant::now();
-            let under_lock = async {
-                fail_after(&self.fail_after, "locked");
-                let now = fingerprint(&self.pool, live).await?;
-                let comparison: Comparison = match unlocked {
-                    Some(c) if now == seen => c,
-                    Some(_) => return Ok(None),
-                    None => {
-                        replayed += self
-                            .replay_access(t, &shadow, &access_bounds(&now, &topic))
-                            .await?;
-                        self.backfill_copies(&shadow).await?;
-                        compare::compare(&self.pool, live, &shadow).await?
-                    }
-                };
-                let swap = mode.swaps(&comparison);
-                if swap {
-                    self.pause_before_swap().await;
-                    exchange(&self.pool, live, &shadow, &old).await?;
-                }
-                anyhow::Ok(Some((comparison, swap)))
-            }
-            .await;
-            writes.release().await;
-            lifecycle.release().await;
-            let pause = held_from.elapsed();
-            if let Some((comparison, swapped)) = under_lock? {
-                break (comparison, swapped, pause);
-            }
-            tracing::info!(tenant = %t.organisation_id, attempt,
-                "the supplier's database changed during the comparison: catching up again");
-        };
-        self.finish(t, mode, swapped, &shadow, &old).await?;
-        Ok(Outcome {
-            database: live.clone(),
-            replayed,
-            comparison,
-            swapped_to: swapped.then(|| old.clone()),
-            copies_refreshed: None,
-            pause,
-            elapsed: started.elapsed(),
-        })
-    }
-
-    /// The tables a supplier rebuild replaced, live again: the grants applied since the swap
-    /// replayed into them and their copies backfilled, under the supplier's writes held.
-    pub(super) async fn rollback_supplier(
-        &self,
-        t: &TenantRef,
-        live: &DatabaseName,
-    ) -> anyhow::Result<Replayed> {
-        let (shadow, old) = self.beside(t)?;
-        let topic = self.access_topic();
-        let (lifecycle, writes) = loop {
-            if let Some(held) = self.hold_supplier_writes(t, live, &old).await? {
-                break held;
-            }
-        };
-        let swapped = async {
-            let now = fingerprint(&self.pool, live).await?;
-            let replayed = self
-                .replay_access(t, &old, &access_bounds(&now, &topic))
-                .await?;
-            self.backfill_copies(&old).await?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(&self.pool)
-                .await?;
-            sqlx::query(&format!(
-                "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                shadow.quoted()
-            ))
-            .execute(&self.pool)
-            .await?;
-            exchange(&self.pool, live, &old, &shadow).await?;
-            anyhow::Ok(replayed)
-        }
-        .await;
-        writes.release().await;
-        lifecycle.release().await;
-        swapped
     }
 }
 

@@ -642,6 +642,16 @@ pub mod lines {
         .to_string()
     }
 
+    pub fn domain_assigned(retailer: &str, domain: &str) -> String {
+        json!({"type": "RetailerDomainAssigned", "retailer_id": retailer, "domain": domain})
+            .to_string()
+    }
+
+    pub fn domain_removed(retailer: &str, domain: &str) -> String {
+        json!({"type": "RetailerDomainRemoved", "retailer_id": retailer, "domain": domain})
+            .to_string()
+    }
+
     pub fn revoke(brand: &str, supplier: &str) -> String {
         json!({"type": "SupplierBrandAccessRevoked", "brand_id": brand, "supplier_id": supplier})
             .to_string()
@@ -720,6 +730,16 @@ impl TestNs {
         out.sort();
         out
     }
+}
+
+/// The domains in a retailer database's `domains` table, in order.
+pub async fn domains_of(pool: &MySqlPool, db: &str) -> Vec<String> {
+    sqlx::query_scalar(&format!(
+        "SELECT domain FROM `{db}`.domains ORDER BY domain"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 /// Fabric rows (code, name, revision) of a brand database, in code order.

@@ -1,0 +1,191 @@
+//! Rebuilding the tenants whose database more than one writer keeps (a supplier's: grants,
+//! fan-outs, brands' lifecycles; a retailer's: its domains), so neither a single offset nor a
+//! single lock describes it:
+//!
+//! - what the live database holds is read from all its `projection_offsets` (every writer moves
+//!   a row of it in the same transaction as its rows): a comparison made while they did not
+//!   move stands;
+//! - for the swap, every writer is held off by the locks it takes (see [`super::supplier`] and
+//!   [`super::retailer`]).
+
+use std::time::Instant;
+
+use sqlx::MySqlPool;
+
+use super::compare::{self, Comparison};
+use super::replay::Replayed;
+use super::{
+    exchange, fail_after, report, Mode, Outcome, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE,
+};
+use crate::db::NamedLock;
+use crate::tenancy::tenants::TenantRef;
+use crate::tenant::{DatabaseName, OrganisationType};
+
+/// Every row of a database's `projection_offsets`, sorted: it moves whenever a writer commits.
+pub(super) type Fingerprint = Vec<(String, String, i32, i64)>;
+
+pub(super) async fn fingerprint(
+    pool: &MySqlPool,
+    db: &DatabaseName,
+) -> Result<Fingerprint, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT projection, topic, `partition`, `offset` FROM {}.projection_offsets \
+         ORDER BY projection, topic, `partition`",
+        db.quoted()
+    ))
+    .fetch_all(pool)
+    .await
+}
+
+impl Rebuilder {
+    /// The topic the tenant's own events are replayed from.
+    pub(super) fn fenced_topic(&self, t: &TenantRef) -> String {
+        match t.kind {
+            OrganisationType::Retailer => self.domains_topic(),
+            _ => self.access_topic(),
+        }
+    }
+
+    /// Brings `target` up to what the live database held at `live` (its offsets).
+    async fn catch_up(
+        &self,
+        t: &TenantRef,
+        target: &DatabaseName,
+        live: &Fingerprint,
+        reported: &report::Progress,
+    ) -> anyhow::Result<Replayed> {
+        match t.kind {
+            OrganisationType::Retailer => self.replay_domains(t, target, live).await,
+            _ => {
+                let topic = self.access_topic();
+                let replayed = self
+                    .replay_access(t, target, &super::supplier::access_bounds(live, &topic))
+                    .await?;
+                reported.phase("copying");
+                self.backfill_copies(target).await?;
+                Ok(replayed)
+            }
+        }
+    }
+
+    /// Holds every writer of `t`'s live database off; `None` when it has to be tried again.
+    async fn hold_tenant_writes(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+        other: &DatabaseName,
+    ) -> anyhow::Result<Option<(NamedLock, NamedLock)>> {
+        match t.kind {
+            OrganisationType::Retailer => self.hold_retailer_writes(t).await.map(Some),
+            _ => self.hold_supplier_writes(t, live, other).await,
+        }
+    }
+
+    /// Rebuilds `t` (a supplier or a retailer) beside its live database and, as `mode` says,
+    /// swaps it in.
+    pub(super) async fn rebuild_fenced(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+        mode: Mode,
+        reported: &report::Progress,
+    ) -> anyhow::Result<Outcome> {
+        let started = Instant::now();
+        let (shadow, old) = self.beside(t)?;
+        self.prepare(t, &shadow, &old, mode, &self.fenced_topic(t), reported)
+            .await?;
+        let mut replayed = Replayed::default();
+        let mut attempt = 0;
+        let (comparison, swapped, pause) = loop {
+            attempt += 1;
+            let last_attempt = attempt >= ATTEMPTS_BEFORE_LOCKED_COMPARE;
+            reported.phase("replaying");
+            let seen = fingerprint(&self.pool, live).await?;
+            replayed += self.catch_up(t, &shadow, &seen, reported).await?;
+            reported.counts(replayed.read, replayed.applied);
+            fail_after(&self.fail_after, "replay");
+            reported.phase("comparing");
+            let unlocked = if last_attempt {
+                None
+            } else {
+                Some(compare::compare(&self.pool, live, &shadow).await?)
+            };
+            reported.phase("holding writes");
+            let Some((lifecycle, writes)) = self.hold_tenant_writes(t, live, &shadow).await? else {
+                continue;
+            };
+            let held_from = Instant::now();
+            let under_lock = async {
+                fail_after(&self.fail_after, "locked");
+                let now = fingerprint(&self.pool, live).await?;
+                let comparison: Comparison = match unlocked {
+                    Some(c) if now == seen => c,
+                    Some(_) => return Ok(None),
+                    None => {
+                        replayed += self.catch_up(t, &shadow, &now, reported).await?;
+                        compare::compare(&self.pool, live, &shadow).await?
+                    }
+                };
+                let swap = self
+                    .swap_if_chosen(mode, &comparison, live, &shadow, &old)
+                    .await?;
+                anyhow::Ok(Some((comparison, swap)))
+            }
+            .await;
+            writes.release().await;
+            lifecycle.release().await;
+            let pause = held_from.elapsed();
+            if let Some((comparison, swapped)) = under_lock? {
+                break (comparison, swapped, pause);
+            }
+            tracing::info!(tenant = %t.organisation_id, attempt,
+                "the live database changed during the comparison: catching up again");
+        };
+        self.finish(t, mode, swapped, &shadow, &old).await?;
+        Ok(Outcome {
+            database: live.clone(),
+            replayed,
+            comparison,
+            swapped_to: swapped.then(|| old.clone()),
+            copies_refreshed: None,
+            pause,
+            elapsed: started.elapsed(),
+        })
+    }
+
+    /// The tables a rebuild replaced, live again, with what was applied since the swap
+    /// replayed into them (and a supplier's copies backfilled), under the tenant's writes held.
+    pub(super) async fn rollback_fenced(
+        &self,
+        t: &TenantRef,
+        live: &DatabaseName,
+    ) -> anyhow::Result<Replayed> {
+        let (shadow, old) = self.beside(t)?;
+        let (lifecycle, writes) = loop {
+            if let Some(held) = self.hold_tenant_writes(t, live, &old).await? {
+                break held;
+            }
+        };
+        let swapped = async {
+            let now = fingerprint(&self.pool, live).await?;
+            let replayed = self
+                .catch_up(t, &old, &now, &report::Progress::default())
+                .await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(&self.pool)
+                .await?;
+            sqlx::query(&format!(
+                "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+                shadow.quoted()
+            ))
+            .execute(&self.pool)
+            .await?;
+            exchange(&self.pool, live, &old, &shadow).await?;
+            anyhow::Ok(replayed)
+        }
+        .await;
+        writes.release().await;
+        lifecycle.release().await;
+        swapped
+    }
+}
