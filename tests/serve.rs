@@ -593,7 +593,7 @@ async fn retailers_are_resolved_by_host_and_custom_domain() {
         );
     }
     t.emit_ok(&[lines::restored(&new_id(), &second, "RETAILER", "shop_two")]);
-    t.wait_status(&pool, &second, "active").await;
+    wait_settled(&t, &pool, &second, "active").await;
     let (status, _) = server
         .get("/api/retailer/profile", None, Some("shop.example"))
         .await;
