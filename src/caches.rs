@@ -38,6 +38,26 @@ pub fn domain_generation_key(ns: &Namespace) -> String {
     format!("{ns}:domain-generation")
 }
 
+/// Sets the domain generation, if it is missing (never set, flushed or evicted), to a value no
+/// earlier generation had: the microseconds since the epoch. A generation that restarted at a
+/// small number could match entries written under an earlier one and serve them again.
+pub async fn start_generation(
+    conn: &mut ConnectionManager,
+    ns: &Namespace,
+) -> redis::RedisResult<()> {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default();
+    redis::cmd("SET")
+        .arg(domain_generation_key(ns))
+        .arg(micros)
+        .arg("NX")
+        .query_async::<Option<String>>(conn)
+        .await?;
+    Ok(())
+}
+
 /// `redis://user:secret@host` → `redis://***@host`, for error messages.
 pub fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -138,6 +158,7 @@ impl Redis {
     /// went.
     pub async fn domains_changed(&self, hosts: &[String]) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
+        start_generation(&mut conn, &self.ns).await?;
         redis::cmd("INCR")
             .arg(domain_generation_key(&self.ns))
             .query_async::<i64>(&mut conn)

@@ -827,6 +827,21 @@ async fn a_lookup_in_flight_during_a_change_neither_writes_nor_serves_the_old_an
         None,
         "an entry from before the change is not served"
     );
+
+    // The generation lost (flushed or evicted): nothing written before is served, and it
+    // restarts above every earlier value.
+    let (_, before) = resolver.cached(&key).await.unwrap();
+    assert!(resolver.fill(&key, &before, loaded.as_ref()).await.unwrap());
+    redis::cmd("DEL")
+        .arg(blindstrader_tenancy::caches::domain_generation_key(&t.ns))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let (entry, _) = resolver.cached(&key).await.unwrap();
+    assert_eq!(entry, None, "not served while the generation is missing");
+    let (entry, restarted) = resolver.cached(&key).await.unwrap();
+    assert_eq!(entry, None, "nor under the restarted generation");
+    assert!(restarted.parse::<i64>().unwrap() > before.parse::<i64>().unwrap());
 }
 
 /// Redis taken away: /readyz says so (503, naming it) and requests are answered 503 with

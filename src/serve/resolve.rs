@@ -14,7 +14,9 @@
 //! then increments the generation (and deletes the keys it knows). So a lookup that was in
 //! flight during the change either read the generation after the increment (and so loaded
 //! after the commit), or its entry carries the old generation and is never served; the fill
-//! itself is a compare-and-set on the generation, so such an entry is not even written. The
+//! itself is a compare-and-set on the generation, so such an entry is not even written. A
+//! missing generation (flushed, evicted) restarts at the current microsecond, never at a value
+//! an earlier entry could carry. The
 //! price: any such change refreshes every entry of the namespace, which is cheap at the rate
 //! tenants and domains change.
 
@@ -22,7 +24,7 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, Row};
 
-use crate::caches::{domain_generation_key, domain_key};
+use crate::caches::{domain_generation_key, domain_key, start_generation};
 use crate::domains::host::Host;
 use crate::tenancy::tenants::Status;
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
@@ -36,8 +38,8 @@ pub const NEGATIVE_TTL_SECS: u64 = 5;
 
 /// SET the entry only if the generation is still the one read before loading it.
 const FILL_IF_GENERATION: &str = r"
-local current = redis.call('GET', KEYS[2]) or '0'
-if current == ARGV[1] then
+local current = redis.call('GET', KEYS[2])
+if current and current == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
   return 1
 end
@@ -227,14 +229,19 @@ impl Resolver {
     }
 
     /// The entry under `key` if it is current (`Some(None)` caches "no such tenant"), and the
-    /// generation now, read in one round trip.
+    /// generation now, read in one round trip. A missing generation is started (nothing is
+    /// current then, and nothing is filled under it: the fill finds it changed).
     pub async fn cached(&self, key: &str) -> redis::RedisResult<(Option<Option<Tenant>>, String)> {
+        let mut conn = self.redis.clone();
         let (cached, generation): (Option<String>, Option<String>) = redis::cmd("MGET")
             .arg(key)
             .arg(domain_generation_key(&self.ns))
-            .query_async(&mut self.redis.clone())
+            .query_async(&mut conn)
             .await?;
-        let generation = generation.unwrap_or_else(|| "0".to_owned());
+        let Some(generation) = generation else {
+            start_generation(&mut conn, &self.ns).await?;
+            return Ok((None, String::new()));
+        };
         let current = cached
             .and_then(|raw| serde_json::from_str::<Entry>(&raw).ok())
             .filter(|entry| entry.generation == generation)
