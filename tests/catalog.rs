@@ -728,3 +728,78 @@ async fn a_worker_killed_mid_stream_ends_with_the_rows_of_a_clean_run() {
     }
     assert_eq!(a.len(), b.len());
 }
+
+/// A revoke made while the supplier, or the brand, is archived is not skipped: after the
+/// restore the supplier has no access and no copy (a skipped revoke would give it back).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_during_an_archive_holds_after_the_restore() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (brand, supplier) = (new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&brand, "BRAND", "revoker"),
+            (&supplier, "SUPPLIER", "revoked"),
+        ],
+    )
+    .await;
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["A", "B"], &[]),
+        lines::grant(&new_id(), &brand, &supplier, &["catalog.read"]),
+    ]);
+    t.wait_caught_up().await;
+    let db = format!("{}_supplier_revoked", t.ns);
+    let grants = |pool: MySqlPool, db: String| async move {
+        let access: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.brand_access"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let copies: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.brand_fabrics"))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (access, copies)
+    };
+    assert_eq!(grants(pool.clone(), db.clone()).await, (1, 2));
+
+    // The supplier archived, the brand revokes, the supplier restored.
+    t.emit_ok(&[lines::terminated(
+        &new_id(),
+        &supplier,
+        "SUPPLIER",
+        "revoked",
+    )]);
+    t.wait_status(&pool, &supplier, "archived").await;
+    t.emit_ok(&[lines::revoke(&brand, &supplier)]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[lines::restored(&new_id(), &supplier, "SUPPLIER", "revoked")]);
+    t.wait_status(&pool, &supplier, "active").await;
+    t.wait_caught_up().await;
+    assert_eq!(
+        grants(pool.clone(), db.clone()).await,
+        (0, 0),
+        "the revoke made during the archive holds"
+    );
+    let (code, out, _) = t.tenancy_output(&["access", "check", &supplier, &brand]);
+    assert_eq!(code, Some(1), "no access: {out}");
+
+    // Granted again; then the brand archived, the brand revokes, the brand restored.
+    t.emit_ok(&[lines::grant(
+        &new_id(),
+        &brand,
+        &supplier,
+        &["catalog.read"],
+    )]);
+    t.wait_caught_up().await;
+    assert_eq!(grants(pool.clone(), db.clone()).await, (1, 2));
+    t.emit_ok(&[lines::terminated(&new_id(), &brand, "BRAND", "revoker")]);
+    t.wait_status(&pool, &brand, "archived").await;
+    t.emit_ok(&[lines::revoke(&brand, &supplier)]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[lines::restored(&new_id(), &brand, "BRAND", "revoker")]);
+    t.wait_status(&pool, &brand, "active").await;
+    t.wait_caught_up().await;
+    assert_eq!(grants(pool.clone(), db.clone()).await, (0, 0));
+}

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use super::item::Item;
 use crate::stream::{Gate, Wait};
-use crate::tenancy::tenants::TenantRef;
+use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, LogEnds};
 use crate::tenant::OrganisationType;
@@ -44,16 +44,39 @@ pub fn verdicts(
         OrganisationType::Brand,
         item.occurred_at,
     );
-    let supplier = item.supplier().map(|s| {
-        verdict(
-            tenants,
-            s,
-            "supplier_id",
-            OrganisationType::Supplier,
-            item.occurred_at,
-        )
-    });
-    (brand, supplier)
+    let Some(supplier_id) = item.supplier() else {
+        return (brand, None);
+    };
+    let supplier = verdict(
+        tenants,
+        supplier_id,
+        "supplier_id",
+        OrganisationType::Supplier,
+        item.occurred_at,
+    );
+    // An access decision is never skipped because a side was archived when it was made: a
+    // revoke skipped then would give the access back with the restore. It applies where the
+    // tenant's tables are (its archive, or its live database once restored).
+    (
+        despite_archive(brand, tenants.get(&item.brand)),
+        Some(despite_archive(supplier, tenants.get(supplier_id))),
+    )
+}
+
+/// An access event's verdict on one side, with a skip for an archived period turned into
+/// "apply where its tables are now". A purged tenant has none: still skipped.
+fn despite_archive(gate: Gate<TenantRef>, t: Option<&TenantRef>) -> Gate<TenantRef> {
+    match (gate, t) {
+        (Gate::Skip { .. }, Some(t)) if t.status == Status::Archived => match t.at_archive() {
+            Some(archived) => Gate::Ready(archived),
+            None => Gate::Reject(format!(
+                "tenant {} has no archive database",
+                t.organisation_id
+            )),
+        },
+        (Gate::Skip { .. }, Some(t)) if t.status == Status::Active => Gate::Ready(t.clone()),
+        (gate, _) => gate,
+    }
 }
 
 /// The verdict on one event (received at `received_at`, epoch ms), given the lifecycle log and
@@ -111,7 +134,6 @@ pub fn gate(
 mod tests {
     use super::*;
     use crate::catalog::item::Change;
-    use crate::tenancy::tenants::Status;
 
     fn tenant(id: &str, kind: OrganisationType, status: Status) -> TenantRef {
         TenantRef {
@@ -222,13 +244,22 @@ mod tests {
             Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
             other => panic!("{other:?}"),
         }
-        // After it, or inside an earlier archived period: skipped.
-        assert!(matches!(
-            verdict(&grant(150), &applied, &tenants),
-            Gate::Skip { .. }
-        ));
+        // An access decision made after it, or inside an earlier archived period, applies
+        // where the brand's tables are now: never skipped (a skipped revoke would come back
+        // with the restore).
+        match verdict(&grant(150), &applied, &tenants) {
+            Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             verdict(&grant(15), &applied, &tenants),
+            Gate::Ready(_)
+        ));
+        // A purged tenant has no tables: skipped.
+        let mut purged = tenants.clone();
+        purged.get_mut("b").unwrap().status = Status::Purged;
+        assert!(matches!(
+            verdict(&grant(150), &applied, &purged),
             Gate::Skip { .. }
         ));
     }
