@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::item::Item;
+use super::item::{Change, Item};
 use crate::stream::{Gate, Wait};
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenancy::verdict::verdict;
@@ -54,17 +54,20 @@ pub fn verdicts(
         OrganisationType::Supplier,
         item.occurred_at,
     );
-    // An access decision is never skipped because a side was archived when it was made: a
-    // revoke skipped then would give the access back with the restore. It applies where the
+    // Events for an archived tenant are skipped, but a revoke is not: skipped, it would give
+    // the access back with the restore. It only ever removes access, and applies where the
     // tenant's tables are (its archive, or its live database once restored).
+    if !matches!(item.change, Change::Revoke { .. }) {
+        return (brand, Some(supplier));
+    }
     (
         despite_archive(brand, tenants.get(&item.brand)),
         Some(despite_archive(supplier, tenants.get(supplier_id))),
     )
 }
 
-/// An access event's verdict on one side, with a skip for an archived period turned into
-/// "apply where its tables are now". A purged tenant has none: still skipped.
+/// A revoke's verdict on one side, with a skip for an archived period turned into "apply where
+/// its tables are now". A purged tenant has none: still skipped.
 fn despite_archive(gate: Gate<TenantRef>, t: Option<&TenantRef>) -> Gate<TenantRef> {
     match (gate, t) {
         (Gate::Skip { .. }, Some(t)) if t.status == Status::Archived => match t.at_archive() {
@@ -133,7 +136,6 @@ pub fn gate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::item::Change;
 
     fn tenant(id: &str, kind: OrganisationType, status: Status) -> TenantRef {
         TenantRef {
@@ -157,6 +159,15 @@ mod tests {
                 supplier: "s".into(),
                 permissions: vec![],
             },
+        }
+    }
+
+    fn revoke(at: i64) -> Item {
+        Item {
+            change: Change::Revoke {
+                supplier: "s".into(),
+            },
+            ..grant(at)
         }
     }
 
@@ -244,22 +255,29 @@ mod tests {
             Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
             other => panic!("{other:?}"),
         }
-        // An access decision made after it, or inside an earlier archived period, applies
-        // where the brand's tables are now: never skipped (a skipped revoke would come back
-        // with the restore).
-        match verdict(&grant(150), &applied, &tenants) {
+        // A grant made after it, or inside an earlier archived period: skipped. A revoke: applied
+        // where the brand's tables are now (a skipped revoke would come back with the restore).
+        assert!(matches!(
+            verdict(&grant(150), &applied, &tenants),
+            Gate::Skip { .. }
+        ));
+        assert!(matches!(
+            verdict(&grant(15), &applied, &tenants),
+            Gate::Skip { .. }
+        ));
+        match verdict(&revoke(150), &applied, &tenants) {
             Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            verdict(&grant(15), &applied, &tenants),
+            verdict(&revoke(15), &applied, &tenants),
             Gate::Ready(_)
         ));
         // A purged tenant has no tables: skipped.
         let mut purged = tenants.clone();
         purged.get_mut("b").unwrap().status = Status::Purged;
         assert!(matches!(
-            verdict(&grant(150), &applied, &purged),
+            verdict(&revoke(150), &applied, &purged),
             Gate::Skip { .. }
         ));
     }
