@@ -16,17 +16,6 @@ use sqlx::MySqlPool;
 
 const SETTLE: Duration = Duration::from_secs(120);
 
-async fn create(t: &TestNs, pool: &MySqlPool, orgs: &[(&str, &str, &str)]) {
-    let lines: Vec<String> = orgs
-        .iter()
-        .map(|(id, kind, slug)| lines::created(id, kind, slug))
-        .collect();
-    t.emit_ok(&lines);
-    for (id, _, _) in orgs {
-        t.wait_status(pool, id, "active").await;
-    }
-}
-
 /// A BrandCatalogUpdated naming fabric `code` `name`, at `revision`, with a given event id.
 fn catalog(event_id: &str, brand: &str, revision: i64, code: &str, name: &str) -> String {
     json!({"type": "BrandCatalogUpdated", "event_id": event_id, "brand_id": brand, "brand_slug": "b",
@@ -73,8 +62,7 @@ async fn catalog_and_access_events_apply_once_by_their_id() {
     let pool = t.pool().await;
     let worker = t.spawn_run("identity");
     let (brand, supplier) = (new_id(), new_id());
-    create(
-        &t,
+    t.provisioned(
         &pool,
         &[(&brand, "BRAND", "ided"), (&supplier, "SUPPLIER", "idsup")],
     )

@@ -16,7 +16,6 @@ use blindstrader_tenancy::topics::Topic;
 use blindstrader_tenancy::wire::Codec;
 use common::lines;
 use common::*;
-use sqlx::MySqlPool;
 
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -30,18 +29,6 @@ fn archive_db(t: &TestNs, org: &str) -> String {
 
 fn names(rows: &[(String, String, i64)]) -> Vec<&str> {
     rows.iter().map(|(_, n, _)| n.as_str()).collect()
-}
-
-/// Creates organisations (`(id, kind, slug)`) and waits until all are active.
-async fn create(t: &TestNs, pool: &MySqlPool, orgs: &[(&str, &str, &str)]) {
-    let lines: Vec<String> = orgs
-        .iter()
-        .map(|(id, kind, slug)| lines::created(id, kind, slug))
-        .collect();
-    t.emit_ok(&lines);
-    for (id, _, _) in orgs {
-        t.wait_status(pool, id, "active").await;
-    }
 }
 
 /// The dead letters whose `dlq.tenant` is `tenant`, waiting for at least `n` in all.
@@ -67,8 +54,7 @@ async fn badly_addressed_events_are_dead_lettered_and_stall_nothing() {
     let _worker = t.spawn_run_with("addressing", &["--max-attempts", "2"]);
     let (brand, other, supplier, retailer, gone) =
         (new_id(), new_id(), new_id(), new_id(), new_id());
-    create(
-        &t,
+    t.provisioned(
         &pool,
         &[
             (&brand, "BRAND", "good"),
@@ -149,8 +135,7 @@ async fn a_grant_waiting_for_a_missing_supplier_holds_only_itself_then_expires()
     let pool = t.pool().await;
     let mut first = t.spawn_run("holds");
     let (brand, supplier, missing) = (new_id(), new_id(), new_id());
-    create(
-        &t,
+    t.provisioned(
         &pool,
         &[
             (&brand, "BRAND", "holder"),
@@ -219,7 +204,7 @@ async fn lifecycle_order_is_log_order_not_consumption_order() {
     let pool = t.pool().await;
     let brand = new_id();
     let mut setup = t.spawn_run("setup");
-    create(&t, &pool, &[(&brand, "BRAND", "ordered")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "ordered")]).await;
     t.emit_ok(&[lines::catalog(&brand, 1, &["A"], &[])]);
     let live = brand_db(&t, "ordered");
     wait_for("revision 1", SETTLE, || async {
@@ -284,7 +269,8 @@ async fn a_purge_never_drops_what_a_restore_is_bringing_back() {
         "restore-crash",
         &[&grace[..], &["--fail-after", "restore-move"]].concat(),
     );
-    create(&t, &pool, &[(&brand, "BRAND", "contested")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "contested")])
+        .await;
     t.emit_ok(&[lines::catalog(&brand, 1, &["A", "B"], &[])]);
     let live = brand_db(&t, "contested");
     wait_for("the catalog", SETTLE, || async {
@@ -395,7 +381,7 @@ async fn forged_outcome_events_are_refused_and_the_archive_kept() {
 
     let _worker = t.spawn_run_with("forged", &["--grace", "1h"]);
     let brand = new_id();
-    create(&t, &pool, &[(&brand, "BRAND", "kept")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "kept")]).await;
     t.emit_ok(&[lines::catalog(&brand, 1, &["A"], &[])]);
     wait_for("the catalog", SETTLE, || async {
         (fabric_rows(&pool, &brand_db(&t, "kept")).await.len() == 1).then_some(())
@@ -451,7 +437,7 @@ async fn a_stale_or_replayed_restore_cannot_undo_a_later_termination() {
     let pool = t.pool().await;
     let worker = t.spawn_run_with("stale", &["--grace", "1h"]);
     let brand = new_id();
-    create(&t, &pool, &[(&brand, "BRAND", "twice")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "twice")]).await;
     let first_termination = lines::terminated(&new_id(), &brand, "BRAND", "twice");
     t.emit_ok(std::slice::from_ref(&first_termination));
     t.wait_status(&pool, &brand, "archived").await;
@@ -586,8 +572,7 @@ async fn a_grant_delivered_again_after_its_revoke_leaves_no_access_cached() {
     let pool = t.pool().await;
     let _provisioner = t.spawn_run_with("provisioner-only", &["--processors", "provisioner"]);
     let (brand, supplier) = (new_id(), new_id());
-    create(
-        &t,
+    t.provisioned(
         &pool,
         &[
             (&brand, "BRAND", "granting"),
@@ -668,7 +653,7 @@ async fn an_older_catalog_event_never_overwrites_a_newer_one() {
     let pool = t.pool().await;
     let _worker = t.spawn_run("revisions");
     let brand = new_id();
-    create(&t, &pool, &[(&brand, "BRAND", "revised")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "revised")]).await;
     let db = brand_db(&t, "revised");
     t.emit_ok(&[
         lines::catalog(&brand, 5, &["A", "B"], &[]),
@@ -805,7 +790,7 @@ async fn a_mysql_outage_is_waited_out_and_readiness_says_so() {
         .unwrap();
     let _worker = Worker { child, log };
     let brand = new_id();
-    create(&t, &pool, &[(&brand, "BRAND", "patient")]).await;
+    t.provisioned(&pool, &[(&brand, "BRAND", "patient")]).await;
     let http: String = wait_for("the worker's health address", SETTLE, || async {
         sqlx::query_scalar::<_, String>(&format!(
             "SELECT http_addr FROM `{}_platform`.workers LIMIT 1",
@@ -920,8 +905,7 @@ async fn a_supplier_terminated_by_a_worker_killed_mid_archive_settles_after_rest
     let pool = t.pool().await;
     let mut first = t.spawn_run_with("mid-archive", &["--grace", "1h", "--fail-after", "archive"]);
     let (brand, supplier) = (new_id(), new_id());
-    create(
-        &t,
+    t.provisioned(
         &pool,
         &[
             (&brand, "BRAND", "source"),

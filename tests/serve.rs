@@ -717,8 +717,6 @@ async fn a_slow_tenant_does_not_slow_the_others() {
         .buffer_unordered(8)
         .collect::<Vec<_>>();
     let others = async {
-        // Give the slow requests a head start so they hold what they can.
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut latencies = Vec::new();
         let started = Instant::now();
         // Over two timeouts, so slow requests time out and come back while we measure.

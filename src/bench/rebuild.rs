@@ -133,26 +133,8 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     let live = started.elapsed();
 
     eprintln!("rebuilding the brand online (tenancy rebuild)");
-    let started = Instant::now();
-    let out = super::tenancy_command(&config)?
-        .arg("rebuild")
-        .arg(&brand.id)
-        .output()
-        .await?;
-    let rebuilt = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "tenancy rebuild failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (rebuilt, pause_ms) = timed_rebuild(&config, &brand.id).await?;
     let rebuild_rss = super::children_peak_rss_mib();
-    let pause_ms: f64 = stdout
-        .split("writes held ")
-        .nth(1)
-        .and_then(|s| s.split(" ms").next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
 
     // The raw baseline: an empty brand database of the same schema, the same net rows per
     // batch of events.
@@ -299,25 +281,7 @@ async fn supplier_part(
     })
     .await?;
 
-    let started = Instant::now();
-    let out = super::tenancy_command(config)?
-        .arg("rebuild")
-        .arg(&supplier.id)
-        .output()
-        .await?;
-    let rebuilt = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    anyhow::ensure!(
-        out.status.success(),
-        "tenancy rebuild of the supplier failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pause_ms: f64 = stdout
-        .split("writes held ")
-        .nth(1)
-        .and_then(|s| s.split(" ms").next())
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
+    let (rebuilt, pause_ms) = timed_rebuild(config, &supplier.id).await?;
 
     // Raw: the same grants and copy rows into an empty supplier database, one transaction per
     // brand.
@@ -351,4 +315,32 @@ async fn supplier_part(
         ours / theirs
     );
     Ok(())
+}
+
+/// `tenancy rebuild ORG` as a child process (its memory its own): how long it took, and the
+/// swap pause it reported in ms.
+async fn timed_rebuild(
+    config: &Config,
+    organisation_id: &str,
+) -> anyhow::Result<(std::time::Duration, f64)> {
+    let started = Instant::now();
+    let out = super::tenancy_command(config)?
+        .arg("rebuild")
+        .arg(organisation_id)
+        .output()
+        .await?;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(
+        out.status.success(),
+        "tenancy rebuild {organisation_id} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pause_ms: f64 = stdout
+        .split("writes held ")
+        .nth(1)
+        .and_then(|s| s.split(" ms").next())
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
+    Ok((elapsed, pause_ms))
 }
