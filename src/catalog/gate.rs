@@ -9,9 +9,9 @@
 
 use std::collections::HashMap;
 
-use super::item::{Change, Item};
+use super::item::Item;
 use crate::stream::{Gate, Wait};
-use crate::tenancy::tenants::{Status, TenantRef};
+use crate::tenancy::tenants::TenantRef;
 use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, LogEnds};
 use crate::tenant::OrganisationType;
@@ -44,42 +44,16 @@ pub fn verdicts(
         OrganisationType::Brand,
         item.occurred_at,
     );
-    let Some(supplier_id) = item.supplier() else {
-        return (brand, None);
-    };
-    let supplier = verdict(
-        tenants,
-        supplier_id,
-        "supplier_id",
-        OrganisationType::Supplier,
-        item.occurred_at,
-    );
-    // Events for an archived tenant are skipped, but a revoke is not: skipped, it would give
-    // the access back with the restore. It only ever removes access, and applies where the
-    // tenant's tables are (its archive, or its live database once restored).
-    if !matches!(item.change, Change::Revoke { .. }) {
-        return (brand, Some(supplier));
-    }
-    (
-        despite_archive(brand, tenants.get(&item.brand)),
-        Some(despite_archive(supplier, tenants.get(supplier_id))),
-    )
-}
-
-/// A revoke's verdict on one side, with a skip for an archived period turned into "apply where
-/// its tables are now". A purged tenant has none: still skipped.
-fn despite_archive(gate: Gate<TenantRef>, t: Option<&TenantRef>) -> Gate<TenantRef> {
-    match (gate, t) {
-        (Gate::Skip { .. }, Some(t)) if t.status == Status::Archived => match t.at_archive() {
-            Some(archived) => Gate::Ready(archived),
-            None => Gate::Reject(format!(
-                "tenant {} has no archive database",
-                t.organisation_id
-            )),
-        },
-        (Gate::Skip { .. }, Some(t)) if t.status == Status::Active => Gate::Ready(t.clone()),
-        (gate, _) => gate,
-    }
+    let supplier = item.supplier().map(|s| {
+        verdict(
+            tenants,
+            s,
+            "supplier_id",
+            OrganisationType::Supplier,
+            item.occurred_at,
+        )
+    });
+    (brand, supplier)
 }
 
 /// The verdict on one event (received at `received_at`, epoch ms), given the lifecycle log and
@@ -136,6 +110,8 @@ pub fn gate(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::item::Change;
+    use crate::tenancy::tenants::Status;
 
     fn tenant(id: &str, kind: OrganisationType, status: Status) -> TenantRef {
         TenantRef {
@@ -159,15 +135,6 @@ mod tests {
                 supplier: "s".into(),
                 permissions: vec![],
             },
-        }
-    }
-
-    fn revoke(at: i64) -> Item {
-        Item {
-            change: Change::Revoke {
-                supplier: "s".into(),
-            },
-            ..grant(at)
         }
     }
 
@@ -255,29 +222,13 @@ mod tests {
             Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
             other => panic!("{other:?}"),
         }
-        // A grant made after it, or inside an earlier archived period: skipped. A revoke: applied
-        // where the brand's tables are now (a skipped revoke would come back with the restore).
+        // After it, or inside an earlier archived period: skipped.
         assert!(matches!(
             verdict(&grant(150), &applied, &tenants),
             Gate::Skip { .. }
         ));
         assert!(matches!(
             verdict(&grant(15), &applied, &tenants),
-            Gate::Skip { .. }
-        ));
-        match verdict(&revoke(150), &applied, &tenants) {
-            Gate::Ready(t) => assert!(t.brand.database.unwrap().as_str().starts_with("ns_arc_")),
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(
-            verdict(&revoke(15), &applied, &tenants),
-            Gate::Ready(_)
-        ));
-        // A purged tenant has no tables: skipped.
-        let mut purged = tenants.clone();
-        purged.get_mut("b").unwrap().status = Status::Purged;
-        assert!(matches!(
-            verdict(&revoke(150), &applied, &purged),
             Gate::Skip { .. }
         ));
     }
