@@ -133,25 +133,31 @@ pub fn decode_with(schema: &AvroSchema, payload: &[u8]) -> Result<Event, DecodeE
             id: schema.id,
             cause: e.to_string(),
         })?;
-    decode_framed(&reader, &schema.parsed, payload)
+    decode_framed(&reader, &schema.parsed, payload, true)
 }
 
 /// Decodes many payloads, building one reader per writer schema (schema resolution is per
 /// schema id, not per message). Pure CPU: meant for `spawn_blocking`.
 pub fn decode_batch(items: &[(Arc<AvroSchema>, Vec<u8>)]) -> Vec<Result<Event, DecodeError>> {
     use apache_avro::reader::datum::GenericDatumReader;
-    let mut readers: std::collections::HashMap<u32, Result<GenericDatumReader<'_>, String>> =
-        std::collections::HashMap::new();
+    type Reader<'a> = Result<(GenericDatumReader<'a>, bool), String>;
+    let mut readers: std::collections::HashMap<u32, Reader<'_>> = std::collections::HashMap::new();
     items
         .iter()
         .map(|(schema, payload)| {
             let reader = readers.entry(schema.id).or_insert_with(|| {
+                let ours = match &schema.parsed {
+                    apache_avro::Schema::Record(r) => EventKind::from_name(&r.name.fullname(None))
+                        .is_some_and(|k| k.is_our_schema(&schema.parsed)),
+                    _ => false,
+                };
                 GenericDatumReader::builder(&schema.parsed)
                     .build()
+                    .map(|r| (r, !ours))
                     .map_err(|e| e.to_string())
             });
             match reader {
-                Ok(reader) => decode_framed(reader, &schema.parsed, payload),
+                Ok((reader, resolve)) => decode_framed(reader, &schema.parsed, payload, *resolve),
                 Err(cause) => Err(DecodeError::UnknownSchema {
                     id: schema.id,
                     cause: cause.clone(),
@@ -165,6 +171,7 @@ fn decode_framed(
     reader: &apache_avro::reader::datum::GenericDatumReader<'_>,
     writer: &apache_avro::Schema,
     payload: &[u8],
+    resolve: bool,
 ) -> Result<Event, DecodeError> {
     let (id, mut body) = split_frame(payload)?;
     let undecodable = |cause: String| DecodeError::Undecodable { id, cause };
@@ -181,7 +188,7 @@ fn decode_framed(
         apache_avro::Schema::Record(r) => r.name.fullname(None),
         _ => return Err(undecodable("writer schema is not a record".into())),
     };
-    Ok(Event::from_avro(&name, value)?)
+    Ok(Event::from_writer_value(&name, value, resolve)?)
 }
 
 #[cfg(test)]

@@ -81,16 +81,15 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
     let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
     let started = Instant::now();
     let timed = super::with_catalog_processor(&config, async {
-        let last = emit(&config, &input).await?;
+        let (last, emit_rss) = emit(&config, &input).await?;
         let emitted = started.elapsed();
         super::wait_applied(&pool, &brand_dbs, &last).await?;
-        anyhow::Ok((emitted, started.elapsed()))
+        anyhow::Ok((emitted, started.elapsed(), emit_rss))
     })
     .await;
     let _ = std::fs::remove_file(&input);
-    let (emitted, applied) = timed?;
+    let (emitted, applied, emit_rss) = timed?;
     let rss_peak = peak_rss_mib();
-    let emit_rss = super::children_peak_rss_mib();
     let system_eps = args.events as f64 / applied.as_secs_f64();
 
     // The broker's own rate for the same messages.
@@ -121,8 +120,11 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
 }
 
 /// Runs `tenancy emit FILE` (this binary) for the bench's namespace; returns the last offset
-/// it reports per partition.
-async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMap<i32, i64>> {
+/// it reports per partition, and its peak RSS in MiB.
+async fn emit(
+    config: &Config,
+    input: &std::path::Path,
+) -> anyhow::Result<(HashMap<i32, i64>, f64)> {
     use tokio::io::AsyncBufReadExt;
     let mut command = super::tenancy_command(config)?;
     let mut child = command
@@ -130,6 +132,7 @@ async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMa
         .arg(input)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
+    let rss = super::watch_peak_rss(child.id());
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
     let mut last: HashMap<i32, i64> = HashMap::new();
     // Each line: `topic/partition/offset<TAB>kind<TAB>key`.
@@ -144,7 +147,7 @@ async fn emit(config: &Config, input: &std::path::Path) -> anyhow::Result<HashMa
     }
     let status = child.wait().await?;
     anyhow::ensure!(status.success(), "tenancy emit failed: {status}");
-    Ok(last)
+    Ok((last, rss.await?))
 }
 
 /// Reads `count` messages of `topic` from the start with a plain consumer; messages/s.

@@ -133,8 +133,7 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     let live = started.elapsed();
 
     eprintln!("rebuilding the brand online (tenancy rebuild)");
-    let (rebuilt, pause_ms) = timed_rebuild(&config, &brand.id).await?;
-    let rebuild_rss = super::children_peak_rss_mib();
+    let (rebuilt, pause_ms, rebuild_rss) = timed_rebuild(&config, &brand.id).await?;
 
     // The raw baseline: an empty brand database of the same schema, the same net rows per
     // batch of events.
@@ -281,7 +280,7 @@ async fn supplier_part(
     })
     .await?;
 
-    let (rebuilt, pause_ms) = timed_rebuild(config, &supplier.id).await?;
+    let (rebuilt, pause_ms, _) = timed_rebuild(config, &supplier.id).await?;
 
     // Raw: the same grants and copy rows into an empty supplier database, one transaction per
     // brand.
@@ -317,19 +316,23 @@ async fn supplier_part(
     Ok(())
 }
 
-/// `tenancy rebuild ORG` as a child process (its memory its own): how long it took, and the
-/// swap pause it reported in ms.
+/// `tenancy rebuild ORG` as a child process (its memory its own): how long it took, the swap
+/// pause it reported in ms, and its peak RSS in MiB.
 async fn timed_rebuild(
     config: &Config,
     organisation_id: &str,
-) -> anyhow::Result<(std::time::Duration, f64)> {
+) -> anyhow::Result<(std::time::Duration, f64, f64)> {
     let started = Instant::now();
-    let out = super::tenancy_command(config)?
+    let child = super::tenancy_command(config)?
         .arg("rebuild")
         .arg(organisation_id)
-        .output()
-        .await?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let rss = super::watch_peak_rss(child.id());
+    let out = child.wait_with_output().await?;
     let elapsed = started.elapsed();
+    let rss = rss.await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     anyhow::ensure!(
         out.status.success(),
@@ -342,5 +345,5 @@ async fn timed_rebuild(
         .and_then(|s| s.split(" ms").next())
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no swap pause in the rebuild's output: {stdout}"))?;
-    Ok((elapsed, pause_ms))
+    Ok((elapsed, pause_ms, rss))
 }

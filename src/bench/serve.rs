@@ -214,6 +214,7 @@ async fn measure(
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
+    let server_rss_watch = super::watch_peak_rss(child.id());
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
     let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
@@ -272,7 +273,7 @@ async fn measure(
         .text()
         .await?;
     let _ = child.kill().await;
-    let server_rss = super::children_peak_rss_mib();
+    let server_rss = server_rss_watch.await?;
 
     let raw_pool = crate::db::connect_pool_sized(config, args.connections).await?;
     let statements: Arc<Vec<String>> = Arc::new(

@@ -8,13 +8,14 @@
 //! state is checked again once the lock is held, so a purge or restore that happened since the
 //! event was gated is never written past.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use apache_avro::types::Value;
 
 use super::change::NetChange;
 use super::gate::Target;
 use super::item::{Change, Item};
+use super::shadow::ShadowState;
 use super::store;
 use super::CatalogProcessor;
 use crate::applied;
@@ -91,6 +92,7 @@ impl CatalogProcessor {
             topic,
             partition,
             events,
+            None,
         )
         .await?;
         tx.commit().await?;
@@ -255,7 +257,8 @@ pub(super) async fn read_permissions(
 /// dropped, the rest is written with the event ids and the partition's offset. Shared by the
 /// live processor and `tenancy rebuild`, which replays into a shadow database, so both fold
 /// events the same way. Returns the offset stored before, and the last offset and the change
-/// written (`None` when everything here was applied before).
+/// written (`None` when everything here was applied before). `shadow`, for a database only the
+/// caller writes (a rebuild's), answers the lookups from memory and follows the writes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_brand_run(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
@@ -266,6 +269,7 @@ pub(crate) async fn write_brand_run(
     topic: &str,
     partition: i32,
     events: &[&Msg<Item>],
+    mut shadow: Option<&mut ShadowState>,
 ) -> Result<(Option<i64>, Option<(i64, NetChange)>), sqlx::Error> {
     let before = offsets::get(tx, brand_db, &spec.projection, topic, partition).await?;
     let mut fresh: Vec<&Msg<Item>> = events
@@ -278,8 +282,14 @@ pub(crate) async fn write_brand_run(
     };
     if dedupe {
         // Past the offset, but perhaps not new: the same event at another offset.
-        let ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
-        let seen = applied::seen(tx, brand_db, &spec.projection, &ids).await?;
+        let mut ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
+        if let Some(known) = shadow.as_deref() {
+            ids = known.maybe_seen(&ids);
+        }
+        let seen = match ids.is_empty() {
+            true => Default::default(),
+            false => applied::seen(tx, brand_db, &spec.projection, &ids).await?,
+        };
         if !seen.is_empty() {
             for m in fresh.iter().filter(|m| seen.contains(&m.item.event_id)) {
                 let first =
@@ -289,6 +299,20 @@ pub(crate) async fn write_brand_run(
             }
             fresh.retain(|m| !seen.contains(&m.item.event_id));
         }
+        // And the same event twice in this run: only its first delivery counts (folded in
+        // twice, a redelivery of an older change would win over the changes between).
+        let mut first: HashMap<&str, &crate::stream::Origin> = HashMap::new();
+        fresh.retain(|m| match first.get(m.item.event_id.as_str()) {
+            Some(at) => {
+                let at = (at.topic.clone(), at.partition, at.offset);
+                applied::duplicate("catalog", &m.item.event_id, &m.origin, Some(&at));
+                false
+            }
+            None => {
+                first.insert(&m.item.event_id, &m.origin);
+                true
+            }
+        });
     }
     let values: Vec<&Value> = fresh
         .iter()
@@ -298,8 +322,14 @@ pub(crate) async fn write_brand_run(
         })
         .collect();
     let change = NetChange::of(spec, &values);
-    let (stored, removed) =
-        store::stored_revisions(tx, brand_db, spec, &change.codes(spec)).await?;
+    let codes = change.codes(spec);
+    let (stored, removed) = match shadow
+        .as_deref_mut()
+        .and_then(|k| k.stored_revisions(&codes))
+    {
+        Some(known) => known,
+        None => store::stored_revisions(tx, brand_db, spec, &codes).await?,
+    };
     let (change, stale) = change.without_stale(spec, &stored);
     if stale > 0 {
         metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
@@ -307,6 +337,14 @@ pub(crate) async fn write_brand_run(
             "fabric changes older than the stored revision: not applied");
     }
     store::write_brand(tx, brand_db, spec, &change, &removed).await?;
+    if let Some(known) = shadow {
+        known.written(
+            spec,
+            &change,
+            &removed,
+            fresh.iter().map(|m| m.item.event_id.as_str()),
+        );
+    }
     if dedupe {
         let ids: Vec<(&str, &crate::stream::Origin)> = fresh
             .iter()

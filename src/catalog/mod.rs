@@ -6,6 +6,7 @@
 //! - [`gate`]: whether it can be applied now, and to which databases.
 //! - [`change`]: the net effect of a run of BrandCatalogUpdated events.
 //! - [`store`]: the SQL that writes it to a brand DB and to supplier copies.
+//! - [`shadow`]: what a replay knows of the brand database it alone writes.
 //! - `apply`: catalog events into the brand, then the fan-out to supplier copies.
 //! - `grants`: grants and revokes, and the permission cache written from the database.
 //! - [`copies`]: whole-copy work for the lifecycle (restore refresh, purge removal).
@@ -19,6 +20,7 @@ pub mod copies;
 pub mod gate;
 pub(crate) mod grants;
 pub mod item;
+pub mod shadow;
 pub mod spec;
 pub mod store;
 

@@ -58,6 +58,10 @@ pub struct RebuildArgs {
     /// Crash tests: abort right after this step (shadow, replay, locked).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
+    /// Tests: a brand's events applied per transaction, so a few events span several batches.
+    #[arg(long, hide = true, default_value_t = crate::rebuild::replay::BATCH as u32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub replay_batch: u32,
 }
 
 /// Differences printed per rebuild before the rest are only counted.
@@ -69,6 +73,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     r.refresh_copies = args.refresh_copies;
     r.archived = args.archived;
     r.pause_before_swap = args.pause_before_swap;
+    r.replay_batch = args.replay_batch as usize;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {

@@ -103,6 +103,19 @@ impl EventKind {
         })[&self]
     }
 
+    /// Whether `writer` is exactly this event's schema (as JSON, logical types and defaults
+    /// included), so a value written with it needs no resolution.
+    pub fn is_our_schema(self, writer: &Schema) -> bool {
+        static OURS: OnceLock<HashMap<EventKind, serde_json::Value>> = OnceLock::new();
+        let ours = &OURS.get_or_init(|| {
+            EventKind::ALL
+                .iter()
+                .map(|k| (*k, serde_json::to_value(k.schema()).unwrap_or_default()))
+                .collect()
+        })[&self];
+        serde_json::to_value(writer).is_ok_and(|w| w == *ours)
+    }
+
     /// Subject under TopicRecordNameStrategy: `{topic}-{record full name}`.
     pub fn subject(self, topic_name: &str) -> String {
         format!("{topic_name}-{}", self.full_name())
@@ -239,6 +252,17 @@ pub enum EventError {
 impl Event {
     /// Maps a value decoded with the writer's schema onto our reader schema for `record_name`.
     pub fn from_avro(record_name: &str, value: Value) -> Result<Event, EventError> {
+        Event::from_writer_value(record_name, value, true)
+    }
+
+    /// As [`Event::from_avro`]; `resolve: false` when the writer's schema is exactly ours
+    /// ([`EventKind::is_our_schema`]), where resolution would change nothing and costs more
+    /// than the decoding itself.
+    pub fn from_writer_value(
+        record_name: &str,
+        value: Value,
+        resolve: bool,
+    ) -> Result<Event, EventError> {
         let kind = EventKind::from_name(record_name)
             .ok_or_else(|| EventError::UnknownRecord(record_name.to_owned()))?;
         let resolve_err = |e: apache_avro::Error| EventError::Resolve {
@@ -246,7 +270,10 @@ impl Event {
             source: Box::new(e),
         };
         // Resolution fills defaults for fields the writer lacked and drops ones it added.
-        let value = value.resolve(kind.schema()).map_err(resolve_err)?;
+        let value = match resolve {
+            true => value.resolve(kind.schema()).map_err(resolve_err)?,
+            false => value,
+        };
         let typed = match kind {
             EventKind::OrganisationCreated => {
                 Event::OrganisationCreated(apache_avro::from_value(&value).map_err(resolve_err)?)

@@ -250,6 +250,8 @@ pub struct Rebuilder {
     /// Tests only: wait this long, holding the tenant's writes, between the decision to swap
     /// and the swap itself, so a test can show that no write slips in there.
     pub pause_before_swap: Option<Duration>,
+    /// A brand's events applied per transaction ([`replay::BATCH`]; tests make it small).
+    pub replay_batch: usize,
 }
 
 impl Rebuilder {
@@ -279,6 +281,7 @@ impl Rebuilder {
             refresh_copies: false,
             archived: false,
             pause_before_swap: None,
+            replay_batch: replay::BATCH,
         })
     }
 
@@ -294,6 +297,8 @@ impl Rebuilder {
             spec: &self.spec,
             brand,
             topic,
+            batch: self.replay_batch,
+            known: Default::default(),
         }
     }
 

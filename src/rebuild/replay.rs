@@ -17,6 +17,7 @@ use sqlx::MySqlPool;
 
 use crate::catalog::apply::write_brand_run;
 use crate::catalog::item::{self, Change};
+use crate::catalog::shadow::ShadowState;
 use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
 use crate::offsets;
@@ -26,7 +27,7 @@ use crate::tenant::DatabaseName;
 use crate::wire::{decode_batch, Codec, DecodeError};
 
 /// Events applied per transaction.
-const BATCH: usize = 1000;
+pub const BATCH: usize = 1000;
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -165,6 +166,11 @@ pub struct Replay<'a> {
     pub spec: &'a CatalogSpec,
     pub brand: &'a TenantRef,
     pub topic: &'a str,
+    /// Events applied per transaction.
+    pub batch: usize,
+    /// What the target holds, between runs (see [`ShadowState`]); taken out for a run and put
+    /// back only when it succeeded, so a failed write never leaves it ahead of the database.
+    pub known: std::sync::Mutex<Option<(DatabaseName, ShadowState)>>,
 }
 
 impl Replay<'_> {
@@ -217,7 +223,7 @@ impl Replay<'_> {
                 if m.key() == Some(self.brand.organisation_id.as_bytes()) {
                     pending.entry(p).or_default().push(m.detach());
                 }
-                let full = pending.get(&p).is_some_and(|v| v.len() >= BATCH);
+                let full = pending.get(&p).is_some_and(|v| v.len() >= self.batch);
                 if full || m.offset() == end {
                     if let Some(raw) = pending.remove(&p) {
                         let run = self.decode(raw, &mut done).await?;
@@ -248,9 +254,16 @@ impl Replay<'_> {
             // One connection for every batch: they are applied one after another anyway, and
             // the prepared multi-row statements are then cached on one connection only.
             let mut conn = self.pool.acquire().await?;
+            let held = self.known.lock().expect("not poisoned").take();
+            let mut known = match held {
+                Some((db, state)) if db == *target => state,
+                _ => ShadowState::load(&mut conn, target, self.spec).await?,
+            };
             while let Some((p, run)) = ready.recv().await {
-                applied.set(applied.get() + self.apply(&mut conn, target, p, Some(run)).await?);
+                let n = self.apply(&mut conn, target, p, run, &mut known).await?;
+                applied.set(applied.get() + n);
             }
+            *self.known.lock().expect("not poisoned") = Some((target.clone(), known));
             anyhow::Ok(())
         };
         let (read, apply) = tokio::join!(read, apply);
@@ -283,8 +296,11 @@ impl Replay<'_> {
                 Err(_) => done.skipped += 1,
             }
         }
+        // Off this task: it also drives the applier's statements, which would otherwise wait
+        // for the decoding of the next batch before MySQL hears the next one.
+        let decoded = tokio::task::spawn_blocking(move || decode_batch(&framed)).await?;
         let mut run = Vec::with_capacity(kept.len());
-        for (m, decoded) in kept.into_iter().zip(decode_batch(&framed)) {
+        for (m, decoded) in kept.into_iter().zip(decoded) {
             match decoded.map(item::parse) {
                 Ok(Ok(it))
                     if it.brand == self.brand.organisation_id
@@ -317,11 +333,12 @@ impl Replay<'_> {
         conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
         target: &DatabaseName,
         partition: i32,
-        run: Option<Vec<Msg<item::Item>>>,
+        run: Vec<Msg<item::Item>>,
+        known: &mut ShadowState,
     ) -> anyhow::Result<u64> {
-        let Some(run) = run.filter(|r| !r.is_empty()) else {
+        if run.is_empty() {
             return Ok(0);
-        };
+        }
         let refs: Vec<&Msg<item::Item>> = run.iter().collect();
         let mut tx = sqlx::Connection::begin(&mut **conn).await?;
         write_brand_run(
@@ -333,6 +350,7 @@ impl Replay<'_> {
             self.topic,
             partition,
             &refs,
+            Some(known),
         )
         .await?;
         tx.commit().await?;
