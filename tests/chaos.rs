@@ -191,30 +191,34 @@ async fn settled(t: &TestNs) {
     .await;
 }
 
-fn first_difference(a: &[(String, Vec<String>)], b: &[(String, Vec<String>)]) -> Option<String> {
+/// Every table that differs (up to ten), each with a few of its differing rows: the first
+/// alone seldom says what went wrong.
+fn differences(a: &[(String, Vec<String>)], b: &[(String, Vec<String>)]) -> Option<String> {
     let (ma, mb): (BTreeMap<_, _>, BTreeMap<_, _>) =
         (a.iter().cloned().collect(), b.iter().cloned().collect());
+    let mut found = Vec::new();
     for key in ma.keys().chain(mb.keys()).collect::<BTreeSet<_>>() {
         let (ra, rb) = (ma.get(key), mb.get(key));
         if ra.is_none() || rb.is_none() {
             let side = if ra.is_none() { "clean" } else { "chaos" };
-            return Some(format!("{key} exists only in the {side} run"));
-        }
-        if ra != rb {
+            found.push(format!("{key} exists only in the {side} run"));
+        } else if ra != rb {
             let (ra, rb) = (
                 ra.cloned().unwrap_or_default(),
                 rb.cloned().unwrap_or_default(),
             );
             let only_a: Vec<&String> = ra.iter().filter(|r| !rb.contains(r)).take(3).collect();
             let only_b: Vec<&String> = rb.iter().filter(|r| !ra.contains(r)).take(3).collect();
-            return Some(format!(
+            found.push(format!(
                 "{key}: {} rows under chaos, {} clean; only under chaos {only_a:?}; only clean {only_b:?}",
                 ra.len(),
                 rb.len()
             ));
         }
     }
-    None
+    let total = found.len();
+    found.truncate(10);
+    (total > 0).then(|| format!("{total} table(s) differ:\n{}", found.join("\n")))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -320,7 +324,7 @@ async fn three_workers_killed_at_random_end_as_one_clean_worker_does() {
         chaos_keys.len()
     );
     assert!(tables > 1000, "a meaningful state: {tables} rows");
-    if let Some(diff) = first_difference(&chaos_state, &clean_state) {
+    if let Some(diff) = differences(&chaos_state, &clean_state) {
         panic!("the chaos run differs from one clean worker: {diff}");
     }
     assert_eq!(chaos_state.len(), clean_state.len());
