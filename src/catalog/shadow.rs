@@ -197,6 +197,76 @@ mod tests {
         assert_eq!(fold("a "), None);
     }
 
+    fn empty() -> ShadowState {
+        ShadowState {
+            rows: Codes::new(),
+            markers: Codes::new(),
+            ids: HashSet::new(),
+            exact: true,
+        }
+    }
+
+    /// An upsert of `code` at `revision`, cells in the spec's order with the revision last.
+    fn upsert(spec: &CatalogSpec, code: &str, revision: i64) -> Vec<Cell> {
+        let mut row: Vec<Cell> = spec.columns.iter().map(|_| Cell::Null).collect();
+        row[spec.key_index()] = Cell::Text(code.into());
+        row.push(Cell::Int(revision));
+        row
+    }
+
+    /// What MySQL does with the same statements: the removal deletes the row whatever its
+    /// case and keeps its own spelling for the marker; a later upsert in another case leaves
+    /// that marker (write_brand deletes only an exact name), and both are read back.
+    #[test]
+    fn lookups_follow_the_statements_as_mysql_runs_them() {
+        let spec = CatalogSpec::load().unwrap();
+        let mut state = empty();
+        let none = Removed::new();
+        let change = |upserts, removals| NetChange { upserts, removals };
+        state.written(
+            &spec,
+            &change(vec![upsert(&spec, "ABC", 1)], vec![]),
+            &none,
+            ["e1"],
+        );
+        state.written(
+            &spec,
+            &change(vec![], vec![("abc".into(), 3)]),
+            &none,
+            ["e2"],
+        );
+        let (stored, removed) = state.stored_revisions(&["Abc".into()]).unwrap();
+        assert_eq!(stored, HashMap::from([("abc".to_owned(), 3)]));
+        assert_eq!(removed, Removed::from(["abc".to_owned()]));
+
+        let (_, removed) = state.stored_revisions(&["ABC".into()]).unwrap();
+        state.written(
+            &spec,
+            &change(vec![upsert(&spec, "ABC", 4)], vec![]),
+            &removed,
+            ["e3"],
+        );
+        let (stored, removed) = state.stored_revisions(&["abc".into()]).unwrap();
+        assert_eq!(
+            stored,
+            HashMap::from([("ABC".to_owned(), 4), ("abc".to_owned(), 3)])
+        );
+        assert_eq!(removed, Removed::from(["abc".to_owned()]));
+
+        assert_eq!(state.maybe_seen(&["e2", "e9"]), vec!["e2"]);
+    }
+
+    #[test]
+    fn a_code_the_folding_cannot_judge_turns_the_state_off() {
+        let mut state = empty();
+        assert!(state.stored_revisions(&["A".into()]).is_some());
+        assert!(state.stored_revisions(&["a b".into()]).is_none());
+        assert!(
+            state.stored_revisions(&["A".into()]).is_none(),
+            "off for good"
+        );
+    }
+
     #[test]
     fn an_update_keeps_the_stored_spelling() {
         let mut codes = Codes::new();
