@@ -247,7 +247,117 @@ async fn rebuild_refuses_what_it_cannot_rebuild() {
     assert!(err.contains("retailer archives are not rebuilt"), "{err}");
     let (code, _, err) = t.tenancy_output(&["rebuild", &supplier, "--archived"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("supplier archives are not rebuilt"), "{err}");
+    assert!(err.contains("not archived"), "{err}");
+}
+
+/// An archived supplier's archive is rebuilt with --archived from its grants made before the
+/// termination (one made after it was skipped live and stays out), with no copies (an archive
+/// keeps none); restored, the supplier reads the brand again from a copy rebuilt then.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archived_supplier_is_rebuilt_into_its_archive_with_archived() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (brand, later, supplier) = (new_id(), new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&brand, "BRAND", "early"),
+            (&later, "BRAND", "late"),
+            (&supplier, "SUPPLIER", "resting"),
+        ],
+    )
+    .await;
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["A", "B"], &[]),
+        lines::grant(&new_id(), &brand, &supplier, &["catalog.read"]),
+    ]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[lines::terminated(
+        &new_id(),
+        &supplier,
+        "SUPPLIER",
+        "resting",
+    )]);
+    t.wait_status(&pool, &supplier, "archived").await;
+    t.emit_ok(&[lines::grant(
+        &new_id(),
+        &later,
+        &supplier,
+        &["catalog.read"],
+    )]);
+    t.wait_caught_up().await;
+    let archive = format!("{}_arc_{}", t.ns, supplier.replace('-', ""));
+    let count = |table: &'static str| {
+        let (pool, archive) = (pool.clone(), archive.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM `{archive}`.{table}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        (count("brand_access").await, count("brand_fabrics").await),
+        (1, 0)
+    );
+    // Lost from the archive: the rebuild brings it back.
+    sqlx::query(&format!("DELETE FROM `{archive}`.brand_access"))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let (code, _, err) = t.tenancy_output(&["rebuild", &supplier]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("only with --archived"), "{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--archived", "--dry-run"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "brand_access [{brand}]: only in the rebuilt database"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 difference(s)"),
+        "the later grant stays out: {out}"
+    );
+
+    let (code, out, err) =
+        t.tenancy_output(&["rebuild", "--all", "--archived", "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("1 tenant(s) (0 brand(s), 1 supplier(s), 0 retailer(s)): 1 swapped in"),
+        "{out}"
+    );
+    let brands: Vec<String> =
+        sqlx::query_scalar(&format!("SELECT brand_id FROM `{archive}`.brand_access"))
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(brands, std::slice::from_ref(&brand), "archive repaired");
+    assert_eq!(
+        count("brand_fabrics").await,
+        0,
+        "an archive keeps no copies"
+    );
+    let (code, _, _) = t.tenancy_output(&["rebuild", &supplier, "--drop-old"]);
+    assert_eq!(code, Some(0));
+
+    t.emit_ok(&[lines::restored(&new_id(), &supplier, "SUPPLIER", "resting")]);
+    t.wait_status(&pool, &supplier, "active").await;
+    t.wait_caught_up().await;
+    let live = format!("{}_supplier_resting", t.ns);
+    let copies: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{live}`.brand_fabrics"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        copies, 2,
+        "the copy is rebuilt from the brand at the restore"
+    );
+    let (code, out, _) = t.tenancy_output(&["access", "check", &supplier, &brand]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 /// `--all` rebuilds every active brand with one summary: a dry run names the brand that

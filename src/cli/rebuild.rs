@@ -44,9 +44,10 @@ pub struct RebuildArgs {
     /// tenant, and suppliers keep what the replaced tables fanned out to them.
     #[arg(long, conflicts_with_all = ["dry_run", "drop_old", "archived"])]
     pub refresh_copies: bool,
-    /// Rebuild an archived tenant's archive ({ns}_arc_{id}) from the events before its
-    /// termination, instead of an active tenant's live database (with --all: every archived
-    /// brand instead of every active one).
+    /// Rebuild an archived brand's or supplier's archive ({ns}_arc_{id}) from the events before
+    /// its termination, instead of an active tenant's live database (with --all: every archived
+    /// brand and supplier instead of every active one). A supplier's archive holds its grants
+    /// and no copies; retailer archives are not rebuilt.
     #[arg(long)]
     pub archived: bool,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
@@ -202,7 +203,7 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
     };
     let brands = of(OrganisationType::Brand);
     let (suppliers, retailers) = if r.archived {
-        (Vec::new(), Vec::new())
+        (of(OrganisationType::Supplier), Vec::new())
     } else {
         (
             of(OrganisationType::Supplier),
@@ -211,9 +212,7 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
     };
     let skipped = listed.len() - brands.len() - suppliers.len() - retailers.len();
     if skipped > 0 {
-        eprintln!(
-            "{skipped} {status} suppliers and retailers are not rebuilt (their archives are not)"
-        );
+        eprintln!("{skipped} {status} retailers are not rebuilt (their archives are not)");
     }
     let elsewhere = r.tenants.counts().await?;
     let left: Vec<String> = elsewhere
@@ -223,7 +222,7 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         .collect();
     if !left.is_empty() {
         let hint = if !r.archived && elsewhere.iter().any(|(s, n)| s == "archived" && *n > 0) {
-            " (--archived rebuilds archived brands' archives)"
+            " (--archived rebuilds archived brands' and suppliers' archives)"
         } else {
             ""
         };

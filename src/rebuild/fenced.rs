@@ -61,8 +61,12 @@ impl Rebuilder {
                 let replayed = self
                     .replay_access(t, target, &super::supplier::access_bounds(live, &topic))
                     .await?;
-                reported.phase("copying");
-                self.backfill_copies(target).await?;
+                // An archive keeps no copies (the termination removed them; the restore
+                // rebuilds them from the brands).
+                if !self.archived {
+                    reported.phase("copying");
+                    self.backfill_copies(target).await?;
+                }
                 Ok(replayed)
             }
         }

@@ -132,14 +132,8 @@ pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef>
 /// database rebuilt is the live one, or with `archived` the archive of an archived tenant.
 fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<DatabaseName> {
     match (t.kind, archived) {
-        (OrganisationType::Brand, _)
-        | (OrganisationType::Supplier, false)
+        (OrganisationType::Brand | OrganisationType::Supplier, _)
         | (OrganisationType::Retailer, false) => {}
-        (OrganisationType::Supplier, true) => anyhow::bail!(
-            "tenant {} is a supplier: supplier archives are not rebuilt (an archived supplier \
-             keeps no copies; its grants come back with it)",
-            t.organisation_id
-        ),
         (OrganisationType::Retailer, true) => anyhow::bail!(
             "tenant {} is a retailer: retailer archives are not rebuilt (its domains come back \
              with it)",

@@ -221,7 +221,7 @@ impl Rebuilder {
             }
         };
         let now = super::resolve(&self.tenants, &t.organisation_id).await?;
-        let checked = super::refuse_unless_rebuildable(&now, false);
+        let checked = super::refuse_unless_rebuildable(&now, self.archived);
         let named = brands_named(&self.pool, live).await?;
         if checked.is_err() || !named.is_subset(&brands) {
             writes.release().await;
