@@ -44,10 +44,10 @@ pub struct RebuildArgs {
     /// tenant, and suppliers keep what the replaced tables fanned out to them.
     #[arg(long, conflicts_with_all = ["dry_run", "drop_old", "archived"])]
     pub refresh_copies: bool,
-    /// Rebuild an archived brand's or supplier's archive ({ns}_arc_{id}) from the events before
-    /// its termination, instead of an active tenant's live database (with --all: every archived
-    /// brand and supplier instead of every active one). A supplier's archive holds its grants
-    /// and no copies; retailer archives are not rebuilt.
+    /// Rebuild an archived tenant's archive ({ns}_arc_{id}) from the events before its
+    /// termination, instead of an active tenant's live database (with --all: every archived
+    /// tenant instead of every active one). A supplier's archive holds its grants and no
+    /// copies.
     #[arg(long)]
     pub archived: bool,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
@@ -202,18 +202,10 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
             .collect()
     };
     let brands = of(OrganisationType::Brand);
-    let (suppliers, retailers) = if r.archived {
-        (of(OrganisationType::Supplier), Vec::new())
-    } else {
-        (
-            of(OrganisationType::Supplier),
-            of(OrganisationType::Retailer),
-        )
-    };
-    let skipped = listed.len() - brands.len() - suppliers.len() - retailers.len();
-    if skipped > 0 {
-        eprintln!("{skipped} {status} retailers are not rebuilt (their archives are not)");
-    }
+    let (suppliers, retailers) = (
+        of(OrganisationType::Supplier),
+        of(OrganisationType::Retailer),
+    );
     let elsewhere = r.tenants.counts().await?;
     let left: Vec<String> = elsewhere
         .iter()
@@ -222,7 +214,7 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         .collect();
     if !left.is_empty() {
         let hint = if !r.archived && elsewhere.iter().any(|(s, n)| s == "archived" && *n > 0) {
-            " (--archived rebuilds archived brands' and suppliers' archives)"
+            " (--archived rebuilds archived tenants' archives)"
         } else {
             ""
         };

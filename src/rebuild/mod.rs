@@ -131,15 +131,6 @@ pub async fn resolve(tenants: &Tenants, name: &str) -> anyhow::Result<TenantRef>
 /// The checks before anything is created: what is rebuilt, and whether it can be. The
 /// database rebuilt is the live one, or with `archived` the archive of an archived tenant.
 fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<DatabaseName> {
-    match (t.kind, archived) {
-        (OrganisationType::Brand | OrganisationType::Supplier, _)
-        | (OrganisationType::Retailer, false) => {}
-        (OrganisationType::Retailer, true) => anyhow::bail!(
-            "tenant {} is a retailer: retailer archives are not rebuilt (its domains come back \
-             with it)",
-            t.organisation_id
-        ),
-    }
     if t.changing {
         anyhow::bail!(
             "tenant {} is {}, in the middle of a lifecycle step: try again when it is done",

@@ -123,7 +123,7 @@ impl Rebuilder {
             }
         };
         let now = super::resolve(&self.tenants, &t.organisation_id).await?;
-        if let Err(e) = super::refuse_unless_rebuildable(&now, false) {
+        if let Err(e) = super::refuse_unless_rebuildable(&now, self.archived) {
             writes.release().await;
             lifecycle.release().await;
             return Err(e);
