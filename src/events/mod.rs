@@ -333,6 +333,22 @@ pub fn to_avro<T: Serialize>(kind: EventKind, event: &T) -> anyhow::Result<Value
 mod tests {
     use super::*;
 
+    /// Only a writer schema equal to ours skips resolution: one with a field more (a newer
+    /// producer), or another event's, is still resolved onto ours.
+    #[test]
+    fn only_our_exact_schema_skips_resolution() {
+        let kind = EventKind::BrandCatalogUpdated;
+        assert!(kind.is_our_schema(&Schema::parse_str(kind.schema_text()).unwrap()));
+        let mut json: serde_json::Value = serde_json::from_str(kind.schema_text()).unwrap();
+        json["fields"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"name": "extra", "type": "string", "default": ""}));
+        let newer = Schema::parse_str(&json.to_string()).unwrap();
+        assert!(!kind.is_our_schema(&newer));
+        assert!(!EventKind::OrganisationCreated.is_our_schema(kind.schema()));
+    }
+
     #[test]
     fn every_schema_parses_and_names_its_record() {
         for kind in EventKind::ALL {
