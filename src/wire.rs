@@ -124,40 +124,79 @@ impl Codec {
     }
 }
 
+/// What decoding with one writer schema needs, worked out once per schema id: the reader, the
+/// record's full name (`None` if the writer schema is no record), and whether values need
+/// resolving onto ours (not when the writer's schema is exactly ours).
+struct WriterSchema<'a> {
+    reader: apache_avro::reader::datum::GenericDatumReader<'a>,
+    record: Option<String>,
+    resolve: bool,
+}
+
+impl WriterSchema<'_> {
+    fn of(schema: &AvroSchema) -> Result<WriterSchema<'_>, String> {
+        let record = match &schema.parsed {
+            apache_avro::Schema::Record(r) => Some(r.name.fullname(None)),
+            _ => None,
+        };
+        let ours = record
+            .as_deref()
+            .and_then(EventKind::from_name)
+            .is_some_and(|k| k.is_our_schema(&schema.parsed));
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema.parsed)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(WriterSchema {
+            reader,
+            record,
+            resolve: !ours,
+        })
+    }
+
+    fn decode(&self, payload: &[u8]) -> Result<Event, DecodeError> {
+        let (id, mut body) = split_frame(payload)?;
+        let undecodable = |cause: String| DecodeError::Undecodable { id, cause };
+        let value = self
+            .reader
+            .read_value(&mut body)
+            .map_err(|e| undecodable(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(undecodable(format!(
+                "{} bytes left after the record",
+                body.len()
+            )));
+        }
+        let Some(name) = &self.record else {
+            return Err(undecodable("writer schema is not a record".into()));
+        };
+        Ok(Event::from_writer_value(name, value, self.resolve)?)
+    }
+}
+
 /// Decodes a framed payload with its writer's schema and maps it onto our reader schema. Pure
 /// CPU: safe to call from `spawn_blocking`.
 pub fn decode_with(schema: &AvroSchema, payload: &[u8]) -> Result<Event, DecodeError> {
-    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema.parsed)
-        .build()
-        .map_err(|e| DecodeError::UnknownSchema {
+    WriterSchema::of(schema)
+        .map_err(|cause| DecodeError::UnknownSchema {
             id: schema.id,
-            cause: e.to_string(),
-        })?;
-    decode_framed(&reader, &schema.parsed, payload, true)
+            cause,
+        })?
+        .decode(payload)
 }
 
-/// Decodes many payloads, building one reader per writer schema (schema resolution is per
-/// schema id, not per message). Pure CPU: meant for `spawn_blocking`.
+/// Decodes many payloads, working out each writer schema once (reader, record name, whether
+/// to resolve), not per message. Pure CPU: meant for `spawn_blocking`.
 pub fn decode_batch(items: &[(Arc<AvroSchema>, Vec<u8>)]) -> Vec<Result<Event, DecodeError>> {
-    use apache_avro::reader::datum::GenericDatumReader;
-    type Reader<'a> = Result<(GenericDatumReader<'a>, bool), String>;
-    let mut readers: std::collections::HashMap<u32, Reader<'_>> = std::collections::HashMap::new();
+    let mut writers: std::collections::HashMap<u32, Result<WriterSchema<'_>, String>> =
+        std::collections::HashMap::new();
     items
         .iter()
         .map(|(schema, payload)| {
-            let reader = readers.entry(schema.id).or_insert_with(|| {
-                let ours = match &schema.parsed {
-                    apache_avro::Schema::Record(r) => EventKind::from_name(&r.name.fullname(None))
-                        .is_some_and(|k| k.is_our_schema(&schema.parsed)),
-                    _ => false,
-                };
-                GenericDatumReader::builder(&schema.parsed)
-                    .build()
-                    .map(|r| (r, !ours))
-                    .map_err(|e| e.to_string())
-            });
-            match reader {
-                Ok((reader, resolve)) => decode_framed(reader, &schema.parsed, payload, *resolve),
+            match writers
+                .entry(schema.id)
+                .or_insert_with(|| WriterSchema::of(schema))
+            {
+                Ok(writer) => writer.decode(payload),
                 Err(cause) => Err(DecodeError::UnknownSchema {
                     id: schema.id,
                     cause: cause.clone(),
@@ -165,30 +204,6 @@ pub fn decode_batch(items: &[(Arc<AvroSchema>, Vec<u8>)]) -> Vec<Result<Event, D
             }
         })
         .collect()
-}
-
-fn decode_framed(
-    reader: &apache_avro::reader::datum::GenericDatumReader<'_>,
-    writer: &apache_avro::Schema,
-    payload: &[u8],
-    resolve: bool,
-) -> Result<Event, DecodeError> {
-    let (id, mut body) = split_frame(payload)?;
-    let undecodable = |cause: String| DecodeError::Undecodable { id, cause };
-    let value = reader
-        .read_value(&mut body)
-        .map_err(|e| undecodable(e.to_string()))?;
-    if !body.is_empty() {
-        return Err(undecodable(format!(
-            "{} bytes left after the record",
-            body.len()
-        )));
-    }
-    let name = match writer {
-        apache_avro::Schema::Record(r) => r.name.fullname(None),
-        _ => return Err(undecodable("writer schema is not a record".into())),
-    };
-    Ok(Event::from_writer_value(&name, value, resolve)?)
 }
 
 #[cfg(test)]

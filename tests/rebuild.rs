@@ -288,17 +288,11 @@ async fn an_archived_supplier_is_rebuilt_into_its_archive_with_archived() {
     )]);
     t.wait_caught_up().await;
     let archive = format!("{}_arc_{}", t.ns, supplier.replace('-', ""));
-    let count = |table: &'static str| {
-        let (pool, archive) = (pool.clone(), archive.clone());
-        async move {
-            sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM `{archive}`.{table}"))
-                .fetch_one(&pool)
-                .await
-                .unwrap()
-        }
-    };
     assert_eq!(
-        (count("brand_access").await, count("brand_fabrics").await),
+        (
+            row_count(&pool, &archive, "brand_access").await,
+            row_count(&pool, &archive, "brand_fabrics").await
+        ),
         (1, 0)
     );
     // Lost from the archive: the rebuild brings it back.
@@ -337,7 +331,7 @@ async fn an_archived_supplier_is_rebuilt_into_its_archive_with_archived() {
             .unwrap();
     assert_eq!(brands, std::slice::from_ref(&brand), "archive repaired");
     assert_eq!(
-        count("brand_fabrics").await,
+        row_count(&pool, &archive, "brand_fabrics").await,
         0,
         "an archive keeps no copies"
     );
@@ -348,12 +342,9 @@ async fn an_archived_supplier_is_rebuilt_into_its_archive_with_archived() {
     t.wait_status(&pool, &supplier, "active").await;
     t.wait_caught_up().await;
     let live = format!("{}_supplier_resting", t.ns);
-    let copies: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{live}`.brand_fabrics"))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
     assert_eq!(
-        copies, 2,
+        row_count(&pool, &live, "brand_fabrics").await,
+        2,
         "the copy is rebuilt from the brand at the restore"
     );
     let (code, out, _) = t.tenancy_output(&["access", "check", &supplier, &brand]);

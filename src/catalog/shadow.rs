@@ -61,6 +61,16 @@ fn put(codes: &mut Codes, folded: String, code: &str, revision: impl FnOnce(Opti
 }
 
 impl ShadowState {
+    /// The state of an empty database.
+    fn new() -> ShadowState {
+        ShadowState {
+            rows: Codes::new(),
+            markers: Codes::new(),
+            ids: HashSet::new(),
+            exact: true,
+        }
+    }
+
     /// Reads what `db` holds now: every row's and removal marker's code and revision, and the
     /// event ids the catalog projection recorded.
     pub async fn load(
@@ -68,12 +78,7 @@ impl ShadowState {
         db: &DatabaseName,
         spec: &CatalogSpec,
     ) -> Result<ShadowState, sqlx::Error> {
-        let mut state = ShadowState {
-            rows: Codes::new(),
-            markers: Codes::new(),
-            ids: HashSet::new(),
-            exact: true,
-        };
+        let mut state = ShadowState::new();
         let sql = format!(
             "SELECT CAST(`{key}` AS CHAR), `{rev}`, 0 FROM {db}.`{rows}` \
              UNION ALL SELECT CAST(`{key}` AS CHAR), `{rev}`, 1 FROM {db}.`{removed}`",
@@ -197,15 +202,6 @@ mod tests {
         assert_eq!(fold("a "), None);
     }
 
-    fn empty() -> ShadowState {
-        ShadowState {
-            rows: Codes::new(),
-            markers: Codes::new(),
-            ids: HashSet::new(),
-            exact: true,
-        }
-    }
-
     /// An upsert of `code` at `revision`, cells in the spec's order with the revision last.
     fn upsert(spec: &CatalogSpec, code: &str, revision: i64) -> Vec<Cell> {
         let mut row: Vec<Cell> = spec.columns.iter().map(|_| Cell::Null).collect();
@@ -220,7 +216,7 @@ mod tests {
     #[test]
     fn lookups_follow_the_statements_as_mysql_runs_them() {
         let spec = CatalogSpec::load().unwrap();
-        let mut state = empty();
+        let mut state = ShadowState::new();
         let none = Removed::new();
         let change = |upserts, removals| NetChange { upserts, removals };
         state.written(
@@ -258,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_code_the_folding_cannot_judge_turns_the_state_off() {
-        let mut state = empty();
+        let mut state = ShadowState::new();
         assert!(state.stored_revisions(&["A".into()]).is_some());
         assert!(state.stored_revisions(&["a b".into()]).is_none());
         assert!(

@@ -202,10 +202,8 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
             .collect()
     };
     let brands = of(OrganisationType::Brand);
-    let (suppliers, retailers) = (
-        of(OrganisationType::Supplier),
-        of(OrganisationType::Retailer),
-    );
+    let suppliers = of(OrganisationType::Supplier);
+    let retailers = of(OrganisationType::Retailer);
     let elsewhere = r.tenants.counts().await?;
     let left: Vec<String> = elsewhere
         .iter()

@@ -497,6 +497,14 @@ impl TestNs {
     }
 }
 
+/// The number of rows of `db`.`table`.
+pub async fn row_count(pool: &MySqlPool, db: &str, table: &str) -> i64 {
+    sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{db}`.`{table}`"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// CHECKSUM TABLE of every table of `db`, by table name: equal checksums, equal rows.
 pub async fn checksums(pool: &MySqlPool, db: &str) -> Vec<(String, Option<i64>)> {
     let mut tables: Vec<String> = sqlx::query_scalar(
