@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// glibc's allocator was a third of a rebuild's replay CPU (malloc, free and their
+/// consolidation, on the task that feeds MySQL); with mimalloc it is under a tenth, and the
+/// wide catalog benchmark's peak RSS fell from 235 to 119 MiB. Every command and worker uses it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = blindstrader_tenancy::cli::Cli::parse();

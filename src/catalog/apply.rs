@@ -252,12 +252,31 @@ pub(super) async fn read_permissions(
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
 }
 
+/// What a replay, the only writer of its target, hands [`write_brand_run`]: the state that
+/// answers its lookups, and (when it has one) the fold of the whole run, worked out by the
+/// replay's reader while MySQL wrote the previous run.
+pub(crate) struct Ahead<'s> {
+    pub shadow: &'s mut ShadowState,
+    pub folded: Option<NetChange>,
+}
+
+/// The BrandCatalogUpdated values among `events`, in order.
+pub(crate) fn catalog_values<'m>(events: &[&'m Msg<Item>]) -> Vec<&'m Value> {
+    events
+        .iter()
+        .filter_map(|m| match &m.item.change {
+            Change::Catalog(v) => Some(v),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The brand's side of a run of one partition's catalog events, in `tx`: what the database's
 /// offset or event ids say was applied is skipped, changes older than the stored revisions are
 /// dropped, the rest is written with the event ids and the partition's offset. Shared by the
 /// live processor and `tenancy rebuild`, which replays into a shadow database, so both fold
 /// events the same way. Returns the offset stored before, and the last offset and the change
-/// written (`None` when everything here was applied before). `shadow`, for a database only the
+/// written (`None` when everything here was applied before). `ahead`, for a database only the
 /// caller writes (a rebuild's), answers the lookups from memory and follows the writes.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn write_brand_run(
@@ -269,8 +288,12 @@ pub(crate) async fn write_brand_run(
     topic: &str,
     partition: i32,
     events: &[&Msg<Item>],
-    mut shadow: Option<&mut ShadowState>,
+    ahead: Option<Ahead<'_>>,
 ) -> Result<(Option<i64>, Option<(i64, NetChange)>), sqlx::Error> {
+    let (mut shadow, folded) = match ahead {
+        Some(a) => (Some(a.shadow), a.folded),
+        None => (None, None),
+    };
     let before = offsets::get(tx, brand_db, &spec.projection, topic, partition).await?;
     let mut fresh: Vec<&Msg<Item>> = events
         .iter()
@@ -314,14 +337,11 @@ pub(crate) async fn write_brand_run(
             }
         });
     }
-    let values: Vec<&Value> = fresh
-        .iter()
-        .filter_map(|m| match &m.item.change {
-            Change::Catalog(v) => Some(v),
-            _ => None,
-        })
-        .collect();
-    let change = NetChange::of(spec, &values);
+    let change = match folded {
+        // Folded ahead from every event of the run: still right when none was dropped above.
+        Some(change) if fresh.len() == events.len() => change,
+        _ => NetChange::of(spec, &catalog_values(&fresh)),
+    };
     let codes = change.codes(spec);
     let (stored, removed) = match shadow
         .as_deref_mut()

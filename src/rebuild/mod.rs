@@ -220,7 +220,8 @@ pub struct Rebuilder {
     pub config: Config,
     pub pool: MySqlPool,
     pub tenants: Tenants,
-    pub codec: Codec,
+    /// Shared with a replay's reader, which runs as a task of its own.
+    pub codec: Arc<Codec>,
     pub spec: CatalogSpec,
     pub fail_after: FailAfter,
     /// How long the replaced tables are kept after a swap (`--keep-old`).
@@ -257,7 +258,7 @@ impl Rebuilder {
         .await?;
         Ok(Rebuilder {
             tenants: Tenants::new(pool.clone(), &config.namespace),
-            codec: Codec::new(&config.schema_registry_url),
+            codec: Arc::new(Codec::new(&config.schema_registry_url)),
             spec: CatalogSpec::load()?,
             config: config.clone(),
             pool,
