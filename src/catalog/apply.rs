@@ -15,7 +15,6 @@ use apache_avro::types::Value;
 use super::change::NetChange;
 use super::gate::Target;
 use super::item::{Change, Item};
-use super::shadow::ShadowState;
 use super::store;
 use super::CatalogProcessor;
 use crate::applied;
@@ -83,18 +82,15 @@ impl CatalogProcessor {
         events: &[&Msg<Item>],
     ) -> Result<(), StepError> {
         let mut tx = self.pool.begin().await?;
-        let (before, written) = write_brand_run(
-            &mut tx,
-            &self.spec,
-            self.dedupe,
-            &brand.organisation_id,
+        let at = BrandRun {
+            spec: &self.spec,
+            dedupe: self.dedupe,
+            brand_id: &brand.organisation_id,
             brand_db,
             topic,
             partition,
-            events,
-            None,
-        )
-        .await?;
+        };
+        let (before, written) = write_brand_run(&mut tx, &at, events).await?;
         tx.commit().await?;
         let Some((last, change)) = written else {
             // Everything here was applied already (a redelivery, or another worker was first):
@@ -252,14 +248,6 @@ pub(super) async fn read_permissions(
     Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
 }
 
-/// What a replay, the only writer of its target, hands [`write_brand_run`]: the state that
-/// answers its lookups, and (when it has one) the fold of the whole run, worked out by the
-/// replay's reader while MySQL wrote the previous run.
-pub(crate) struct Ahead<'s> {
-    pub shadow: &'s mut ShadowState,
-    pub folded: Option<NetChange>,
-}
-
 /// The BrandCatalogUpdated values among `events`, in order.
 pub(crate) fn catalog_values<'m>(events: &[&'m Msg<Item>]) -> Vec<&'m Value> {
     events
@@ -271,29 +259,130 @@ pub(crate) fn catalog_values<'m>(events: &[&'m Msg<Item>]) -> Vec<&'m Value> {
         .collect()
 }
 
-/// The brand's side of a run of one partition's catalog events, in `tx`: what the database's
-/// offset or event ids say was applied is skipped, changes older than the stored revisions are
-/// dropped, the rest is written with the event ids and the partition's offset. Shared by the
-/// live processor and `tenancy rebuild`, which replays into a shadow database, so both fold
-/// events the same way. Returns the offset stored before, and the last offset and the change
-/// written (`None` when everything here was applied before). `ahead`, for a database only the
-/// caller writes (a rebuild's), answers the lookups from memory and follows the writes.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn write_brand_run(
+/// Drops from `fresh` the events whose ids `seen` says were applied before (each counted and
+/// logged with where it was first applied).
+pub(crate) async fn drop_seen<M: std::borrow::Borrow<Msg<Item>>>(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     spec: &super::spec::CatalogSpec,
-    dedupe: bool,
-    brand_id: &str,
     brand_db: &DatabaseName,
-    topic: &str,
-    partition: i32,
+    fresh: &mut Vec<M>,
+    seen: &std::collections::HashSet<String>,
+) -> Result<(), sqlx::Error> {
+    if seen.is_empty() {
+        return Ok(());
+    }
+    for m in fresh.iter().map(|m| m.borrow()) {
+        if seen.contains(&m.item.event_id) {
+            let first =
+                applied::first_applied(tx, brand_db, &spec.projection, &m.item.event_id).await?;
+            applied::duplicate("catalog", &m.item.event_id, &m.origin, first.as_ref());
+        }
+    }
+    fresh.retain(|m| !seen.contains(&m.borrow().item.event_id));
+    Ok(())
+}
+
+/// Keeps only the first delivery of each event id in `fresh`: folded in twice, a redelivery of
+/// an older change would win over the changes between.
+pub(crate) fn first_deliveries<M: std::borrow::Borrow<Msg<Item>>>(fresh: &mut Vec<M>) {
+    let mut first: HashMap<String, crate::stream::Origin> = HashMap::new();
+    fresh.retain(|m| {
+        let m = m.borrow();
+        match first.get(&m.item.event_id) {
+            Some(at) => {
+                let at = (at.topic.clone(), at.partition, at.offset);
+                applied::duplicate("catalog", &m.item.event_id, &m.origin, Some(&at));
+                false
+            }
+            None => {
+                first.insert(m.item.event_id.clone(), m.origin.clone());
+                true
+            }
+        }
+    });
+}
+
+/// `change` without the codes whose stored revision is newer (counted and logged).
+pub(crate) fn without_stale(
+    spec: &super::spec::CatalogSpec,
+    brand_id: &str,
+    change: NetChange,
+    stored: &HashMap<String, i64>,
+) -> NetChange {
+    let (change, stale) = change.without_stale(spec, stored);
+    if stale > 0 {
+        metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
+        tracing::info!(processor = "catalog", tenant = %brand_id, stale,
+            "fabric changes older than the stored revision: not applied");
+    }
+    change
+}
+
+/// A run of one partition's catalog events, checked against what the brand database holds:
+/// what [`write_folded`] writes.
+pub(crate) struct Folded {
+    /// What to write: the change, and the removal markers it was judged against.
+    pub change: NetChange,
+    pub removed: store::Removed,
+    /// The run's last offset (past duplicates too: they were handled).
+    pub last: i64,
+}
+
+/// Where a run of one partition's catalog events is written: the brand's database (with the
+/// event ids recorded when `dedupe`), and the partition the events were read from.
+pub(crate) struct BrandRun<'a> {
+    pub spec: &'a super::spec::CatalogSpec,
+    pub dedupe: bool,
+    pub brand_id: &'a str,
+    pub brand_db: &'a DatabaseName,
+    pub topic: &'a str,
+    pub partition: i32,
+}
+
+/// Writes a folded run in `tx`: the rows, the event ids of `fresh` (with `dedupe`), the
+/// partition's offset.
+pub(crate) async fn write_folded(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    at: &BrandRun<'_>,
+    fresh: &[&Msg<Item>],
+    folded: &Folded,
+) -> Result<(), sqlx::Error> {
+    let (db, projection, change) = (at.brand_db, &at.spec.projection, &folded.change);
+    store::write_brand(tx, db, at.spec, change, &folded.removed).await?;
+    if at.dedupe {
+        let ids: Vec<(&str, &crate::stream::Origin)> = fresh
+            .iter()
+            .map(|m| (m.item.event_id.as_str(), &m.origin))
+            .collect();
+        applied::record(tx, db, projection, &ids).await?;
+    }
+    offsets::set(tx, db, projection, at.topic, at.partition, folded.last).await?;
+    tracing::debug!(processor = "catalog", tenant = %at.brand_id, database = %db,
+        events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
+        "catalog applied");
+    Ok(())
+}
+
+/// The brand's side of a run of one partition's catalog events, in `tx`: what the database's
+/// offset or event ids say was applied is skipped, changes older than the stored revisions are
+/// dropped, the rest is written with the event ids and the partition's offset. Used by the live
+/// processor; `tenancy rebuild` runs the same steps (`rebuild::replay`) with its lookups
+/// answered from memory, so both fold events the same way. Returns the offset stored before,
+/// and the last offset and the change written (`None` when everything here was applied
+/// before).
+pub(crate) async fn write_brand_run(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    at: &BrandRun<'_>,
     events: &[&Msg<Item>],
-    ahead: Option<Ahead<'_>>,
 ) -> Result<(Option<i64>, Option<(i64, NetChange)>), sqlx::Error> {
-    let (mut shadow, folded) = match ahead {
-        Some(a) => (Some(a.shadow), a.folded),
-        None => (None, None),
-    };
+    let BrandRun {
+        spec,
+        dedupe,
+        brand_id,
+        brand_db,
+        topic,
+        partition,
+    } = *at;
     let before = offsets::get(tx, brand_db, &spec.projection, topic, partition).await?;
     let mut fresh: Vec<&Msg<Item>> = events
         .iter()
@@ -305,77 +394,19 @@ pub(crate) async fn write_brand_run(
     };
     if dedupe {
         // Past the offset, but perhaps not new: the same event at another offset.
-        let mut ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
-        if let Some(known) = shadow.as_deref() {
-            ids = known.maybe_seen(&ids);
-        }
-        let seen = match ids.is_empty() {
-            true => Default::default(),
-            false => applied::seen(tx, brand_db, &spec.projection, &ids).await?,
-        };
-        if !seen.is_empty() {
-            for m in fresh.iter().filter(|m| seen.contains(&m.item.event_id)) {
-                let first =
-                    applied::first_applied(tx, brand_db, &spec.projection, &m.item.event_id)
-                        .await?;
-                applied::duplicate("catalog", &m.item.event_id, &m.origin, first.as_ref());
-            }
-            fresh.retain(|m| !seen.contains(&m.item.event_id));
-        }
-        // And the same event twice in this run: only its first delivery counts (folded in
-        // twice, a redelivery of an older change would win over the changes between).
-        let mut first: HashMap<&str, &crate::stream::Origin> = HashMap::new();
-        fresh.retain(|m| match first.get(m.item.event_id.as_str()) {
-            Some(at) => {
-                let at = (at.topic.clone(), at.partition, at.offset);
-                applied::duplicate("catalog", &m.item.event_id, &m.origin, Some(&at));
-                false
-            }
-            None => {
-                first.insert(&m.item.event_id, &m.origin);
-                true
-            }
-        });
+        let ids: Vec<&str> = fresh.iter().map(|m| m.item.event_id.as_str()).collect();
+        let seen = applied::seen(tx, brand_db, &spec.projection, &ids).await?;
+        drop_seen(tx, spec, brand_db, &mut fresh, &seen).await?;
+        first_deliveries(&mut fresh);
     }
-    let change = match folded {
-        // Folded ahead from every event of the run: still right when none was dropped above.
-        Some(change) if fresh.len() == events.len() => change,
-        _ => NetChange::of(spec, &catalog_values(&fresh)),
+    let change = NetChange::of(spec, &catalog_values(&fresh));
+    let (stored, removed) =
+        store::stored_revisions(tx, brand_db, spec, &change.codes(spec)).await?;
+    let folded = Folded {
+        change: without_stale(spec, brand_id, change, &stored),
+        removed,
+        last,
     };
-    let codes = change.codes(spec);
-    let (stored, removed) = match shadow
-        .as_deref_mut()
-        .and_then(|k| k.stored_revisions(&codes))
-    {
-        Some(known) => known,
-        None => store::stored_revisions(tx, brand_db, spec, &codes).await?,
-    };
-    let (change, stale) = change.without_stale(spec, &stored);
-    if stale > 0 {
-        metrics::counter!("tenancy_catalog_stale_changes_total").increment(stale as u64);
-        tracing::info!(processor = "catalog", tenant = %brand_id, stale,
-            "fabric changes older than the stored revision: not applied");
-    }
-    store::write_brand(tx, brand_db, spec, &change, &removed).await?;
-    if let Some(known) = shadow {
-        known.written(
-            spec,
-            &change,
-            &removed,
-            fresh.iter().map(|m| m.item.event_id.as_str()),
-        );
-    }
-    if dedupe {
-        let ids: Vec<(&str, &crate::stream::Origin)> = fresh
-            .iter()
-            .map(|m| (m.item.event_id.as_str(), &m.origin))
-            .collect();
-        applied::record(tx, brand_db, &spec.projection, &ids).await?;
-    }
-    // Past duplicates too: they were handled.
-    offsets::set(tx, brand_db, &spec.projection, topic, partition, last).await?;
-    tracing::debug!(processor = "catalog", tenant = %brand_id, database = %brand_db,
-        events = fresh.len(), upserts = change.upserts.len(), removals = change.removals.len(),
-        "catalog applied");
-    Ok((before, Some((last, change))))
+    write_folded(tx, at, &fresh, &folded).await?;
+    Ok((before, Some((last, folded.change))))
 }

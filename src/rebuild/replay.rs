@@ -16,11 +16,15 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
-use crate::catalog::apply::{catalog_values, write_brand_run, Ahead};
+use crate::applied;
+use crate::catalog::apply::{
+    catalog_values, drop_seen, first_deliveries, without_stale, write_folded, BrandRun, Folded,
+};
 use crate::catalog::change::NetChange;
 use crate::catalog::item::{self, Change};
 use crate::catalog::shadow::ShadowState;
 use crate::catalog::spec::CatalogSpec;
+use crate::catalog::store;
 use crate::config::Config;
 use crate::offsets;
 use crate::stream::{Msg, Origin};
@@ -185,11 +189,19 @@ pub struct Replay<'a> {
     pub known: std::sync::Mutex<Option<(DatabaseName, ShadowState)>>,
 }
 
-/// What the reader hands the applier: a partition's next run of the brand's events, or how far
-/// it has read (for the progress report).
+/// What the reader hands the applier.
 enum Feed {
-    /// A partition's run, and the fold of all of it.
-    Run(i32, Vec<Msg<item::Item>>, NetChange),
+    /// A partition's run planned against the target: the events to record (duplicates
+    /// dropped), what to write, and how many events the run had.
+    Write {
+        partition: i32,
+        fresh: Vec<Msg<item::Item>>,
+        folded: Folded,
+        events: u64,
+    },
+    /// Answered once everything sent before is committed: the reader is about to ask MySQL.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+    /// How far the reader has read (for the progress report).
     Progress(Replayed, HashMap<i32, i64>),
 }
 
@@ -207,9 +219,18 @@ impl Replay<'_> {
         let Some(range) = Range::new(self.config, self.topic, &from, upto.clone())? else {
             return Ok(Replayed::default());
         };
-        // Reading and decoding run ahead of applying (a batch or two), on a task of their own:
-        // on the applier's task, every message read was time in which MySQL waited for the
-        // next statement (it was busy 70% of the replay, against 90% for plain inserts).
+        // One connection for every write: they are applied one after another anyway, and the
+        // prepared multi-row statements are then cached on one connection only.
+        let mut conn = self.pool.acquire().await?;
+        let kept = self.known.lock().expect("not poisoned").take();
+        let known = match kept {
+            Some((db, state)) if db == *target => state,
+            _ => ShadowState::load(&mut conn, target, self.spec).await?,
+        };
+        // Reading, decoding and planning each run (the lookups answered from `known`) happen
+        // ahead of applying, on a task of their own: on the applier's task they were time in
+        // which MySQL waited for the next statement (it was busy 70% of the replay, against 90%
+        // for plain inserts). The applier only sends the planned statements.
         let (feed, mut ready) = tokio::sync::mpsc::channel::<Feed>(2);
         let reader = Reader {
             range,
@@ -218,24 +239,31 @@ impl Replay<'_> {
             brand: self.brand.clone(),
             spec: self.spec.clone(),
             batch: self.batch,
+            pool: self.pool.clone(),
+            target: target.clone(),
+            known,
         };
         let reading = tokio::spawn(reader.run(feed));
         let mut applied = 0u64;
         let apply = async {
-            // One connection for every batch: they are applied one after another anyway, and
-            // the prepared multi-row statements are then cached on one connection only.
-            let mut conn = self.pool.acquire().await?;
-            let held = self.known.lock().expect("not poisoned").take();
-            let mut known = match held {
-                Some((db, state)) if db == *target => state,
-                _ => ShadowState::load(&mut conn, target, self.spec).await?,
-            };
             while let Some(feed) = ready.recv().await {
                 match feed {
-                    Feed::Run(p, run, folded) => {
-                        applied += self
-                            .apply(&mut conn, target, p, run, folded, &mut known)
+                    Feed::Write {
+                        partition,
+                        fresh,
+                        folded,
+                        events,
+                    } => {
+                        self.apply(&mut conn, target, partition, &fresh, &folded)
                             .await?;
+                        applied += events;
+                        // Freeing a run's thousands of decoded values took a tenth of this
+                        // task's time, during which MySQL waited: done on another thread.
+                        tokio::task::spawn_blocking(move || drop((fresh, folded)));
+                    }
+                    // Sequential: everything sent before it is committed by now.
+                    Feed::Barrier(answer) => {
+                        let _ = answer.send(());
                     }
                     Feed::Progress(mut done, at) => {
                         done.applied = applied;
@@ -243,7 +271,6 @@ impl Replay<'_> {
                     }
                 }
             }
-            *self.known.lock().expect("not poisoned") = Some((target.clone(), known));
             anyhow::Ok(())
         }
         .await;
@@ -251,7 +278,9 @@ impl Replay<'_> {
         drop(ready);
         let read = reading.await?;
         apply?;
-        let (mut done, at) = read?;
+        let (mut done, at, known) = read?;
+        // Only now: the reader's state is ahead of the target until every write is committed.
+        *self.known.lock().expect("not poisoned") = Some((target.clone(), known));
         done.applied = applied;
         progress(&done, &at);
         Ok(done)
@@ -262,37 +291,22 @@ impl Replay<'_> {
         conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
         target: &DatabaseName,
         partition: i32,
-        run: Vec<Msg<item::Item>>,
-        folded: NetChange,
-        known: &mut ShadowState,
-    ) -> anyhow::Result<u64> {
-        if run.is_empty() {
-            return Ok(0);
-        }
-        let refs: Vec<&Msg<item::Item>> = run.iter().collect();
+        fresh: &[Msg<item::Item>],
+        folded: &Folded,
+    ) -> anyhow::Result<()> {
+        let refs: Vec<&Msg<item::Item>> = fresh.iter().collect();
         let mut tx = sqlx::Connection::begin(&mut **conn).await?;
-        let (_, written) = write_brand_run(
-            &mut tx,
-            self.spec,
-            true,
-            &self.brand.organisation_id,
-            target,
-            self.topic,
+        let at = BrandRun {
+            spec: self.spec,
+            dedupe: true,
+            brand_id: &self.brand.organisation_id,
+            brand_db: target,
+            topic: self.topic,
             partition,
-            &refs,
-            Some(Ahead {
-                shadow: known,
-                folded: Some(folded),
-            }),
-        )
-        .await?;
+        };
+        write_folded(&mut tx, &at, &refs, folded).await?;
         tx.commit().await?;
-        let n = run.len() as u64;
-        drop(refs);
-        // Freeing a run's thousands of decoded values took a tenth of this task's time, during
-        // which MySQL waited for the next run: it is done on another thread.
-        tokio::task::spawn_blocking(move || drop((run, written)));
-        Ok(n)
+        Ok(())
     }
 }
 
@@ -305,50 +319,126 @@ struct Reader {
     brand: TenantRef,
     spec: CatalogSpec,
     batch: usize,
+    /// For the lookups `known` cannot answer, made once the applier has caught up.
+    pool: MySqlPool,
+    target: DatabaseName,
+    /// What the target will hold once every run planned so far is written.
+    known: ShadowState,
 }
 
 impl Reader {
-    /// Reads to the end of the range, sending every run and a progress report every few
-    /// seconds; a closed channel (the applier failed) ends it early. Returns what it read and
-    /// where it stopped.
+    /// Reads to the end of the range, sending every run planned and a progress report every
+    /// few seconds; a closed channel (the applier failed) ends it early. Returns what it read,
+    /// where it stopped and the target's state.
     async fn run(
         mut self,
         feed: tokio::sync::mpsc::Sender<Feed>,
-    ) -> anyhow::Result<(Replayed, HashMap<i32, i64>)> {
+    ) -> anyhow::Result<(Replayed, HashMap<i32, i64>, ShadowState)> {
         let mut done = Replayed::default();
         let mut pending: HashMap<i32, Vec<OwnedMessage>> = HashMap::new();
         let mut last_report = Instant::now();
-        let brand = self.brand.organisation_id.as_bytes();
+        let brand = self.brand.organisation_id.clone().into_bytes();
         while let Some(m) = self.range.next().await? {
             done.read += 1;
             let (p, offset) = (m.partition(), m.offset());
-            if m.key() == Some(brand) {
+            if m.key() == Some(brand.as_slice()) {
                 pending.entry(p).or_default().push(m.detach());
             }
             let full = pending.get(&p).is_some_and(|v| v.len() >= self.batch);
             if full || self.range.is_end(p, offset) {
                 if let Some(raw) = pending.remove(&p) {
                     let (run, folded) = self.decode(raw, &mut done).await?;
-                    if feed.send(Feed::Run(p, run, folded)).await.is_err() {
-                        return Ok((done, self.range.position().clone()));
+                    if !self.send(&feed, p, run, folded).await? {
+                        break;
                     }
                 }
             }
             if last_report.elapsed() >= Duration::from_secs(2) {
                 let report = Feed::Progress(done, self.range.position().clone());
                 if feed.send(report).await.is_err() {
-                    return Ok((done, self.range.position().clone()));
+                    break;
                 }
                 last_report = Instant::now();
             }
         }
         for (p, raw) in std::mem::take(&mut pending) {
             let (run, folded) = self.decode(raw, &mut done).await?;
-            if feed.send(Feed::Run(p, run, folded)).await.is_err() {
+            if !self.send(&feed, p, run, folded).await? {
                 break;
             }
         }
-        Ok((done, self.range.position().clone()))
+        Ok((done, self.range.position().clone(), self.known))
+    }
+
+    /// Plans `run` (folded ahead as `folded`) against the target, as the live processor's
+    /// `write_brand_run` would, and sends it; false once the applier is gone.
+    async fn send(
+        &mut self,
+        feed: &tokio::sync::mpsc::Sender<Feed>,
+        partition: i32,
+        mut run: Vec<Msg<item::Item>>,
+        folded: NetChange,
+    ) -> anyhow::Result<bool> {
+        let Some(last) = run.last().map(|m| m.origin.offset) else {
+            return Ok(true);
+        };
+        let events = run.len();
+        // Past the offset (the range starts after it), but perhaps not new: an id whose hash
+        // the state holds is looked up in MySQL, once everything planned before is there.
+        let ids: Vec<&str> = run.iter().map(|m| m.item.event_id.as_str()).collect();
+        let hits: Vec<String> = self
+            .known
+            .maybe_seen(&ids)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        if !hits.is_empty() {
+            if !barrier(feed).await {
+                return Ok(false);
+            }
+            let hits: Vec<&str> = hits.iter().map(String::as_str).collect();
+            let mut tx = self.pool.begin().await?;
+            let seen = applied::seen(&mut tx, &self.target, &self.spec.projection, &hits).await?;
+            drop_seen(&mut tx, &self.spec, &self.target, &mut run, &seen).await?;
+            tx.commit().await?;
+        }
+        first_deliveries(&mut run);
+        let change = match run.len() == events {
+            true => folded,
+            false => NetChange::of(&self.spec, &catalog_values(&run.iter().collect::<Vec<_>>())),
+        };
+        let codes = change.codes(&self.spec);
+        let (stored, removed) = match self.known.stored_revisions(&codes) {
+            Some(known) => known,
+            None => {
+                if !barrier(feed).await {
+                    return Ok(false);
+                }
+                let mut tx = self.pool.begin().await?;
+                let stored =
+                    store::stored_revisions(&mut tx, &self.target, &self.spec, &codes).await?;
+                tx.commit().await?;
+                stored
+            }
+        };
+        let change = without_stale(&self.spec, &self.brand.organisation_id, change, &stored);
+        self.known.written(
+            &self.spec,
+            &change,
+            &removed,
+            run.iter().map(|m| m.item.event_id.as_str()),
+        );
+        let write = Feed::Write {
+            partition,
+            fresh: run,
+            folded: Folded {
+                change,
+                removed,
+                last,
+            },
+            events: events as u64,
+        };
+        Ok(feed.send(write).await.is_ok())
     }
 
     /// The brand's catalog events among `raw`, decoded, and their fold (the applier's to use
@@ -406,4 +496,10 @@ impl Reader {
             _ => true,
         }
     }
+}
+
+/// Waits until the applier has committed everything sent before; false once it is gone.
+async fn barrier(feed: &tokio::sync::mpsc::Sender<Feed>) -> bool {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    feed.send(Feed::Barrier(answer)).await.is_ok() && answered.await.is_ok()
 }
