@@ -285,21 +285,26 @@ pub(crate) async fn drop_seen<M: std::borrow::Borrow<Msg<Item>>>(
 /// Keeps only the first delivery of each event id in `fresh`: folded in twice, a redelivery of
 /// an older change would win over the changes between.
 pub(crate) fn first_deliveries<M: std::borrow::Borrow<Msg<Item>>>(fresh: &mut Vec<M>) {
-    let mut first: HashMap<String, crate::stream::Origin> = HashMap::new();
-    fresh.retain(|m| {
-        let m = m.borrow();
-        match first.get(&m.item.event_id) {
-            Some(at) => {
-                let at = (at.topic.clone(), at.partition, at.offset);
-                applied::duplicate("catalog", &m.item.event_id, &m.origin, Some(&at));
-                false
+    let mut first: HashMap<&str, &crate::stream::Origin> = HashMap::new();
+    let keep: Vec<bool> = fresh
+        .iter()
+        .map(|m| {
+            let m = m.borrow();
+            match first.get(m.item.event_id.as_str()) {
+                Some(at) => {
+                    let at = (at.topic.clone(), at.partition, at.offset);
+                    applied::duplicate("catalog", &m.item.event_id, &m.origin, Some(&at));
+                    false
+                }
+                None => {
+                    first.insert(&m.item.event_id, &m.origin);
+                    true
+                }
             }
-            None => {
-                first.insert(m.item.event_id.clone(), m.origin.clone());
-                true
-            }
-        }
-    });
+        })
+        .collect();
+    let mut keep = keep.into_iter();
+    fresh.retain(|_| keep.next().unwrap_or(true));
 }
 
 /// `change` without the codes whose stored revision is newer (counted and logged).

@@ -347,8 +347,8 @@ impl Reader {
             let full = pending.get(&p).is_some_and(|v| v.len() >= self.batch);
             if full || self.range.is_end(p, offset) {
                 if let Some(raw) = pending.remove(&p) {
-                    let (run, folded) = self.decode(raw, &mut done).await?;
-                    if !self.send(&feed, p, run, folded).await? {
+                    let run = self.decode(raw, &mut done).await?;
+                    if !self.plan_and_send(&feed, p, run).await? {
                         break;
                     }
                 }
@@ -362,22 +362,21 @@ impl Reader {
             }
         }
         for (p, raw) in std::mem::take(&mut pending) {
-            let (run, folded) = self.decode(raw, &mut done).await?;
-            if !self.send(&feed, p, run, folded).await? {
+            let run = self.decode(raw, &mut done).await?;
+            if !self.plan_and_send(&feed, p, run).await? {
                 break;
             }
         }
         Ok((done, self.range.position().clone(), self.known))
     }
 
-    /// Plans `run` (folded ahead as `folded`) against the target, as the live processor's
-    /// `write_brand_run` would, and sends it; false once the applier is gone.
-    async fn send(
+    /// Plans `run` against the target, as the live processor's `write_brand_run` would, and
+    /// sends it; false once the applier is gone.
+    async fn plan_and_send(
         &mut self,
         feed: &tokio::sync::mpsc::Sender<Feed>,
         partition: i32,
         mut run: Vec<Msg<item::Item>>,
-        folded: NetChange,
     ) -> anyhow::Result<bool> {
         let Some(last) = run.last().map(|m| m.origin.offset) else {
             return Ok(true);
@@ -403,10 +402,7 @@ impl Reader {
             tx.commit().await?;
         }
         first_deliveries(&mut run);
-        let change = match run.len() == events {
-            true => folded,
-            false => NetChange::of(&self.spec, &catalog_values(&run.iter().collect::<Vec<_>>())),
-        };
+        let change = NetChange::of(&self.spec, &catalog_values(&run.iter().collect::<Vec<_>>()));
         let codes = change.codes(&self.spec);
         let (stored, removed) = match self.known.stored_revisions(&codes) {
             Some(known) => known,
@@ -441,15 +437,14 @@ impl Reader {
         Ok(feed.send(write).await.is_ok())
     }
 
-    /// The brand's catalog events among `raw`, decoded, and their fold (the applier's to use
-    /// when it drops none of them); the rest (undecodable, dead-lettered live, or inside an
-    /// archived period, skipped live too) are counted as skipped. A registry outage stops the
-    /// replay: passing over those events would lose them.
+    /// The brand's catalog events among `raw`, decoded; the rest (undecodable, dead-lettered
+    /// live, or inside an archived period, skipped live too) are counted as skipped. A registry
+    /// outage stops the replay: passing over those events would lose them.
     async fn decode(
         &self,
         raw: Vec<OwnedMessage>,
         done: &mut Replayed,
-    ) -> anyhow::Result<(Vec<Msg<item::Item>>, NetChange)> {
+    ) -> anyhow::Result<Vec<Msg<item::Item>>> {
         let mut framed = Vec::with_capacity(raw.len());
         let mut kept = Vec::with_capacity(raw.len());
         for m in raw {
@@ -479,9 +474,7 @@ impl Reader {
                 _ => done.skipped += 1,
             }
         }
-        let refs: Vec<&Msg<item::Item>> = run.iter().collect();
-        let folded = NetChange::of(&self.spec, &catalog_values(&refs));
-        Ok((run, folded))
+        Ok(run)
     }
 
     /// Whether an event that happened at `occurred_at` was applied live, by the tenant's
