@@ -178,28 +178,6 @@ async fn granted_brands(t: &TestNs, pool: &MySqlPool, n: usize) -> (String, Vec<
     (supplier, brands)
 }
 
-/// Waits until `org` has `status` and no lifecycle step is under way any more (until then the
-/// API answers 503 `tenant_changing`).
-async fn wait_settled(t: &TestNs, pool: &MySqlPool, org: &str, status: &str) {
-    wait_for(
-        &format!("{org} settled {status}"),
-        Duration::from_secs(60),
-        || async {
-            let row: Option<(String, Option<String>)> = sqlx::query_as(&format!(
-                "SELECT CAST(status AS CHAR), lifecycle_pending FROM `{}_platform`.tenants \
-                 WHERE organisation_id = ?",
-                t.ns
-            ))
-            .bind(org)
-            .fetch_optional(pool)
-            .await
-            .unwrap();
-            row.filter(|(s, p)| s == status && p.is_none()).map(|_| ())
-        },
-    )
-    .await;
-}
-
 /// Grants, prices, pagination, filters, the Host form, every refusal, and the lifecycle: a
 /// revoke is seen by the next request, an archived brand is 410, a restored one 200 again.
 #[tokio::test(flavor = "multi_thread")]
@@ -371,7 +349,7 @@ async fn suppliers_read_brand_catalogs_as_their_grants_allow() {
         "BRAND",
         "acme_blinds",
     )]);
-    wait_settled(&t, &pool, &brand, "archived").await;
+    t.wait_status(&pool, &brand, "archived").await;
     let (status, body) = server.get(path, Some(&mine), None).await;
     assert_eq!(
         (status, &body["error"]["code"]),
@@ -583,7 +561,7 @@ async fn retailers_are_resolved_by_host_and_custom_domain() {
         "RETAILER",
         "shop_two",
     )]);
-    wait_settled(&t, &pool, &second, "archived").await;
+    t.wait_status(&pool, &second, "archived").await;
     for host in ["shop.example", "shop-two.blinds.test"] {
         let (status, body) = server.get("/api/retailer/profile", None, Some(host)).await;
         assert_eq!(
@@ -593,7 +571,7 @@ async fn retailers_are_resolved_by_host_and_custom_domain() {
         );
     }
     t.emit_ok(&[lines::restored(&new_id(), &second, "RETAILER", "shop_two")]);
-    wait_settled(&t, &pool, &second, "active").await;
+    t.wait_status(&pool, &second, "active").await;
     let (status, _) = server
         .get("/api/retailer/profile", None, Some("shop.example"))
         .await;

@@ -694,13 +694,25 @@ impl TestNs {
         }
     }
 
-    /// Waits until `org`'s tenant has `status`.
+    /// Waits until `org`'s tenant has `status` and no lifecycle step under way.
+    ///
+    /// Settled too: the status is written before a step's work (an archive marks the row, then
+    /// moves the tables), so a test that read the databases on the status alone raced the step.
     pub async fn wait_status(&self, pool: &MySqlPool, org: &str, status: &str) {
         wait_for(
-            &format!("{org} to be {status}"),
+            &format!("{org} to be {status} and settled"),
             Duration::from_secs(120),
             || async {
-                (status_of(pool, &self.ns, org).await.as_deref() == Some(status)).then_some(())
+                let row: Option<(String, Option<String>)> = sqlx::query_as(&format!(
+                    "SELECT CAST(status AS CHAR), lifecycle_pending FROM `{}_platform`.tenants \
+                     WHERE organisation_id = ?",
+                    self.ns
+                ))
+                .bind(org)
+                .fetch_optional(pool)
+                .await
+                .unwrap_or(None);
+                matches!(row, Some((s, None)) if s == status).then_some(())
             },
         )
         .await;
