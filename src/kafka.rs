@@ -8,14 +8,31 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 
 use crate::config::Config;
 
-/// An idempotent producer: retries never duplicate or reorder within a partition.
+/// An idempotent producer: retries never duplicate or reorder within a partition. It waits up
+/// to 5 ms to fill a batch: for bulk senders (`tenancy emit`, benchmarks).
 pub fn producer(config: &Config) -> anyhow::Result<FutureProducer> {
+    producer_lingering(config, 5)
+}
+
+/// An idempotent producer that sends at once: for the processors, which await each outcome
+/// before storing their offset, so a batching wait was paid per tenant (5 ms of the
+/// provisioner's 24 ms per tenant). Messages sent while a request is in flight still go out
+/// together.
+pub fn producer_without_linger(config: &Config) -> anyhow::Result<FutureProducer> {
+    producer_lingering(config, 0)
+}
+
+fn producer_lingering(config: &Config, linger_ms: u32) -> anyhow::Result<FutureProducer> {
     Ok(config
         .kafka_client_config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", linger_ms.to_string())
         .set("message.timeout.ms", "60000")
+        // Connect to the brokers as soon as metadata names them: an idempotent producer needs a
+        // producer id before its first send, and with sparse connections it only asked for one
+        // on its state timer's second tick, about a second after start (every `tenancy emit`).
+        .set("enable.sparse.connections", "false")
         .create()?)
 }
 

@@ -77,7 +77,7 @@ impl Processors {
         }
         let tenants = Tenants::new(pool.clone(), &ns);
         let codec = Arc::new(Codec::new(&config.schema_registry_url));
-        let producer = crate::kafka::producer(config)?;
+        let producer = crate::kafka::producer_without_linger(config)?;
         let watermark = Watermark::new(config, pool.clone())?;
         let hooks: Arc<dyn LifecycleHooks> = Arc::new(CatalogHooks {
             ns: ns.clone(),

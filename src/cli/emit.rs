@@ -43,9 +43,10 @@ pub async fn emit(config: Config, args: EmitArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{} event(s) valid; dry run, nothing sent", events.len());
         return Ok(ExitCode::SUCCESS);
     }
+    // First: the producer gets its id from the broker while the topics are checked.
+    let producer = kafka::producer(&config)?;
     topics::ensure_topics(&config).await?;
     let codec = Codec::new(&config.schema_registry_url);
-    let producer = kafka::producer(&config)?;
     let total = events.len();
     let progress = if std::io::stderr().is_terminal() && total > 1 {
         ProgressBar::new(total as u64).with_style(

@@ -4,7 +4,7 @@ use std::str::FromStr;
 
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::mysql::MySqlConnectOptions;
-use sqlx::{ConnectOptions, Connection, MySqlPool};
+use sqlx::{ConnectOptions, Connection, MySqlPool, Row};
 
 use crate::tenant::{DatabaseName, OrganisationType, ServiceDatabase};
 
@@ -68,28 +68,54 @@ pub async fn create_and_migrate(
     migrate(database_url, db, migrator).await
 }
 
-/// The DDL of every migration that `sqlx` would run on an empty database, as one script.
+/// The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs): its later runs (the upgrade at
+/// start-up) refuse anything they do not recognise.
+const SQLX_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (\
+     version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+     installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
+     checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)";
+
+/// Every migration `sqlx` would run on an empty database, then the bookkeeping it would write
+/// for them, as one script: the DDL, `_sqlx_migrations`, and one row per migration. Values are
+/// literals (a script cannot bind), all from the embedded migrations, never from input.
 fn fresh_script(migrator: &Migrator) -> String {
     let mut script = String::new();
-    for m in migrator
+    let ups: Vec<_> = migrator
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
-    {
+        .collect();
+    for m in &ups {
         // A trailing `;` would leave an empty statement, which MySQL refuses.
         script.push_str(m.sql.trim_end().trim_end_matches(';'));
         script.push_str(";\n");
     }
+    script.push_str(SQLX_MIGRATIONS_TABLE);
+    script.push_str(
+        ";\nINSERT INTO _sqlx_migrations \
+        (version, description, success, checksum, execution_time) VALUES ",
+    );
+    let rows: Vec<String> = ups
+        .iter()
+        .map(|m| {
+            let description = m.description.replace('\\', "\\\\").replace('\'', "''");
+            let checksum: String = m.checksum.iter().map(|b| format!("{b:02x}")).collect();
+            format!("({}, '{description}', TRUE, X'{checksum}', -1)", m.version)
+        })
+        .collect();
+    script.push_str(&rows.join(", "));
     script
 }
 
-/// A database this call has just created: every migration sent as one multi-statement script
-/// and recorded in `_sqlx_migrations` with one insert, then `sqlx`'s own run, which finds
-/// nothing to do but checks every recorded checksum.
+/// A database this call has just created: every migration and its bookkeeping in
+/// `_sqlx_migrations`, sent as one multi-statement script ([`fresh_script`]).
 ///
 /// `sqlx` applies each migration on its own with three commits of bookkeeping, which made the
-/// migration step four times the DDL it runs (the provisioning benchmark). A crash part-way
-/// leaves a database that exists with some migrations missing or unrecorded: the next attempt
-/// takes the ordinary path, which re-runs them (every migration is idempotent).
+/// migration step four times the DDL it runs (the provisioning benchmark); the bookkeeping then
+/// sent as statements of its own and `sqlx`'s check of it still cost seven round trips per
+/// tenant. `sqlx` reads the rows back at the next start-up's upgrade (and refuses a checksum it
+/// does not recognise). A crash part-way leaves a database that exists with some migrations
+/// missing or unrecorded: the next attempt takes the ordinary path, which re-runs them (every
+/// migration is idempotent).
 async fn migrate_fresh(
     database_url: &str,
     db: &DatabaseName,
@@ -99,40 +125,16 @@ async fn migrate_fresh(
     let result = async {
         // Another worker may have taken the lock first and migrated it the ordinary way (a
         // service database two workers start on at once).
-        let recorded: Option<String> =
-            sqlx::query_scalar("SHOW TABLES LIKE '\\_sqlx\\_migrations'")
-                .fetch_optional(&mut conn)
-                .await?;
-        if recorded.is_some() {
+        let recorded = sqlx::raw_sql("SHOW TABLES LIKE '\\_sqlx\\_migrations'")
+            .fetch_all(&mut conn)
+            .await?;
+        if !recorded.is_empty() {
             return run_locked(&mut conn, db, migrator).await;
         }
         sqlx::raw_sql(&fresh_script(migrator))
             .execute(&mut conn)
             .await?;
-        // The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs); its own run below
-        // refuses anything it does not recognise.
-        sqlx::raw_sql(
-            "CREATE TABLE IF NOT EXISTS _sqlx_migrations (version BIGINT PRIMARY KEY, \
-             description TEXT NOT NULL, installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, \
-             success BOOLEAN NOT NULL, checksum BLOB NOT NULL, execution_time BIGINT NOT NULL)",
-        )
-        .execute(&mut conn)
-        .await?;
-        let mut insert = sqlx::QueryBuilder::<sqlx::MySql>::new(
-            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) ",
-        );
-        insert.push_values(
-            migrator.iter().filter(|m| m.migration_type.is_up_migration()),
-            |mut row, m| {
-                row.push_bind(m.version)
-                    .push_bind(m.description.as_ref())
-                    .push_bind(true)
-                    .push_bind(m.checksum.as_ref())
-                    .push_bind(-1i64);
-            },
-        );
-        insert.build().execute(&mut conn).await?;
-        migrator.run(&mut conn).await.map_err(migrate_error)
+        Ok(())
     }
     .await;
     conn.close().await.ok();
@@ -162,10 +164,12 @@ async fn connect_locked(
         "migrate:{}",
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, db.as_str().as_bytes())
     );
-    let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, 120)")
-        .bind(&lock)
+    // Text protocol (the name is a uuid, safe to inline): on a new connection a prepared
+    // statement costs a second round trip.
+    let got: Option<i64> = sqlx::raw_sql(&format!("SELECT GET_LOCK('{lock}', 120)"))
         .fetch_one(&mut conn)
-        .await?;
+        .await?
+        .try_get(0)?;
     if got != Some(1) {
         conn.close().await.ok();
         // An I/O-kind error: the caller's retry policy treats it as transient.
