@@ -751,3 +751,62 @@ async fn an_unreachable_redis_is_undecided_not_a_no() {
         started.elapsed()
     );
 }
+
+/// A value read ahead (with the brand's resolution, in one round trip) is used only when it
+/// was read under the key the lookup needs: under another brand's key it is ignored and the
+/// lookup reads its own, so a stale guess can never grant access.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefetched_value_counts_only_under_its_own_key() {
+    use blindstrader_tenancy::access::cache::Prefetched;
+    let _shared = REDIS_PAUSE.read().await;
+    let f = fixture().await;
+    let (granted, other) = (new_id(), new_id());
+    f.grant(&granted, BOTH).await;
+    let key = f.cache.key_of(&f.supplier, &granted).unwrap();
+    assert_eq!(key, f.key(&granted));
+
+    // Under another brand's key: ignored, and the lookup for `other` finds no grant.
+    let stale = Prefetched {
+        key: key.clone(),
+        value: Some(BOTH.to_owned()),
+    };
+    let access = f
+        .cache
+        .permissions_read(&f.pool, &f.supplier, &other, Some(stale))
+        .await
+        .unwrap();
+    assert_eq!(
+        access.permissions, None,
+        "another key's value must not count"
+    );
+    assert!(!access.may_read_catalog());
+
+    // Under its own key: used as the cached answer, without reading Redis again (the key does
+    // not even exist there yet).
+    assert_eq!(f.raw(&key).await, None);
+    let ahead = Prefetched {
+        key: key.clone(),
+        value: Some(r#"["catalog.read"]"#.to_owned()),
+    };
+    let access = f
+        .cache
+        .permissions_read(&f.pool, &f.supplier, &granted, Some(ahead))
+        .await
+        .unwrap();
+    assert!(access.from_cache);
+    assert!(access.may_read_catalog() && !access.may_read_pricing());
+
+    // Read ahead as absent: a miss, loaded from MySQL and cached as usual.
+    let absent = Prefetched {
+        key: key.clone(),
+        value: None,
+    };
+    let access = f
+        .cache
+        .permissions_read(&f.pool, &f.supplier, &granted, Some(absent))
+        .await
+        .unwrap();
+    assert!(!access.from_cache);
+    assert_eq!(access.permissions, perms(BOTH));
+    assert_eq!(f.raw(&key).await.as_deref(), Some(BOTH));
+}

@@ -198,6 +198,13 @@ pub fn permission_key(ns: &Namespace, supplier_id: &str, brand_id: &str) -> Stri
     crate::caches::permission_key(ns, supplier_id, brand_id)
 }
 
+/// A permission key's value, read from Redis by the caller along with other keys.
+#[derive(Debug, Clone)]
+pub struct Prefetched {
+    pub key: String,
+    pub value: Option<String>,
+}
+
 /// Redis permission cache for one namespace. Cheap to clone (one multiplexed connection that
 /// reconnects by itself).
 #[derive(Clone)]
@@ -371,6 +378,27 @@ impl PermissionCache {
         supplier_id: &str,
         brand_id: &str,
     ) -> Result<Access, AccessError> {
+        self.permissions_read(pool, supplier_id, brand_id, None)
+            .await
+    }
+
+    /// The key [`permissions`](Self::permissions) reads for these ids, if both are uuids: a
+    /// caller may read it along with other keys in one round trip ([`Prefetched`]).
+    pub fn key_of(&self, supplier_id: &str, brand_id: &str) -> Option<String> {
+        let supplier = parse_id(supplier_id).ok()?;
+        let brand = parse_id(brand_id).ok()?;
+        Some(self.key(&supplier, &brand))
+    }
+
+    /// [`permissions`](Self::permissions), using a value already read from Redis when it was
+    /// read under the very key this lookup needs (else it reads as usual).
+    pub async fn permissions_read(
+        &self,
+        pool: &MySqlPool,
+        supplier_id: &str,
+        brand_id: &str,
+        prefetched: Option<Prefetched>,
+    ) -> Result<Access, AccessError> {
         let supplier = canonical_id("supplier id", supplier_id)?;
         let brand = canonical_id("brand id", brand_id)?;
         let key = self.key(&supplier, &brand);
@@ -382,11 +410,14 @@ impl PermissionCache {
         };
         let mut conn = self.conn.clone();
 
-        let cached: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
+        let cached: Option<String> = match prefetched.filter(|p| p.key == key) {
+            Some(p) => p.value,
+            None => redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map_err(redis_err)?,
+        };
         if let Some(raw) = cached {
             match decode(&raw) {
                 Ok(permissions) => {

@@ -134,15 +134,22 @@ async fn page(
 ) -> Result<Json<FabricsPage>, ApiError> {
     let limit = query.check()?;
     let supplier = api.supplier(headers)?;
-    let brand = api
+    // The permission is read with the brand's resolution, under the id this slug had last.
+    let guess = api
+        .brand_ids
+        .get(&slug)
+        .and_then(|id| api.permissions.key_of(&supplier, &id));
+    let (brand, prefetched) = api
         .resolver
-        .resolve(&Lookup::Brand(slug.clone()))
-        .await?
+        .resolve_with(&Lookup::Brand(slug.clone()), guess)
+        .await?;
+    let brand = brand
         .ok_or_else(|| ApiError::not_found(format!("no brand '{slug}'")))?
         .usable()?;
+    api.brand_ids.remember(&slug, &brand.organisation_id);
     let access = api
         .permissions
-        .permissions(&api.pool, &supplier, &brand.organisation_id)
+        .permissions_read(&api.pool, &supplier, &brand.organisation_id, prefetched)
         .await
         .map_err(|e| refused(e, &brand))?;
     if !access.may_read_catalog() {

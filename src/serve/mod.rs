@@ -66,6 +66,8 @@ pub struct Api {
     pub key: TokenKey,
     pub limits: TenantLimits,
     pub timeout: Duration,
+    /// Each brand slug's last organisation id, for reading its permission early.
+    pub brand_ids: resolve::RecentIds,
     /// For `/readyz`.
     redis: redis::aio::ConnectionManager,
 }
@@ -119,6 +121,7 @@ impl Api {
             key,
             limits: TenantLimits::new(options.tenant_concurrency),
             timeout: options.request_timeout,
+            brand_ids: resolve::RecentIds::default(),
             redis: redis.conn(),
         })
     }

@@ -24,6 +24,7 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, Row};
 
+use crate::access::cache::Prefetched;
 use crate::caches::{domain_generation_key, domain_key, start_generation};
 use crate::domains::host::Host;
 use crate::tenancy::tenants::Status;
@@ -174,6 +175,35 @@ pub fn lookup_of_host(base: &Host, raw: &str) -> Result<Lookup, ApiError> {
     Ok(Lookup::Domain(host))
 }
 
+/// The organisation id each brand slug last resolved to in this process. Only a guess, to read
+/// the supplier's permission in the same Redis round trip as the brand's resolution: that read
+/// is used only when it was made under the key of the id the resolution returns
+/// (`PermissionCache::permissions_read`), so a stale guess costs the second round trip, never
+/// a wrong answer.
+#[derive(Default)]
+pub struct RecentIds(std::sync::Mutex<std::collections::HashMap<String, String>>);
+
+impl RecentIds {
+    /// Slugs remembered at most; past that the map starts again (a guess is only a guess).
+    const MAX: usize = 100_000;
+
+    pub fn get(&self, slug: &Slug) -> Option<String> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(slug.as_str()).cloned()
+    }
+
+    pub fn remember(&self, slug: &Slug, organisation_id: &str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(slug.as_str()).map(String::as_str) == Some(organisation_id) {
+            return;
+        }
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(slug.as_str().to_owned(), organisation_id.to_owned());
+    }
+}
+
 #[derive(Clone)]
 pub struct Resolver {
     ns: Namespace,
@@ -210,14 +240,24 @@ impl Resolver {
     /// The tenant a lookup names, `None` when there is none; from the cache when it holds a
     /// current answer.
     pub async fn resolve(&self, lookup: &Lookup) -> Result<Option<Tenant>, ApiError> {
+        Ok(self.resolve_with(lookup, None).await?.0)
+    }
+
+    /// [`resolve`](Self::resolve), also reading the Redis key `also` in the same round trip
+    /// (the request's next lookup, e.g. a permission; `None` if there is none to read).
+    pub async fn resolve_with(
+        &self,
+        lookup: &Lookup,
+        also: Option<String>,
+    ) -> Result<(Option<Tenant>, Option<Prefetched>), ApiError> {
         let key = domain_key(&self.ns, &self.cache_host(lookup));
-        let (cached, generation) = self
-            .cached(&key)
+        let (cached, generation, also) = self
+            .cached_with(&key, also)
             .await
             .map_err(|e| ApiError::service("Redis", e))?;
         if let Some(tenant) = cached {
             metrics::counter!("tenancy_domain_cache_lookups_total", "result" => "hit").increment(1);
-            return Ok(tenant);
+            return Ok((tenant, also));
         }
         metrics::counter!("tenancy_domain_cache_lookups_total", "result" => "miss").increment(1);
         let tenant = self.load(lookup).await?;
@@ -225,28 +265,47 @@ impl Resolver {
         if let Err(e) = self.fill(&key, &generation, tenant.as_ref()).await {
             tracing::warn!(%key, error = %e, "cannot fill the domain cache");
         }
-        Ok(tenant)
+        Ok((tenant, also))
     }
 
     /// The entry under `key` if it is current (`Some(None)` caches "no such tenant"), and the
     /// generation now, read in one round trip. A missing generation is started (nothing is
     /// current then, and nothing is filled under it: the fill finds it changed).
     pub async fn cached(&self, key: &str) -> redis::RedisResult<(Option<Option<Tenant>>, String)> {
+        let (cached, generation, _) = self.cached_with(key, None).await?;
+        Ok((cached, generation))
+    }
+
+    /// [`cached`](Self::cached), with the value of the key `also` read by the same MGET.
+    async fn cached_with(
+        &self,
+        key: &str,
+        also: Option<String>,
+    ) -> redis::RedisResult<(Option<Option<Tenant>>, String, Option<Prefetched>)> {
         let mut conn = self.redis.clone();
-        let (cached, generation): (Option<String>, Option<String>) = redis::cmd("MGET")
-            .arg(key)
-            .arg(domain_generation_key(&self.ns))
-            .query_async(&mut conn)
-            .await?;
+        let mut mget = redis::cmd("MGET");
+        mget.arg(key).arg(domain_generation_key(&self.ns));
+        if let Some(also) = &also {
+            mget.arg(also);
+        }
+        let mut values: Vec<Option<String>> = mget.query_async(&mut conn).await?;
+        let also = also.map(|key| Prefetched {
+            key,
+            value: values.get_mut(2).and_then(Option::take),
+        });
+        let (cached, generation) = (
+            values.first_mut().and_then(Option::take),
+            values.get_mut(1).and_then(Option::take),
+        );
         let Some(generation) = generation else {
             start_generation(&mut conn, &self.ns).await?;
-            return Ok((None, String::new()));
+            return Ok((None, String::new(), also));
         };
         let current = cached
             .and_then(|raw| serde_json::from_str::<Entry>(&raw).ok())
             .filter(|entry| entry.generation == generation)
             .map(|entry| entry.tenant);
-        Ok((current, generation))
+        Ok((current, generation, also))
     }
 
     /// Caches an answer loaded after reading `generation`, unless the generation has moved
