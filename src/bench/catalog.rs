@@ -372,7 +372,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     println!("ratio projector/raw: {:.2}", projector_eps / raw_eps);
 
     if !args.keep {
-        super::drop_namespace(&pool, &ns).await?;
+        super::drop_namespace(&config, &pool).await?;
     }
     Ok(())
 }

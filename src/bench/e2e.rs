@@ -114,7 +114,7 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
         system_eps / broker_eps
     );
     if !args.keep {
-        super::drop_namespace(&pool, &ns).await?;
+        super::drop_namespace(&config, &pool).await?;
     }
     Ok(())
 }

@@ -205,7 +205,7 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     }
     println!("ratio rebuild/raw: {:.2}", rebuild_rows / raw_rows);
     if !args.keep {
-        super::drop_namespace(&pool, &ns).await?;
+        super::drop_namespace(&config, &pool).await?;
     }
     Ok(())
 }

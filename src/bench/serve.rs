@@ -131,7 +131,7 @@ pub async fn run(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()>
     }
     let result = measure(&config, &args, &pool, &brands, &supplier).await;
     if !args.keep {
-        super::drop_namespace(&pool, &ns).await?;
+        super::drop_namespace(&config, &pool).await?;
     }
     result
 }
