@@ -28,10 +28,11 @@ pub(crate) fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// Removes everything a benchmark's namespace made: its databases, its topics and its Redis
-/// keys. The topics so that runs do not pile up in the local broker's one SQLite file: the
-/// rebuild benchmark's replay from a file holding earlier runs' messages (924 MB) took 77–145 s
-/// where the same replay from a fresh file took 46 s.
+/// Removes what a benchmark's namespace made in MySQL and Redis: its databases and its keys.
+/// Its topics stay: the local broker (nisshi 0.7.0-pre.2) deletes every topic of the cluster
+/// when asked to delete one (its `topic_delete_by.sql` selects by cluster, and the records
+/// follow by cascade), so a benchmark that deleted its own topics wiped every namespace's.
+/// For figures from a small broker file, start from a fresh one (README, Performance).
 pub(crate) async fn drop_namespace(
     config: &crate::config::Config,
     pool: &sqlx::MySqlPool,
@@ -48,27 +49,6 @@ pub(crate) async fn drop_namespace(
         sqlx::query(&format!("DROP DATABASE `{name}`"))
             .execute(pool)
             .await?;
-    }
-    // Best effort, as not every broker deletes topics: a warning, never a failed benchmark.
-    let topics: Vec<String> = crate::topics::Topic::ALL
-        .iter()
-        .map(|t| t.name(ns))
-        .collect();
-    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
-        config.kafka_client_config().create()?;
-    let options = rdkafka::admin::AdminOptions::new()
-        .operation_timeout(Some(std::time::Duration::from_secs(30)));
-    match admin.delete_topics(&refs, &options).await {
-        Ok(results) => {
-            // A benchmark that never produced (serve) has no topics to delete.
-            for (topic, code) in results.into_iter().filter_map(Result::err) {
-                if code != rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition {
-                    eprintln!("warning: could not delete topic {topic}: {code}");
-                }
-            }
-        }
-        Err(e) => eprintln!("warning: could not delete the benchmark's topics: {e}"),
     }
     // A namespace is an identifier: no glob characters in the pattern.
     let mut redis = redis::Client::open(config.redis_url.as_str())?

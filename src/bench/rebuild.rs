@@ -339,6 +339,10 @@ async fn timed_rebuild(
         "tenancy rebuild {organisation_id} failed: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Its own summary: where the time went (the replay, the last comparison).
+    for line in stdout.lines().filter(|l| l.starts_with("rebuilt ")) {
+        eprintln!("  tenancy rebuild: {line}");
+    }
     let pause_ms: f64 = stdout
         .split("writes held ")
         .nth(1)

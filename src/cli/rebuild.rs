@@ -143,12 +143,13 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
         );
     }
     println!(
-        "rebuilt {} from {} messages ({} of its events, {} skipped) in {:.1} s; {} difference(s)",
+        "rebuilt {} from {} messages ({} of its events, {} skipped) in {:.1} s (the last comparison {:.1} s); {} difference(s)",
         outcome.database,
         outcome.replayed.read,
         outcome.replayed.applied,
         outcome.replayed.skipped,
         outcome.elapsed.as_secs_f64(),
+        outcome.comparison.elapsed.as_secs_f64(),
         differences.len()
     );
     match (&outcome.swapped_to, mode) {
