@@ -151,3 +151,53 @@ async fn a_replayed_assignment_does_not_undo_a_removal() {
     );
     assert!(index(&pool, &t).await.is_empty());
 }
+
+/// Many new hosts claimed at once in the platform index, each by two retailers: every claim
+/// answers (a locking read of a missing host took gap locks, and two claims of neighbouring new
+/// hosts deadlocked, as the tenants claim did) and each host ends with exactly one holder, the
+/// one the other claim was told about.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_host_claims_never_deadlock_and_one_retailer_holds_each_host() {
+    use blindstrader_tenancy::domains::{claim_host, host::Host};
+    let t = TestNs::new();
+    let pool = t.prepared_pool().await;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+    let mut claims = tokio::task::JoinSet::new();
+    for n in 0..120 {
+        let host = Host::parse(&format!("shop{n}.example")).unwrap();
+        for _ in 0..2 {
+            let (pool, ns, host, limit) = (pool.clone(), t.ns.clone(), host.clone(), limit.clone());
+            claims.spawn(async move {
+                let _slot = limit.acquire().await.unwrap();
+                let retailer = new_id();
+                let mut tx = pool.begin().await.unwrap();
+                let taken = claim_host(&mut tx, &ns, &host, &retailer, chrono::Utc::now()).await;
+                if let Ok(None) = taken {
+                    tx.commit().await.unwrap();
+                }
+                (host.as_str().to_owned(), retailer, taken)
+            });
+        }
+    }
+    let mut by_host: std::collections::HashMap<String, Vec<(String, Option<String>)>> =
+        Default::default();
+    while let Some(done) = claims.join_next().await {
+        let (host, retailer, taken) = done.unwrap();
+        let taken = taken.unwrap_or_else(|e| panic!("claim of {host} by {retailer} failed: {e}"));
+        by_host.entry(host).or_default().push((retailer, taken));
+    }
+    let held: std::collections::HashMap<String, String> =
+        index(&pool, &t).await.into_iter().collect();
+    assert_eq!(by_host.len(), 120);
+    for (host, claims) in &by_host {
+        let winners: Vec<&String> = claims
+            .iter()
+            .filter(|(_, o)| o.is_none())
+            .map(|(r, _)| r)
+            .collect();
+        assert_eq!(winners.len(), 1, "{host}: {claims:?}");
+        let (_, told) = claims.iter().find(|(r, _)| r != winners[0]).unwrap();
+        assert_eq!(told.as_ref(), Some(winners[0]), "{host}");
+        assert_eq!(held.get(host), Some(winners[0]), "{host}");
+    }
+}

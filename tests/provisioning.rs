@@ -654,14 +654,7 @@ async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation(
     use blindstrader_tenancy::tenancy::tenants::{Claim, Tenants};
     use blindstrader_tenancy::tenant::Slug;
     let t = TestNs::new();
-    let pool = t.pool().await;
-    blindstrader_tenancy::tenancy::provisioning::prepare_service_databases(
-        &pool,
-        &t.config.database_url,
-        &t.ns,
-    )
-    .await
-    .unwrap();
+    let pool = t.prepared_pool().await;
     let tenants = Tenants::new(pool.clone(), &t.ns);
     let now = chrono::Utc::now();
     let mut claims = tokio::task::JoinSet::new();

@@ -132,26 +132,14 @@ impl DomainProcessor {
             applied::duplicate("domains", &c.event_id, o, None);
         } else {
             if c.assign {
-                // Locks the host's index row, so two retailers claiming it at once serialise.
-                if let Some(other) = owner(&mut tx, &self.ns, &c.host, true)
-                    .await?
-                    .filter(|o| *o != c.retailer)
+                if let Some(other) =
+                    claim_host(&mut tx, &self.ns, &c.host, &c.retailer, assigned_at(c)).await?
                 {
                     return Err(StepError::reject(format!(
                         "domain {} is already assigned to retailer {other}; remove it there first",
                         c.host
                     )));
                 }
-                sqlx::query(&format!(
-                    "INSERT INTO {} (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
-                     ON DUPLICATE KEY UPDATE assigned_at = VALUES(assigned_at)",
-                    self.index()
-                ))
-                .bind(c.host.as_str())
-                .bind(&c.retailer)
-                .bind(assigned_at(c))
-                .execute(&mut *tx)
-                .await?;
             } else {
                 sqlx::query(&format!(
                     "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
@@ -175,6 +163,36 @@ impl DomainProcessor {
 
 fn assigned_at(c: &DomainChange) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(c.occurred_at).unwrap_or_default()
+}
+
+/// Assigns `host` to `retailer` in the platform index, or returns the other retailer that
+/// holds it (nothing changed then). The row is locked until the transaction ends, so two
+/// retailers claiming one host serialise.
+///
+/// The upsert comes first and the locking read after it, when the row exists: a locking read
+/// of a host nobody holds takes a gap lock, and two assignments of neighbouring new hosts then
+/// deadlocked on each other's gaps (as the tenants claim did), each a retry and a step towards
+/// the dead-letter topic.
+pub async fn claim_host(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    ns: &Namespace,
+    host: &Host,
+    retailer: &str,
+    at: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<String>, sqlx::Error> {
+    // Another retailer's row keeps its time: only the holder's own assignment moves it.
+    sqlx::query(&format!(
+        "INSERT INTO {}.retailer_domains (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
+         ON DUPLICATE KEY UPDATE \
+         assigned_at = IF(retailer_id = VALUES(retailer_id), VALUES(assigned_at), assigned_at)",
+        ns.service_database(ServiceDatabase::Platform).quoted()
+    ))
+    .bind(host.as_str())
+    .bind(retailer)
+    .bind(at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(owner(tx, ns, host, true).await?.filter(|o| o != retailer))
 }
 
 /// Which retailer the platform index says holds `host` (`for_update` locks the row).

@@ -123,6 +123,20 @@ impl TestNs {
         MySqlPool::connect(&self.config.database_url).await.unwrap()
     }
 
+    /// A pool, with the namespace's service databases created and migrated (for tests that
+    /// call the library without a worker).
+    pub async fn prepared_pool(&self) -> MySqlPool {
+        let pool = self.pool().await;
+        blindstrader_tenancy::tenancy::provisioning::prepare_service_databases(
+            &pool,
+            &self.config.database_url,
+            &self.ns,
+        )
+        .await
+        .unwrap();
+        pool
+    }
+
     /// Every event on `topic` from the beginning, decoded; waits until at least `at_least`.
     pub async fn read_events(
         &self,
