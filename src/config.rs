@@ -54,21 +54,51 @@ pub struct ConnectionArgs {
     /// Partitions for topics this command creates.
     #[arg(long, global = true, env = "TENANCY_PARTITIONS", default_value_t = 6)]
     pub partitions: i32,
-    /// Extra librdkafka settings for every Kafka client, KEY=VALUE (repeat the flag, or
-    /// comma-separate in the environment): e.g. security.protocol=SASL_PLAINTEXT,
-    /// sasl.mechanisms=PLAIN, sasl.username=…, sasl.password=…, or debug=cgrp.
-    #[arg(long = "kafka-option", global = true, env = "KAFKA_OPTIONS", value_delimiter = ',',
-        value_name = "KEY=VALUE", value_parser = kafka_option)]
-    pub kafka_options: Vec<(String, String)>,
+    /// Extra librdkafka settings for every Kafka client, KEY=VALUE, several separated by commas
+    /// or the flag repeated: e.g. security.protocol=SASL_PLAINTEXT,sasl.mechanisms=PLAIN, or
+    /// debug=cgrp,fetch. A comma starts a new setting only where KEY= follows it, so list
+    /// values keep theirs.
+    #[arg(long = "kafka-option", global = true, env = "KAFKA_OPTIONS",
+        value_name = "KEY=VALUE[,KEY=VALUE…]", value_parser = kafka_options)]
+    pub kafka_options: Vec<KafkaOptions>,
 }
 
-fn kafka_option(raw: &str) -> Result<(String, String), String> {
-    match raw.split_once('=') {
-        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
-        _ => Err(format!(
-            "expected KEY=VALUE (a librdkafka setting), got {raw:?}"
-        )),
+/// The settings of one `--kafka-option` (or `KAFKA_OPTIONS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaOptions(pub Vec<(String, String)>);
+
+/// Splits `raw` into settings at the commas followed by a setting's name and `=`; any other
+/// comma belongs to the value before it (`debug=cgrp,fetch`, `bootstrap.servers=a:9092,b:9092`).
+/// clap's own delimiter split every comma, so such values could not be passed at all.
+fn kafka_options(raw: &str) -> Result<KafkaOptions, String> {
+    let mut settings: Vec<(String, String)> = Vec::new();
+    for part in raw.split(',') {
+        match part.split_once('=') {
+            Some((key, value)) if is_setting_name(key.trim()) => {
+                settings.push((key.trim().to_owned(), value.to_owned()))
+            }
+            _ => match settings.last_mut() {
+                Some((_, value)) => {
+                    value.push(',');
+                    value.push_str(part);
+                }
+                None => {
+                    return Err(format!(
+                        "expected KEY=VALUE (a librdkafka setting), got {raw:?}"
+                    ))
+                }
+            },
+        }
     }
+    Ok(KafkaOptions(settings))
+}
+
+/// librdkafka's setting names: lower-case words joined by dots (and underscores).
+fn is_setting_name(key: &str) -> bool {
+    !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_')
 }
 
 /// The resolved configuration.
@@ -98,7 +128,11 @@ impl Config {
             redis_url: args.redis_url.clone(),
             namespace: Namespace::parse(&args.namespace)?,
             partitions: args.partitions,
-            kafka_options: args.kafka_options.clone(),
+            kafka_options: args
+                .kafka_options
+                .iter()
+                .flat_map(|o| o.0.iter().cloned())
+                .collect(),
         })
     }
 
@@ -111,5 +145,44 @@ impl Config {
             c.set(k, v);
         }
         c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(raw: &str) -> Vec<(String, String)> {
+        kafka_options(raw).unwrap().0
+    }
+
+    fn pair(k: &str, v: &str) -> (String, String) {
+        (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn kafka_options_split_only_where_a_setting_begins() {
+        assert_eq!(parsed("debug=cgrp,fetch"), [pair("debug", "cgrp,fetch")]);
+        assert_eq!(
+            parsed("security.protocol=SASL_SSL,sasl.mechanisms=PLAIN"),
+            [
+                pair("security.protocol", "SASL_SSL"),
+                pair("sasl.mechanisms", "PLAIN")
+            ]
+        );
+        assert_eq!(
+            parsed("bootstrap.servers=a:9092,b:9092,debug=eos,broker"),
+            [
+                pair("bootstrap.servers", "a:9092,b:9092"),
+                pair("debug", "eos,broker")
+            ]
+        );
+        // A value may hold `=` (base64 padding): only a setting's name before it starts one.
+        assert_eq!(
+            parsed("sasl.password=ab==,Cd=x"),
+            [pair("sasl.password", "ab==,Cd=x")]
+        );
+        assert!(kafka_options("broker").is_err());
+        assert!(kafka_options("=x").is_err());
     }
 }
