@@ -173,8 +173,9 @@ pub struct Sent {
 /// stood a second after its `occurred_at` (the lifecycle skew), so a stamp taken before a slow
 /// start (the producer's id, the topics, the registry: over a second under load) let an event
 /// be judged before a termination sent just ahead of it had arrived, while a replay judged it
-/// otherwise. That is the likely cause of a divergence the chaos test showed (grants applied
-/// to a supplier being terminated, skipped by the clean run), not a proven one.
+/// otherwise: a possible cause of a divergence the chaos test showed (grants applied to a
+/// supplier being terminated, skipped by the clean run); not proven, and the chaos test still
+/// diverges now and then in another way (see the README, Scaling).
 fn restamp(value: &mut Value, now: i64) {
     if let Value::Record(fields) = value {
         for (name, field) in fields.iter_mut() {
