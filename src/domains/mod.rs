@@ -98,10 +98,7 @@ pub struct DomainProcessor {
 
 impl DomainProcessor {
     fn index(&self) -> String {
-        format!(
-            "{}.retailer_domains",
-            self.ns.service_database(ServiceDatabase::Platform).quoted()
-        )
+        index_table(&self.ns)
     }
 
     /// One event, in one transaction over the retailer's database and the platform index,
@@ -165,6 +162,14 @@ fn assigned_at(c: &DomainChange) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_millis(c.occurred_at).unwrap_or_default()
 }
 
+/// The platform-wide index of custom hosts.
+fn index_table(ns: &Namespace) -> String {
+    format!(
+        "{}.retailer_domains",
+        ns.service_database(ServiceDatabase::Platform).quoted()
+    )
+}
+
 /// Assigns `host` to `retailer` in the platform index, or returns the other retailer that
 /// holds it (nothing changed then). The row is locked until the transaction ends, so two
 /// retailers claiming one host serialise.
@@ -182,10 +187,10 @@ pub async fn claim_host(
 ) -> Result<Option<String>, sqlx::Error> {
     // Another retailer's row keeps its time: only the holder's own assignment moves it.
     sqlx::query(&format!(
-        "INSERT INTO {}.retailer_domains (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
+        "INSERT INTO {} (host, retailer_id, assigned_at) VALUES (?, ?, ?) \
          ON DUPLICATE KEY UPDATE \
          assigned_at = IF(retailer_id = VALUES(retailer_id), VALUES(assigned_at), assigned_at)",
-        ns.service_database(ServiceDatabase::Platform).quoted()
+        index_table(ns)
     ))
     .bind(host.as_str())
     .bind(retailer)
@@ -203,8 +208,8 @@ pub async fn owner(
     for_update: bool,
 ) -> Result<Option<String>, sqlx::Error> {
     sqlx::query_scalar(&format!(
-        "SELECT retailer_id FROM {}.retailer_domains WHERE host = ?{}",
-        ns.service_database(ServiceDatabase::Platform).quoted(),
+        "SELECT retailer_id FROM {} WHERE host = ?{}",
+        index_table(ns),
         if for_update { " FOR UPDATE" } else { "" }
     ))
     .bind(host.as_str())

@@ -93,22 +93,22 @@ async fn columns(
 }
 
 /// The parts of a table's row query: the key expression, the row's text, and the FROM clause
-/// (with the id window for `applied_events`, whose values are bound in order).
-struct RowSql {
+/// (with the id window for `applied_events`, whose values [`RowSql::bind`] binds).
+struct RowSql<'w> {
     key: String,
     row: String,
     from: String,
-    binds: Vec<WindowBind>,
+    window: Option<&'w IdWindow>,
 }
 
-impl RowSql {
+impl<'w> RowSql<'w> {
     fn new(
         db: &DatabaseName,
         table: &str,
         compared: &[String],
         key: &[String],
-        window: &IdWindow,
-    ) -> Result<RowSql, sqlx::Error> {
+        window: &'w IdWindow,
+    ) -> Result<RowSql<'w>, sqlx::Error> {
         let text = |c: &String| -> Result<String, sqlx::Error> {
             // NULL is spelled out, so it differs from an empty string.
             Ok(format!(
@@ -119,16 +119,13 @@ impl RowSql {
         let key_cols = if key.is_empty() { compared } else { key };
         let key_expr = key_cols.iter().map(text).collect::<Result<Vec<_>, _>>()?;
         let row_expr = compared.iter().map(text).collect::<Result<Vec<_>, _>>()?;
-        let (filter, binds) = if table == "applied_events" {
-            window.filter()
-        } else {
-            (String::new(), Vec::new())
-        };
+        let window = (table == "applied_events").then_some(window);
+        let filter = window.map(IdWindow::filter).unwrap_or_default();
         Ok(RowSql {
             key: format!("CONCAT_WS('|', {})", key_expr.join(", ")),
             row: format!("CONCAT_WS(0x1f, {})", row_expr.join(", ")),
             from: format!("{}.`{}` t{filter}", db.quoted(), identifier(table)?),
-            binds,
+            window,
         })
     }
 
@@ -157,23 +154,16 @@ impl RowSql {
         )
     }
 
+    /// `q` with the id window's values bound, in the order [`IdWindow::filter`] names them.
     fn bind<'q, O>(
         &'q self,
         mut q: sqlx::query::QueryAs<'q, sqlx::MySql, O, sqlx::mysql::MySqlArguments>,
     ) -> sqlx::query::QueryAs<'q, sqlx::MySql, O, sqlx::mysql::MySqlArguments> {
-        for b in &self.binds {
-            q = match b {
-                WindowBind::Text(s) => q.bind(s.as_str()),
-                WindowBind::Int(i) => q.bind(*i),
-            };
+        for (projection, topic, partition, since) in self.window.map_or(&[][..], |w| &w.since) {
+            q = q.bind(projection).bind(topic).bind(partition).bind(since);
         }
         q
     }
-}
-
-enum WindowBind {
-    Text(String),
-    Int(i64),
 }
 
 /// Event ids are kept [`crate::applied::WINDOW_DAYS`] days, and the live database prunes the expired
@@ -202,23 +192,14 @@ impl IdWindow {
         Ok(IdWindow { since })
     }
 
-    /// ` WHERE …` keeping the rows inside the window, and the values it binds.
-    fn filter(&self) -> (String, Vec<WindowBind>) {
+    /// ` WHERE …` keeping the rows inside the window: four placeholders per (projection,
+    /// topic, partition), bound by [`RowSql::bind`].
+    fn filter(&self) -> String {
         if self.since.is_empty() {
-            return (" WHERE FALSE".to_owned(), Vec::new());
+            return " WHERE FALSE".to_owned();
         }
         let one = "(t.projection = ? AND t.topic = ? AND t.`partition` = ? AND t.`offset` >= ?)";
-        let mut binds = Vec::new();
-        for (projection, topic, partition, since) in &self.since {
-            binds.push(WindowBind::Text(projection.clone()));
-            binds.push(WindowBind::Text(topic.clone()));
-            binds.push(WindowBind::Int(i64::from(*partition)));
-            binds.push(WindowBind::Int(*since));
-        }
-        (
-            format!(" WHERE {}", vec![one; self.since.len()].join(" OR ")),
-            binds,
-        )
+        format!(" WHERE {}", vec![one; self.since.len()].join(" OR "))
     }
 }
 

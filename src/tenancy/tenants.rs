@@ -224,7 +224,9 @@ impl Tenants {
         // other's gaps (12 per 300 tenants provisioned 4 at a time, each a retry 100 ms later
         // and a step towards the dead-letter topic). Anything the INSERT finds taken (the
         // organisation's own row, or the name under another) is decided under the locks.
-        if !crate::db::database_exists(&self.pool, db).await? {
+        // (The schema catalog is not transactional: read once, its answer serves both paths.)
+        let exists = crate::db::database_exists(&self.pool, db).await?;
+        if !exists {
             let inserted = self
                 .insert_provisioning(
                     &self.pool,
@@ -286,13 +288,7 @@ impl Tenants {
             }
             None => {
                 // Never adopt a database nobody registered: it may hold someone's data.
-                let exists: Option<String> = sqlx::query_scalar(
-                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-                )
-                .bind(db.as_str())
-                .fetch_optional(&mut *tx)
-                .await?;
-                if exists.is_some() {
+                if exists {
                     Claim::Conflict(format!(
                         "database {db} exists but is not registered to any organisation; \
                          refusing to adopt it"
