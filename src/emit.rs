@@ -17,6 +17,7 @@ use serde_json::Value as Json;
 use crate::events::json::record_from_json;
 use crate::events::EventKind;
 use crate::tenant::Slug;
+use crate::topics::Topic;
 use crate::wire::Codec;
 
 /// One validated input line, ready to encode.
@@ -215,7 +216,21 @@ pub async fn send_all(
             offset: delivery.offset,
         })
     }
+    let lifecycle = |kind: EventKind| kind.topic() == Topic::Organisations;
     for ev in events {
+        // The processors judge an event by the lifecycle as it stood a moment after the event
+        // happened (`tenancy::watermark::SKEW`): a termination or restore sent before it must
+        // be in the log by then. A busy broker can take longer than that to append one, and
+        // the two land on different topics, so nothing else orders them: an event that follows
+        // lifecycle events waits until they are acknowledged, and only then is it stamped.
+        if !lifecycle(ev.kind) {
+            while in_flight.iter().any(|(e, _, _)| lifecycle(e.kind)) {
+                let oldest = in_flight
+                    .pop_front()
+                    .expect("a lifecycle event is in flight");
+                on_sent(settle(oldest).await?);
+            }
+        }
         let topic = topic_of(ev.kind);
         let mut value = ev.value()?;
         if ev.stamp_on_send {

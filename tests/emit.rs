@@ -75,3 +75,104 @@ fn every_subcommand_explains_itself() {
         assert!(text.contains("Usage: tenancy"), "{args:?}: {text}");
     }
 }
+
+/// A termination sent before a grant must be in the log before the grant is stamped: the
+/// processors judge the grant by the lifecycle as it stood a moment (`SKEW`) after the grant
+/// happened, and a busy broker may take longer than that to append the termination (the chaos
+/// test saw grants judged against a supplier whose termination or restore was not in the log
+/// yet). The termination's broker here answers 1.5 s late; librdkafka's in-process mock cluster
+/// stands in for the broker (the registry is the real one).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_after_a_lifecycle_event_is_stamped_once_that_is_in_the_log() {
+    use blindstrader_tenancy::emit::{prepare_line, send_all};
+    use blindstrader_tenancy::events::Event;
+    use blindstrader_tenancy::wire::Codec;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::FutureProducer;
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use std::time::Duration;
+
+    let t = TestNs::new();
+    let cluster = MockCluster::new(2).unwrap();
+    let lifecycle = t.topic(Topic::Organisations);
+    let access = t.topic(Topic::BrandAccess);
+    for (topic, leader) in [(&lifecycle, 1), (&access, 2)] {
+        cluster.create_topic(topic, 1, 1).unwrap();
+        cluster.partition_leader(topic, 0, Some(leader)).unwrap();
+    }
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(1500))
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .unwrap();
+    let supplier = new_id();
+    let events = vec![
+        prepare_line(
+            1,
+            &lines::terminated(&new_id(), &supplier, "SUPPLIER", "acme"),
+        )
+        .unwrap(),
+        prepare_line(
+            2,
+            &lines::grant(&new_id(), &new_id(), &supplier, &["catalog.read"]),
+        )
+        .unwrap(),
+    ];
+    let codec = Codec::new(&t.config.schema_registry_url);
+    let mut acknowledged = Vec::new();
+    send_all(
+        events,
+        |kind| t.topic(kind.topic()),
+        &codec,
+        &producer,
+        |sent| acknowledged.push((sent.line, chrono::Utc::now().timestamp_millis())),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        acknowledged.iter().map(|(l, _)| *l).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let termination_in_log = acknowledged[0].1;
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "emit-test")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&access, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let message = loop {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(m) => break m.unwrap().detach(),
+            None => panic!("the grant is not in the mock cluster"),
+        }
+    };
+    let Event::Other { value, .. } = codec.decode(message.payload()).await.unwrap() else {
+        panic!("not a grant");
+    };
+    let apache_avro::types::Value::Record(fields) = value else {
+        panic!("not a record: {value:?}");
+    };
+    let occurred_at = fields
+        .iter()
+        .find_map(|(name, v)| match v {
+            apache_avro::types::Value::Long(ms)
+            | apache_avro::types::Value::TimestampMillis(ms)
+                if name == "occurred_at" =>
+            {
+                Some(*ms)
+            }
+            _ => None,
+        })
+        .expect("the grant has occurred_at");
+    assert!(
+        occurred_at >= termination_in_log,
+        "the grant was stamped at {occurred_at} ms, before the termination was in the log ({termination_in_log} ms)"
+    );
+}
