@@ -4,9 +4,12 @@
 //! connection can never carry one tenant's `USE` (or a prepared statement cached under it) into
 //! another tenant's query.
 
+use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::mysql::MySqlConnectOptions;
 use sqlx::pool::PoolConnection;
+use sqlx::ConnectOptions;
 use sqlx::{MySql, MySqlPool};
 
 use crate::config::Config;
@@ -31,6 +34,24 @@ pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Re
         .connect(&config.database_url)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
+}
+
+/// Connections that create and migrate new tenant databases, and do nothing else. A migration
+/// file names no database, so their scripts start with `USE` of the database they build: they
+/// are kept apart from the shared pool, whose connections never `USE` one, and run as text
+/// (no prepared statement to outlive the `USE`). Reusing them spares each new tenant a
+/// connection of its own (handshake, session set-up, quit). Opened on first use: only the
+/// provisioner needs them.
+pub fn ddl_pool(config: &Config, connections: u32) -> anyhow::Result<MySqlPool> {
+    let options = MySqlConnectOptions::from_str(&config.database_url)
+        .map_err(|e| anyhow::anyhow!("bad DATABASE_URL {}: {e}", config.database_url))?
+        .disable_statement_logging();
+    Ok(sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(connections.max(1))
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(30))
+        .test_before_acquire(false)
+        .connect_lazy_with(options))
 }
 
 /// A MySQL named lock (`GET_LOCK`), held on its own pooled connection.

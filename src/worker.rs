@@ -94,6 +94,7 @@ impl Processors {
                 ns: ns.clone(),
                 pool: pool.clone(),
                 database_url: config.database_url.clone(),
+                ddl: crate::db::ddl_pool(config, options.db_connections)?,
                 tenants: tenants.clone(),
                 outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
                 redis: redis.clone(),

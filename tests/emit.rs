@@ -147,12 +147,11 @@ async fn an_event_after_a_lifecycle_event_is_stamped_once_that_is_in_the_log() {
     tpl.add_partition_offset(&access, 0, Offset::Beginning)
         .unwrap();
     consumer.assign(&tpl).unwrap();
-    let message = loop {
-        match consumer.poll(Duration::from_secs(10)) {
-            Some(m) => break m.unwrap().detach(),
-            None => panic!("the grant is not in the mock cluster"),
-        }
-    };
+    let message = consumer
+        .poll(Duration::from_secs(10))
+        .expect("the grant is in the mock cluster")
+        .unwrap()
+        .detach();
     let Event::Other { value, .. } = codec.decode(message.payload()).await.unwrap() else {
         panic!("not a grant");
     };

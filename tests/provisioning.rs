@@ -573,11 +573,14 @@ fn without_auto_increment(ddl: &str) -> String {
 /// worker killed mid-script) is completed by the next attempt.
 #[tokio::test(flavor = "multi_thread")]
 async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
-    use blindstrader_tenancy::tenancy::migrations::{create_and_migrate, for_tenant, migrate};
+    use blindstrader_tenancy::tenancy::migrations::{
+        create_and_migrate, create_and_migrate_tenant, for_tenant, migrate,
+    };
     use blindstrader_tenancy::tenant::Slug;
     let t = TestNs::new();
     let pool = t.pool().await;
     let url = &t.config.database_url;
+    let ddl = blindstrader_tenancy::db::ddl_pool(&t.config, 1).unwrap();
     for kind in [
         OrganisationType::Brand,
         OrganisationType::Supplier,
@@ -642,6 +645,34 @@ async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
             .await
             .unwrap();
         assert_eq!(definitions(&pool, torn.as_str()).await, a, "{kind:?}: torn");
+
+        // The provisioner's path: one script on a reused DDL connection; a database that
+        // exists already (the torn one) is finished the ordinary way, and the connection that
+        // met the error serves the next one.
+        let direct =
+            t.ns.tenant_database(kind, &Slug::parse("direct").unwrap())
+                .unwrap();
+        let torn_again =
+            t.ns.tenant_database(kind, &Slug::parse("tornagain").unwrap())
+                .unwrap();
+        sqlx::query(&format!(
+            "CREATE DATABASE {} {CHARSET}",
+            torn_again.quoted()
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        for db in [&torn_again, &direct] {
+            create_and_migrate_tenant(&ddl, url, db, migrator)
+                .await
+                .unwrap();
+            assert_eq!(definitions(&pool, db.as_str()).await, a, "{kind:?}: {db}");
+            assert_eq!(
+                bookkeeping(db.to_string()).await,
+                bookkeeping(fresh.to_string()).await,
+                "{kind:?}: {db}"
+            );
+        }
     }
 }
 

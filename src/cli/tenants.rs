@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 use crate::config::Config;
+use crate::tenancy::migrations;
 use crate::tenancy::tenants::{Status, TenantRecord, Tenants};
+use crate::tenant::OrganisationType;
 
 #[derive(Debug, Subcommand)]
 pub enum TenantsCommand {
@@ -61,6 +63,19 @@ pub enum TenantsCommand {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Print the SQL a new tenant database of one kind gets: every migration and its
+    /// bookkeeping in `_sqlx_migrations`, as the one script the provisioner sends after
+    /// CREATE DATABASE. For review, and for the provisioning benchmark's raw baseline. Needs
+    /// no service.
+    Ddl {
+        /// brand, supplier or retailer
+        #[arg(value_parser = parse_kind)]
+        kind: OrganisationType,
+    },
+}
+
+fn parse_kind(s: &str) -> Result<OrganisationType, String> {
+    OrganisationType::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_status(s: &str) -> Result<Status, String> {
@@ -70,6 +85,13 @@ fn parse_status(s: &str) -> Result<Status, String> {
 }
 
 pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<ExitCode> {
+    if let TenantsCommand::Ddl { kind } = command {
+        println!(
+            "{};",
+            migrations::fresh_script(migrations::for_tenant(kind))
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let pool = crate::db::connect_pool(&config).await?;
     let tenants = Tenants::new(pool, &config.namespace);
     let platform_missing = |e: sqlx::Error| {
@@ -189,6 +211,7 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
+        TenantsCommand::Ddl { .. } => unreachable!("answered before connecting"),
     }
 }
 

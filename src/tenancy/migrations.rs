@@ -68,6 +68,40 @@ pub async fn create_and_migrate(
     migrate(database_url, db, migrator).await
 }
 
+/// A new tenant's database: created, migrated and its bookkeeping written by one script on a
+/// connection of `ddl` ([`crate::db::ddl_pool`]), one round trip as from the `mysql` client.
+///
+/// Only for a tenant whose lifecycle lock the caller holds: no one else creates or migrates
+/// that database meanwhile (the upgrade at start-up takes the same lock, and a name another
+/// organisation holds was refused at the claim), so the migration lock and the check for
+/// bookkeeping written by another worker that [`create_and_migrate`] needs are not. If the
+/// database exists already (a crash part-way, a redelivery), `CREATE DATABASE` fails before
+/// anything else runs, and the ordinary path finishes it.
+pub async fn create_and_migrate_tenant(
+    ddl: &MySqlPool,
+    database_url: &str,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<i64, sqlx::Error> {
+    let script = format!(
+        "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;\nUSE {db};\n{}",
+        fresh_script(migrator),
+        db = db.quoted()
+    );
+    match sqlx::raw_sql(&script).execute(ddl).await {
+        Ok(_) => Ok(latest_version(migrator)),
+        Err(e) if is_database_exists(&e) => migrate(database_url, db, migrator).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// MySQL's ER_DB_CREATE_EXISTS.
+fn is_database_exists(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+        .is_some_and(|m| m.number() == 1007)
+}
+
 /// The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs): its later runs (the upgrade at
 /// start-up) refuse anything they do not recognise.
 const SQLX_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (\
@@ -78,7 +112,7 @@ const SQLX_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations
 /// Every migration `sqlx` would run on an empty database, then the bookkeeping it would write
 /// for them, as one script: the DDL, `_sqlx_migrations`, and one row per migration. Values are
 /// literals (a script cannot bind), all from the embedded migrations, never from input.
-fn fresh_script(migrator: &Migrator) -> String {
+pub fn fresh_script(migrator: &Migrator) -> String {
     let mut script = String::new();
     let ups: Vec<_> = migrator
         .iter()

@@ -62,6 +62,8 @@ pub struct Provisioner {
     pub ns: Namespace,
     pub pool: MySqlPool,
     pub database_url: String,
+    /// Where new tenant databases are created and migrated ([`crate::db::ddl_pool`]).
+    pub ddl: MySqlPool,
     pub tenants: Tenants,
     pub outcomes: OutcomePublisher,
     /// Caches to clear when a tenant is archived.
@@ -224,8 +226,8 @@ impl Provisioner {
             }
         }
         let claimed = started.elapsed();
-        let version = migrations::create_and_migrate(
-            &self.pool,
+        let version = migrations::create_and_migrate_tenant(
+            &self.ddl,
             &self.database_url,
             &db,
             migrations::for_tenant(kind),
