@@ -217,17 +217,23 @@ pub async fn send_all(
         })
     }
     let lifecycle = |kind: EventKind| kind.topic() == Topic::Organisations;
+    // Events handed to the producer and settled so far, and the number of the last lifecycle
+    // event handed over.
+    let (mut handed, mut settled) = (0u64, 0u64);
+    let mut last_lifecycle: Option<u64> = None;
     for ev in events {
         // The processors judge an event by the lifecycle as it stood a moment after the event
         // happened (`tenancy::watermark::SKEW`): a termination or restore sent before it must
         // be in the log by then. A busy broker can take longer than that to append one, and
         // the two land on different topics, so nothing else orders them: an event that follows
         // lifecycle events waits until they are acknowledged, and only then is it stamped.
+        // (Counted, not searched for: the queue can hold many thousands of events.)
         if !lifecycle(ev.kind) {
-            while in_flight.iter().any(|(e, _, _)| lifecycle(e.kind)) {
+            while last_lifecycle.is_some_and(|n| settled <= n) {
                 let oldest = in_flight
                     .pop_front()
                     .expect("a lifecycle event is in flight");
+                settled += 1;
                 on_sent(settle(oldest).await?);
             }
         }
@@ -244,12 +250,19 @@ pub async fn send_all(
             let record = FutureRecord::to(&topic).key(&ev.key).payload(&payload);
             match producer.send_result(record) {
                 Ok(fut) => {
+                    if lifecycle(ev.kind) {
+                        last_lifecycle = Some(handed);
+                    }
+                    handed += 1;
                     in_flight.push_back((ev, topic, fut));
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     match in_flight.pop_front() {
-                        Some(oldest) => on_sent(settle(oldest).await?),
+                        Some(oldest) => {
+                            settled += 1;
+                            on_sent(settle(oldest).await?)
+                        }
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }
