@@ -172,11 +172,9 @@ pub struct Sent {
 /// Sets a record's `occurred_at` to `now`. An event emitted without one happened when it is
 /// sent, not when its line was read: the processors judge it against the lifecycle log as it
 /// stood a second after its `occurred_at` (the lifecycle skew), so a stamp taken before a slow
-/// start (the producer's id, the topics, the registry: over a second under load) let an event
-/// be judged before a termination sent just ahead of it had arrived, while a replay judged it
-/// otherwise: a possible cause of a divergence the chaos test showed (grants applied to a
-/// supplier being terminated, skipped by the clean run); not proven, and the chaos test still
-/// diverges now and then in another way (see the README, Scaling).
+/// start (the producer's id, the topics, the registry: over a second under load) could let an
+/// event be judged before a termination sent just ahead of it had arrived. [`send_all`] also
+/// waits for such a termination to be acknowledged before it stamps what follows.
 fn restamp(value: &mut Value, now: i64) {
     if let Value::Record(fields) = value {
         for (name, field) in fields.iter_mut() {
@@ -217,10 +215,10 @@ pub async fn send_all(
         })
     }
     let lifecycle = |kind: EventKind| kind.topic() == Topic::Organisations;
-    // Events handed to the producer and settled so far, and the number of the last lifecycle
-    // event handed over.
-    let (mut handed, mut settled) = (0u64, 0u64);
-    let mut last_lifecycle: Option<u64> = None;
+    // Events handed to the producer so far, and the number of the last lifecycle event handed
+    // over; those still in flight are the last `in_flight.len()` of them.
+    let mut handed = 0usize;
+    let mut last_lifecycle: Option<usize> = None;
     for ev in events {
         // The processors judge an event by the lifecycle as it stood a moment after the event
         // happened (`tenancy::watermark::SKEW`): a termination or restore sent before it must
@@ -229,11 +227,10 @@ pub async fn send_all(
         // lifecycle events waits until they are acknowledged, and only then is it stamped.
         // (Counted, not searched for: the queue can hold many thousands of events.)
         if !lifecycle(ev.kind) {
-            while last_lifecycle.is_some_and(|n| settled <= n) {
+            while last_lifecycle.is_some_and(|n| handed - in_flight.len() <= n) {
                 let oldest = in_flight
                     .pop_front()
                     .expect("a lifecycle event is in flight");
-                settled += 1;
                 on_sent(settle(oldest).await?);
             }
         }
@@ -259,10 +256,7 @@ pub async fn send_all(
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     match in_flight.pop_front() {
-                        Some(oldest) => {
-                            settled += 1;
-                            on_sent(settle(oldest).await?)
-                        }
+                        Some(oldest) => on_sent(settle(oldest).await?),
                         None => tokio::time::sleep(Duration::from_millis(10)).await,
                     }
                 }

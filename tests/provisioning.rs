@@ -587,15 +587,11 @@ async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
         OrganisationType::Retailer,
     ] {
         let migrator = for_tenant(kind);
-        let fresh =
-            t.ns.tenant_database(kind, &Slug::parse("fresh").unwrap())
-                .unwrap();
-        let stepwise =
-            t.ns.tenant_database(kind, &Slug::parse("stepwise").unwrap())
-                .unwrap();
-        let torn =
-            t.ns.tenant_database(kind, &Slug::parse("torn").unwrap())
-                .unwrap();
+        let named = |slug: &str| {
+            t.ns.tenant_database(kind, &Slug::parse(slug).unwrap())
+                .unwrap()
+        };
+        let (fresh, stepwise, torn) = (named("fresh"), named("stepwise"), named("torn"));
         create_and_migrate(&pool, url, &fresh, migrator)
             .await
             .unwrap();
@@ -649,12 +645,7 @@ async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
         // The provisioner's path: one script on a reused DDL connection; a database that
         // exists already (the torn one) is finished the ordinary way, and the connection that
         // met the error serves the next one.
-        let direct =
-            t.ns.tenant_database(kind, &Slug::parse("direct").unwrap())
-                .unwrap();
-        let torn_again =
-            t.ns.tenant_database(kind, &Slug::parse("tornagain").unwrap())
-                .unwrap();
+        let (direct, torn_again) = (named("direct"), named("tornagain"));
         sqlx::query(&format!(
             "CREATE DATABASE {} {CHARSET}",
             torn_again.quoted()
