@@ -10,7 +10,7 @@ use std::time::Duration;
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::pool::PoolConnection;
 use sqlx::ConnectOptions;
-use sqlx::{MySql, MySqlPool};
+use sqlx::{MySql, MySqlPool, Row};
 
 use crate::config::Config;
 use crate::stream::StepError;
@@ -124,6 +124,44 @@ impl NamedLock {
         Self::acquire(pool, format!("{ns}:l:{}", compact(organisation_id))).await
     }
 
+    /// The lifecycle locks of many organisations, each taken only if free at once, in one
+    /// statement on one connection: returns the lock and which of `organisation_ids` it holds.
+    /// Never waiting means two holders of overlapping sets cannot deadlock; an organisation
+    /// whose lock is busy is left to the caller's ordinary, waiting path.
+    pub async fn lifecycles_if_free(
+        pool: &MySqlPool,
+        ns: &Namespace,
+        organisation_ids: &[&str],
+    ) -> Result<(NamedLock, Vec<bool>), sqlx::Error> {
+        let names: Vec<String> = organisation_ids
+            .iter()
+            .map(|id| format!("{ns}:l:{}", compact(id)))
+            .collect();
+        let mut lock = NamedLock {
+            conn: Some(pool.acquire().await?),
+            names: Vec::new(),
+        };
+        let mut held = Vec::with_capacity(names.len());
+        for chunk in names.chunks(500) {
+            let sql = format!("SELECT {}", vec!["GET_LOCK(?, 0)"; chunk.len()].join(", "));
+            let mut query = sqlx::query(&sql);
+            for name in chunk {
+                query = query.bind(name);
+            }
+            let row = query
+                .fetch_one(&mut **lock.conn.as_mut().expect("held"))
+                .await?;
+            for (i, name) in chunk.iter().enumerate() {
+                let got: Option<i64> = row.try_get(i)?;
+                if got == Some(1) {
+                    lock.names.push(name.clone());
+                }
+                held.push(got == Some(1));
+            }
+        }
+        Ok((lock, held))
+    }
+
     /// Claims the rebuild of one organisation without waiting: `None` while another rebuild,
     /// in any process on any host, holds it. A killed rebuild's claim goes with its connection.
     pub async fn rebuild(
@@ -184,12 +222,14 @@ impl NamedLock {
         let Some(mut conn) = self.conn.take() else {
             return;
         };
-        for name in &self.names {
-            let released = sqlx::query("SELECT RELEASE_LOCK(?)")
-                .bind(name)
-                .execute(&mut *conn)
-                .await;
-            if released.is_err() {
+        // One statement for all of them (a batch of new tenants holds hundreds).
+        for chunk in self.names.chunks(500) {
+            let sql = format!("SELECT {}", vec!["RELEASE_LOCK(?)"; chunk.len()].join(", "));
+            let mut query = sqlx::query(&sql);
+            for name in chunk {
+                query = query.bind(name);
+            }
+            if query.execute(&mut *conn).await.is_err() {
                 let _ = conn.close().await;
                 return;
             }
@@ -220,6 +260,26 @@ pub async fn database_exists(pool: &MySqlPool, db: &DatabaseName) -> Result<bool
     .fetch_optional(pool)
     .await?;
     Ok(found.is_some())
+}
+
+/// Which of `dbs` exist.
+pub async fn databases_existing(
+    pool: &MySqlPool,
+    dbs: &[&DatabaseName],
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let mut found = std::collections::HashSet::new();
+    for chunk in dbs.chunks(500) {
+        let sql = format!(
+            "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME IN ({})",
+            vec!["?"; chunk.len()].join(",")
+        );
+        let mut query = sqlx::query_scalar::<_, String>(&sql);
+        for db in chunk {
+            query = query.bind(db.as_str());
+        }
+        found.extend(query.fetch_all(pool).await?);
+    }
+    Ok(found)
 }
 
 /// Tables of a database, in name order (empty if it does not exist).

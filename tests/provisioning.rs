@@ -365,11 +365,17 @@ async fn a_worker_killed_mid_provisioning_converges_after_restart() {
     let pool = t.pool().await;
 
     let mut first = t.spawn_run("kill-first");
-    // Kill it once some, but not all, tenants are done.
-    wait_for("first tenants provisioned", SETTLE, || async {
-        let rows = statuses(&pool, &t.ns).await;
-        let active = rows.iter().filter(|(_, s, _)| s == "active").count();
-        (active >= 1).then_some(())
+    // Kill it once some tenants' databases exist: a batch of new tenants is claimed at once and
+    // activated at once, so this is mid-way through creating them.
+    wait_for("first tenant databases created", SETTLE, || async {
+        let created: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+        )
+        .bind(format!("{}\\_%\\_kill%", t.ns))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        (created >= 1).then_some(())
     })
     .await;
     first.kill9();
@@ -485,9 +491,6 @@ async fn events_from_another_confluent_client_with_an_evolved_schema_are_consume
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_workers_racing_on_one_event_end_with_one_database_and_one_outcome_id() {
-    use blindstrader_tenancy::stream::{Msg, Processor, StepError};
-    use blindstrader_tenancy::tenancy::provisioning::Provisioner;
-
     let t = TestNs::new();
     let pool = t.pool().await;
     // Two workers' processors, sharing nothing but the servers.
@@ -510,19 +513,9 @@ async fn two_workers_racing_on_one_event_end_with_one_database_and_one_outcome_i
     );
     // Both apply the same delivery at once, as two workers would across a rebalance, retrying
     // what the loop retries (a deadlock between their claims is one).
-    async fn apply(p: &Provisioner, msg: &Msg<Event>) {
-        for _ in 0..20 {
-            match p.apply(&[(msg, &())]).await {
-                Ok(()) => return,
-                Err(f) if matches!(f.error, StepError::Retry(_)) => continue,
-                Err(f) => panic!("{}", f.error),
-            }
-        }
-        panic!("still failing after 20 attempts");
-    }
     tokio::join!(
-        apply(&first.provisioner, &msg),
-        apply(&second.provisioner, &msg)
+        apply_retrying(&first.provisioner, &msg),
+        apply_retrying(&second.provisioner, &msg)
     );
     let rows = statuses(&pool, &t.ns).await;
     assert_eq!(
@@ -739,4 +732,272 @@ async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation(
         .unwrap();
         assert_eq!(&owner, winners[0]);
     }
+}
+
+/// Applies one event as the loop's per-key path does: retrying what it retries (a busy lock, a
+/// deadlock between claims), up to 20 times; anything else fails the test.
+async fn apply_retrying(
+    p: &blindstrader_tenancy::tenancy::provisioning::Provisioner,
+    msg: &blindstrader_tenancy::stream::Msg<Event>,
+) {
+    use blindstrader_tenancy::stream::{Processor, StepError};
+    for _ in 0..20 {
+        match p.apply(&[(msg, &())]).await {
+            Ok(()) => return,
+            Err(f) if matches!(f.error, StepError::Retry(_)) => continue,
+            Err(f) => panic!("{}", f.error),
+        }
+    }
+    panic!("still failing after 20 attempts");
+}
+
+/// An OrganisationCreated as a message on the lifecycle topic.
+fn created_msg(
+    t: &TestNs,
+    offset: i64,
+    org: &str,
+    kind: OrganisationType,
+    slug: &str,
+) -> blindstrader_tenancy::stream::Msg<Event> {
+    let event = OrganisationCreated {
+        event_id: new_id(),
+        occurred_at: 1_795_946_400_000 + offset,
+        organisation_id: org.to_owned(),
+        organisation_type: kind,
+        slug: slug.into(),
+        name: format!("Org {slug}"),
+    };
+    message(
+        &t.topic(Topic::Organisations),
+        0,
+        offset,
+        org,
+        Event::OrganisationCreated(event),
+    )
+}
+
+fn created(m: &blindstrader_tenancy::stream::Msg<Event>) -> &OrganisationCreated {
+    match &m.item {
+        Event::OrganisationCreated(ev) => ev,
+        _ => unreachable!(),
+    }
+}
+
+/// Onboarding (many new organisations as one unit) takes what is plainly new and leaves every
+/// odd case to the ordinary path, which refuses or finishes it: the end state and the outcomes
+/// are those of one-at-a-time provisioning.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_new_organisations_is_provisioned_as_one_unit_and_the_odd_ones_one_by_one() {
+    use blindstrader_tenancy::stream::Processor;
+    use blindstrader_tenancy::tenancy::tenants::Tenants;
+    use blindstrader_tenancy::tenant::Slug;
+    use OrganisationType::{Brand, Retailer, Supplier};
+
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let p = t.processors().await.provisioner;
+    let ns = t.ns.as_str();
+    let org = |_: usize| new_id();
+    let plain: Vec<(String, OrganisationType, String)> = (0..6)
+        .map(|i| {
+            (
+                org(i),
+                [Brand, Supplier, Retailer][i % 3],
+                format!("plain{i}"),
+            )
+        })
+        .collect();
+    let mut msgs: Vec<_> = plain
+        .iter()
+        .enumerate()
+        .map(|(i, (o, k, s))| created_msg(&t, i as i64, o, *k, s))
+        .collect();
+    // Odd ones, each for the ordinary path:
+    // an event already applied (a redelivery),
+    let (applied, twin_a, twin_b, invalid, squatted, torn, busy) = (
+        new_id(),
+        new_id(),
+        new_id(),
+        new_id(),
+        new_id(),
+        new_id(),
+        new_id(),
+    );
+    let earlier = created_msg(&t, 100, &applied, Brand, "earlier");
+    p.apply(&[(&earlier, &())]).await.expect("provisioned");
+    msgs.push(message(
+        &t.topic(Topic::Organisations),
+        0,
+        100,
+        &applied,
+        earlier.item.clone(),
+    ));
+    // two organisations naming one database in the same batch,
+    msgs.push(created_msg(&t, 101, &twin_a, Supplier, "twin"));
+    msgs.push(created_msg(&t, 102, &twin_b, Supplier, "twin"));
+    // a slug no database may be named after (a foreign producer's),
+    msgs.push(created_msg(
+        &t,
+        103,
+        &invalid,
+        Brand,
+        "Bad-Slug; DROP DATABASE mysql",
+    ));
+    // a database that exists but nobody registered,
+    let squat = format!("{ns}_retailer_squatted");
+    sqlx::query(&format!("CREATE DATABASE `{squat}`"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    msgs.push(created_msg(&t, 104, &squatted, Retailer, "squatted"));
+    // a tenant a killed worker left claimed with half a database,
+    let torn_db =
+        t.ns.tenant_database(Brand, &Slug::parse("torn").unwrap())
+            .unwrap();
+    Tenants::new(pool.clone(), &t.ns)
+        .claim(&torn, Brand, "torn", "Torn", &torn_db, chrono::Utc::now())
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {}", torn_db.quoted()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    msgs.push(created_msg(&t, 105, &torn, Brand, "torn"));
+    // and one whose lifecycle lock another worker holds for a moment.
+    msgs.push(created_msg(&t, 106, &busy, Retailer, "busy"));
+    let mut holder = pool.acquire().await.unwrap();
+    let lock = format!("{ns}:l:{}", busy.replace('-', ""));
+    sqlx::query("SELECT GET_LOCK(?, 0)")
+        .bind(&lock)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let evs: Vec<&OrganisationCreated> = msgs.iter().map(created).collect();
+    let done = p.onboard(&evs, 4).await;
+    let expected: Vec<bool> = (0..msgs.len()).map(|i| i < 6 || i == 7).collect();
+    assert_eq!(
+        done, expected,
+        "the plain ones and the first twin as one unit, the rest left"
+    );
+    sqlx::query("SELECT RELEASE_LOCK(?)")
+        .bind(&lock)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // The loop's per-key path for what was left, retrying as it does.
+    for (m, done) in msgs.iter().zip(&done) {
+        if *done {
+            continue;
+        }
+        apply_retrying(&p, m).await;
+    }
+
+    let status: HashMap<String, (String, Option<String>)> = statuses(&pool, &t.ns)
+        .await
+        .into_iter()
+        .map(|(o, s, d)| (o, (s, d)))
+        .collect();
+    let active = |o: &str, db: String| {
+        assert_eq!(status[o], ("active".into(), Some(db)), "{o}");
+    };
+    for (o, k, s) in &plain {
+        active(o, format!("{ns}_{}_{s}", k.db_word()));
+    }
+    active(&applied, format!("{ns}_brand_earlier"));
+    active(&twin_a, format!("{ns}_supplier_twin"));
+    active(&torn, format!("{ns}_brand_torn"));
+    active(&busy, format!("{ns}_retailer_busy"));
+    for refused in [&twin_b, &invalid, &squatted] {
+        assert_eq!(
+            status[refused.as_str()],
+            ("failed".into(), None),
+            "{refused}"
+        );
+    }
+    for (_, db) in status.values().filter(|(s, _)| s == "active") {
+        let db = db.as_deref().unwrap();
+        assert_eq!(applied_migrations(&pool, db).await, shipped(db), "{db}");
+    }
+    assert!(
+        tables(&pool, &squat).await.is_empty(),
+        "the squatter's database untouched"
+    );
+
+    // One outcome per organisation, the earlier one's not repeated.
+    let outcomes = t.read_events(Topic::Tenancy, 13, SETTLE).await;
+    let mut per_org: HashMap<String, Vec<EventKind>> = HashMap::new();
+    for e in &outcomes {
+        let (o, k) = match e {
+            Event::TenantProvisioned(p) => (p.organisation_id.clone(), e.kind()),
+            Event::TenantProvisioningFailed(f) => (f.organisation_id.clone(), e.kind()),
+            other => panic!("unexpected {other:?}"),
+        };
+        per_org.entry(o).or_default().push(k);
+    }
+    assert_eq!(per_org.len(), 13, "{per_org:?}");
+    for (o, kinds) in &per_org {
+        let want = if [&twin_b, &invalid, &squatted].contains(&o) {
+            EventKind::TenantProvisioningFailed
+        } else {
+            EventKind::TenantProvisioned
+        };
+        assert_eq!(kinds, &vec![want], "{o}");
+    }
+    assert_eq!(t.message_count(Topic::Tenancy), 13);
+    // Every event in the lifecycle log once.
+    let logged: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(DISTINCT event_id) FROM `{ns}_platform`.lifecycle_log"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(logged, 13);
+}
+
+/// Two workers onboarding the same batch at once (a partition briefly owned by both): each
+/// organisation is provisioned once, with one outcome, whoever took which.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_onboarding_one_batch_provision_each_organisation_once() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let (a, b) = (t.processors().await, t.processors().await);
+    let kinds = [
+        OrganisationType::Brand,
+        OrganisationType::Supplier,
+        OrganisationType::Retailer,
+    ];
+    let msgs: Vec<_> = (0..24)
+        .map(|i| created_msg(&t, i, &new_id(), kinds[i as usize % 3], &format!("both{i}")))
+        .collect();
+    let evs: Vec<&OrganisationCreated> = msgs.iter().map(created).collect();
+    let (done_a, done_b) = tokio::join!(
+        a.provisioner.onboard(&evs, 4),
+        b.provisioner.onboard(&evs, 4)
+    );
+    for (i, m) in msgs.iter().enumerate() {
+        assert!(!(done_a[i] && done_b[i]), "both provisioned {i}");
+        if done_a[i] || done_b[i] {
+            continue;
+        }
+        for p in [&a.provisioner, &b.provisioner] {
+            apply_retrying(p, m).await;
+        }
+    }
+    assert!(
+        done_a.iter().chain(&done_b).filter(|d| **d).count() >= 2,
+        "onboarding did some of the work: {done_a:?} {done_b:?}"
+    );
+    let rows = statuses(&pool, &t.ns).await;
+    assert_eq!(rows.len(), 24);
+    assert!(rows.iter().all(|(_, s, _)| s == "active"), "{rows:?}");
+    let outcomes = t.read_events(Topic::Tenancy, 24, SETTLE).await;
+    let orgs: HashSet<String> = outcomes
+        .iter()
+        .map(|e| match e {
+            Event::TenantProvisioned(p) => p.organisation_id.clone(),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!((orgs.len(), t.message_count(Topic::Tenancy)), (24, 24));
 }

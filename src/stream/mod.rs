@@ -216,10 +216,53 @@ pub trait Processor {
         run: &[(&Msg<Self::Item>, &Self::Target)],
     ) -> impl Future<Output = Result<(), Failed>>;
 
+    /// The first attempt at the ready runs of many keys (one run per key, each in log order):
+    /// one outcome per run, `None` for a run left to the loop's per-key path (which retries and
+    /// dead-letters). The default applies up to `concurrency` runs at a time with
+    /// [`Processor::apply`] ([`apply_each`]); a processor that does many keys' work better as
+    /// one unit (the provisioner: many new tenants at once) overrides it.
+    fn apply_keys(
+        &self,
+        runs: &[ReadyRun<'_, Self>],
+        concurrency: usize,
+    ) -> impl Future<Output = Vec<Option<Result<(), Failed>>>> {
+        apply_each(self, runs, concurrency)
+    }
+
     /// Called after the loop stored new commit positions (e.g. to publish a watermark).
     fn progressed(&self, _positions: &[Position]) -> impl Future<Output = Result<(), StepError>> {
         async { Ok(()) }
     }
+}
+
+/// One key's ready events, in log order, with their targets.
+pub type ReadyRun<'a, P> = Vec<(
+    &'a Msg<<P as Processor>::Item>,
+    &'a <P as Processor>::Target,
+)>;
+
+/// Up to `concurrency` runs at a time, each with [`Processor::apply`] (different keys are
+/// different tenants, or touch them under their own locks). With a concurrency of 1 nothing is
+/// attempted: the per-key path does it, with its retries.
+pub async fn apply_each<P: Processor + ?Sized>(
+    p: &P,
+    runs: &[ReadyRun<'_, P>],
+    concurrency: usize,
+) -> Vec<Option<Result<(), Failed>>> {
+    use futures::stream::{self, StreamExt};
+    let mut outcomes: Vec<Option<Result<(), Failed>>> = runs.iter().map(|_| None).collect();
+    if concurrency <= 1 || runs.len() < 2 {
+        return outcomes;
+    }
+    let done: Vec<(usize, Result<(), Failed>)> = stream::iter(runs.iter().enumerate())
+        .map(|(i, run)| async move { (i, p.apply(run).await) })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    for (i, outcome) in done {
+        outcomes[i] = Some(outcome);
+    }
+    outcomes
 }
 
 /// Tunables of the loop, shared by every processor of a worker.

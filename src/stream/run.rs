@@ -361,30 +361,27 @@ impl<'a, P: Processor> Loop<'a, P> {
         self.apply_keys(ready_keys).await
     }
 
-    /// Applies the ready runs of many keys: a first attempt for up to `write_concurrency` keys
-    /// at a time (different keys are different tenants, or touch them under their own locks),
-    /// then the retry policy of [`Loop::apply_key`], one key at a time, for the runs that failed.
-    /// Order within a key is kept: a key's run is one unit in either path.
+    /// Applies the ready runs of many keys: a first attempt at all of them by the processor
+    /// ([`Processor::apply_keys`]: by default up to `write_concurrency` keys at a time), then
+    /// the retry policy of [`Loop::apply_key`], one key at a time, for the runs that failed or
+    /// were left. Order within a key is kept: a key's run is one unit in either path.
     async fn apply_keys(&mut self, keys: Vec<(String, Run<P>)>) -> bool {
-        use futures::stream::{self, StreamExt};
-        let p = self.p;
         let concurrency = self.settings.write_concurrency.max(1);
-        let outcomes: Vec<(usize, Result<(), super::Failed>)> =
-            if concurrency == 1 || keys.len() < 2 {
-                Vec::new()
-            } else {
-                stream::iter(keys.iter().enumerate())
-                    .map(|(i, (_, run))| async move {
-                        let refs: Vec<(&Msg<P::Item>, &P::Target)> =
-                            run.iter().map(|(m, t)| (m, t)).collect();
-                        (i, p.apply(&refs).await)
-                    })
-                    .buffer_unordered(concurrency)
-                    .collect()
-                    .await
-            };
-        let mut outcomes: HashMap<usize, Result<(), super::Failed>> =
-            outcomes.into_iter().collect();
+        let mut outcomes: HashMap<usize, Result<(), super::Failed>> = if keys.len() < 2 {
+            HashMap::new()
+        } else {
+            let runs: Vec<super::ReadyRun<'_, P>> = keys
+                .iter()
+                .map(|(_, run)| run.iter().map(|(m, t)| (m, t)).collect())
+                .collect();
+            self.p
+                .apply_keys(&runs, concurrency)
+                .await
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, outcome)| Some((i, outcome?)))
+                .collect()
+        };
         for (i, (key, mut run)) in keys.into_iter().enumerate() {
             match outcomes.remove(&i) {
                 Some(Ok(())) => {

@@ -4,6 +4,7 @@
 
 pub mod lifecycle;
 pub mod migrations;
+pub mod onboarding;
 pub mod outcomes;
 mod processor;
 pub mod provisioning;

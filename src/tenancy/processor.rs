@@ -1,7 +1,10 @@
 //! The provisioner as a stream processor over `{ns}.organisations`.
 
-use crate::events::Event;
-use crate::stream::{Failed, Gate, Msg, Origin, Position, Processor, StepError};
+use crate::events::{Event, OrganisationCreated};
+use crate::stream::{apply_each, Failed, Gate, Msg, Origin, Position, Processor, StepError};
+
+/// New organisations provisioned as one unit at most (see [`Processor::apply_keys`] below).
+const ONBOARDING_BATCH: usize = 100;
 
 use super::provisioning::Provisioner;
 
@@ -60,6 +63,48 @@ impl Processor for Provisioner {
             done.map_err(|e| Failed::at(i, e))?;
         }
         Ok(())
+    }
+
+    /// New organisations, each the only event of its key in the batch, are provisioned as one
+    /// unit ([`super::onboarding`]), 100 at a time so outcomes and progress show as they go;
+    /// everything else (and whatever onboarding left) is applied key by key.
+    async fn apply_keys(
+        &self,
+        runs: &[Vec<(&Msg<Event>, &())>],
+        concurrency: usize,
+    ) -> Vec<Option<Result<(), Failed>>> {
+        let new: Vec<(usize, &OrganisationCreated)> = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, run)| match run.as_slice() {
+                [(m, _)] => match &m.item {
+                    Event::OrganisationCreated(ev) => Some((i, ev)),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let mut outcomes: Vec<Option<Result<(), Failed>>> = runs.iter().map(|_| None).collect();
+        if new.len() >= 2 {
+            for chunk in new.chunks(ONBOARDING_BATCH) {
+                let evs: Vec<&OrganisationCreated> = chunk.iter().map(|(_, ev)| *ev).collect();
+                for ((i, _), done) in chunk.iter().zip(self.onboard(&evs, concurrency).await) {
+                    if done {
+                        outcomes[*i] = Some(Ok(()));
+                    }
+                }
+            }
+        }
+        let rest: Vec<usize> = (0..runs.len()).filter(|i| outcomes[*i].is_none()).collect();
+        let rest_runs: Vec<Vec<(&Msg<Event>, &())>> =
+            rest.iter().map(|i| runs[*i].clone()).collect();
+        for (i, outcome) in rest
+            .into_iter()
+            .zip(apply_each(self, &rest_runs, concurrency).await)
+        {
+            outcomes[i] = outcome;
+        }
+        outcomes
     }
 
     /// Publishes how far the lifecycle log is applied: projectors wait on it (see

@@ -83,6 +83,25 @@ pub(super) fn timestamp(millis: i64) -> DateTime<Utc> {
         .unwrap_or_else(Utc::now)
 }
 
+/// The TenantProvisioned caused by `ev`, with the id derived from it (the same on every retry).
+pub(super) fn provisioned_outcome(
+    ev: &OrganisationCreated,
+    slug: &Slug,
+    db: &DatabaseName,
+    version: i64,
+) -> TenantProvisioned {
+    TenantProvisioned {
+        event_id: derived_event_id(&ev.event_id, EventKind::TenantProvisioned),
+        occurred_at: Utc::now().timestamp_millis(),
+        organisation_id: ev.organisation_id.clone(),
+        organisation_type: ev.organisation_type,
+        slug: slug.to_string(),
+        database: db.to_string(),
+        migration_version: version,
+        caused_by: Some(ev.event_id.clone()),
+    }
+}
+
 /// Creates and migrates the namespace's service databases (run at start-up).
 pub async fn prepare_service_databases(
     pool: &MySqlPool,
@@ -242,16 +261,7 @@ impl Provisioner {
         // A request that found no such tenant may have cached that for a few seconds.
         self.redis.domains_changed(&[]).await?;
         let activated = started.elapsed();
-        let outcome = TenantProvisioned {
-            event_id: derived_event_id(&ev.event_id, EventKind::TenantProvisioned),
-            occurred_at: Utc::now().timestamp_millis(),
-            organisation_id: ev.organisation_id.clone(),
-            organisation_type: kind,
-            slug: slug.to_string(),
-            database: db.to_string(),
-            migration_version: version,
-            caused_by: Some(ev.event_id.clone()),
-        };
+        let outcome = provisioned_outcome(ev, &slug, &db, version);
         self.outcomes
             .publish(EventKind::TenantProvisioned, &ev.organisation_id, &outcome)
             .await

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
@@ -139,6 +139,16 @@ pub enum Claim {
     Conflict(String),
     /// The organisation was terminated: a stale OrganisationCreated must not resurrect it.
     Terminated(Status),
+}
+
+/// A new organisation's first row ([`Tenants::insert_new`]).
+pub struct NewTenant<'a> {
+    pub organisation_id: &'a str,
+    pub kind: OrganisationType,
+    pub slug: &'a str,
+    pub name: &'a str,
+    pub database: &'a DatabaseName,
+    pub occurred_at: DateTime<Utc>,
 }
 
 /// What a projector needs to know about a tenant before writing to it.
@@ -341,6 +351,102 @@ impl Tenants {
         Ok(())
     }
 
+    /// Among `organisation_ids` and `dbs`: the organisations that have a row, and the
+    /// databases some row names (whoever owns it).
+    pub async fn rows_naming(
+        &self,
+        organisation_ids: &[&str],
+        dbs: &[&DatabaseName],
+    ) -> Result<(HashSet<String>, HashSet<String>), sqlx::Error> {
+        let (mut orgs, mut names) = (HashSet::new(), HashSet::new());
+        for (ids, dbs) in organisation_ids.chunks(500).zip(dbs.chunks(500)) {
+            let sql = format!(
+                "SELECT organisation_id, database_name FROM {} \
+                 WHERE organisation_id IN ({}) OR database_name IN ({})",
+                self.table,
+                vec!["?"; ids.len()].join(","),
+                vec!["?"; dbs.len()].join(",")
+            );
+            let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
+            for id in ids {
+                query = query.bind(*id);
+            }
+            for db in dbs {
+                query = query.bind(db.as_str());
+            }
+            for (org, db) in query.fetch_all(&self.pool).await? {
+                orgs.insert(org);
+                names.extend(db);
+            }
+        }
+        Ok((orgs, names))
+    }
+
+    /// First rows, `provisioning`, for many organisations in one statement, for a caller that
+    /// holds their lifecycle locks and found no row for them nor for their databases. A row
+    /// whose database another organisation took meanwhile is not inserted (a name is unique);
+    /// returns the organisations that got their row. Any other error inserts none of them.
+    pub async fn insert_new(&self, rows: &[NewTenant<'_>]) -> Result<HashSet<String>, sqlx::Error> {
+        let mut inserted = HashSet::new();
+        for chunk in rows.chunks(200) {
+            // Not INSERT IGNORE: that would also turn a name too long for its column into a
+            // truncated one. A duplicate key changes nothing; any other error fails the whole.
+            let sql = format!(
+                "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
+                 database_name, status, created_at) VALUES {} \
+                 ON DUPLICATE KEY UPDATE organisation_id = organisation_id",
+                self.table,
+                vec!["(?, ?, ?, ?, ?, 'provisioning', ?)"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for r in chunk {
+                query = query
+                    .bind(r.organisation_id)
+                    .bind(r.kind.symbol())
+                    .bind(r.slug)
+                    .bind(r.name)
+                    .bind(r.database.as_str())
+                    .bind(r.occurred_at);
+            }
+            query.execute(&self.pool).await?;
+            let ids: Vec<&str> = chunk.iter().map(|r| r.organisation_id).collect();
+            let sql = format!(
+                "SELECT organisation_id FROM {} WHERE organisation_id IN ({})",
+                self.table,
+                vec!["?"; ids.len()].join(",")
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql);
+            for id in &ids {
+                query = query.bind(*id);
+            }
+            inserted.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(inserted)
+    }
+
+    /// [`Tenants::activate`] for many tenants at one `version`, in one statement.
+    pub async fn activate_all(
+        &self,
+        organisation_ids: &[&str],
+        version: i64,
+    ) -> Result<(), sqlx::Error> {
+        for chunk in organisation_ids.chunks(500) {
+            let sql = format!(
+                "UPDATE {} SET status = 'active', migration_version = ?, \
+                 provisioned_at = COALESCE(provisioned_at, UTC_TIMESTAMP(3)) \
+                 WHERE organisation_id IN ({}) AND status IN ('provisioning', 'active')",
+                self.table,
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query(&sql).bind(version);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
+    }
+
     /// Marks a claimed tenant active at `version`. Only a `provisioning` or `active` row moves:
     /// a termination processed meanwhile wins.
     pub async fn activate(&self, organisation_id: &str, version: i64) -> Result<(), sqlx::Error> {
@@ -511,6 +617,51 @@ impl Tenants {
         .fetch_optional(&self.pool)
         .await?;
         Ok(found.is_some())
+    }
+
+    /// Which of `event_ids` the lifecycle log holds.
+    pub async fn logged_among(&self, event_ids: &[&str]) -> Result<HashSet<String>, sqlx::Error> {
+        let mut found = HashSet::new();
+        for chunk in event_ids.chunks(500) {
+            let sql = format!(
+                "SELECT event_id FROM {} WHERE event_id IN ({})",
+                self.log_table(),
+                vec!["?"; chunk.len()].join(",")
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            found.extend(query.fetch_all(&self.pool).await?);
+        }
+        Ok(found)
+    }
+
+    /// [`Tenants::log`] for many events of one kind, in one statement per 500:
+    /// `(event_id, organisation_id, occurred_at)`.
+    pub async fn log_all(
+        &self,
+        entries: &[(&str, &str, DateTime<Utc>)],
+        kind: Logged,
+    ) -> Result<(), sqlx::Error> {
+        for chunk in entries.chunks(500) {
+            let sql = format!(
+                "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at) VALUES {}",
+                self.log_table(),
+                vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (event_id, org, at) in chunk {
+                query = query
+                    .bind(*event_id)
+                    .bind(*org)
+                    .bind(kind.as_str())
+                    .bind(kind.as_str())
+                    .bind(*at);
+            }
+            query.execute(&self.pool).await?;
+        }
+        Ok(())
     }
 
     /// Records that a lifecycle event was applied (or refused).

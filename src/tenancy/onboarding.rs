@@ -1,0 +1,239 @@
+//! Onboarding: many new organisations provisioned as one unit.
+//!
+//! A mass onboarding (an import, the lifecycle topic replayed) delivers hundreds of
+//! OrganisationCreated at once, each for an organisation of its own. One at a time, each paid
+//! around its database's DDL a lock, a look at the log, a claim, an activation, an outcome's ack
+//! and a log entry: a quarter of its time in `scripts/bench-provisioning`, which kept the
+//! provisioner slower than the same DDL sent serially by one client. Here those steps are done
+//! once for a whole batch (the locks in one statement, one look at the log, one multi-row claim,
+//! one activation per kind, the outcomes sent together, one log insert) and only the DDL is done
+//! per tenant, `concurrency` databases at a time.
+//!
+//! The steps and their order are those of [`Provisioner::provision`] (claim, create and migrate,
+//! activate, publish, log; the offset after), so a crash anywhere leaves each tenant where the
+//! ordinary path finishes it. Whatever is not plainly new is left to that path, which knows how
+//! to refuse or finish it: an invalid name, a database named twice in the batch, a lock another
+//! worker holds, an event already in the log, a row or a database that exists, and any tenant
+//! whose step failed here.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+
+use super::migrations;
+use super::provisioning::{provisioned_outcome, timestamp, Provisioner};
+use super::tenants::{Logged, NewTenant};
+use crate::db::{databases_existing, NamedLock};
+use crate::events::{EventKind, OrganisationCreated};
+use crate::tenant::{DatabaseName, Slug};
+
+/// One organisation of the batch on its way.
+struct Onboarding<'a> {
+    /// Its index in the caller's slice.
+    index: usize,
+    ev: &'a OrganisationCreated,
+    slug: Slug,
+    db: DatabaseName,
+    version: i64,
+    /// Its own DDL.
+    migrate: Duration,
+}
+
+impl Provisioner {
+    /// Provisions `evs` (OrganisationCreated of distinct organisations) as one unit. Returns,
+    /// per event, whether it is done (false: left to the ordinary path, nothing of it lost).
+    pub async fn onboard(&self, evs: &[&OrganisationCreated], concurrency: usize) -> Vec<bool> {
+        let mut done = vec![false; evs.len()];
+        let mut names = HashSet::new();
+        let batch: Vec<Onboarding> = evs
+            .iter()
+            .enumerate()
+            .filter_map(|(index, ev)| {
+                let slug = Slug::parse(&ev.slug).ok()?;
+                let db = self.ns.tenant_database(ev.organisation_type, &slug).ok()?;
+                names.insert(db.as_str().to_owned()).then_some(Onboarding {
+                    index,
+                    ev,
+                    slug,
+                    db,
+                    version: 0,
+                    migrate: Duration::ZERO,
+                })
+            })
+            .collect();
+        if batch.len() < 2 {
+            return done;
+        }
+        let ids: Vec<&str> = batch
+            .iter()
+            .map(|o| o.ev.organisation_id.as_str())
+            .collect();
+        let (lock, held) = match NamedLock::lifecycles_if_free(&self.pool, &self.ns, &ids).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                tracing::warn!(error = %e, tenants = batch.len(),
+                    "cannot lock a batch of new tenants: each takes the ordinary path");
+                return done;
+            }
+        };
+        let batch = batch
+            .into_iter()
+            .zip(held)
+            .filter_map(|(o, held)| held.then_some(o))
+            .collect();
+        if let Err(e) = self.onboard_locked(batch, concurrency, &mut done).await {
+            tracing::warn!(error = %format!("{e:#}"),
+                "provisioning a batch of new tenants stopped: the rest take the ordinary path");
+        }
+        lock.release().await;
+        done
+    }
+
+    /// [`Provisioner::onboard`] for the organisations whose lifecycle locks are held.
+    async fn onboard_locked(
+        &self,
+        mut batch: Vec<Onboarding<'_>>,
+        concurrency: usize,
+        done: &mut [bool],
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        // Claim: only what is plainly new (no log entry, no row naming it or its database, no
+        // database of that name), then the rows in one statement.
+        let event_ids: Vec<&str> = batch.iter().map(|o| o.ev.event_id.as_str()).collect();
+        let logged = self.tenants.logged_among(&event_ids).await?;
+        let ids: Vec<&str> = batch
+            .iter()
+            .map(|o| o.ev.organisation_id.as_str())
+            .collect();
+        let dbs: Vec<&DatabaseName> = batch.iter().map(|o| &o.db).collect();
+        let (with_rows, named) = self.tenants.rows_naming(&ids, &dbs).await?;
+        let existing = databases_existing(&self.pool, &dbs).await?;
+        batch.retain(|o| {
+            !logged.contains(&o.ev.event_id)
+                && !with_rows.contains(&o.ev.organisation_id)
+                && !named.contains(o.db.as_str())
+                && !existing.contains(o.db.as_str())
+        });
+        let rows: Vec<NewTenant> = batch
+            .iter()
+            .map(|o| NewTenant {
+                organisation_id: &o.ev.organisation_id,
+                kind: o.ev.organisation_type,
+                slug: o.slug.as_str(),
+                name: &o.ev.name,
+                database: &o.db,
+                occurred_at: timestamp(o.ev.occurred_at),
+            })
+            .collect();
+        let inserted = self.tenants.insert_new(&rows).await?;
+        batch.retain(|o| inserted.contains(&o.ev.organisation_id));
+        let claimed = started.elapsed();
+
+        // Create and migrate: the one step that is per tenant.
+        let migrated: Vec<(usize, anyhow::Result<(i64, Duration)>)> =
+            stream::iter(batch.iter().enumerate())
+                .map(|(i, o)| async move {
+                    let began = Instant::now();
+                    let version = migrations::create_and_migrate_tenant(
+                        &self.ddl,
+                        &self.database_url,
+                        &o.db,
+                        migrations::for_tenant(o.ev.organisation_type),
+                    )
+                    .await
+                    .map_err(|e| anyhow::anyhow!("creating and migrating {}: {e}", o.db));
+                    (i, version.map(|v| (v, began.elapsed())))
+                })
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+        let mut ok = vec![false; batch.len()];
+        for (i, result) in migrated {
+            match result {
+                Ok((version, took)) => {
+                    (batch[i].version, batch[i].migrate) = (version, took);
+                    ok[i] = true;
+                }
+                Err(e) => tracing::warn!(tenant = %batch[i].slug,
+                    organisation_id = %batch[i].ev.organisation_id, error = %format!("{e:#}"),
+                    "provisioning left to the ordinary path"),
+            }
+        }
+        let mut ok = ok.into_iter();
+        batch.retain(|_| ok.next().unwrap_or(false));
+        let migrated = started.elapsed();
+
+        // Activate, one statement per migration version (per kind).
+        let mut by_version: HashMap<i64, Vec<&str>> = HashMap::new();
+        for o in &batch {
+            by_version
+                .entry(o.version)
+                .or_default()
+                .push(&o.ev.organisation_id);
+        }
+        for (version, ids) in &by_version {
+            self.tenants.activate_all(ids, *version).await?;
+        }
+        // A request that found no such tenant may have cached that for a few seconds.
+        self.redis.domains_changed(&[]).await?;
+        let activated = started.elapsed();
+
+        // Publish every outcome at once: the producer batches them, one ack wait for all.
+        let sent = futures::future::join_all(batch.iter().map(|o| {
+            let outcome = provisioned_outcome(o.ev, &o.slug, &o.db, o.version);
+            async move {
+                self.outcomes
+                    .publish(
+                        EventKind::TenantProvisioned,
+                        &o.ev.organisation_id,
+                        &outcome,
+                    )
+                    .await
+            }
+        }))
+        .await;
+        let mut sent = sent.into_iter();
+        batch.retain(|o| match sent.next() {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                tracing::warn!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
+                    error = %format!("{e:#}"), "provisioning left to the ordinary path");
+                false
+            }
+            None => false,
+        });
+        let published = started.elapsed();
+
+        let entries: Vec<(&str, &str, _)> = batch
+            .iter()
+            .map(|o| {
+                (
+                    o.ev.event_id.as_str(),
+                    o.ev.organisation_id.as_str(),
+                    timestamp(o.ev.occurred_at),
+                )
+            })
+            .collect();
+        self.tenants.log_all(&entries, Logged::Created).await?;
+        let elapsed = started.elapsed();
+
+        // Where the time went: the steps done once are the batch's, the DDL each tenant's own.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+        let tenants = batch.len();
+        for o in &batch {
+            done[o.index] = true;
+            let kind = o.ev.organisation_type;
+            metrics::counter!("tenancy_tenants_provisioned_total", "type" => kind.db_word())
+                .increment(1);
+            metrics::histogram!("tenancy_provisioning_seconds").record(elapsed.as_secs_f64());
+            tracing::info!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
+                organisation_type = %kind, database = %o.db, migration_version = o.version,
+                batch = tenants, elapsed_ms = elapsed.as_millis() as u64,
+                claim_ms = ms(claimed), migrate_ms = ms(o.migrate),
+                activate_ms = ms(activated - migrated), publish_ms = ms(published - activated),
+                log_ms = ms(elapsed - published), "tenant provisioned");
+        }
+        Ok(())
+    }
+}
