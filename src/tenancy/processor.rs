@@ -3,10 +3,10 @@
 use crate::events::{Event, OrganisationCreated};
 use crate::stream::{apply_each, Failed, Gate, Msg, Origin, Position, Processor, StepError};
 
+use super::provisioning::Provisioner;
+
 /// New organisations provisioned as one unit at most (see [`Processor::apply_keys`] below).
 const ONBOARDING_BATCH: usize = 100;
-
-use super::provisioning::Provisioner;
 
 impl Processor for Provisioner {
     type Item = Event;
