@@ -166,3 +166,11 @@ pub fn group_lag(
         })
         .collect()
 }
+
+/// Drops a Kafka client on a thread of its own. librdkafka's close waits for the client's
+/// threads to stop (about 100 ms here); where nothing after needs that finished (a consumer
+/// that never joined a group and commits nothing), the caller need not wait for it.
+pub fn close_in_background<C: Send + 'static>(client: C) {
+    std::thread::spawn(move || drop(client));
+}
+

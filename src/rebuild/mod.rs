@@ -164,21 +164,30 @@ fn refuse_unless_rebuildable(t: &TenantRef, archived: bool) -> anyhow::Result<Da
 
 /// Every partition of `topic` must still start at offset 0: a rebuild from a log whose start
 /// was deleted would silently lose those events.
-fn refuse_unless_log_complete(config: &Config, topic: &str) -> anyhow::Result<()> {
+async fn refuse_unless_log_complete(config: &Config, topic: &str) -> anyhow::Result<()> {
     let consumer: BaseConsumer = config
         .kafka_client_config()
         .set("group.id", format!("{}.rebuild", config.namespace))
         .create()?;
-    let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut gone = Vec::new();
-    for t in meta.topics() {
-        for p in t.partitions() {
-            let (low, _) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
-            if low > 0 {
-                gone.push(format!("partition {} lost offsets 0..{}", p.id(), low - 1));
+    let topic = topic.to_owned();
+    // Blocking requests: off the runtime's threads.
+    let (consumer, gone, topic) = tokio::task::spawn_blocking(move || {
+        let mut gone = Vec::new();
+        let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        for t in meta.topics() {
+            for p in t.partitions() {
+                let (low, _) =
+                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
+                if low > 0 {
+                    gone.push(format!("partition {} lost offsets 0..{}", p.id(), low - 1));
+                }
             }
         }
-    }
+        anyhow::Ok((consumer, gone, topic))
+    })
+    .await??;
+    // It joined no group: nothing waits for its close (100 ms).
+    crate::kafka::close_in_background(consumer);
     if !gone.is_empty() {
         anyhow::bail!(
             "{topic} no longer holds its whole history ({}): a rebuild would miss those events",
@@ -520,7 +529,7 @@ impl Rebuilder {
                 t.organisation_id
             );
         }
-        refuse_unless_log_complete(&self.config, topic)?;
+        refuse_unless_log_complete(&self.config, topic).await?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
             .execute(&self.pool)
             .await?;

@@ -91,7 +91,8 @@ pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
 /// partition), each once, in order within a partition: what a replay of one of the fenced
 /// tenants reads.
 pub struct Range {
-    consumer: StreamConsumer,
+    /// `None` only once dropped.
+    consumer: Option<StreamConsumer>,
     topic: String,
     upto: HashMap<i32, i64>,
     position: HashMap<i32, i64>,
@@ -122,7 +123,7 @@ impl Range {
         let consumer = consumer(config)?;
         consumer.assign(&assignment)?;
         Ok(Some(Range {
-            consumer,
+            consumer: Some(consumer),
             topic: topic.to_owned(),
             upto,
             position,
@@ -145,7 +146,8 @@ impl Range {
             if !self.position.iter().any(|(p, at)| *at < self.upto[p]) {
                 return Ok(None);
             }
-            let m = tokio::time::timeout(Duration::from_secs(30), self.consumer.recv())
+            let consumer = self.consumer.as_ref().expect("open until dropped");
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
                 .await
                 .map_err(|_| {
                     anyhow::anyhow!("no message from {} for 30 s while replaying", self.topic)
@@ -157,6 +159,16 @@ impl Range {
                 self.position.insert(p, m.offset());
                 return Ok(Some(m));
             }
+        }
+    }
+}
+
+impl Drop for Range {
+    fn drop(&mut self) {
+        // It never joined a group nor committed: nothing waits for its close (a supplier's
+        // rebuild waited 100 ms here between its grants and its copies).
+        if let Some(consumer) = self.consumer.take() {
+            crate::kafka::close_in_background(consumer);
         }
     }
 }
