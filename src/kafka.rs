@@ -173,4 +173,3 @@ pub fn group_lag(
 pub fn close_in_background<C: Send + 'static>(client: C) {
     std::thread::spawn(move || drop(client));
 }
-

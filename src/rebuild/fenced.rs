@@ -12,11 +12,8 @@ use std::time::Instant;
 
 use sqlx::MySqlPool;
 
-use super::compare::{self, Comparison};
 use super::replay::Replayed;
-use super::{
-    exchange, fail_after, report, Mode, Outcome, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE,
-};
+use super::{exchange, report, Mode, Outcome, Rebuilder};
 use crate::db::NamedLock;
 use crate::tenancy::tenants::TenantRef;
 use crate::tenant::{DatabaseName, OrganisationType};
@@ -98,53 +95,26 @@ impl Rebuilder {
         let (shadow, old) = self.beside(t)?;
         self.prepare(t, &shadow, &old, mode, &self.fenced_topic(t), reported)
             .await?;
-        let mut replayed = Replayed::default();
-        let mut attempt = 0;
-        let (comparison, swapped, pause) = loop {
-            attempt += 1;
-            let last_attempt = attempt >= ATTEMPTS_BEFORE_LOCKED_COMPARE;
-            reported.phase("replaying");
-            let seen = fingerprint(&self.pool, live).await?;
-            replayed += self.catch_up(t, &shadow, &seen, reported).await?;
-            reported.counts(replayed.read, replayed.applied);
-            fail_after(&self.fail_after, "replay");
-            reported.phase("comparing");
-            let unlocked = if last_attempt {
-                None
-            } else {
-                Some(compare::compare(&self.pool, live, &shadow).await?)
-            };
-            reported.phase("holding writes");
-            let Some((lifecycle, writes)) = self.hold_tenant_writes(t, live, &shadow).await? else {
-                continue;
-            };
-            let held_from = Instant::now();
-            let under_lock = async {
-                fail_after(&self.fail_after, "locked");
-                let now = fingerprint(&self.pool, live).await?;
-                let comparison: Comparison = match unlocked {
-                    Some(c) if now == seen => c,
-                    Some(_) => return Ok(None),
-                    None => {
-                        replayed += self.catch_up(t, &shadow, &now, reported).await?;
-                        compare::compare(&self.pool, live, &shadow).await?
-                    }
-                };
-                let swap = self
-                    .swap_if_chosen(mode, &comparison, live, &shadow, &old)
-                    .await?;
-                anyhow::Ok(Some((comparison, swap)))
-            }
-            .await;
-            writes.release().await;
-            lifecycle.release().await;
-            let pause = held_from.elapsed();
-            if let Some((comparison, swapped)) = under_lock? {
-                break (comparison, swapped, pause);
-            }
-            tracing::info!(tenant = %t.organisation_id, attempt,
-                "the live database changed during the comparison: catching up again");
-        };
+        let super::converge::Converged {
+            replayed,
+            comparison,
+            swapped,
+            pause,
+        } = self
+            .converge(
+                super::converge::Rebuilding {
+                    tenant: t,
+                    mode,
+                    live,
+                    shadow: &shadow,
+                    old: &old,
+                },
+                reported,
+                async || Ok(fingerprint(&self.pool, live).await?),
+                async |seen| self.catch_up(t, &shadow, seen, reported).await,
+                async || self.hold_tenant_writes(t, live, &shadow).await,
+            )
+            .await?;
         self.finish(t, mode, swapped, &shadow, &old).await?;
         Ok(Outcome {
             database: live.clone(),

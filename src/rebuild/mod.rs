@@ -22,6 +22,7 @@
 //! `--refresh-copies` rebuilds them from the swapped-in tables.
 
 pub mod compare;
+mod converge;
 mod fenced;
 pub mod kept;
 pub mod replay;
@@ -365,55 +366,28 @@ impl Rebuilder {
             let topic = self.topic();
             self.prepare(t, &shadow, &old, mode, &topic, &reported)
                 .await?;
-            reported.phase("replaying");
             let replay = self.replay(t, &topic);
-            // Catch up and compare without holding anyone up; then, under the tenant's locks,
-            // the comparison stands if the live offsets have not moved since it began (every
-            // live write to the database moves them in the same transaction). If they keep
-            // moving, the last attempt catches up and compares under the locks.
-            let mut replayed = Replayed::default();
-            let mut attempt = 0;
-            let (comparison, swapped, pause) = loop {
-                attempt += 1;
-                let last_attempt = attempt == ATTEMPTS_BEFORE_LOCKED_COMPARE;
-                let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
-                replayed += replay.run(&shadow, &upto, &mut progress).await?;
-                fail_after(&self.fail_after, "replay");
-                reported.phase("comparing");
-                let unlocked = if last_attempt {
-                    None
-                } else {
-                    Some(compare::compare(&self.pool, &live, &shadow).await?)
-                };
-                reported.phase("holding writes");
-                let (lifecycle, brand) = self.hold_writes(t).await?;
-                let held_from = Instant::now();
-                let under_lock = async {
-                    fail_after(&self.fail_after, "locked");
-                    let now = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
-                    let comparison = match unlocked {
-                        Some(c) if now == upto => c,
-                        Some(_) => return Ok(None),
-                        None => {
-                            replayed += replay.run(&shadow, &now, &mut progress).await?;
-                            compare::compare(&self.pool, &live, &shadow).await?
-                        }
-                    };
-                    let swap = self
-                        .swap_if_chosen(mode, &comparison, &live, &shadow, &old)
-                        .await?;
-                    anyhow::Ok(Some((comparison, swap)))
-                }
-                .await;
-                brand.release().await;
-                lifecycle.release().await;
-                let pause = held_from.elapsed();
-                if let Some((comparison, swapped)) = under_lock? {
-                    break (comparison, swapped, pause);
-                }
-                tracing::info!(tenant = %t.organisation_id, attempt,
-                    "live events applied during the comparison: catching up again");
-            };
+            let done = self
+                .converge(
+                    converge::Rebuilding {
+                        tenant: t,
+                        mode,
+                        live: &live,
+                        shadow: &shadow,
+                        old: &old,
+                    },
+                    &reported,
+                    async || Ok(held_offsets(&self.pool, &live, &self.spec, &topic).await?),
+                    async |upto| replay.run(&shadow, upto, &mut progress).await,
+                    async || Ok(Some(self.hold_writes(t).await?)),
+                )
+                .await?;
+            let converge::Converged {
+                replayed,
+                comparison,
+                swapped,
+                pause,
+            } = done;
             self.finish(t, mode, swapped, &shadow, &old).await?;
             let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
                 true => Some(self.refresh_supplier_copies(t, &live).await?),

@@ -450,17 +450,7 @@ impl Tenants {
     /// Marks a claimed tenant active at `version`. Only a `provisioning` or `active` row moves:
     /// a termination processed meanwhile wins.
     pub async fn activate(&self, organisation_id: &str, version: i64) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "UPDATE {} SET status = 'active', migration_version = ?, \
-             provisioned_at = COALESCE(provisioned_at, UTC_TIMESTAMP(3)) \
-             WHERE organisation_id = ? AND status IN ('provisioning', 'active')",
-            self.table
-        ))
-        .bind(version)
-        .bind(organisation_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.activate_all(&[organisation_id], version).await
     }
 
     /// Records a refused provisioning. A row that already exists keeps its status (a duplicate
@@ -672,18 +662,8 @@ impl Tenants {
         kind: Logged,
         occurred_at: DateTime<Utc>,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(&format!(
-            "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at) VALUES (?, ?, ?, ?, ?)",
-            self.log_table()
-        ))
-        .bind(event_id)
-        .bind(organisation_id)
-        .bind(kind.as_str())
-        .bind(kind.as_str())
-        .bind(occurred_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.log_all(&[(event_id, organisation_id, occurred_at)], kind)
+            .await
     }
 
     /// `archived`, for the termination `event_id`, with the termination marked under way.
