@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
 use crate::catalog::spec::CatalogSpec;
@@ -173,15 +174,27 @@ async fn refuse_unless_log_complete(config: &Config, topic: &str) -> anyhow::Res
     let topic = topic.to_owned();
     // Blocking requests: off the runtime's threads.
     let (consumer, gone, topic) = tokio::task::spawn_blocking(move || {
-        let mut gone = Vec::new();
         let meta = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let mut first = TopicPartitionList::new();
         for t in meta.topics() {
             for p in t.partitions() {
-                let (low, _) =
-                    consumer.fetch_watermarks(&topic, p.id(), Duration::from_secs(10))?;
-                if low > 0 {
-                    gone.push(format!("partition {} lost offsets 0..{}", p.id(), low - 1));
-                }
+                // The "timestamp" -2 asks for each partition's first offset: one request for
+                // every partition (two per partition with fetch_watermarks).
+                first.add_partition_offset(&topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        let found = consumer.offsets_for_times(first, Duration::from_secs(10))?;
+        let mut gone = Vec::new();
+        for e in found.elements() {
+            let low = match e.offset() {
+                Offset::Offset(low) => low,
+                other => anyhow::bail!(
+                    "cannot tell where partition {} of {topic} starts (the broker answered {other:?})",
+                    e.partition()
+                ),
+            };
+            if low > 0 {
+                gone.push(format!("partition {} lost offsets 0..{}", e.partition(), low - 1));
             }
         }
         anyhow::Ok((consumer, gone, topic))
