@@ -82,11 +82,24 @@ impl Provisioner {
             .zip(held)
             .filter_map(|(o, held)| held.then_some(o))
             .collect();
+        let started = Instant::now();
         if let Err(e) = self.onboard_locked(batch, concurrency, &mut done).await {
             tracing::warn!(error = %format!("{e:#}"),
                 "provisioning a batch of new tenants stopped: the rest take the ordinary path");
         }
         lock.release().await;
+        // What the fast path left is no error (a redelivery, a refusal to come), but a batch
+        // that leaves most of its tenants says onboarding is not doing its job: counted.
+        let provisioned = done.iter().filter(|d| **d).count();
+        let left = evs.len() - provisioned;
+        metrics::counter!("tenancy_onboarding_left_total").increment(left as u64);
+        tracing::info!(
+            tenants = evs.len(),
+            provisioned,
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch of new tenants provisioned as one unit; the rest take the one-by-one path"
+        );
         done
     }
 
@@ -110,10 +123,20 @@ impl Provisioner {
         let (with_rows, named) = self.tenants.rows_naming(&ids, &dbs).await?;
         let existing = databases_existing(&self.pool, &dbs).await?;
         batch.retain(|o| {
-            !logged.contains(&o.ev.event_id)
-                && !with_rows.contains(&o.ev.organisation_id)
-                && !named.contains(o.db.as_str())
-                && !existing.contains(o.db.as_str())
+            let why = if logged.contains(&o.ev.event_id) {
+                "already applied"
+            } else if with_rows.contains(&o.ev.organisation_id) {
+                "the organisation has a row"
+            } else if named.contains(o.db.as_str()) {
+                "its database name is registered"
+            } else if existing.contains(o.db.as_str()) {
+                "its database exists"
+            } else {
+                return true;
+            };
+            tracing::debug!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
+                reason = why, "left to the one-by-one path");
+            false
         });
         let rows: Vec<NewTenant> = batch
             .iter()
