@@ -595,3 +595,59 @@ async fn a_restored_supplier_gets_the_catalog_changes_it_missed() {
         "restored copy rebuilt from the brand"
     );
 }
+
+/// A termination left marked under way (as one dead-lettered after its retries is: events for
+/// the tenant wait) is listed by `tenancy status`, naming the tenant, the step and its event;
+/// once the step is settled it is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lists_a_lifecycle_step_left_under_way() {
+    use blindstrader_tenancy::tenancy::tenants::{Pending, Tenants};
+    use blindstrader_tenancy::tenant::{OrganisationType, Slug};
+    let t = TestNs::new();
+    let pool = t.prepared_pool().await;
+    blindstrader_tenancy::topics::ensure_topics(&t.config)
+        .await
+        .unwrap();
+    let tenants = Tenants::new(pool.clone(), &t.ns);
+    let (org, event) = (new_id(), new_id());
+    let db =
+        t.ns.tenant_database(OrganisationType::Brand, &Slug::parse("stuck").unwrap())
+            .unwrap();
+    let now = chrono::Utc::now();
+    tenants
+        .claim(&org, OrganisationType::Brand, "stuck", "Stuck", &db, now)
+        .await
+        .unwrap();
+    assert_eq!(t.status()["lifecycle_under_way"], json!([]));
+    let archive = t.ns.archive_database(&org).unwrap();
+    assert!(tenants
+        .mark_archived(
+            &org,
+            &event,
+            &archive,
+            now,
+            now + chrono::Duration::days(30),
+            "test"
+        )
+        .await
+        .unwrap());
+    let status = t.status();
+    let steps = status["lifecycle_under_way"].as_array().expect("a list");
+    assert_eq!(steps.len(), 1, "{status}");
+    assert_eq!(steps[0]["organisation_id"], org.as_str());
+    assert_eq!(steps[0]["slug"], "stuck");
+    assert_eq!(steps[0]["step"], "terminate");
+    assert_eq!(steps[0]["status"], "archived");
+    assert_eq!(steps[0]["event_id"], event.as_str());
+    let (code, text, _) = t.tenancy_output(&["status"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        text.contains(&org) && text.contains("tenancy dead-letter replay"),
+        "{text}"
+    );
+    tenants
+        .settle(&org, &Pending::Terminate(event.clone()))
+        .await
+        .unwrap();
+    assert_eq!(t.status()["lifecycle_under_way"], json!([]));
+}

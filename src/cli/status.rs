@@ -1,17 +1,18 @@
 //! `tenancy status`: per processor and partition, where the group stands and who owns it; per
-//! worker, whether it is ready; what every worker holds, for whom, since when; and the
-//! rebuilds in progress.
+//! worker, whether it is ready; what every worker holds, for whom, since when; the rebuilds in
+//! progress; and the tenants with a lifecycle step under way.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::status::WorkerRow;
+use crate::tenancy::tenants::{Pending, TenantRecord, Tenants};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// One JSON object instead of tables: {"partitions": [...], "workers": [...],
-    /// "rebuilds": [...]}.
+    /// "rebuilds": [...], "lifecycle_under_way": [...]}.
     #[arg(long)]
     pub json: bool,
 }
@@ -83,17 +84,87 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let rebuilds = crate::rebuild::report::rebuilds(&pool, &config.namespace)
         .await
         .unwrap_or_default();
+    let under_way = Tenants::new(pool.clone(), &config.namespace)
+        .under_way()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the tenants of {}: {e}", config.namespace))?;
+    let under_way: Vec<StepRow> = under_way.iter().filter_map(StepRow::of).collect();
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"partitions": partitions, "workers": workers, "rebuilds": rebuilds})
+            serde_json::json!({"partitions": partitions, "workers": workers, "rebuilds": rebuilds,
+                "lifecycle_under_way": under_way})
         );
         return Ok(ExitCode::SUCCESS);
     }
     print_partitions(&partitions);
     print_workers(&workers);
     print_rebuilds(&rebuilds);
+    print_under_way(&under_way);
     Ok(ExitCode::SUCCESS)
+}
+
+/// A tenant whose termination or restore is marked under way.
+#[derive(Debug, serde::Serialize)]
+struct StepRow {
+    organisation_id: String,
+    organisation_type: String,
+    slug: String,
+    status: String,
+    /// `terminate` or `restore`.
+    step: &'static str,
+    event_id: String,
+    /// When the event happened.
+    event_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl StepRow {
+    fn of(t: &TenantRecord) -> Option<StepRow> {
+        let (step, event_id) = match t.pending()? {
+            Pending::Terminate(id) => ("terminate", id),
+            Pending::Restore(id) => ("restore", id),
+        };
+        Some(StepRow {
+            organisation_id: t.organisation_id.clone(),
+            organisation_type: t.organisation_type.db_word().to_owned(),
+            slug: t.slug.clone(),
+            status: t.status.to_string(),
+            step,
+            event_id,
+            event_at: t.lifecycle_at,
+        })
+    }
+}
+
+fn print_under_way(rows: &[StepRow]) {
+    println!();
+    if rows.is_empty() {
+        println!("no lifecycle step under way");
+        return;
+    }
+    println!(
+        "{:<38} {:<28} {:<9} {:<10} {:<38}  EVENT AT",
+        "LIFECYCLE STEP UNDER WAY", "TENANT", "STEP", "STATUS", "EVENT"
+    );
+    for r in rows {
+        println!(
+            "{:<38} {:<28} {:<9} {:<10} {:<38}  {}",
+            r.organisation_id,
+            format!("{}/{}", r.organisation_type, r.slug),
+            r.step,
+            r.status,
+            r.event_id,
+            r.event_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+        );
+    }
+    // A step takes seconds; one that stays was dead-lettered after its retries, and events for
+    // the tenant wait until it is finished.
+    println!(
+        "(a step still listed after a minute was given up: `tenancy dead-letter list`, then \
+         `tenancy dead-letter replay` once its cause is fixed finishes it)"
+    );
 }
 
 fn print_rebuilds(rows: &[crate::rebuild::report::RebuildRow]) {

@@ -796,6 +796,18 @@ impl Tenants {
         rows.iter().map(record).collect()
     }
 
+    /// Tenants with a lifecycle step marked under way, oldest event first. A step stays
+    /// marked when it was dead-lettered after its retries: `tenancy status` shows them.
+    pub async fn under_way(&self) -> Result<Vec<TenantRecord>, sqlx::Error> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM {} WHERE lifecycle_pending IS NOT NULL ORDER BY lifecycle_at",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
     /// Tenant counts per status.
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
         sqlx::query_as(&format!(
