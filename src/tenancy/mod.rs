@@ -1,5 +1,6 @@
 //! Tenancy lifecycle: the tenants table (`{ns}_platform.tenants`), migrations per database
-//! kind, the provisioner, termination/restore/purge, the lifecycle watermark projectors wait on,
+//! kind, the provisioner (one organisation at a time, or many new ones as one unit:
+//! [`onboarding`]), termination/restore/purge, the lifecycle watermark projectors wait on,
 //! and the outcome events on `{ns}.tenancy`.
 
 pub mod lifecycle;
