@@ -380,7 +380,12 @@ impl Rebuilder {
             self.prepare(t, &shadow, &old, mode, &topic, &reported)
                 .await?;
             let replay = self.replay(t, &topic);
-            let done = self
+            let converge::Converged {
+                replayed,
+                comparison,
+                swapped,
+                pause,
+            } = self
                 .converge(
                     converge::Rebuilding {
                         tenant: t,
@@ -395,12 +400,6 @@ impl Rebuilder {
                     async || Ok(Some(self.hold_writes(t).await?)),
                 )
                 .await?;
-            let converge::Converged {
-                replayed,
-                comparison,
-                swapped,
-                pause,
-            } = done;
             self.finish(t, mode, swapped, &shadow, &old).await?;
             let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
                 true => Some(self.refresh_supplier_copies(t, &live).await?),

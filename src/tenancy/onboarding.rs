@@ -35,15 +35,41 @@ struct Onboarding<'a> {
     ev: &'a OrganisationCreated,
     slug: Slug,
     db: DatabaseName,
-    version: i64,
-    /// Its own DDL.
-    migrate: Duration,
+    /// Once its database is created and migrated: the migration version, and how long its own
+    /// DDL took.
+    migrated: Option<(i64, Duration)>,
+}
+
+impl Onboarding<'_> {
+    /// Asked only of the tenants kept after the DDL step, all migrated.
+    fn version(&self) -> i64 {
+        self.migrated.expect("asked once migrated").0
+    }
 }
 
 impl Provisioner {
     /// Provisions `evs` (OrganisationCreated of distinct organisations) as one unit. Returns,
     /// per event, whether it is done (false: left to the ordinary path, nothing of it lost).
     pub async fn onboard(&self, evs: &[&OrganisationCreated], concurrency: usize) -> Vec<bool> {
+        let started = Instant::now();
+        let done = self.onboard_batch(evs, concurrency).await;
+        // What the fast path left is no error (a redelivery, a refusal to come), but a batch
+        // that leaves most of its tenants says onboarding is not doing its job: counted.
+        let provisioned = done.iter().filter(|d| **d).count();
+        let left = evs.len() - provisioned;
+        metrics::counter!("tenancy_onboarding_left_total").increment(left as u64);
+        tracing::info!(
+            tenants = evs.len(),
+            provisioned,
+            left,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "batch of new tenants provisioned as one unit; the rest take the one-by-one path"
+        );
+        done
+    }
+
+    /// [`Provisioner::onboard`] up to the count of what it left.
+    async fn onboard_batch(&self, evs: &[&OrganisationCreated], concurrency: usize) -> Vec<bool> {
         let mut done = vec![false; evs.len()];
         let mut names = HashSet::new();
         let batch: Vec<Onboarding> = evs
@@ -57,8 +83,7 @@ impl Provisioner {
                     ev,
                     slug,
                     db,
-                    version: 0,
-                    migrate: Duration::ZERO,
+                    migrated: None,
                 })
             })
             .collect();
@@ -82,24 +107,11 @@ impl Provisioner {
             .zip(held)
             .filter_map(|(o, held)| held.then_some(o))
             .collect();
-        let started = Instant::now();
         if let Err(e) = self.onboard_locked(batch, concurrency, &mut done).await {
             tracing::warn!(error = %format!("{e:#}"),
                 "provisioning a batch of new tenants stopped: the rest take the ordinary path");
         }
         lock.release().await;
-        // What the fast path left is no error (a redelivery, a refusal to come), but a batch
-        // that leaves most of its tenants says onboarding is not doing its job: counted.
-        let provisioned = done.iter().filter(|d| **d).count();
-        let left = evs.len() - provisioned;
-        metrics::counter!("tenancy_onboarding_left_total").increment(left as u64);
-        tracing::info!(
-            tenants = evs.len(),
-            provisioned,
-            left,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "batch of new tenants provisioned as one unit; the rest take the one-by-one path"
-        );
         done
     }
 
@@ -171,27 +183,22 @@ impl Provisioner {
                 .buffer_unordered(concurrency.max(1))
                 .collect()
                 .await;
-        let mut ok = vec![false; batch.len()];
         for (i, result) in migrated {
             match result {
-                Ok((version, took)) => {
-                    (batch[i].version, batch[i].migrate) = (version, took);
-                    ok[i] = true;
-                }
+                Ok(migrated) => batch[i].migrated = Some(migrated),
                 Err(e) => tracing::warn!(tenant = %batch[i].slug,
                     organisation_id = %batch[i].ev.organisation_id, error = %format!("{e:#}"),
                     "provisioning left to the ordinary path"),
             }
         }
-        let mut ok = ok.into_iter();
-        batch.retain(|_| ok.next().unwrap_or(false));
+        batch.retain(|o| o.migrated.is_some());
         let migrated = started.elapsed();
 
         // Activate, one statement per migration version (per kind).
         let mut by_version: HashMap<i64, Vec<&str>> = HashMap::new();
         for o in &batch {
             by_version
-                .entry(o.version)
+                .entry(o.version())
                 .or_default()
                 .push(&o.ev.organisation_id);
         }
@@ -204,7 +211,7 @@ impl Provisioner {
 
         // Publish every outcome at once: the producer batches them, one ack wait for all.
         let sent = futures::future::join_all(batch.iter().map(|o| {
-            let outcome = provisioned_outcome(o.ev, &o.slug, &o.db, o.version);
+            let outcome = provisioned_outcome(o.ev, &o.slug, &o.db, o.version());
             async move {
                 self.outcomes
                     .publish(
@@ -251,9 +258,9 @@ impl Provisioner {
                 .increment(1);
             metrics::histogram!("tenancy_provisioning_seconds").record(elapsed.as_secs_f64());
             tracing::info!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
-                organisation_type = %kind, database = %o.db, migration_version = o.version,
+                organisation_type = %kind, database = %o.db, migration_version = o.version(),
                 batch = tenants, elapsed_ms = elapsed.as_millis() as u64,
-                claim_ms = ms(claimed), migrate_ms = ms(o.migrate),
+                claim_ms = ms(claimed), migrate_ms = ms(o.migrated.map_or(Duration::ZERO, |(_, took)| took)),
                 activate_ms = ms(activated - migrated), publish_ms = ms(published - activated),
                 log_ms = ms(elapsed - published), "tenant provisioned");
         }

@@ -358,6 +358,12 @@ impl Tenants {
         organisation_ids: &[&str],
         dbs: &[&DatabaseName],
     ) -> Result<(HashSet<String>, HashSet<String>), sqlx::Error> {
+        // Chunked together: callers pass one database per organisation, in the same order.
+        assert_eq!(
+            organisation_ids.len(),
+            dbs.len(),
+            "one database per organisation"
+        );
         let (mut orgs, mut names) = (HashSet::new(), HashSet::new());
         for (ids, dbs) in organisation_ids.chunks(500).zip(dbs.chunks(500)) {
             let sql = format!(
@@ -599,14 +605,7 @@ impl Tenants {
 
     /// Whether a lifecycle event (terminate/restore/purge) was already applied.
     pub async fn logged(&self, event_id: &str) -> Result<bool, sqlx::Error> {
-        let found: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT event_id FROM {} WHERE event_id = ?",
-            self.log_table()
-        ))
-        .bind(event_id)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(found.is_some())
+        Ok(!self.logged_among(&[event_id]).await?.is_empty())
     }
 
     /// Which of `event_ids` the lifecycle log holds.
