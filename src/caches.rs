@@ -5,7 +5,10 @@
 //!   `access::cache` for what the values mean and who writes them);
 //! - domain cache: `{ns}:domain:{host}`, guarded by the generation `{ns}:domain-generation`
 //!   (see `serve::resolve`): whatever changes what a host resolves to calls
-//!   [`Redis::domains_changed`] after its commit.
+//!   [`Redis::domains_changed`] after its commit;
+//! - catalog version: `{ns}:catalog-version:{brand_id}`, moved on by the catalog processor after
+//!   every commit to the brand's database ([`Redis::catalog_changed`]); `tenancy serve` keeps a
+//!   page of a brand's catalog only while it holds (see `serve::pages`).
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
@@ -38,6 +41,20 @@ pub fn domain_generation_key(ns: &Namespace) -> String {
     format!("{ns}:domain-generation")
 }
 
+/// `{ns}:catalog-version:{brand_id}` (a uuid in canonical form): moved on after every commit
+/// to the brand's catalog.
+pub fn catalog_version_key(ns: &Namespace, brand_id: &str) -> String {
+    format!("{ns}:catalog-version:{}", canonical(brand_id))
+}
+
+/// The microseconds since the epoch: where a missing generation or version restarts.
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
 /// Sets the domain generation, if it is missing (never set, flushed or evicted), to a value no
 /// earlier generation had: the microseconds since the epoch. A generation that restarted at a
 /// small number could match entries written under an earlier one and serve them again.
@@ -45,13 +62,15 @@ pub async fn start_generation(
     conn: &mut ConnectionManager,
     ns: &Namespace,
 ) -> redis::RedisResult<()> {
-    let micros = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default();
+    start_counter(conn, &domain_generation_key(ns)).await
+}
+
+/// Sets a generation or version counter, if it is missing, to the microseconds since the
+/// epoch (see [`start_generation`]).
+pub async fn start_counter(conn: &mut ConnectionManager, key: &str) -> redis::RedisResult<()> {
     redis::cmd("SET")
-        .arg(domain_generation_key(ns))
-        .arg(micros)
+        .arg(key)
+        .arg(now_micros())
         .arg("NX")
         .query_async::<Option<String>>(conn)
         .await?;
@@ -147,6 +166,11 @@ impl Redis {
         if !keys.is_empty() {
             removed = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
         }
+        // Not counted: a brand's catalog version is bookkeeping, not a cached answer.
+        redis::cmd("DEL")
+            .arg(catalog_version_key(&self.ns, &id))
+            .query_async::<()>(&mut conn)
+            .await?;
         // The tenant's status changed: every cached resolution is stale, its own hosts and
         // `{slug}.{base domain}` names alike.
         Ok(removed + self.domains_changed(domains).await?)
@@ -169,6 +193,26 @@ impl Redis {
         let keys: Vec<String> = hosts.iter().map(|h| domain_key(&self.ns, h)).collect();
         redis::cmd("DEL").arg(&keys).query_async(&mut conn).await
     }
+
+    /// After a commit to a brand's catalog (or a redelivery that found it committed, which
+    /// covers a worker killed between its commit and this call): moves the brand's catalog
+    /// version on, so `tenancy serve` stops answering from pages read before it. A missing
+    /// version restarts at the microseconds since the epoch, never at a value an earlier page
+    /// could carry.
+    pub async fn catalog_changed(&self, brand_id: &str) -> redis::RedisResult<()> {
+        let key = catalog_version_key(&self.ns, brand_id);
+        redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(now_micros())
+            .arg("NX")
+            .ignore()
+            .cmd("INCR")
+            .arg(&key)
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await
+    }
 }
 
 #[cfg(test)]
@@ -189,6 +233,10 @@ mod tests {
         assert_eq!(
             domain_key(&ns, "newblinds.example"),
             "blindstrader:domain:newblinds.example"
+        );
+        assert_eq!(
+            catalog_version_key(&ns, "0B6F3C1E-3E43-4C55-9D0B-1C1C1C1C1C1C"),
+            "blindstrader:catalog-version:0b6f3c1e-3e43-4c55-9d0b-1c1c1c1c1c1c"
         );
     }
 

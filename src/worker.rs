@@ -109,6 +109,7 @@ impl Processors {
                 spec,
                 tenants: tenants.clone(),
                 cache: PermissionCache::on(&redis),
+                redis: redis.clone(),
                 watermark: watermark.clone(),
                 dedupe: true,
             },

@@ -102,17 +102,25 @@ impl Server {
         (status, body)
     }
 
+    async fn metrics(&self) -> String {
+        let response = self.client.get(format!("{}/metrics", self.url)).send();
+        response.await.unwrap().text().await.unwrap()
+    }
+
+    /// A counter's value for one `result` label, from /metrics.
+    async fn labelled(&self, name: &str, result: &str) -> f64 {
+        let label = format!("result=\"{result}\"");
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     /// A counter's value summed over its labels, from /metrics.
     async fn counter(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.metrics().await;
         text.lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -140,6 +148,21 @@ async fn wait_fabrics(pool: &MySqlPool, db: &str, n: usize) {
         Duration::from_secs(60),
         || async { (fabric_rows(pool, db).await.len() == n).then_some(()) },
     )
+    .await;
+}
+
+/// Waits until the supplier `slug`'s own `brand_access` is empty (its revoke applied).
+async fn wait_no_grants(t: &TestNs, pool: &MySqlPool, slug: &str) {
+    wait_for("the revoke to apply", Duration::from_secs(60), || async {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM `{}_supplier_{slug}`.brand_access",
+            t.ns
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        (n == 0).then_some(())
+    })
     .await;
 }
 
@@ -318,17 +341,7 @@ async fn suppliers_read_brand_catalogs_as_their_grants_allow() {
 
     // Revoke: the first request after it is applied is refused (no stale cache entry).
     t.emit_ok(&[lines::revoke(&brand, &supplier)]);
-    wait_for("the revoke to apply", Duration::from_secs(60), || async {
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT COUNT(*) FROM `{}_supplier_sup`.brand_access",
-            t.ns
-        ))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        (n == 0).then_some(())
-    })
-    .await;
+    wait_no_grants(&t, &pool, "sup").await;
     assert_eq!(server.get(path, Some(&mine), None).await.0, 403);
     t.emit_ok(&[lines::grant(
         &new_id(),
@@ -587,7 +600,6 @@ async fn retailers_are_resolved_by_host_and_custom_domain() {
 /// every answer comes from the brand asked for (each brand's rows carry its slug).
 #[tokio::test(flavor = "multi_thread")]
 async fn interleaved_requests_are_answered_from_their_own_tenant() {
-    use futures::StreamExt;
     const BRANDS: usize = 200;
     const REQUESTS: usize = 3000;
     let t = TestNs::new();
@@ -595,26 +607,48 @@ async fn interleaved_requests_are_answered_from_their_own_tenant() {
     let _worker = t.spawn_run("w");
     let (supplier, brands) = granted_brands(&t, &pool, BRANDS).await;
 
-    let server = spawn_serve(
-        &t,
-        &[
-            "--pool-size",
-            "2",
-            "--tenant-concurrency",
-            "2",
-            "--request-timeout",
-            "60s",
-        ],
-    );
     let mine = token(&t, &supplier);
+    // Through the pool alone first, then with pages kept in memory: neither may mix tenants.
+    for page_cache_ttl in ["0s", "1h"] {
+        let server = spawn_serve(
+            &t,
+            &[
+                "--pool-size",
+                "2",
+                "--tenant-concurrency",
+                "2",
+                "--request-timeout",
+                "60s",
+                "--page-cache-ttl",
+                page_cache_ttl,
+            ],
+        );
+        interleave(&server, &mine, &brands, REQUESTS).await;
+        let hits = server
+            .labelled("tenancy_page_cache_lookups_total", "hit")
+            .await;
+        if page_cache_ttl == "0s" {
+            assert_eq!(hits, 0.0, "the page cache is off");
+        } else {
+            assert!(hits > REQUESTS as f64 / 3.0, "{hits} page cache hits");
+        }
+    }
+}
+
+/// `requests` requests over `brands` in a fixed shuffled order, 256 at a time: each answer is
+/// the brand asked for, with its own rows.
+async fn interleave(server: &Server, token: &str, brands: &[(String, String)], requests: usize) {
+    use futures::StreamExt;
     // A fixed shuffle (no rand dependency): a stride coprime with the brand count.
-    let order: Vec<usize> = (0..REQUESTS).map(|i| (i * 7919 + 13) % BRANDS).collect();
+    let order: Vec<usize> = (0..requests)
+        .map(|i| (i * 7919 + 13) % brands.len())
+        .collect();
     let answers: Vec<(usize, u16, Value)> = futures::stream::iter(order)
         .map(|i| {
-            let (server, mine, slug) = (&server, &mine, &brands[i].1);
+            let slug = &brands[i].1;
             async move {
                 let (s, b) = server
-                    .get(&format!("/api/brands/{slug}/fabrics"), Some(mine), None)
+                    .get(&format!("/api/brands/{slug}/fabrics"), Some(token), None)
                     .await;
                 (i, s, b)
             }
@@ -622,7 +656,7 @@ async fn interleaved_requests_are_answered_from_their_own_tenant() {
         .buffer_unordered(256)
         .collect()
         .await;
-    assert_eq!(answers.len(), REQUESTS);
+    assert_eq!(answers.len(), requests);
     for (i, status, body) in &answers {
         let (id, slug) = &brands[*i];
         assert_eq!(*status, 200, "{slug}: {body}");
@@ -639,6 +673,94 @@ async fn interleaved_requests_are_answered_from_their_own_tenant() {
             "{slug}"
         );
     }
+}
+
+/// A catalog page answered from memory (an hour's TTL here, so only its stamps can end it)
+/// follows every change: an update is served once applied, a page with prices never goes to a
+/// supplier without pricing.read, a revoke is refused at once, an archive is 410.
+#[tokio::test(flavor = "multi_thread")]
+async fn cached_catalog_pages_follow_every_change() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (brand, priced, plain) = (new_id(), new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&brand, "BRAND", "pages"),
+            (&priced, "SUPPLIER", "priced"),
+            (&plain, "SUPPLIER", "plain"),
+        ],
+    )
+    .await;
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["A1", "A2"], &[]),
+        lines::grant(
+            &new_id(),
+            &brand,
+            &priced,
+            &["catalog.read", "pricing.read"],
+        ),
+        lines::grant(&new_id(), &brand, &plain, &["catalog.read"]),
+    ]);
+    t.wait_caught_up().await;
+    let server = spawn_serve(&t, &["--page-cache-ttl", "1h"]);
+    let path = "/api/brands/pages/fabrics";
+    let (with_prices, without) = (token(&t, &priced), token(&t, &plain));
+    let read = |token: &str| {
+        let token = token.to_owned();
+        let server = &server;
+        async move {
+            let (status, body) = server.get(path, Some(&token), None).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    // The first read learns the brand's id, the second keeps its page, the rest are hits.
+    for _ in 0..4 {
+        let body = read(&with_prices).await;
+        assert_eq!(body["fabrics"][0]["price_minor"], json!(1500), "{body}");
+        let body = read(&without).await;
+        assert_eq!(body["prices"], json!(false), "{body}");
+        assert!(body["fabrics"][0].get("price_minor").is_none(), "{body}");
+        assert_eq!(codes(&body), ["A1", "A2"]);
+    }
+    let hits = server
+        .labelled("tenancy_page_cache_lookups_total", "hit")
+        .await;
+    assert!(hits >= 4.0, "{hits} page cache hits");
+
+    // An update: served as soon as it is applied (the version moves on right after the commit).
+    t.emit_ok(&[lines::catalog(&brand, 2, &["A3"], &["A1"])]);
+    let db = format!("{}_brand_pages", t.ns);
+    wait_for("the update to apply", Duration::from_secs(60), || async {
+        let rows = fabric_rows(&pool, &db).await;
+        let codes: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        (codes == ["A2", "A3"]).then_some(())
+    })
+    .await;
+    let updated = wait_for(
+        "the update to be served",
+        Duration::from_secs(5),
+        || async {
+            let body = read(&without).await;
+            (codes(&body) == ["A2", "A3"]).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(updated["fabrics"][1]["name"], json!("A3 r2"));
+    assert_eq!(codes(&read(&with_prices).await), ["A2", "A3"]);
+
+    // A revoke: refused at once although the page is kept.
+    t.emit_ok(&[lines::revoke(&brand, &plain)]);
+    wait_no_grants(&t, &pool, "plain").await;
+    assert_eq!(server.get(path, Some(&without), None).await.0, 403);
+    assert_eq!(codes(&read(&with_prices).await), ["A2", "A3"]);
+
+    // An archive: 410, not the kept page.
+    t.emit_ok(&[lines::terminated(&new_id(), &brand, "BRAND", "pages")]);
+    t.wait_status(&pool, &brand, "archived").await;
+    assert_eq!(server.get(path, Some(&with_prices), None).await.0, 410);
 }
 
 /// A brand whose table is locked answers 503 within the timeout; the other brands' requests,
@@ -660,6 +782,9 @@ async fn a_slow_tenant_does_not_slow_the_others() {
             "1",
             "--request-timeout",
             "2s",
+            // The other brands' pages must come from the pool, not from memory.
+            "--page-cache-ttl",
+            "0s",
         ],
     );
     let mine = token(&t, &supplier);

@@ -509,12 +509,14 @@ async fn processor_pass(
     let events = args.events;
     let ns = &config.namespace;
     let shutdown = CancellationToken::new();
+    let redis = crate::caches::Redis::connect(&config.redis_url, ns).await?;
     let processor = CatalogProcessor {
         ns: ns.clone(),
         pool: pool.clone(),
         spec: CatalogSpec::load()?,
         tenants: tenants.clone(),
-        cache: PermissionCache::connect(&config.redis_url, ns).await?,
+        cache: PermissionCache::on(&redis),
+        redis,
         // The benchmark's tenants are created directly, and its lifecycle log is empty.
         watermark: Watermark::new(config, pool.clone())?,
         dedupe,

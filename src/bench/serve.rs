@@ -2,7 +2,9 @@
 //! from a `tenancy serve` child process, next to a raw baseline in the same run: the same
 //! SELECT sent straight to MariaDB by the same number of concurrent clients over a pool of the
 //! same size. Both sides decode every row; the HTTP side also checks tokens, resolves the
-//! brand and the supplier's permissions in Redis, and writes JSON.
+//! brand and the supplier's permissions in Redis, and writes JSON. The HTTP side runs twice:
+//! as configured by default (warm pages answered from its page cache, see `serve::pages`) and
+//! with the page cache off, so the figures say what the cache is worth.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -190,26 +192,33 @@ async fn seed_brand(
     Ok(())
 }
 
-async fn measure(
+/// One `tenancy serve` side of the run: its figures, the statements MySQL ran for it, what its
+/// `/metrics` said at the end, and its peak RSS (MiB).
+struct Served {
+    figures: Figures,
+    statements: f64,
+    metrics: String,
+    rss: f64,
+}
+
+/// Starts `tenancy serve` with `extra` arguments, warms it up, measures it, stops it.
+async fn measure_serve(
     config: &Config,
     args: &ServeBenchArgs,
     pool: &sqlx::MySqlPool,
-    brands: &[Tenant],
-    supplier: &Tenant,
-) -> anyhow::Result<()> {
-    // A key for this run only.
-    let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let key = TokenKey::new(&secret)?;
-    let token = key
-        .issue(&supplier.id, chrono::Utc::now().timestamp() + 3600)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    secret: &str,
+    token: &str,
+    brands: usize,
+    extra: &[&str],
+) -> anyhow::Result<Served> {
     let mut child = super::tenancy_command(config)?
         .args(["serve", "--listen", "127.0.0.1:0", "--pool-size"])
         .arg(args.connections.to_string())
         // One tenant may use every connection: the benchmark spreads load evenly anyway.
         .args(["--tenant-concurrency"])
         .arg(args.connections.to_string())
-        .env(KEY_ENV, &secret)
+        .args(extra)
+        .env(KEY_ENV, secret)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -228,12 +237,15 @@ async fn measure(
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients)
         .build()?;
-    let slugs: Arc<Vec<String>> =
-        Arc::new((0..brands.len()).map(|b| format!("brand{b}")).collect());
+    let slugs: Arc<Vec<String>> = Arc::new((0..brands).map(|b| format!("brand{b}")).collect());
     let expected = args.fabrics;
     let http = {
-        let (client, base, token, slugs) =
-            (client.clone(), base.clone(), token.clone(), slugs.clone());
+        let (client, base, token, slugs) = (
+            client.clone(),
+            base.clone(),
+            token.to_owned(),
+            slugs.clone(),
+        );
         move |i: usize| {
             let url = format!("{base}/api/brands/{}/fabrics", slugs[i % slugs.len()]);
             let request = client.get(url).bearer_auth(&token).send();
@@ -255,16 +267,10 @@ async fn measure(
         }
     };
     let warm = Duration::from_secs(2).min(args.duration);
-    eprintln!(
-        "warming the caches ({} s), then measuring each side for {} s with {} clients",
-        warm.as_secs(),
-        args.duration.as_secs(),
-        args.clients
-    );
     drive(args.clients, warm, http.clone()).await?;
     let before = statements_run(pool).await?;
-    let served = drive(args.clients, args.duration, http).await?;
-    let served_statements = statements_run(pool).await? - before;
+    let figures = drive(args.clients, args.duration, http).await?;
+    let statements = statements_run(pool).await? - before;
     // What the server says about its caches: the run only means "warm" if they hit.
     let metrics = client
         .get(format!("{base}/metrics"))
@@ -273,7 +279,48 @@ async fn measure(
         .text()
         .await?;
     let _ = child.kill().await;
-    let server_rss = server_rss_watch.await?;
+    let rss = server_rss_watch.await?;
+    Ok(Served {
+        figures,
+        statements,
+        metrics,
+        rss,
+    })
+}
+
+async fn measure(
+    config: &Config,
+    args: &ServeBenchArgs,
+    pool: &sqlx::MySqlPool,
+    brands: &[Tenant],
+    supplier: &Tenant,
+) -> anyhow::Result<()> {
+    // A key for this run only.
+    let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let key = TokenKey::new(&secret)?;
+    let token = key
+        .issue(&supplier.id, chrono::Utc::now().timestamp() + 3600)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let warm = Duration::from_secs(2).min(args.duration);
+    eprintln!(
+        "each side: {} s of warm-up, then {} s measured, {} clients; serve with its page cache, \
+         serve without it, then the raw query",
+        warm.as_secs(),
+        args.duration.as_secs(),
+        args.clients
+    );
+    let n = brands.len();
+    let served = measure_serve(config, args, pool, &secret, &token, n, &[]).await?;
+    let uncached = measure_serve(
+        config,
+        args,
+        pool,
+        &secret,
+        &token,
+        n,
+        &["--page-cache-ttl", "0s"],
+    )
+    .await?;
 
     let raw_pool = crate::db::connect_pool_sized(config, args.connections).await?;
     let statements: Arc<Vec<String>> = Arc::new(
@@ -282,6 +329,7 @@ async fn measure(
             .map(|b| statement(&b.db, &FabricQuery::default()))
             .collect(),
     );
+    let expected = args.fabrics;
     let raw = {
         let rows = crate::serve::fabrics::DEFAULT_LIMIT + 1;
         move |i: usize| {
@@ -308,29 +356,45 @@ async fn measure(
         args.clients,
         args.connections
     );
-    println!("{}", served.line("serve"));
-    println!("{}", direct.line("raw"));
+    println!("{}", served.figures.line("serve"));
     println!(
-        "MySQL statements per request: serve {:.2}, raw {:.2}",
-        served_statements / served.requests as f64,
-        direct_statements / direct.requests as f64
+        "{}   (--page-cache-ttl 0s: every request runs its query)",
+        uncached.figures.line("serve*")
     );
-    for cache in ["domain", "permission"] {
+    println!("{}", direct.line("raw"));
+    let per_request = |statements: f64, figures: &Figures| statements / figures.requests as f64;
+    println!(
+        "MySQL statements per request: serve {:.2}, serve* {:.2}, raw {:.2}",
+        per_request(served.statements, &served.figures),
+        per_request(uncached.statements, &uncached.figures),
+        per_request(direct_statements, &direct)
+    );
+    for cache in ["domain", "permission", "page"] {
         let count = |result: &str| {
             counter(
-                &metrics,
+                &served.metrics,
                 &format!("tenancy_{cache}_cache_lookups_total"),
                 result,
             )
         };
         println!(
-            "{cache} cache during the run: {:.0} hits, {:.0} misses",
+            "{cache} cache (serve, warm-up included): {:.0} hits, {:.0} misses",
             count("hit"),
             count("miss")
         );
     }
-    println!("tenancy serve peak RSS: {server_rss:.0} MiB");
-    println!("ratio serve/raw: {:.2}", served.rate() / direct.rate());
+    println!(
+        "tenancy serve peak RSS: {:.0} MiB (serve*: {:.0} MiB)",
+        served.rss, uncached.rss
+    );
+    println!(
+        "ratio serve*/raw (no page cache): {:.2}",
+        uncached.figures.rate() / direct.rate()
+    );
+    println!(
+        "ratio serve/raw: {:.2}",
+        served.figures.rate() / direct.rate()
+    );
     Ok(())
 }
 

@@ -70,7 +70,21 @@ impl CatalogProcessor {
         }
         .await;
         lock.release().await;
+        self.catalog_changed(&brand.organisation_id).await;
         result
+    }
+
+    /// Tells `tenancy serve` that the brand's catalog may have changed, after every attempt at
+    /// a run (whatever it committed, a redelivery included: that covers a worker killed between
+    /// its commit and this call). Not a reason to fail the run: a page cached before the change
+    /// is served for at most `tenancy serve --page-cache-ttl` then.
+    async fn catalog_changed(&self, brand_id: &str) {
+        if let Err(e) = self.redis.catalog_changed(brand_id).await {
+            metrics::counter!("tenancy_catalog_version_failures_total").increment(1);
+            tracing::warn!(processor = "catalog", brand = %brand_id, error = %e,
+                "cannot move the brand's catalog version on: `tenancy serve` may answer from \
+                 an older page until its --page-cache-ttl");
+        }
     }
 
     async fn apply_partition(

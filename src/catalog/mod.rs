@@ -27,6 +27,7 @@ pub mod store;
 use sqlx::MySqlPool;
 
 use crate::access::cache::PermissionCache;
+use crate::caches::Redis;
 use crate::events::Event;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError};
 use crate::tenancy::tenants::Tenants;
@@ -44,6 +45,8 @@ pub struct CatalogProcessor {
     pub spec: CatalogSpec,
     pub tenants: Tenants,
     pub cache: PermissionCache,
+    /// For the brand's catalog version (`caches::catalog_version_key`).
+    pub redis: Redis,
     pub watermark: Watermark,
     /// Skip events applied before at another offset (by `event_id`); off only to measure
     /// what the id records cost (`tenancy bench catalog`).

@@ -30,6 +30,17 @@ pub struct ServeArgs {
     /// Every request is answered within this time (503 with Retry-After if not).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
+    /// A catalog page is answered from memory, without its query, while the brand's catalog
+    /// version and the domain generation in Redis are those it was read under (every commit to
+    /// the brand's catalog, archive, restore and domain change moves one on), and for at most
+    /// this long. The TTL bounds what those stamps cannot see: a rebuild's swap with accepted
+    /// differences or a rollback, a catalog worker that could not reach Redis. 0 turns the page
+    /// cache off. Permissions and the tenant's status are checked on every request regardless.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub page_cache_ttl: Duration,
+    /// Memory for cached catalog pages, in MiB (the least recently useful go first).
+    #[arg(long, default_value_t = 64)]
+    pub page_cache_mib: u64,
 }
 
 fn base_domain(raw: &str) -> Result<Host, String> {
@@ -60,6 +71,8 @@ pub async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> 
         pool_size: args.pool_size,
         tenant_concurrency: args.tenant_concurrency,
         request_timeout: args.request_timeout,
+        page_cache_ttl: args.page_cache_ttl,
+        page_cache_bytes: args.page_cache_mib.saturating_mul(1 << 20),
     };
     let shutdown = super::shutdown_on_signal();
     let (bound, task) = crate::serve::serve(&config, &options, key, shutdown).await?;
@@ -67,6 +80,7 @@ pub async fn serve(config: Config, args: ServeArgs) -> anyhow::Result<ExitCode> 
     println!("listening on http://{bound}");
     tracing::info!(addr = %bound, namespace = %config.namespace, base_domain = %options.base_domain,
         pool = options.pool_size, tenant_concurrency = options.tenant_concurrency,
+        page_cache_ttl = ?options.page_cache_ttl,
         "serving the tenant API");
     task.await?;
     Ok(ExitCode::SUCCESS)

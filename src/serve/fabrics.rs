@@ -5,17 +5,20 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::Json;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
 use super::error::ApiError;
+use super::pages::{PageKey, Stamp};
 use super::resolve::{lookup_of_host, slug_of_path, Lookup, Tenant};
 use super::Api;
-use crate::access::cache::AccessError;
+use crate::access::cache::{AccessError, Prefetched};
+use crate::caches::{catalog_version_key, start_counter};
 use crate::tenant::{DatabaseName, OrganisationType, Slug};
 
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -104,7 +107,7 @@ pub async fn by_path(
     slug: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     query: Result<Query<FabricQuery>, QueryRejection>,
-) -> Result<Json<FabricsPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(raw) = slug.map_err(|e| ApiError::bad_request("invalid_slug", e.body_text()))?;
     let slug = slug_of_path(&raw)?;
     page(&api, slug, &headers, query_of(query)?).await
@@ -115,7 +118,7 @@ pub async fn by_host(
     State(api): State<Arc<Api>>,
     headers: HeaderMap,
     query: Result<Query<FabricQuery>, QueryRejection>,
-) -> Result<Json<FabricsPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let host = api.host(&headers)?;
     let Lookup::Brand(slug) = lookup_of_host(api.resolver.base(), host)? else {
         return Err(ApiError::not_found(format!(
@@ -131,25 +134,42 @@ async fn page(
     slug: Slug,
     headers: &HeaderMap,
     query: FabricQuery,
-) -> Result<Json<FabricsPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = query.check()?;
     let supplier = api.supplier(headers)?;
-    // The permission is read with the brand's resolution, under the id this slug had last.
-    let guess = api
-        .brand_ids
-        .get(&slug)
-        .and_then(|id| api.permissions.key_of(&supplier, &id));
-    let (brand, prefetched) = api
+    // The supplier's permission and the brand's catalog version are read with the brand's
+    // resolution, under the id this slug had last in this process; each counts only if the
+    // resolution returns that id.
+    let guess = api.brand_ids.get(&slug);
+    let also: Vec<String> = guess
+        .as_deref()
+        .into_iter()
+        .flat_map(|id| {
+            let permission = api.permissions.key_of(&supplier, id);
+            permission
+                .into_iter()
+                .chain([catalog_version_key(&api.ns, id)])
+        })
+        .collect();
+    let resolved = api
         .resolver
-        .resolve_with(&Lookup::Brand(slug.clone()), guess)
+        .resolve_with(&Lookup::Brand(slug.clone()), &also)
         .await?;
-    let brand = brand
+    let brand = resolved
+        .tenant
         .ok_or_else(|| ApiError::not_found(format!("no brand '{slug}'")))?
         .usable()?;
     api.brand_ids.remember(&slug, &brand.organisation_id);
+    // Each read counts only under the key the returned id gives (checked by its user).
+    let read_under = |key: Option<String>| {
+        let key = key?;
+        resolved.also.iter().find(|p| p.key == key).cloned()
+    };
+    let permission = read_under(api.permissions.key_of(&supplier, &brand.organisation_id));
+    let version = read_under(Some(catalog_version_key(&api.ns, &brand.organisation_id)));
     let access = api
         .permissions
-        .permissions_read(&api.pool, &supplier, &brand.organisation_id, prefetched)
+        .permissions_read(&api.pool, &supplier, &brand.organisation_id, permission)
         .await
         .map_err(|e| refused(e, &brand))?;
     if !access.may_read_catalog() {
@@ -158,9 +178,57 @@ async fn page(
         )));
     }
     let prices = access.may_read_pricing();
+    // A page is kept only under stamps read before its rows (see `pages`).
+    let stamp = stamp_of(api, &brand, version, resolved.generation).await;
+    let key = PageKey::new(&brand.organisation_id, prices, &query, limit);
+    if let Some(body) = stamp.as_ref().and_then(|s| api.pages.get(&key, s)) {
+        return Ok(json_response(body));
+    }
     let _slot = api.limits.enter(&brand.organisation_id).await;
     let fabrics = read(api, &brand, &query, limit + 1).await?;
-    Ok(Json(paginate(brand, prices, fabrics, limit)))
+    let body = Bytes::from(
+        serde_json::to_vec(&paginate(brand, prices, fabrics, limit))
+            .map_err(|e| ApiError::service("JSON", e))?,
+    );
+    if let Some(stamp) = stamp {
+        api.pages.put(key, stamp, body.clone());
+    }
+    Ok(json_response(body))
+}
+
+/// The stamps a page of `brand` may be kept or served under: its catalog version as read in
+/// the resolution's round trip (under the key of the id it returned) and the domain generation.
+/// `None` when either is unknown: a missing version is started for the next request.
+async fn stamp_of(
+    api: &Api,
+    brand: &Tenant,
+    version: Option<Prefetched>,
+    generation: String,
+) -> Option<Stamp> {
+    let key = catalog_version_key(&api.ns, &brand.organisation_id);
+    let version = version.filter(|v| v.key == key)?;
+    let Some(catalog_version) = version.value else {
+        let mut conn = api.redis.clone();
+        if let Err(e) = start_counter(&mut conn, &key).await {
+            tracing::warn!(%key, error = %e, "cannot start the brand's catalog version");
+        }
+        return None;
+    };
+    (!generation.is_empty()).then_some(Stamp {
+        catalog_version,
+        domain_generation: generation,
+    })
+}
+
+fn json_response(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// What a permission lookup failure means to the caller.

@@ -11,11 +11,13 @@
 //! One connection pool for the MySQL server (`DATABASE_URL`), never one per tenant: every
 //! query names its tenant database, never `USE`. A tenant holds at most
 //! `--tenant-concurrency` connections at once, and every request ends within
-//! `--request-timeout` (503 with `Retry-After` otherwise).
+//! `--request-timeout` (503 with `Retry-After` otherwise). A catalog page read once is answered
+//! from memory while the brand's catalog version and the domain generation hold ([`pages`]).
 
 pub mod error;
 pub mod fabrics;
 pub mod limits;
+pub mod pages;
 pub mod resolve;
 pub mod retailer;
 pub mod token;
@@ -42,6 +44,7 @@ use crate::tenant::Namespace;
 
 use error::ApiError;
 use limits::TenantLimits;
+use pages::Pages;
 use resolve::Resolver;
 use token::TokenKey;
 
@@ -55,6 +58,10 @@ pub struct ServeOptions {
     pub pool_size: u32,
     pub tenant_concurrency: usize,
     pub request_timeout: Duration,
+    /// How long a page of a catalog may be answered from memory at most (zero: never).
+    pub page_cache_ttl: Duration,
+    /// Memory for those pages, in bytes (zero: none).
+    pub page_cache_bytes: u64,
 }
 
 /// What every handler shares.
@@ -68,8 +75,10 @@ pub struct Api {
     pub timeout: Duration,
     /// Each brand slug's last organisation id, for reading its permission early.
     pub brand_ids: resolve::RecentIds,
-    /// For `/readyz`.
-    redis: redis::aio::ConnectionManager,
+    /// Catalog pages answered without their query while their stamps hold.
+    pub pages: Pages,
+    /// For `/readyz` and the catalog versions.
+    pub redis: redis::aio::ConnectionManager,
 }
 
 impl Api {
@@ -122,6 +131,7 @@ impl Api {
             limits: TenantLimits::new(options.tenant_concurrency),
             timeout: options.request_timeout,
             brand_ids: resolve::RecentIds::default(),
+            pages: Pages::new(options.page_cache_ttl, options.page_cache_bytes),
             redis: redis.conn(),
         })
     }

@@ -114,6 +114,17 @@ impl Tenant {
     }
 }
 
+/// What [`Resolver::resolve_with`] read.
+pub struct Resolved {
+    /// The tenant, `None` when there is none.
+    pub tenant: Option<Tenant>,
+    /// The domain generation read before the answer was (loaded or) cached; empty when it was
+    /// missing and had to be started.
+    pub generation: String,
+    /// The extra keys asked for, in their order.
+    pub also: Vec<Prefetched>,
+}
+
 /// A cache entry: the answer (`None` for "no such tenant") and the generation it was loaded at.
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
@@ -240,16 +251,16 @@ impl Resolver {
     /// The tenant a lookup names, `None` when there is none; from the cache when it holds a
     /// current answer.
     pub async fn resolve(&self, lookup: &Lookup) -> Result<Option<Tenant>, ApiError> {
-        Ok(self.resolve_with(lookup, None).await?.0)
+        Ok(self.resolve_with(lookup, &[]).await?.tenant)
     }
 
-    /// [`resolve`](Self::resolve), also reading the Redis key `also` in the same round trip
-    /// (the request's next lookup, e.g. a permission; `None` if there is none to read).
+    /// [`resolve`](Self::resolve), also reading the Redis keys `also` in the same round trip
+    /// (the request's next lookups, e.g. a permission and a catalog version).
     pub async fn resolve_with(
         &self,
         lookup: &Lookup,
-        also: Option<String>,
-    ) -> Result<(Option<Tenant>, Option<Prefetched>), ApiError> {
+        also: &[String],
+    ) -> Result<Resolved, ApiError> {
         let key = domain_key(&self.ns, &self.cache_host(lookup));
         let (cached, generation, also) = self
             .cached_with(&key, also)
@@ -257,7 +268,11 @@ impl Resolver {
             .map_err(|e| ApiError::service("Redis", e))?;
         if let Some(tenant) = cached {
             metrics::counter!("tenancy_domain_cache_lookups_total", "result" => "hit").increment(1);
-            return Ok((tenant, also));
+            return Ok(Resolved {
+                tenant,
+                generation,
+                also,
+            });
         }
         metrics::counter!("tenancy_domain_cache_lookups_total", "result" => "miss").increment(1);
         let tenant = self.load(lookup).await?;
@@ -265,38 +280,40 @@ impl Resolver {
         if let Err(e) = self.fill(&key, &generation, tenant.as_ref()).await {
             tracing::warn!(%key, error = %e, "cannot fill the domain cache");
         }
-        Ok((tenant, also))
+        Ok(Resolved {
+            tenant,
+            generation,
+            also,
+        })
     }
 
     /// The entry under `key` if it is current (`Some(None)` caches "no such tenant"), and the
     /// generation now, read in one round trip. A missing generation is started (nothing is
     /// current then, and nothing is filled under it: the fill finds it changed).
     pub async fn cached(&self, key: &str) -> redis::RedisResult<(Option<Option<Tenant>>, String)> {
-        let (cached, generation, _) = self.cached_with(key, None).await?;
+        let (cached, generation, _) = self.cached_with(key, &[]).await?;
         Ok((cached, generation))
     }
 
-    /// [`cached`](Self::cached), with the value of the key `also` read by the same MGET.
+    /// [`cached`](Self::cached), with the values of the keys `also` read by the same MGET.
     async fn cached_with(
         &self,
         key: &str,
-        also: Option<String>,
-    ) -> redis::RedisResult<(Option<Option<Tenant>>, String, Option<Prefetched>)> {
+        also: &[String],
+    ) -> redis::RedisResult<(Option<Option<Tenant>>, String, Vec<Prefetched>)> {
         let mut conn = self.redis.clone();
         let mut mget = redis::cmd("MGET");
-        mget.arg(key).arg(domain_generation_key(&self.ns));
-        if let Some(also) = &also {
-            mget.arg(also);
-        }
-        let mut values: Vec<Option<String>> = mget.query_async(&mut conn).await?;
-        let also = also.map(|key| Prefetched {
-            key,
-            value: values.get_mut(2).and_then(Option::take),
-        });
-        let (cached, generation) = (
-            values.first_mut().and_then(Option::take),
-            values.get_mut(1).and_then(Option::take),
-        );
+        mget.arg(key).arg(domain_generation_key(&self.ns)).arg(also);
+        let values: Vec<Option<String>> = mget.query_async(&mut conn).await?;
+        let mut values = values.into_iter();
+        let (cached, generation) = (values.next().flatten(), values.next().flatten());
+        let also = also
+            .iter()
+            .map(|key| Prefetched {
+                key: key.clone(),
+                value: values.next().flatten(),
+            })
+            .collect();
         let Some(generation) = generation else {
             start_generation(&mut conn, &self.ns).await?;
             return Ok((None, String::new(), also));
