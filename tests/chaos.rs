@@ -139,8 +139,8 @@ fn workload(total: usize, waves: usize, dice: &mut Dice) -> Vec<Vec<String>> {
     out
 }
 
-/// Every `{ns}:*` key of Redis with its value, but the domain cache's generation (a stamp
-/// that only has to move, different in every run).
+/// Every `{ns}:*` key of Redis with its value, but the stamps that only have to move and differ
+/// in every run: the domain cache's generation and the brands' catalog versions.
 fn redis_state(t: &TestNs) -> BTreeMap<String, String> {
     let mut conn = redis::Client::open(t.config.redis_url.as_str())
         .unwrap()
@@ -151,8 +151,9 @@ fn redis_state(t: &TestNs) -> BTreeMap<String, String> {
         .query(&mut conn)
         .unwrap();
     let generation = blindstrader_tenancy::caches::domain_generation_key(&t.ns);
+    let versions = blindstrader_tenancy::caches::catalog_version_key(&t.ns, "");
     keys.into_iter()
-        .filter(|k| *k != generation)
+        .filter(|k| *k != generation && !k.starts_with(&versions))
         .map(|k| {
             let v: String = redis::cmd("GET").arg(&k).query(&mut conn).unwrap();
             (k, v)
