@@ -13,7 +13,7 @@ use tokio::io::AsyncBufReadExt;
 
 use super::catalog::{fabric_json, provision, Tenant};
 use crate::config::Config;
-use crate::serve::fabrics::{fabric_of, query, statement, FabricQuery};
+use crate::serve::fabrics::{fabric_of, query, statement, FabricQuery, MAX_LIMIT};
 use crate::serve::token::{TokenKey, KEY_ENV};
 use crate::tenancy::provisioning::prepare_service_databases;
 use crate::tenancy::tenants::Tenants;
@@ -24,7 +24,7 @@ pub struct ServeBenchArgs {
     /// Brands, each with its own database.
     #[arg(long, default_value_t = 100)]
     pub brands: usize,
-    /// Fabrics per brand (every request reads them all: one page).
+    /// Fabrics per brand, at most 1,000 (every request reads them all: one page of that size).
     #[arg(long, default_value_t = 50)]
     pub fabrics: usize,
     /// Concurrent clients, on both sides.
@@ -110,6 +110,10 @@ pub async fn run(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()>
     anyhow::ensure!(
         args.brands > 0 && args.fabrics > 0 && args.clients > 0,
         "--brands, --fabrics and --clients must be positive"
+    );
+    anyhow::ensure!(
+        args.fabrics <= MAX_LIMIT as usize,
+        "--fabrics is at most {MAX_LIMIT}: every request reads one whole page"
     );
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
@@ -247,7 +251,10 @@ async fn measure_serve(
             slugs.clone(),
         );
         move |i: usize| {
-            let url = format!("{base}/api/brands/{}/fabrics", slugs[i % slugs.len()]);
+            let url = format!(
+                "{base}/api/brands/{}/fabrics?limit={expected}",
+                slugs[i % slugs.len()]
+            );
             let request = client.get(url).bearer_auth(&token).send();
             async move {
                 let response = request.await?;
@@ -331,7 +338,8 @@ async fn measure(
     );
     let expected = args.fabrics;
     let raw = {
-        let rows = crate::serve::fabrics::DEFAULT_LIMIT + 1;
+        // As the server asks: the page and one row more, to know whether another follows.
+        let rows = expected as u32 + 1;
         move |i: usize| {
             let (pool, statements) = (raw_pool.clone(), statements.clone());
             async move {
