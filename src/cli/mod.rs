@@ -92,8 +92,9 @@ pub enum Command {
     /// /api/retailer/profile answers on SLUG.BASE or a retailer's custom domain. Errors are
     /// JSON: 400 bad slug or host, 401 bad token, 403 no access, 404 unknown tenant, 410
     /// archived, 503 (Retry-After) while a tenant is archived or restored, or when busy.
-    /// /metrics, /healthz and /readyz (MySQL and Redis answer) on the same address. Needs
-    /// TENANCY_TOKEN_KEY.
+    /// /metrics, /healthz and /readyz (MySQL and Redis answer) on the same address. A catalog
+    /// page read once is answered from memory until the brand's catalog changes (see
+    /// --page-cache-ttl). Needs TENANCY_TOKEN_KEY.
     Serve(serve::ServeArgs),
     /// Bearer tokens for `tenancy serve`.
     Tokens {
