@@ -851,6 +851,70 @@ async fn pages_never_go_back_and_end_at_the_last_update() {
     );
 }
 
+/// A rebuild never writes Redis, so a page kept from before its swap is the one thing no
+/// catalog version ends: the page cache's TTL does. Live rows corrupted by hand (no event, so no
+/// version moves) are served and kept; a rebuild repairs them; the repaired rows are served once
+/// the kept page's TTL has run out, not later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rebuild_swap_is_served_once_the_kept_page_expires() {
+    const TTL: Duration = Duration::from_secs(2);
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("w");
+    let (brand, supplier) = (new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&brand, "BRAND", "swapped"),
+            (&supplier, "SUPPLIER", "reader"),
+        ],
+    )
+    .await;
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["A1", "A2"], &[]),
+        lines::grant(&new_id(), &brand, &supplier, &["catalog.read"]),
+    ]);
+    t.wait_caught_up().await;
+    let db = format!("{}_brand_swapped", t.ns);
+    sqlx::query(&format!(
+        "UPDATE `{db}`.fabrics SET name = 'garbage' WHERE code = 'A1'"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let server = spawn_serve(&t, &["--page-cache-ttl", "2s"]);
+    let mine = token(&t, &supplier);
+    let path = "/api/brands/swapped/fabrics";
+    let first_name = || async {
+        let (status, body) = server.get(path, Some(&mine), None).await;
+        assert_eq!(status, 200, "{body}");
+        body["fabrics"][0]["name"].as_str().unwrap().to_owned()
+    };
+    for _ in 0..3 {
+        assert_eq!(first_name().await, "garbage");
+    }
+    let hits = server
+        .labelled("tenancy_page_cache_lookups_total", "hit")
+        .await;
+    assert!(hits >= 1.0, "the corrupted page is kept ({hits} hits)");
+
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--accept-differences"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("swapped in"), "{out}");
+    let swapped = Instant::now();
+    wait_for(
+        "the repaired rows to be served",
+        TTL + Duration::from_secs(3),
+        || async { (first_name().await == "A1 r1").then_some(()) },
+    )
+    .await;
+    assert!(
+        swapped.elapsed() <= TTL + Duration::from_secs(1),
+        "served {:?} after the swap",
+        swapped.elapsed()
+    );
+}
+
 /// A brand whose table is locked answers 503 within the timeout; the other brands' requests,
 /// meanwhile, stay far below it.
 #[tokio::test(flavor = "multi_thread")]
