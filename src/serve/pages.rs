@@ -7,8 +7,10 @@
 //! (moved on by every archive, restore, purge and domain change). Both are read *before* a page
 //! is loaded, so a page can only be newer than its stamps, never older: a commit after the
 //! read moves the version on and the page stops being served. Permissions and the tenant's
-//! status are checked on every request before a page is looked at; the cache holds the rows
-//! only (and keys pages by whether prices are shown).
+//! status are checked on every request before a page is looked at; the cache holds a page's
+//! JSON body only, keyed by brand id, query and whether prices are shown. Each `tenancy serve`
+//! keeps its own pages; the stamps they are checked against are shared, so several servers
+//! behind a load balancer stop serving a page at the same change.
 //!
 //! What the stamps do not see is bounded by `--page-cache-ttl`: a rebuild's swap (a rebuild
 //! never writes Redis; its swapped-in database equals the live one unless the operator accepted
