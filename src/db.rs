@@ -253,13 +253,7 @@ fn compact(id: &str) -> String {
 
 /// Whether a database exists.
 pub async fn database_exists(pool: &MySqlPool, db: &DatabaseName) -> Result<bool, sqlx::Error> {
-    let found: Option<String> = sqlx::query_scalar(
-        "SELECT CAST(SCHEMA_NAME AS CHAR) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = ?",
-    )
-    .bind(db.as_str())
-    .fetch_optional(pool)
-    .await?;
-    Ok(found.is_some())
+    Ok(databases_existing(pool, &[db]).await?.contains(db.as_str()))
 }
 
 /// Which of `dbs` exist.
