@@ -201,6 +201,35 @@ async fn granted_brands(t: &TestNs, pool: &MySqlPool, n: usize) -> (String, Vec<
     (supplier, brands)
 }
 
+/// A brand `slug` with a catalog of `codes` (revision 1) and one supplier per entry of
+/// `readers` (slug, permissions) granted it, all applied: the brand's id, then the readers'.
+async fn brand_with_readers(
+    t: &TestNs,
+    pool: &MySqlPool,
+    slug: &str,
+    codes: &[&str],
+    readers: &[(&str, &[&str])],
+) -> (String, Vec<String>) {
+    let brand = new_id();
+    let ids: Vec<String> = readers.iter().map(|_| new_id()).collect();
+    let mut orgs = vec![(brand.as_str(), "BRAND", slug)];
+    orgs.extend(
+        ids.iter()
+            .zip(readers)
+            .map(|(id, (reader, _))| (id.as_str(), "SUPPLIER", *reader)),
+    );
+    t.provisioned(pool, &orgs).await;
+    let mut events = vec![lines::catalog(&brand, 1, codes, &[])];
+    events.extend(
+        ids.iter()
+            .zip(readers)
+            .map(|(id, (_, permissions))| lines::grant(&new_id(), &brand, id, permissions)),
+    );
+    t.emit_ok(&events);
+    t.wait_caught_up().await;
+    (brand, ids)
+}
+
 /// Grants, prices, pagination, filters, the Host form, every refusal, and the lifecycle: a
 /// revoke is seen by the next request, an archived brand is 410, a restored one 200 again.
 #[tokio::test(flavor = "multi_thread")]
@@ -683,30 +712,21 @@ async fn cached_catalog_pages_follow_every_change() {
     let t = TestNs::new();
     let pool = t.pool().await;
     let _worker = t.spawn_run("w");
-    let (brand, priced, plain) = (new_id(), new_id(), new_id());
-    t.provisioned(
+    let (brand, readers) = brand_with_readers(
+        &t,
         &pool,
+        "pages",
+        &["A1", "A2"],
         &[
-            (&brand, "BRAND", "pages"),
-            (&priced, "SUPPLIER", "priced"),
-            (&plain, "SUPPLIER", "plain"),
+            ("priced", &["catalog.read", "pricing.read"]),
+            ("plain", &["catalog.read"]),
         ],
     )
     .await;
-    t.emit_ok(&[
-        lines::catalog(&brand, 1, &["A1", "A2"], &[]),
-        lines::grant(
-            &new_id(),
-            &brand,
-            &priced,
-            &["catalog.read", "pricing.read"],
-        ),
-        lines::grant(&new_id(), &brand, &plain, &["catalog.read"]),
-    ]);
-    t.wait_caught_up().await;
+    let (priced, plain) = (&readers[0], &readers[1]);
     let server = spawn_serve(&t, &["--page-cache-ttl", "1h"]);
     let path = "/api/brands/pages/fabrics";
-    let (with_prices, without) = (token(&t, &priced), token(&t, &plain));
+    let (with_prices, without) = (token(&t, priced), token(&t, plain));
     let read = |token: &str| {
         let token = token.to_owned();
         let server = &server;
@@ -752,7 +772,7 @@ async fn cached_catalog_pages_follow_every_change() {
     assert_eq!(codes(&read(&with_prices).await), ["A2", "A3"]);
 
     // A revoke: refused at once although the page is kept.
-    t.emit_ok(&[lines::revoke(&brand, &plain)]);
+    t.emit_ok(&[lines::revoke(&brand, plain)]);
     wait_no_grants(&t, &pool, "plain").await;
     assert_eq!(server.get(path, Some(&without), None).await.0, 403);
     assert_eq!(codes(&read(&with_prices).await), ["A2", "A3"]);
@@ -768,27 +788,23 @@ async fn cached_catalog_pages_follow_every_change() {
 /// served it within a moment (its catalog version moved on; no page is left behind).
 #[tokio::test(flavor = "multi_thread")]
 async fn pages_never_go_back_and_end_at_the_last_update() {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::OnceLock;
     const LAST: i64 = 30;
+    /// How soon after the last update is applied every reader must be served it.
+    const WITHIN: Duration = Duration::from_secs(5);
     let t = TestNs::new();
     let pool = t.pool().await;
     let _worker = t.spawn_run("w");
-    let (brand, supplier) = (new_id(), new_id());
-    t.provisioned(
+    let (brand, readers) = brand_with_readers(
+        &t,
         &pool,
-        &[
-            (&brand, "BRAND", "racing"),
-            (&supplier, "SUPPLIER", "reader"),
-        ],
+        "racing",
+        &["A"],
+        &[("reader", &["catalog.read"])],
     )
     .await;
-    t.emit_ok(&[
-        lines::catalog(&brand, 1, &["A"], &[]),
-        lines::grant(&new_id(), &brand, &supplier, &["catalog.read"]),
-    ]);
-    t.wait_caught_up().await;
     let server = spawn_serve(&t, &["--page-cache-ttl", "1h"]);
-    let mine = token(&t, &supplier);
+    let mine = token(&t, &readers[0]);
     let path = "/api/brands/racing/fabrics";
     // The revision a page shows: its one fabric is named "A r{revision}".
     let revision = |body: &Value| -> i64 {
@@ -797,15 +813,32 @@ async fn pages_never_go_back_and_end_at_the_last_update() {
             .unwrap_or_else(|| panic!("{body}"));
         name.rsplit('r').next().unwrap().parse().unwrap()
     };
-    let stop = AtomicBool::new(false);
-    let readers = futures::future::join_all((0..8).map(|_| async {
-        let mut seen = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let (status, body) = server.get(path, Some(&mine), None).await;
-            assert_eq!(status, 200, "{body}");
-            seen.push(revision(&body));
+    // When the database first held the last update.
+    let applied: OnceLock<Instant> = OnceLock::new();
+    // Each reader reads until it is served the last update, which must come within WITHIN of
+    // its being applied.
+    let readers = futures::future::join_all((0..8).map(|reader| {
+        let (applied, server, mine) = (&applied, &server, &mine);
+        async move {
+            let mut seen = Vec::new();
+            loop {
+                let (status, body) = server.get(path, Some(mine), None).await;
+                assert_eq!(status, 200, "{body}");
+                seen.push(revision(&body));
+                if seen.last() == Some(&LAST) {
+                    return seen;
+                }
+                if let Some(at) = applied.get() {
+                    assert!(
+                        at.elapsed() < WITHIN,
+                        "reader {reader} not served the last update {WITHIN:?} after it was \
+                         applied: {} reads, the last of revision {:?}",
+                        seen.len(),
+                        seen.last()
+                    );
+                }
+            }
         }
-        seen
     }));
     let updates = async {
         for first in (2..=LAST).step_by(4) {
@@ -813,7 +846,6 @@ async fn pages_never_go_back_and_end_at_the_last_update() {
                 .map(|r| lines::catalog(&brand, r, &["A"], &[]))
                 .collect();
             t.emit_ok(&batch);
-            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         let db = format!("{}_brand_racing", t.ns);
         wait_for(
@@ -825,20 +857,13 @@ async fn pages_never_go_back_and_end_at_the_last_update() {
             },
         )
         .await;
-        // Give every reader time to come round a few times, then stop them.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        stop.store(true, Ordering::Relaxed);
+        applied.set(Instant::now()).expect("set once");
     };
     let (seen, ()) = tokio::join!(readers, updates);
     for (reader, revisions) in seen.iter().enumerate() {
         assert!(
             revisions.windows(2).all(|w| w[0] <= w[1]),
             "reader {reader} went back: {revisions:?}"
-        );
-        assert_eq!(
-            revisions.last(),
-            Some(&LAST),
-            "reader {reader} ends at the last update"
         );
     }
     let hits = server
@@ -861,20 +886,14 @@ async fn a_rebuild_swap_is_served_once_the_kept_page_expires() {
     let t = TestNs::new();
     let pool = t.pool().await;
     let _worker = t.spawn_run("w");
-    let (brand, supplier) = (new_id(), new_id());
-    t.provisioned(
+    let (brand, readers) = brand_with_readers(
+        &t,
         &pool,
-        &[
-            (&brand, "BRAND", "swapped"),
-            (&supplier, "SUPPLIER", "reader"),
-        ],
+        "swapped",
+        &["A1", "A2"],
+        &[("reader", &["catalog.read"])],
     )
     .await;
-    t.emit_ok(&[
-        lines::catalog(&brand, 1, &["A1", "A2"], &[]),
-        lines::grant(&new_id(), &brand, &supplier, &["catalog.read"]),
-    ]);
-    t.wait_caught_up().await;
     let db = format!("{}_brand_swapped", t.ns);
     sqlx::query(&format!(
         "UPDATE `{db}`.fabrics SET name = 'garbage' WHERE code = 'A1'"
@@ -883,7 +902,7 @@ async fn a_rebuild_swap_is_served_once_the_kept_page_expires() {
     .await
     .unwrap();
     let server = spawn_serve(&t, &["--page-cache-ttl", "2s"]);
-    let mine = token(&t, &supplier);
+    let mine = token(&t, &readers[0]);
     let path = "/api/brands/swapped/fabrics";
     let first_name = || async {
         let (status, body) = server.get(path, Some(&mine), None).await;
