@@ -179,7 +179,7 @@ async fn page(
     }
     let prices = access.may_read_pricing();
     // A page is kept only under stamps read before its rows (see `pages`).
-    let stamp = stamp_of(api, &brand, version, resolved.generation).await;
+    let stamp = stamp_of(api, version, resolved.generation).await;
     let key = PageKey::new(&brand.organisation_id, prices, &query, limit);
     if let Some(body) = stamp.as_ref().and_then(|s| api.pages.get(&key, s)) {
         return Ok(json_response(body));
@@ -196,21 +196,15 @@ async fn page(
     Ok(json_response(body))
 }
 
-/// The stamps a page of `brand` may be kept or served under: its catalog version as read in
-/// the resolution's round trip (under the key of the id it returned) and the domain generation.
+/// The stamps a page may be kept or served under: the brand's catalog version as read in the
+/// resolution's round trip (under the key of the id it returned) and the domain generation.
 /// `None` when either is unknown: a missing version is started for the next request.
-async fn stamp_of(
-    api: &Api,
-    brand: &Tenant,
-    version: Option<Prefetched>,
-    generation: String,
-) -> Option<Stamp> {
-    let key = catalog_version_key(&api.ns, &brand.organisation_id);
-    let version = version.filter(|v| v.key == key)?;
+async fn stamp_of(api: &Api, version: Option<Prefetched>, generation: String) -> Option<Stamp> {
+    let version = version?;
     let Some(catalog_version) = version.value else {
         let mut conn = api.redis.clone();
-        if let Err(e) = start_counter(&mut conn, &key).await {
-            tracing::warn!(%key, error = %e, "cannot start the brand's catalog version");
+        if let Err(e) = start_counter(&mut conn, &version.key).await {
+            tracing::warn!(key = %version.key, error = %e, "cannot start the brand's catalog version");
         }
         return None;
     };
