@@ -31,10 +31,25 @@ pub(crate) async fn backfill_copy(
     brand_id: &str,
     permissions: &[String],
 ) -> Result<u64, sqlx::Error> {
+    offsets::clear(tx, supplier_db, &copy_projection(brand_id)).await?;
+    store::drop_copy(tx, supplier_db, spec, brand_id).await?;
+    fill_copy(tx, spec, supplier_db, brand_db, brand_id, permissions).await
+}
+
+/// [`backfill_copy`] into a supplier database that holds no copy of the brand (rows nor
+/// offsets): no DELETE, so copies of several brands can be filled at once without their gap
+/// locks deadlocking each other.
+pub(crate) async fn fill_copy(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    spec: &CatalogSpec,
+    supplier_db: &DatabaseName,
+    brand_db: &DatabaseName,
+    brand_id: &str,
+    permissions: &[String],
+) -> Result<u64, sqlx::Error> {
     let copy = copy_projection(brand_id);
-    offsets::clear(tx, supplier_db, &copy).await?;
     let hidden = spec.hidden_columns(permissions);
-    let rows = store::rebuild_copy(tx, supplier_db, brand_db, spec, brand_id, &hidden).await?;
+    let rows = store::insert_copy(tx, supplier_db, brand_db, spec, brand_id, &hidden).await?;
     for (topic, partition, offset) in offsets::all(tx, brand_db, &spec.projection).await? {
         offsets::set(tx, supplier_db, &copy, &topic, partition, offset).await?;
     }

@@ -255,6 +255,19 @@ pub async fn rebuild_copy(
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
     drop_copy(tx, supplier_db, spec, brand_id).await?;
+    insert_copy(tx, supplier_db, brand_db, spec, brand_id, hidden).await
+}
+
+/// [`rebuild_copy`] into a copy known to be empty: no DELETE, so none of its gap locks, and
+/// copies of several brands can be filled at once.
+pub async fn insert_copy(
+    tx: &mut Transaction<'_, MySql>,
+    supplier_db: &DatabaseName,
+    brand_db: &DatabaseName,
+    spec: &CatalogSpec,
+    brand_id: &str,
+    hidden: &[&str],
+) -> Result<u64, sqlx::Error> {
     let target: Vec<String> = std::iter::once(&spec.supplier_brand_column)
         .chain(&spec.columns)
         .map(|c| format!("`{c}`"))

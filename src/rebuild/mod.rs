@@ -265,13 +265,14 @@ pub struct Rebuilder {
 
 impl Rebuilder {
     /// For up to `parallel` rebuilds at once: each holds up to three connections for its
-    /// claim and locks, one for its queries and one for its progress report.
+    /// claim and locks, two for its queries (the two sides of a comparison, a supplier's
+    /// copies) and one for its progress report.
     pub async fn new(
         config: &Config,
         fail_after: FailAfter,
         parallel: usize,
     ) -> anyhow::Result<Rebuilder> {
-        let pool = crate::db::connect_pool_sized(config, (5 * parallel.max(1) + 2) as u32).await?;
+        let pool = crate::db::connect_pool_sized(config, (6 * parallel.max(1) + 2) as u32).await?;
         // The rebuilds table may be newer than the workers that migrated the platform.
         crate::tenancy::provisioning::prepare_service_databases(
             &pool,

@@ -22,7 +22,7 @@ use sqlx::MySqlPool;
 
 use super::compare;
 use super::Rebuilder;
-use crate::catalog::copies::backfill_copy;
+use crate::catalog::copies::fill_copy;
 use crate::catalog::grants::{access_projection, mark_access_applied, write_access_row};
 use crate::catalog::item::{self, Item};
 use crate::db::NamedLock;
@@ -33,6 +33,12 @@ use crate::topics::Topic;
 
 use super::fenced::{fingerprint, Fingerprint};
 use super::replay::{decode_event, Range, Replayed};
+
+/// Brands copied into a rebuilt supplier database at once. The copying is MariaDB's work; on
+/// two cores two statements at once took 129–138 ms for 24,000 rows against 179–180 ms one
+/// after another, four no better (mysql clients, 2026-12-01); in `tenancy rebuild` of a
+/// supplier reading 20 brands of 1,000 fabrics, 107–121 ms against 123–133 ms.
+const COPIES_AT_ONCE: usize = 2;
 
 /// The last access event applied per (brand, partition), from a fingerprint.
 pub(super) fn access_bounds(fp: &Fingerprint, topic: &str) -> HashMap<(String, i32), i64> {
@@ -145,7 +151,13 @@ impl Rebuilder {
     /// `target`'s copies, all rebuilt: the brand's live projection for every grant holding
     /// the catalog permission of a brand that is active (copies exist only between two live
     /// tenants), with the brand offsets they reflect.
+    ///
+    /// `target` is never the live database (a shadow, or the replaced tables a rollback brings
+    /// back), so no reader sees it half-filled: the copies are cleared, then each brand's is
+    /// filled in a transaction of its own, [`COPIES_AT_ONCE`] at a time. Its own transaction
+    /// also reads each brand's offsets right after its rows, so they always describe them.
     pub(super) async fn backfill_copies(&self, target: &DatabaseName) -> anyhow::Result<usize> {
+        use futures::{StreamExt, TryStreamExt};
         let grants: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access ORDER BY brand_id",
             target.quoted()
@@ -168,17 +180,25 @@ impl Rebuilder {
         ))
         .execute(&mut *tx)
         .await?;
-        let mut copies = 0;
-        for (brand_id, json) in &grants {
-            let permissions: Vec<String> = serde_json::from_str(json).unwrap_or_default();
-            let Some(brand) = brands.get(brand_id) else {
-                continue;
-            };
-            let (Status::Active, Some(brand_db)) = (brand.status, &brand.database) else {
-                continue;
-            };
-            if permissions.contains(&self.spec.requires_permission) {
-                backfill_copy(
+        tx.commit().await?;
+        let copied: Vec<(&str, Vec<String>, &DatabaseName)> = grants
+            .iter()
+            .filter_map(|(brand_id, json)| {
+                let permissions: Vec<String> = serde_json::from_str(json).unwrap_or_default();
+                let brand = brands.get(brand_id)?;
+                let (Status::Active, Some(brand_db)) = (brand.status, &brand.database) else {
+                    return None;
+                };
+                permissions
+                    .contains(&self.spec.requires_permission)
+                    .then_some((brand_id.as_str(), permissions, brand_db))
+            })
+            .collect();
+        let copies = copied.len();
+        futures::stream::iter(copied)
+            .map(|(brand_id, permissions, brand_db)| async move {
+                let mut tx = self.pool.begin().await?;
+                fill_copy(
                     &mut tx,
                     &self.spec,
                     target,
@@ -187,10 +207,12 @@ impl Rebuilder {
                     &permissions,
                 )
                 .await?;
-                copies += 1;
-            }
-        }
-        tx.commit().await?;
+                tx.commit().await?;
+                anyhow::Ok(())
+            })
+            .buffer_unordered(COPIES_AT_ONCE)
+            .try_collect::<()>()
+            .await?;
         Ok(copies)
     }
 
