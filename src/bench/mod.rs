@@ -15,6 +15,8 @@ pub mod e2e;
 pub mod rebuild;
 pub mod serve;
 
+use std::time::{Duration, Instant};
+
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -175,4 +177,47 @@ pub(crate) async fn wait_applied(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     Ok(())
+}
+
+/// Waits (up to 30 s) until the machine's CPUs are mostly idle, so that a timed phase does not
+/// share them with the tail of the one before (the broker, MariaDB's purge). Says how long.
+///
+/// Waiting for MariaDB's dirty pages as well was tried and dropped: on this VM some hundreds
+/// stay dirty at rest, and two minutes of waiting did not change the figures that followed.
+pub(crate) async fn settle() {
+    let started = Instant::now();
+    let mut busy = 0.0;
+    while started.elapsed() < Duration::from_secs(30) {
+        busy = cpu_busy(Duration::from_millis(500)).await.unwrap_or(0.0);
+        if busy < 0.25 {
+            break;
+        }
+    }
+    eprintln!(
+        "  settled in {:.1} s (CPUs {:.0}% busy)",
+        started.elapsed().as_secs_f64(),
+        busy * 100.0
+    );
+}
+
+/// The share of all CPUs' time spent busy over `over` (Linux /proc/stat); `None` elsewhere.
+async fn cpu_busy(over: Duration) -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait …: idle and iowait are the idle time.
+        let idle = fields.get(3)? + fields.get(4).copied().unwrap_or(0);
+        Some((fields.iter().sum(), idle))
+    }
+    let (t0, i0) = sample()?;
+    tokio::time::sleep(over).await;
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0)?.max(1);
+    Some(1.0 - i1.saturating_sub(i0) as f64 / total as f64)
 }

@@ -1,8 +1,8 @@
 //! `tenancy bench rebuild`: one brand with many catalog events, applied live, then rebuilt
 //! online by `tenancy rebuild` (a child process, so its memory is its own), next to a raw
-//! baseline in the same run: the same final rows (fabrics, and the event ids the projection
-//! keeps), batch by batch as the replay folds them, written by plain multi-row inserts into an
-//! empty brand database, one transaction per batch.
+//! baseline in the same run, once before the rebuild and once after: the same final rows
+//! (fabrics, and the event ids the projection keeps), batch by batch as the replay folds them,
+//! written by plain multi-row inserts into an empty brand database, one transaction per batch.
 //!
 //! Then one supplier reading `--supplier-brands` brands of `--supplier-catalog` fabrics each
 //! (grants applied live through the topic, copies backfilled), rebuilt online the same way,
@@ -132,55 +132,29 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     super::with_catalog_processor(&config, super::wait_applied(&pool, &brands, &last)).await?;
     let live = started.elapsed();
 
+    // The raw baseline runs once before the rebuild and once after, and the ratio is against
+    // their mean: on this VM the same baseline differs by up to a third within one run (38.5
+    // against 28.9 s, and 42.9 against 30.1 s with two minutes of rest before each phase, the
+    // one right after the live apply slower both times), so one side only would lend the
+    // drift to the ratio.
+    super::settle().await;
+    eprintln!("raw baseline, first of two (before the rebuild)");
+    let raw = Baseline {
+        pool: &pool,
+        tenants: &tenants,
+        config: &config,
+        args: &args,
+        ids: &ids,
+        topic: &topic,
+    };
+    let (before, rows_written) = raw.run(1).await?;
+    super::settle().await;
     eprintln!("rebuilding the brand online (tenancy rebuild)");
     let (rebuilt, pause_ms, rebuild_rss) = timed_rebuild(&config, &brand.id).await?;
-
-    // The raw baseline: an empty brand database of the same schema, the same net rows per
-    // batch of events.
-    let raw = provision(&pool, &tenants, &config, OrganisationType::Brand, 1).await?;
-    let started = Instant::now();
-    let mut rows_written = 0usize;
-    for first in (0..args.events).step_by(BATCH) {
-        let mut net: BTreeMap<usize, i64> = BTreeMap::new();
-        for n in first..(first + BATCH).min(args.events) {
-            for code in codes_of(&args, n) {
-                net.insert(code, n as i64);
-            }
-        }
-        let rows: Vec<RawRow> = net
-            .into_iter()
-            .map(|(code, revision)| RawRow {
-                brand: None,
-                code,
-                revision,
-                pricing: true,
-            })
-            .collect();
-        let mut tx = pool.begin().await?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            raw_upsert(&mut tx, &raw.db, chunk).await?;
-        }
-        // The same final rows include the event ids the projection keeps (applied_events).
-        let batch_ids = &ids[first..(first + BATCH).min(args.events)];
-        for (c, chunk) in batch_ids.chunks(ROWS_PER_STATEMENT).enumerate() {
-            let sql = format!(
-                "INSERT INTO {}.applied_events (event_id, projection, topic, `partition`, `offset`) VALUES {}",
-                raw.db.quoted(),
-                vec!["(?, 'catalog', ?, 0, ?)"; chunk.len()].join(",")
-            );
-            let mut q = sqlx::query(&sql);
-            for (i, id) in chunk.iter().enumerate() {
-                q = q
-                    .bind(id)
-                    .bind(&topic)
-                    .bind((first + c * ROWS_PER_STATEMENT + i) as i64);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        rows_written += rows.len();
-    }
-    let raw_elapsed = started.elapsed();
+    super::settle().await;
+    eprintln!("raw baseline, second of two (after the rebuild)");
+    let (after, _) = raw.run(2).await?;
+    let raw_elapsed = (before + after) / 2;
 
     let rebuild_rows = rows_written as f64 / rebuilt.as_secs_f64();
     let raw_rows = rows_written as f64 / raw_elapsed.as_secs_f64();
@@ -197,7 +171,9 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
         args.events as f64 / rebuilt.as_secs_f64()
     );
     println!(
-        "raw baseline (the same net rows and event ids, multi-row inserts, one transaction per batch): {:.1} s = {raw_rows:.0} rows/s",
+        "raw baseline (the same net rows and event ids, multi-row inserts, one transaction per batch): {:.1} s before the rebuild, {:.1} s after; their mean {:.1} s = {raw_rows:.0} rows/s",
+        before.as_secs_f64(),
+        after.as_secs_f64(),
         raw_elapsed.as_secs_f64()
     );
     if args.supplier_brands > 0 {
@@ -208,6 +184,76 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
         super::drop_namespace(&config, &pool).await?;
     }
     Ok(())
+}
+
+/// The brand's raw baseline: the rebuild's final rows written straight into an empty brand
+/// database of the same schema, batch by batch as the replay folds them.
+struct Baseline<'a> {
+    pool: &'a sqlx::MySqlPool,
+    tenants: &'a Tenants,
+    config: &'a Config,
+    args: &'a RebuildBenchArgs,
+    /// Every event's id, in order: the bookkeeping rows the projection keeps.
+    ids: &'a [String],
+    topic: &'a str,
+}
+
+impl Baseline<'_> {
+    /// Writes into a new brand database (`ordinal` names it); how long it took and the rows.
+    async fn run(&self, ordinal: usize) -> anyhow::Result<(std::time::Duration, usize)> {
+        let (args, ids) = (self.args, self.ids);
+        let raw = provision(
+            self.pool,
+            self.tenants,
+            self.config,
+            OrganisationType::Brand,
+            ordinal,
+        )
+        .await?;
+        let started = Instant::now();
+        let mut rows_written = 0usize;
+        for first in (0..args.events).step_by(BATCH) {
+            let mut net: BTreeMap<usize, i64> = BTreeMap::new();
+            for n in first..(first + BATCH).min(args.events) {
+                for code in codes_of(args, n) {
+                    net.insert(code, n as i64);
+                }
+            }
+            let rows: Vec<RawRow> = net
+                .into_iter()
+                .map(|(code, revision)| RawRow {
+                    brand: None,
+                    code,
+                    revision,
+                    pricing: true,
+                })
+                .collect();
+            let mut tx = self.pool.begin().await?;
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                raw_upsert(&mut tx, &raw.db, chunk).await?;
+            }
+            // The same final rows include the event ids the projection keeps (applied_events).
+            let batch_ids = &ids[first..(first + BATCH).min(args.events)];
+            for (c, chunk) in batch_ids.chunks(ROWS_PER_STATEMENT).enumerate() {
+                let sql = format!(
+                    "INSERT INTO {}.applied_events (event_id, projection, topic, `partition`, `offset`) VALUES {}",
+                    raw.db.quoted(),
+                    vec!["(?, 'catalog', ?, 0, ?)"; chunk.len()].join(",")
+                );
+                let mut q = sqlx::query(&sql);
+                for (i, id) in chunk.iter().enumerate() {
+                    q = q
+                        .bind(id)
+                        .bind(self.topic)
+                        .bind((first + c * ROWS_PER_STATEMENT + i) as i64);
+                }
+                q.execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            rows_written += rows.len();
+        }
+        Ok((started.elapsed(), rows_written))
+    }
 }
 
 /// The supplier part: its grants produced and applied live, then `tenancy rebuild` of it, then
@@ -280,11 +326,13 @@ async fn supplier_part(
     })
     .await?;
 
+    super::settle().await;
     let (rebuilt, pause_ms, _) = timed_rebuild(config, &supplier.id).await?;
 
     // Raw: the same grants and copy rows into an empty supplier database, one transaction per
     // brand.
     let raw = provision(pool, tenants, config, OrganisationType::Supplier, 1).await?;
+    super::settle().await;
     let started = Instant::now();
     for brand in &brands {
         let mut tx = pool.begin().await?;
