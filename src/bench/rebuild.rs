@@ -133,10 +133,9 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     let live = started.elapsed();
 
     // The raw baseline runs once before the rebuild and once after, and the ratio is against
-    // their mean: on this VM the same baseline differs by up to a third within one run (38.5
-    // against 28.9 s, and 42.9 against 30.1 s with two minutes of rest before each phase, the
-    // one right after the live apply slower both times), so one side only would lend the
-    // drift to the ratio.
+    // their mean: on this VM the same baseline differs by up to 45% within one run (before
+    // and after: 38.5/28.9, 42.9/30.1 with two minutes of rest before each phase, 56.3/31.8,
+    // 42.7/38.2 s), so one side only would lend the drift to the ratio.
     super::settle().await;
     eprintln!("raw baseline, first of two (before the rebuild)");
     let raw = Baseline {
