@@ -35,6 +35,28 @@ pub struct ConnectionArgs {
         default_value = "mysql://root@127.0.0.1:3306"
     )]
     pub database_url: String,
+    /// More MySQL servers for tenant databases, NAME=URL, several separated by commas (e.g.
+    /// east=mysql://root@10.0.0.2:3306). DATABASE_URL is the server named `home`: it keeps the
+    /// service databases and the locks, and tenant databases too. A tenant stays on the server
+    /// it was placed on; every process of a namespace needs every server its tenants are on.
+    #[arg(
+        long,
+        global = true,
+        env = "TENANCY_SERVERS",
+        value_name = "NAME=URL[,NAME=URL…]",
+        value_delimiter = ','
+    )]
+    pub servers: Vec<String>,
+    /// The servers new tenants are placed on (by a hash of the organisation id), comma
+    /// separated; default every server. Leave a full server out to stop its growth.
+    #[arg(
+        long,
+        global = true,
+        env = "TENANCY_PLACE_NEW_ON",
+        value_name = "NAME[,NAME…]",
+        value_delimiter = ','
+    )]
+    pub place_new_on: Vec<String>,
     /// Redis URL for the permission and domain caches.
     #[arg(
         long,
@@ -106,7 +128,12 @@ fn is_setting_name(key: &str) -> bool {
 pub struct Config {
     pub kafka_bootstrap_servers: String,
     pub schema_registry_url: String,
+    /// The home server's URL (the first of `servers`).
     pub database_url: String,
+    /// Every MySQL server, `(name, url)`, home first ([`crate::servers`]).
+    pub servers: Vec<(String, String)>,
+    /// Servers new tenants go to (empty: all).
+    pub place_new_on: Vec<String>,
     pub redis_url: String,
     pub namespace: Namespace,
     pub partitions: i32,
@@ -125,6 +152,13 @@ impl Config {
             kafka_bootstrap_servers: args.bootstrap_servers.clone(),
             schema_registry_url: args.schema_registry_url.trim_end_matches('/').to_owned(),
             database_url: args.database_url.clone(),
+            servers: crate::servers::parse_list(&args.database_url, &args.servers)?,
+            place_new_on: args
+                .place_new_on
+                .iter()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
             redis_url: args.redis_url.clone(),
             namespace: Namespace::parse(&args.namespace)?,
             partitions: args.partitions,
@@ -134,6 +168,25 @@ impl Config {
                 .flat_map(|o| o.0.iter().cloned())
                 .collect(),
         })
+    }
+
+    /// Only the home server, and new tenants placed there.
+    pub fn home_only(&mut self) {
+        self.servers.truncate(1);
+        self.place_new_on.clear();
+    }
+
+    /// `TENANCY_SERVERS` and `TENANCY_PLACE_NEW_ON` as this configuration has them, for a
+    /// child process (which must reach every server its tenants are on).
+    pub fn servers_env(&self) -> [(&'static str, String); 2] {
+        let extra: Vec<String> = self.servers[1..]
+            .iter()
+            .map(|(name, url)| format!("{name}={url}"))
+            .collect();
+        [
+            ("TENANCY_SERVERS", extra.join(",")),
+            ("TENANCY_PLACE_NEW_ON", self.place_new_on.join(",")),
+        ]
     }
 
     /// Base librdkafka settings every client of ours starts from.

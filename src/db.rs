@@ -13,6 +13,7 @@ use sqlx::ConnectOptions;
 use sqlx::{MySql, MySqlPool, Row};
 
 use crate::config::Config;
+use crate::servers::Servers;
 use crate::stream::StepError;
 use crate::tenant::{DatabaseName, Namespace};
 
@@ -23,6 +24,14 @@ pub async fn connect_pool(config: &Config) -> anyhow::Result<MySqlPool> {
 
 /// [`connect_pool`] with at most `connections` connections.
 pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Result<MySqlPool> {
+    pool_options(connections)
+        .connect(&config.database_url)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
+}
+
+/// The shared pools' settings (one pool per server, [`crate::servers::Servers`]).
+pub fn pool_options(connections: u32) -> sqlx::mysql::MySqlPoolOptions {
     sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(connections.max(2))
         .acquire_timeout(Duration::from_secs(30))
@@ -31,9 +40,6 @@ pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Re
         // error instead, which every caller already treats as an outage to retry, and sqlx
         // discards the broken connection.
         .test_before_acquire(false)
-        .connect(&config.database_url)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url))
 }
 
 /// Connections that create and migrate new tenant databases, and do nothing else. A migration
@@ -44,14 +50,22 @@ pub async fn connect_pool_sized(config: &Config, connections: u32) -> anyhow::Re
 /// provisioner needs them.
 pub fn ddl_pool(config: &Config, connections: u32) -> anyhow::Result<MySqlPool> {
     let options = MySqlConnectOptions::from_str(&config.database_url)
-        .map_err(|e| anyhow::anyhow!("bad DATABASE_URL {}: {e}", config.database_url))?
-        .disable_statement_logging();
-    Ok(sqlx::mysql::MySqlPoolOptions::new()
+        .map_err(|e| anyhow::anyhow!("bad DATABASE_URL {}: {e}", config.database_url))?;
+    Ok(ddl_pool_with(options, connections))
+}
+
+/// [`ddl_pool`] for every server.
+pub fn ddl_pools(config: &Config, connections: u32) -> anyhow::Result<Servers> {
+    Servers::lazy(config, |options| ddl_pool_with(options, connections))
+}
+
+fn ddl_pool_with(options: MySqlConnectOptions, connections: u32) -> MySqlPool {
+    sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(connections.max(1))
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(30))
         .test_before_acquire(false)
-        .connect_lazy_with(options))
+        .connect_lazy_with(options.disable_statement_logging())
 }
 
 /// A MySQL named lock (`GET_LOCK`), held on its own pooled connection.

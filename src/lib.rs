@@ -51,6 +51,7 @@ pub mod offsets;
 pub mod rebuild;
 pub mod registry;
 pub mod serve;
+pub mod servers;
 pub mod status;
 pub mod stream;
 pub mod telemetry;

@@ -69,19 +69,19 @@ impl Processors {
         let ns = config.namespace.clone();
         // The declared projection is checked against the schemas before anything is consumed.
         let spec = CatalogSpec::load()?;
-        let pool = crate::db::connect_pool_sized(config, options.db_connections).await?;
+        let servers = crate::servers::Servers::connect(config, options.db_connections).await?;
+        let pool = servers.home().pool().clone();
         let redis = Redis::connect(&config.redis_url, &ns).await?;
         if options.prepare {
             topics::ensure_topics(config).await?;
             prepare_service_databases(&pool, &config.database_url, &ns).await?;
         }
-        let tenants = Tenants::new(pool.clone(), &ns);
+        let tenants = Tenants::on(servers, &ns);
         let codec = Arc::new(Codec::new(&config.schema_registry_url));
         let producer = crate::kafka::producer_without_linger(config)?;
         let watermark = Watermark::new(config, pool.clone())?;
         let hooks: Arc<dyn LifecycleHooks> = Arc::new(CatalogHooks {
             ns: ns.clone(),
-            pool: pool.clone(),
             tenants: tenants.clone(),
             spec: spec.clone(),
             cache: PermissionCache::on(&redis),
@@ -92,9 +92,7 @@ impl Processors {
             dead_letters: DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns)),
             provisioner: Provisioner {
                 ns: ns.clone(),
-                pool: pool.clone(),
-                database_url: config.database_url.clone(),
-                ddl: crate::db::ddl_pool(config, options.db_connections)?,
+                ddl: crate::db::ddl_pools(config, options.db_connections)?,
                 tenants: tenants.clone(),
                 outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
                 redis: redis.clone(),
@@ -105,7 +103,6 @@ impl Processors {
             },
             catalog: CatalogProcessor {
                 ns: ns.clone(),
-                pool: pool.clone(),
                 spec,
                 tenants: tenants.clone(),
                 cache: PermissionCache::on(&redis),
@@ -115,7 +112,6 @@ impl Processors {
             },
             purger: Purger {
                 ns: ns.clone(),
-                pool: pool.clone(),
                 tenants: tenants.clone(),
                 redis: redis.clone(),
                 watermark: watermark.clone(),
@@ -123,7 +119,6 @@ impl Processors {
             },
             domains: DomainProcessor {
                 ns: ns.clone(),
-                pool: pool.clone(),
                 tenants: tenants.clone(),
                 watermark: watermark.clone(),
                 redis: redis.clone(),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use blindstrader_tenancy::access::cache::{
     AccessError, Loaded, PermissionCache, PERMISSION_TTL_SECS,
 };
+use blindstrader_tenancy::servers::Servers;
 use blindstrader_tenancy::tenancy::migrations;
 use blindstrader_tenancy::tenancy::tenants::Status;
 use blindstrader_tenancy::tenant::{DatabaseName, OrganisationType, ServiceDatabase, Slug};
@@ -26,6 +27,7 @@ const CATALOG: &str = r#"["catalog.read"]"#;
 struct Fixture {
     t: TestNs,
     pool: MySqlPool,
+    servers: Servers,
     cache: PermissionCache,
     redis: redis::aio::MultiplexedConnection,
     supplier: String,
@@ -69,6 +71,7 @@ async fn fixture() -> Fixture {
     )
     .await;
     Fixture {
+        servers: Servers::single(pool.clone(), &t.config.database_url),
         t,
         pool,
         cache,
@@ -218,7 +221,7 @@ async fn a_miss_loads_from_mysql_and_caches_with_the_ttl() {
 
     let first = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!(first.permissions, perms(BOTH));
@@ -229,7 +232,7 @@ async fn a_miss_loads_from_mysql_and_caches_with_the_ttl() {
 
     let second = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!(second.permissions, perms(BOTH));
@@ -243,7 +246,7 @@ async fn a_hit_is_served_from_redis_even_after_mysql_changed() {
     let brand = new_id();
     f.grant(&brand, BOTH).await;
     f.cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
 
@@ -251,7 +254,7 @@ async fn a_hit_is_served_from_redis_even_after_mysql_changed() {
     f.grant(&brand, r#"["pricing.read"]"#).await;
     let cached = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert!(cached.from_cache);
@@ -261,7 +264,7 @@ async fn a_hit_is_served_from_redis_even_after_mysql_changed() {
     f.cache.invalidate(&f.supplier, &brand).await.unwrap();
     let fresh = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert!(!fresh.from_cache);
@@ -276,7 +279,7 @@ async fn store_rewrites_the_key_with_a_fresh_ttl() {
     let brand = new_id();
     f.grant(&brand, CATALOG).await;
     f.cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     let key = f.key(&brand);
@@ -298,7 +301,7 @@ async fn store_rewrites_the_key_with_a_fresh_ttl() {
     f.assert_fresh_ttl(&key).await;
     let read = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert!(read.from_cache);
@@ -320,7 +323,7 @@ async fn invalidate_removes_the_key() {
     let brand = new_id();
     f.grant(&brand, CATALOG).await;
     f.cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     let key = f.key(&brand);
@@ -335,7 +338,7 @@ async fn invalidate_removes_the_key() {
     f.revoke(&brand).await;
     let after = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!(after.permissions, None);
@@ -348,7 +351,7 @@ async fn a_reader_that_loaded_before_a_grant_does_not_overwrite_it() {
     let f = fixture().await;
     let brand = new_id();
     // The reader's step 1: load "no access" from MySQL.
-    let loaded = f.cache.load(&f.pool, &f.supplier, &brand).await.unwrap();
+    let loaded = f.cache.load(&f.servers, &f.supplier, &brand).await.unwrap();
     assert_eq!(loaded, Loaded::Active(None));
     // Meanwhile the projector commits a grant and stores it.
     f.grant(&brand, BOTH).await;
@@ -364,7 +367,7 @@ async fn a_reader_that_loaded_before_a_grant_does_not_overwrite_it() {
     assert_eq!(f.raw(&f.key(&brand)).await.as_deref(), Some(BOTH));
     let read = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!((read.permissions, read.from_cache), (Some(both), true));
@@ -399,13 +402,13 @@ async fn a_revoke_between_a_readers_load_and_its_set_is_not_served_stale() {
             .await
             .unwrap();
         let reader = {
-            let (cache, pool, supplier, brand) = (
+            let (cache, servers, supplier, brand) = (
                 f.cache.clone(),
-                f.pool.clone(),
+                f.servers.clone(),
                 f.supplier.clone(),
                 brand.clone(),
             );
-            tokio::spawn(async move { cache.permissions(&pool, &supplier, &brand).await })
+            tokio::spawn(async move { cache.permissions(&servers, &supplier, &brand).await })
         };
         // Wait until the reader has loaded and is blocked on its SET.
         let mut blocked = false;
@@ -452,7 +455,7 @@ async fn a_revoke_between_a_readers_load_and_its_set_is_not_served_stale() {
         );
         let next = f
             .cache
-            .permissions(&f.pool, &f.supplier, &brand)
+            .permissions(&f.servers, &f.supplier, &brand)
             .await
             .unwrap();
         assert_eq!(next.permissions, None);
@@ -468,7 +471,7 @@ async fn no_access_is_cached_as_null_and_the_cli_exits_1() {
     let brand = new_id();
     let first = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!((first.permissions.clone(), first.from_cache), (None, false));
@@ -478,7 +481,7 @@ async fn no_access_is_cached_as_null_and_the_cli_exits_1() {
     f.assert_fresh_ttl(&key).await;
     let second = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!((second.permissions, second.from_cache), (None, true));
@@ -545,7 +548,7 @@ async fn unknown_and_non_supplier_organisations_are_refused_and_not_cached() {
     let stranger = new_id();
     let err = f
         .cache
-        .permissions(&f.pool, &stranger, &brand)
+        .permissions(&f.servers, &stranger, &brand)
         .await
         .unwrap_err();
     assert!(
@@ -581,7 +584,7 @@ async fn unknown_and_non_supplier_organisations_are_refused_and_not_cached() {
     .await;
     let err = f
         .cache
-        .permissions(&f.pool, &brand_org, &brand)
+        .permissions(&f.servers, &brand_org, &brand)
         .await
         .unwrap_err();
     assert!(matches!(err, AccessError::NotASupplier { .. }), "{err:?}");
@@ -597,12 +600,12 @@ async fn an_inactive_supplier_has_no_access_and_is_not_cached() {
     f.set_supplier("status", "archived").await;
 
     assert_eq!(
-        f.cache.load(&f.pool, &f.supplier, &brand).await.unwrap(),
+        f.cache.load(&f.servers, &f.supplier, &brand).await.unwrap(),
         Loaded::Inactive(Status::Archived)
     );
     let read = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!((read.permissions, read.from_cache), (None, false));
@@ -615,7 +618,7 @@ async fn an_inactive_supplier_has_no_access_and_is_not_cached() {
     f.set_supplier("status", "active").await;
     let read = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap();
     assert_eq!(read.permissions, perms(BOTH));
@@ -631,7 +634,7 @@ async fn a_registry_database_name_that_does_not_match_is_refused() {
     f.set_supplier("database_name", "mysql").await;
     let err = f
         .cache
-        .permissions(&f.pool, &f.supplier, &brand)
+        .permissions(&f.servers, &f.supplier, &brand)
         .await
         .unwrap_err();
     assert!(
@@ -654,7 +657,7 @@ async fn invalid_ids_are_refused_with_exit_2() {
     let brand = new_id();
     let err = f
         .cache
-        .permissions(&f.pool, "acme", &brand)
+        .permissions(&f.servers, "acme", &brand)
         .await
         .unwrap_err();
     assert!(
@@ -663,7 +666,7 @@ async fn invalid_ids_are_refused_with_exit_2() {
     );
     let err = f
         .cache
-        .permissions(&f.pool, &f.supplier, "1234")
+        .permissions(&f.servers, &f.supplier, "1234")
         .await
         .unwrap_err();
     assert!(
@@ -772,7 +775,7 @@ async fn a_prefetched_value_counts_only_under_its_own_key() {
     };
     let access = f
         .cache
-        .permissions_read(&f.pool, &f.supplier, &other, Some(stale))
+        .permissions_read(&f.servers, &f.supplier, &other, Some(stale))
         .await
         .unwrap();
     assert_eq!(
@@ -790,7 +793,7 @@ async fn a_prefetched_value_counts_only_under_its_own_key() {
     };
     let access = f
         .cache
-        .permissions_read(&f.pool, &f.supplier, &granted, Some(ahead))
+        .permissions_read(&f.servers, &f.supplier, &granted, Some(ahead))
         .await
         .unwrap();
     assert!(access.from_cache);
@@ -803,7 +806,7 @@ async fn a_prefetched_value_counts_only_under_its_own_key() {
     };
     let access = f
         .cache
-        .permissions_read(&f.pool, &f.supplier, &granted, Some(absent))
+        .permissions_read(&f.servers, &f.supplier, &granted, Some(absent))
         .await
         .unwrap();
     assert!(!access.from_cache);

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use blindstrader_tenancy::events::Event;
+use blindstrader_tenancy::servers::Servers;
 use blindstrader_tenancy::topics::Topic;
 use common::*;
 use serde_json::json;
@@ -608,7 +609,7 @@ async fn status_lists_a_lifecycle_step_left_under_way() {
     blindstrader_tenancy::topics::ensure_topics(&t.config)
         .await
         .unwrap();
-    let tenants = Tenants::new(pool.clone(), &t.ns);
+    let tenants = Tenants::on(Servers::single(pool.clone(), &t.config.database_url), &t.ns);
     let (org, event) = (new_id(), new_id());
     let db =
         t.ns.tenant_database(OrganisationType::Brand, &Slug::parse("stuck").unwrap())

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use blindstrader_tenancy::events::{Event, EventKind, OrganisationCreated};
+use blindstrader_tenancy::servers::Servers;
 use blindstrader_tenancy::tenant::OrganisationType;
 use blindstrader_tenancy::topics::Topic;
 use common::*;
@@ -670,7 +671,7 @@ async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation(
     use blindstrader_tenancy::tenant::Slug;
     let t = TestNs::new();
     let pool = t.prepared_pool().await;
-    let tenants = Tenants::new(pool.clone(), &t.ns);
+    let tenants = Tenants::on(Servers::single(pool.clone(), &t.config.database_url), &t.ns);
     let now = chrono::Utc::now();
     let mut claims = tokio::task::JoinSet::new();
     // 120 slugs, each claimed by two organisations at once: 240 claims, 16 at a time.
@@ -710,7 +711,7 @@ async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation(
     for (slug, claims) in &by_slug {
         let winners: Vec<&String> = claims
             .iter()
-            .filter(|(_, c)| matches!(c, Claim::Proceed))
+            .filter(|(_, c)| matches!(c, Claim::Proceed(_)))
             .map(|(org, _)| org)
             .collect();
         assert_eq!(winners.len(), 1, "{slug}: {claims:?}");
@@ -854,7 +855,7 @@ async fn a_batch_of_new_organisations_is_provisioned_as_one_unit_and_the_odd_one
     let torn_db =
         t.ns.tenant_database(Brand, &Slug::parse("torn").unwrap())
             .unwrap();
-    Tenants::new(pool.clone(), &t.ns)
+    Tenants::on(Servers::single(pool.clone(), &t.config.database_url), &t.ns)
         .claim(&torn, Brand, "torn", "Torn", &torn_db, chrono::Utc::now())
         .await
         .unwrap();

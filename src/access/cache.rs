@@ -26,8 +26,8 @@
 //! loses its Redis/MySQL connection) between its SET and the check leaves a possibly stale value
 //! for at most [`PERMISSION_TTL_SECS`]. A DEL is always safe here: the next reader reloads.
 
+use crate::servers::Servers;
 use redis::aio::ConnectionManager;
-use sqlx::MySqlPool;
 use uuid::Uuid;
 
 use crate::caches::Redis;
@@ -304,7 +304,7 @@ impl PermissionCache {
     /// supplier, its database's `brand_access` row. No Redis involved.
     pub async fn load(
         &self,
-        pool: &MySqlPool,
+        servers: &Servers,
         supplier_id: &str,
         brand_id: &str,
     ) -> Result<Loaded, AccessError> {
@@ -314,7 +314,7 @@ impl PermissionCache {
             "{}.tenants",
             self.ns.service_database(ServiceDatabase::Platform)
         );
-        let records = Tenants::new(pool.clone(), &self.ns)
+        let records = Tenants::on(servers.clone(), &self.ns)
             .find(&supplier)
             .await
             .map_err(|cause| AccessError::Database {
@@ -343,14 +343,16 @@ impl PermissionCache {
             return Ok(Loaded::Inactive(record.status));
         }
         let db = supplier_database(&self.ns, &record)?;
-        let raw: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT CAST(permissions AS CHAR) FROM {}.brand_access WHERE brand_id = ?",
-            db.quoted()
-        ))
-        .bind(&brand)
-        .fetch_optional(pool)
-        .await
-        .map_err(|cause| AccessError::Database {
+        let read = async {
+            sqlx::query_scalar(&format!(
+                "SELECT CAST(permissions AS CHAR) FROM {}.brand_access WHERE brand_id = ?",
+                db.quoted()
+            ))
+            .bind(&brand)
+            .fetch_optional(servers.get(&record.server)?.pool())
+            .await
+        };
+        let raw: Option<String> = read.await.map_err(|cause| AccessError::Database {
             supplier_id: supplier.clone(),
             brand_id: brand.clone(),
             doing: format!("reading {db}.brand_access"),
@@ -374,11 +376,11 @@ impl PermissionCache {
     /// error and is not cached; an inactive supplier has no access and is not cached either.
     pub async fn permissions(
         &self,
-        pool: &MySqlPool,
+        servers: &Servers,
         supplier_id: &str,
         brand_id: &str,
     ) -> Result<Access, AccessError> {
-        self.permissions_read(pool, supplier_id, brand_id, None)
+        self.permissions_read(servers, supplier_id, brand_id, None)
             .await
     }
 
@@ -394,7 +396,7 @@ impl PermissionCache {
     /// read under the very key this lookup needs (else it reads as usual).
     pub async fn permissions_read(
         &self,
-        pool: &MySqlPool,
+        servers: &Servers,
         supplier_id: &str,
         brand_id: &str,
         prefetched: Option<Prefetched>,
@@ -441,7 +443,7 @@ impl PermissionCache {
         metrics::counter!("tenancy_permission_cache_lookups_total", "result" => "miss")
             .increment(1);
 
-        let loaded = self.load(pool, &supplier, &brand).await?;
+        let loaded = self.load(servers, &supplier, &brand).await?;
         let Loaded::Active(permissions) = &loaded else {
             return Ok(Access {
                 permissions: None,
@@ -473,7 +475,7 @@ impl PermissionCache {
 
         // Close the race with revoke (module docs): if the answer changed while we were
         // caching it, drop what we cached and answer with the newer state.
-        let again = match self.load(pool, &supplier, &brand).await {
+        let again = match self.load(servers, &supplier, &brand).await {
             Ok(again) => again,
             Err(e) => {
                 // Unverified: do not leave it behind.
@@ -594,6 +596,7 @@ mod tests {
             purged_at: None,
             lifecycle_pending: None,
             lifecycle_at: None,
+            server: "home".into(),
         }
     }
 

@@ -151,7 +151,10 @@ pub(super) async fn provision(
             chrono::Utc::now(),
         )
         .await?;
-    anyhow::ensure!(claim == Claim::Proceed, "cannot claim {db}: {claim:?}");
+    anyhow::ensure!(
+        matches!(claim, Claim::Proceed(_)),
+        "cannot claim {db}: {claim:?}"
+    );
     let version = migrations::create_and_migrate(
         pool,
         &config.database_url,
@@ -179,7 +182,10 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     let pool = crate::db::connect_pool_sized(&config, (2 * concurrency + 4) as u32).await?;
     ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::new(pool.clone(), &ns);
+    let tenants = Tenants::on(
+        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        &ns,
+    );
     let mut brands = Vec::new();
     for i in 0..shape.brands {
         brands.push(provision(&pool, &tenants, &config, OrganisationType::Brand, i).await?);
@@ -512,7 +518,6 @@ async fn processor_pass(
     let redis = crate::caches::Redis::connect(&config.redis_url, ns).await?;
     let processor = CatalogProcessor {
         ns: ns.clone(),
-        pool: pool.clone(),
         spec: CatalogSpec::load()?,
         tenants: tenants.clone(),
         cache: PermissionCache::on(&redis),

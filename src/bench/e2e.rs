@@ -45,7 +45,10 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
         crate::db::connect_pool_sized(&config, (2 * settings.write_concurrency + 4) as u32).await?;
     ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::new(pool.clone(), &ns);
+    let tenants = Tenants::on(
+        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        &ns,
+    );
     let mut brands: Vec<Tenant> = Vec::new();
     for i in 0..args.brands {
         brands.push(provision(&pool, &tenants, &config, OrganisationType::Brand, i).await?);

@@ -81,6 +81,7 @@ pub(crate) fn tenancy_command(
         .env("KAFKA_BOOTSTRAP_SERVERS", &config.kafka_bootstrap_servers)
         .env("SCHEMA_REGISTRY_URL", &config.schema_registry_url)
         .env("DATABASE_URL", &config.database_url)
+        .envs(config.servers_env())
         .env("REDIS_URL", &config.redis_url);
     if !config.kafka_options.is_empty() {
         command.env(

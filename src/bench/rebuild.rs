@@ -66,7 +66,10 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     let pool = crate::db::connect_pool_sized(&config, 8).await?;
     ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::new(pool.clone(), &ns);
+    let tenants = Tenants::on(
+        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        &ns,
+    );
     let brand = provision(&pool, &tenants, &config, OrganisationType::Brand, 0).await?;
 
     eprintln!(

@@ -120,7 +120,10 @@ pub async fn run(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()>
     let ns = config.namespace.clone();
     let pool = crate::db::connect_pool_sized(&config, 8).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::new(pool.clone(), &ns);
+    let tenants = Tenants::on(
+        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        &ns,
+    );
     eprintln!(
         "namespace {ns}: {} brands of {} fabrics, one supplier granted them all",
         args.brands, args.fabrics

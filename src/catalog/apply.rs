@@ -20,6 +20,7 @@ use super::CatalogProcessor;
 use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
+use crate::servers::Server;
 use crate::stream::{Msg, StepError};
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
@@ -52,7 +53,7 @@ impl CatalogProcessor {
             .database
             .clone()
             .ok_or_else(|| StepError::reject("brand has no valid database"))?;
-        let lock = NamedLock::brand(&self.pool, &self.ns, &brand.organisation_id).await?;
+        let lock = NamedLock::brand(self.home(), &self.ns, &brand.organisation_id).await?;
         let result = async {
             self.still(brand).await?;
             let mut partitions: BTreeMap<(&str, i32), Vec<&Msg<Item>>> = BTreeMap::new();
@@ -95,7 +96,7 @@ impl CatalogProcessor {
         partition: i32,
         events: &[&Msg<Item>],
     ) -> Result<(), StepError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = brand.server.pool().begin().await?;
         let at = BrandRun {
             spec: &self.spec,
             dedupe: self.dedupe,
@@ -153,8 +154,6 @@ impl CatalogProcessor {
         change: &NetChange,
     ) -> Result<(), StepError> {
         let Some(after) = after else { return Ok(()) };
-        // A step from `before` to `after` carries `change`; no step (a redelivery) carries none.
-        let stepped = after != before.unwrap_or(-1);
         if brand.status != Status::Active {
             return Ok(());
         }
@@ -163,7 +162,7 @@ impl CatalogProcessor {
             self.platform().quoted()
         ))
         .bind(&brand.organisation_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.home())
         .await?;
         if suppliers.is_empty() {
             return Ok(());
@@ -171,30 +170,57 @@ impl CatalogProcessor {
         let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
         let known = self.tenants.lookup(&ids).await?;
         // Active, even while its restore finishes: its tables are back by then.
-        let targets: Vec<(&str, DatabaseName)> = suppliers
+        let targets: Vec<(&str, &Server, DatabaseName)> = suppliers
             .iter()
             .filter_map(|s| {
-                let db = known
-                    .get(s)
-                    .filter(|t| t.status == Status::Active)?
-                    .database
-                    .clone()?;
-                Some((s.as_str(), db))
+                let t = known.get(s).filter(|t| t.status == Status::Active)?;
+                Some((s.as_str(), &t.server, t.database.clone()?))
             })
             .collect();
-        if targets.is_empty() {
-            return Ok(());
+        // One round per server the suppliers are on: each supplier's copy offset is in its own
+        // database, so a round that committed is not redone by a retry after a later one failed.
+        for server in self.tenants.servers().all() {
+            let here: Vec<(&str, &DatabaseName)> = targets
+                .iter()
+                .filter(|(_, s, _)| *s == server)
+                .map(|(id, _, db)| (*id, db))
+                .collect();
+            if !here.is_empty() {
+                self.fan_out_on(
+                    server, &here, brand, brand_db, topic, partition, before, after, change,
+                )
+                .await?;
+            }
         }
+        Ok(())
+    }
+
+    /// [`CatalogProcessor::fan_out`] to the suppliers on one server.
+    #[allow(clippy::too_many_arguments)]
+    async fn fan_out_on(
+        &self,
+        into: &Server,
+        targets: &[(&str, &DatabaseName)],
+        brand: &TenantRef,
+        brand_db: &DatabaseName,
+        topic: &str,
+        partition: i32,
+        before: Option<i64>,
+        after: i64,
+        change: &NetChange,
+    ) -> Result<(), StepError> {
+        // A step from `before` to `after` carries `change`; no step (a redelivery) carries none.
+        let stepped = after != before.unwrap_or(-1);
         let copy_projection = copy_projection(&brand.organisation_id);
         // What each copy may hold and where it stands, one query each for every supplier. Read
         // outside the write transaction: every writer of this brand's copies (fan-outs, grants,
         // revokes, archive and restore) holds the brand's lock, which we hold.
-        let dbs: Vec<&DatabaseName> = targets.iter().map(|(_, db)| db).collect();
-        let permissions = store::permissions_of(&self.pool, &dbs, &brand.organisation_id).await?;
+        let dbs: Vec<&DatabaseName> = targets.iter().map(|(_, db)| *db).collect();
+        let permissions = store::permissions_of(into.pool(), &dbs, &brand.organisation_id).await?;
         let copied =
-            store::offsets_of(&self.pool, &dbs, &copy_projection, topic, partition).await?;
+            store::offsets_of(into.pool(), &dbs, &copy_projection, topic, partition).await?;
         // One transaction for every copy of this step: one commit instead of one per supplier.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = into.pool().begin().await?;
         for (i, (supplier, supplier_db)) in targets.iter().enumerate() {
             let Some(permissions) = &permissions[i] else {
                 continue;
@@ -219,10 +245,16 @@ impl CatalogProcessor {
                 )
                 .await?;
             } else {
+                // The brand's rows are those of `after`: its writers hold the lock we hold.
+                let source = store::BrandSource {
+                    db: brand_db,
+                    server: &brand.server,
+                };
                 let rows = store::rebuild_copy(
                     &mut tx,
+                    into,
                     supplier_db,
-                    brand_db,
+                    source,
                     &self.spec,
                     &brand.organisation_id,
                     &hidden,

@@ -11,11 +11,12 @@ use sqlx::MySqlPool;
 
 use super::apply::{copy_projection, read_permissions};
 use super::spec::CatalogSpec;
-use super::store;
+use super::store::{self, BrandSource};
 use crate::access::cache::PermissionCache;
 use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
+use crate::servers::Server;
 use crate::tenancy::provisioning::LifecycleHooks;
 use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
@@ -23,34 +24,60 @@ use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 /// The supplier's copy of one brand becomes the brand's current projection (under the
 /// supplier's permissions), recording the brand offsets it reflects so the fan-out continues
 /// from exactly there.
+/// `tx` is on the supplier's server, `into`.
 pub(crate) async fn backfill_copy(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    into: &Server,
     spec: &CatalogSpec,
     supplier_db: &DatabaseName,
-    brand_db: &DatabaseName,
+    brand: BrandSource<'_>,
     brand_id: &str,
     permissions: &[String],
 ) -> Result<u64, sqlx::Error> {
     offsets::clear(tx, supplier_db, &copy_projection(brand_id)).await?;
     store::drop_copy(tx, supplier_db, spec, brand_id).await?;
-    fill_copy(tx, spec, supplier_db, brand_db, brand_id, permissions).await
+    fill_copy(tx, into, spec, supplier_db, brand, brand_id, permissions).await
 }
 
 /// [`backfill_copy`] into a supplier database that holds no copy of the brand (rows nor
 /// offsets): no DELETE, so copies of several brands can be filled at once without their gap
 /// locks deadlocking each other.
+///
+/// The brand's offsets are read right after its rows, in the same snapshot, so they always
+/// describe them, even with the brand's writers running: in `tx` when both are on one server,
+/// else in one transaction on the brand's server.
 pub(crate) async fn fill_copy(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    into: &Server,
     spec: &CatalogSpec,
     supplier_db: &DatabaseName,
-    brand_db: &DatabaseName,
+    brand: BrandSource<'_>,
     brand_id: &str,
     permissions: &[String],
 ) -> Result<u64, sqlx::Error> {
     let copy = copy_projection(brand_id);
     let hidden = spec.hidden_columns(permissions);
-    let rows = store::insert_copy(tx, supplier_db, brand_db, spec, brand_id, &hidden).await?;
-    for (topic, partition, offset) in offsets::all(tx, brand_db, &spec.projection).await? {
+    let (rows, brand_offsets) = if into == brand.server {
+        let rows =
+            store::insert_copy(tx, into, supplier_db, brand, spec, brand_id, &hidden).await?;
+        (rows, offsets::all(tx, brand.db, &spec.projection).await?)
+    } else {
+        let mut read = brand.server.pool().begin().await?;
+        let rows = store::copy_across(
+            &mut read,
+            brand.db,
+            tx,
+            supplier_db,
+            spec,
+            brand_id,
+            &hidden,
+        )
+        .await?;
+        let brand_offsets = offsets::all(&mut read, brand.db, &spec.projection).await?;
+        read.commit().await?;
+        (rows, brand_offsets)
+    };
+    for (topic, partition, offset) in brand_offsets {
         offsets::set(tx, supplier_db, &copy, &topic, partition, offset).await?;
     }
     Ok(rows)
@@ -59,21 +86,31 @@ pub(crate) async fn fill_copy(
 /// The catalog's part of the tenant lifecycle.
 pub struct CatalogHooks {
     pub ns: Namespace,
-    pub pool: MySqlPool,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     pub spec: CatalogSpec,
     pub cache: PermissionCache,
 }
 
 impl CatalogHooks {
+    /// The home server's pool: locks and `{ns}_platform`.
+    fn home(&self) -> &MySqlPool {
+        self.tenants.servers().home().pool()
+    }
+
     /// Removes one brand's copy from one supplier database (rows and offsets), under the
     /// brand's lock so no fan-out writes it again behind us.
-    async fn clear_copy(&self, supplier_db: &DatabaseName, brand_id: &str) -> anyhow::Result<u64> {
-        let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+    async fn clear_copy(
+        &self,
+        supplier: &Server,
+        supplier_db: &DatabaseName,
+        brand_id: &str,
+    ) -> anyhow::Result<u64> {
+        let lock = NamedLock::brand(self.home(), &self.ns, brand_id)
             .await
             .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
         let result = async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = supplier.pool().begin().await?;
             let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
             offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
             tx.commit().await?;
@@ -92,7 +129,7 @@ impl CatalogHooks {
             platform.quoted()
         ))
         .bind(brand_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.home())
         .await?;
         let ids: Vec<&str> = suppliers.iter().map(String::as_str).collect();
         Ok(self.tenants.lookup(&ids).await?.into_values().collect())
@@ -103,6 +140,7 @@ impl CatalogHooks {
         &self,
         organisation_id: &str,
         kind: OrganisationType,
+        server: &Server,
         database: &DatabaseName,
     ) -> anyhow::Result<u64> {
         let mut removed = 0;
@@ -114,16 +152,18 @@ impl CatalogHooks {
                     col = self.spec.supplier_brand_column,
                     table = self.spec.supplier_table,
                 ))
-                .fetch_all(&self.pool)
+                .fetch_all(server.pool())
                 .await?;
                 for brand_id in &brands {
-                    removed += self.clear_copy(database, brand_id).await?;
+                    removed += self.clear_copy(server, database, brand_id).await?;
                 }
             }
             OrganisationType::Brand => {
                 for supplier in self.grantees(organisation_id).await? {
                     if let (Status::Active, Some(db)) = (supplier.status, &supplier.database) {
-                        removed += self.clear_copy(db, organisation_id).await?;
+                        removed += self
+                            .clear_copy(&supplier.server, db, organisation_id)
+                            .await?;
                     }
                 }
             }
@@ -138,15 +178,20 @@ impl CatalogHooks {
         &self,
         organisation_id: &str,
         kind: OrganisationType,
+        server: &Server,
         database: &DatabaseName,
     ) -> anyhow::Result<()> {
         match kind {
             OrganisationType::Supplier => {
-                self.refresh_supplier_copies(organisation_id, database)
+                self.refresh_supplier_copies(organisation_id, server, database)
                     .await?;
             }
             OrganisationType::Brand => {
-                let n = self.rebuild_brand_copies(organisation_id, database).await?;
+                let brand = BrandSource {
+                    db: database,
+                    server,
+                };
+                let n = self.rebuild_brand_copies(organisation_id, brand).await?;
                 tracing::info!(tenant = %organisation_id, copies = n, "restored brand: supplier copies rebuilt");
             }
             OrganisationType::Retailer => {}
@@ -158,22 +203,23 @@ impl CatalogHooks {
     pub async fn rebuild_brand_copies(
         &self,
         brand_id: &str,
-        brand_db: &DatabaseName,
+        brand: BrandSource<'_>,
     ) -> anyhow::Result<usize> {
         let mut rebuilt = 0;
         for supplier in self.grantees(brand_id).await? {
             let (Status::Active, Some(supplier_db)) = (supplier.status, &supplier.database) else {
                 continue;
             };
-            let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+            let lock = NamedLock::brand(self.home(), &self.ns, brand_id)
                 .await
                 .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
             let result = async {
-                let mut tx = self.pool.begin().await?;
+                let into = &supplier.server;
+                let mut tx = into.pool().begin().await?;
                 let permissions = read_permissions(&mut tx, supplier_db, brand_id).await?;
                 let copied = match permissions {
                     Some(p) if p.contains(&self.spec.requires_permission) => {
-                        backfill_copy(&mut tx, &self.spec, supplier_db, brand_db, brand_id, &p)
+                        backfill_copy(&mut tx, into, &self.spec, supplier_db, brand, brand_id, &p)
                             .await?;
                         1
                     }
@@ -195,13 +241,14 @@ impl CatalogHooks {
     pub async fn refresh_supplier_copies(
         &self,
         supplier_id: &str,
+        into: &Server,
         supplier_db: &DatabaseName,
     ) -> anyhow::Result<usize> {
         let grants: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access",
             supplier_db.quoted()
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(into.pool())
         .await?;
         let ids: Vec<&str> = grants.iter().map(|(b, _)| b.as_str()).collect();
         let brands = self.tenants.lookup(&ids).await?;
@@ -211,6 +258,7 @@ impl CatalogHooks {
             let Some(TenantRef {
                 status: Status::Active,
                 database: Some(brand_db),
+                server: brand_server,
                 ..
             }) = brands.get(brand_id)
             else {
@@ -219,16 +267,21 @@ impl CatalogHooks {
             if !permissions.contains(&self.spec.requires_permission) {
                 continue;
             }
-            let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+            let lock = NamedLock::brand(self.home(), &self.ns, brand_id)
                 .await
                 .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
             let result = async {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = into.pool().begin().await?;
+                let brand = BrandSource {
+                    db: brand_db,
+                    server: brand_server,
+                };
                 let rows = backfill_copy(
                     &mut tx,
+                    into,
                     &self.spec,
                     supplier_db,
-                    brand_db,
+                    brand,
                     brand_id,
                     &permissions,
                 )
@@ -265,7 +318,7 @@ impl CatalogHooks {
             platform.quoted()
         ))
         .bind(organisation_id)
-        .fetch_all(&self.pool)
+        .fetch_all(self.home())
         .await?;
         let mut ids: Vec<&str> = pairs
             .iter()
@@ -278,18 +331,20 @@ impl CatalogHooks {
             known
                 .get(id)
                 .filter(|t| t.status == Status::Active)
-                .and_then(|t| t.database.clone())
+                .and_then(|t| Some((t.server.clone(), t.database.clone()?)))
         };
         let mut cached = 0;
         for (brand_id, supplier_id) in &pairs {
-            let (Some(_), Some(supplier_db)) = (active(brand_id), active(supplier_id)) else {
+            let (Some(_), Some((supplier_server, supplier_db))) =
+                (active(brand_id), active(supplier_id))
+            else {
                 continue;
             };
-            let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+            let lock = NamedLock::brand(self.home(), &self.ns, brand_id)
                 .await
                 .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
             let result = async {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = supplier_server.pool().begin().await?;
                 let permissions = read_permissions(&mut tx, &supplier_db, brand_id).await?;
                 tx.commit().await?;
                 match permissions {
@@ -311,7 +366,7 @@ impl CatalogHooks {
     /// end state does not depend on whether a replay copied it before the purge). Under the
     /// brand's lock, so no fan-out writes a copy after it.
     pub async fn drop_brand_copies(&self, brand_id: &str) -> anyhow::Result<usize> {
-        let lock = NamedLock::brand(&self.pool, &self.ns, brand_id)
+        let lock = NamedLock::brand(self.home(), &self.ns, brand_id)
             .await
             .map_err(|e| anyhow::anyhow!("locking brand {brand_id}: {e}"))?;
         let result = self.drop_brand_copies_locked(brand_id).await;
@@ -342,7 +397,7 @@ impl CatalogHooks {
                 _ => None,
             };
             let Some(db) = db else { continue };
-            let mut tx = self.pool.begin().await?;
+            let mut tx = supplier.server.pool().begin().await?;
             dropped += store::drop_copy(&mut tx, &db, &self.spec, brand_id).await?;
             sqlx::query(&format!(
                 "DELETE FROM {}.brand_access WHERE brand_id = ?",
@@ -368,10 +423,13 @@ impl LifecycleHooks for CatalogHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
         async move {
-            let rows = self.remove_copies(organisation_id, kind, database).await?;
+            let rows = self
+                .remove_copies(organisation_id, kind, server, database)
+                .await?;
             tracing::info!(tenant = %organisation_id, rows, "archiving: copies removed");
             Ok(())
         }
@@ -382,9 +440,10 @@ impl LifecycleHooks for CatalogHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
-        self.rebuild_copies(organisation_id, kind, database)
+        self.rebuild_copies(organisation_id, kind, server, database)
             .boxed_local()
     }
 
@@ -392,13 +451,15 @@ impl LifecycleHooks for CatalogHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>> {
         async move {
             // Again, now that the tenant is active: a brand and a supplier restored at the same
             // moment each saw the other still archived before its own flip; after the flips, at
             // least one of them sees the other active.
-            self.rebuild_copies(organisation_id, kind, database).await?;
+            self.rebuild_copies(organisation_id, kind, server, database)
+                .await?;
             let keys = self.recache(organisation_id, kind).await?;
             tracing::info!(tenant = %organisation_id, keys, "restored tenant: permission keys cached again");
             Ok(())

@@ -119,6 +119,7 @@ mod tests {
             kind,
             status,
             database: None,
+            server: crate::servers::Server::unreached("home"),
             archived_at: Some(100),
             archive_database: None,
             past_archives: vec![(10, 20)],

@@ -15,11 +15,13 @@ use super::copies::backfill_copy;
 use super::gate::Target;
 use super::item::{Change, Item};
 use super::store;
+use super::store::BrandSource;
 use super::CatalogProcessor;
 use crate::access::cache::PermissionCache;
 use crate::applied;
 use crate::db::NamedLock;
 use crate::offsets;
+use crate::servers::Server;
 use crate::stream::{Msg, Origin, StepError};
 use crate::tenancy::tenants::Status;
 use crate::tenant::DatabaseName;
@@ -126,11 +128,11 @@ impl CatalogProcessor {
             .database
             .clone()
             .ok_or_else(|| StepError::reject("brand has no valid database"))?;
-        let lock = NamedLock::brand(&self.pool, &self.ns, &brand.organisation_id).await?;
+        let lock = NamedLock::brand(self.home(), &self.ns, &brand.organisation_id).await?;
         // After the brand's: fences this supplier's database for a rebuild's swap, which holds
         // the supplier's lock and those of the brands it reads (see `rebuild::supplier`).
         let supplier_lock =
-            match NamedLock::writes(&self.pool, &self.ns, &supplier.organisation_id).await {
+            match NamedLock::writes(self.home(), &self.ns, &supplier.organisation_id).await {
                 Ok(l) => l,
                 Err(e) => {
                     lock.release().await;
@@ -140,16 +142,21 @@ impl CatalogProcessor {
         let result = async {
             self.still(brand).await?;
             self.still(supplier).await?;
-            if self.duplicate(&supplier_db, m).await? {
+            let into = &supplier.server;
+            if self.duplicate(into, &supplier_db, m).await? {
                 // Applied before at another offset: no database, index or cache write at all.
                 return Ok(());
             }
             match &m.item.change {
                 Change::Grant { permissions, .. } => {
-                    self.grant(target, &brand_db, &supplier_db, permissions, m)
+                    let brand = BrandSource {
+                        db: &brand_db,
+                        server: &brand.server,
+                    };
+                    self.grant(target, brand, into, &supplier_db, permissions, m)
                         .await?
                 }
-                Change::Revoke { .. } => self.revoke(target, &supplier_db, m).await?,
+                Change::Revoke { .. } => self.revoke(target, into, &supplier_db, m).await?,
                 Change::Catalog(_) => unreachable!("an access key holds access events only"),
             }
             // The cache follows the database, and holds access only between two live tenants
@@ -158,6 +165,7 @@ impl CatalogProcessor {
                 self.cache_from_database(
                     &supplier.organisation_id,
                     &brand.organisation_id,
+                    into,
                     &supplier_db,
                 )
                 .await?;
@@ -174,10 +182,12 @@ impl CatalogProcessor {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn grant(
         &self,
         target: &Target,
-        brand_db: &DatabaseName,
+        brand: BrandSource<'_>,
+        into: &Server,
         supplier_db: &DatabaseName,
         permissions: &[String],
         m: &Msg<Item>,
@@ -191,7 +201,7 @@ impl CatalogProcessor {
         self.index_access(origin, brand_id, supplier_id, Some(&json))
             .await?;
 
-        let mut tx = self.pool.begin().await?;
+        let mut tx = into.pool().begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
             write_access_row(&mut tx, supplier_db, &m.item).await?;
             // Backfill: the supplier's copy becomes the brand's current projection, and records
@@ -205,9 +215,10 @@ impl CatalogProcessor {
             if live && permissions.contains(&self.spec.requires_permission) {
                 let rows = backfill_copy(
                     &mut tx,
+                    into,
                     &self.spec,
                     supplier_db,
-                    brand_db,
+                    brand,
                     brand_id,
                     permissions,
                 )
@@ -229,6 +240,7 @@ impl CatalogProcessor {
     async fn revoke(
         &self,
         target: &Target,
+        into: &Server,
         supplier_db: &DatabaseName,
         m: &Msg<Item>,
     ) -> Result<(), StepError> {
@@ -236,7 +248,7 @@ impl CatalogProcessor {
         let brand_id = &target.brand.organisation_id;
         let supplier_id = &target.supplier.as_ref().expect("checked").organisation_id;
         // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
-        let mut tx = self.pool.begin().await?;
+        let mut tx = into.pool().begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
             write_access_row(&mut tx, supplier_db, &m.item).await?;
             let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
@@ -266,13 +278,14 @@ impl CatalogProcessor {
     /// offset is a redelivery: it goes through, and changes nothing by the offsets).
     async fn duplicate(
         &self,
+        into: &Server,
         supplier_db: &DatabaseName,
         m: &Msg<Item>,
     ) -> Result<bool, StepError> {
         if !self.dedupe {
             return Ok(false);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = into.pool().begin().await?;
         let first = applied::first_applied(
             &mut tx,
             supplier_db,
@@ -305,9 +318,10 @@ impl CatalogProcessor {
         &self,
         supplier_id: &str,
         brand_id: &str,
+        supplier: &Server,
         supplier_db: &DatabaseName,
     ) -> Result<(), StepError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = supplier.pool().begin().await?;
         let permissions = read_permissions(&mut tx, supplier_db, brand_id).await?;
         tx.commit().await?;
         let cache: &PermissionCache = &self.cache;
@@ -329,7 +343,7 @@ impl CatalogProcessor {
     ) -> Result<(), sqlx::Error> {
         let platform = self.platform();
         let projection = access_index_projection(brand_id, supplier_id);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.home().begin().await?;
         if is_new(&mut tx, &platform, &projection, origin).await? {
             let sql = match permissions {
                 Some(_) => format!(

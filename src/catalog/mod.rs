@@ -41,8 +41,8 @@ use spec::CatalogSpec;
 
 pub struct CatalogProcessor {
     pub ns: Namespace,
-    pub pool: MySqlPool,
     pub spec: CatalogSpec,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     pub cache: PermissionCache,
     /// For the brand's catalog version (`caches::catalog_version_key`).
@@ -54,6 +54,11 @@ pub struct CatalogProcessor {
 }
 
 impl CatalogProcessor {
+    /// The home server's pool: locks and `{ns}_platform`.
+    fn home(&self) -> &MySqlPool {
+        self.tenants.servers().home().pool()
+    }
+
     fn platform(&self) -> DatabaseName {
         self.ns.service_database(ServiceDatabase::Platform)
     }

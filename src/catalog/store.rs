@@ -6,9 +6,19 @@ use sqlx::mysql::MySqlArguments;
 use sqlx::query::Query;
 use sqlx::{MySql, Transaction};
 
+use futures::TryStreamExt;
+
 use super::change::NetChange;
 use super::spec::{CatalogSpec, Cell};
+use crate::servers::Server;
 use crate::tenant::DatabaseName;
+
+/// Where a copy reads a brand's catalog from: the brand's database and the server it is on.
+#[derive(Clone, Copy)]
+pub struct BrandSource<'a> {
+    pub db: &'a DatabaseName,
+    pub server: &'a Server,
+}
 
 /// Rows per INSERT: 500 × 11 parameters stays far below MySQL's 65,535-placeholder limit.
 const ROWS_PER_STATEMENT: usize = 500;
@@ -245,29 +255,40 @@ pub async fn drop_copy(
 
 /// Replaces a supplier's copy of one brand with the brand's current projection: the
 /// permission-checked read of the brand DB (the caller passes the supplier's permissions as
-/// `hidden` columns; no other brand is touched). One server-side INSERT … SELECT.
+/// `hidden` columns; no other brand is touched). `tx` is on the `into` server.
 pub async fn rebuild_copy(
     tx: &mut Transaction<'_, MySql>,
+    into: &Server,
     supplier_db: &DatabaseName,
-    brand_db: &DatabaseName,
+    brand: BrandSource<'_>,
     spec: &CatalogSpec,
     brand_id: &str,
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
     drop_copy(tx, supplier_db, spec, brand_id).await?;
-    insert_copy(tx, supplier_db, brand_db, spec, brand_id, hidden).await
+    insert_copy(tx, into, supplier_db, brand, spec, brand_id, hidden).await
 }
 
 /// [`rebuild_copy`] into a copy known to be empty: no DELETE, so none of its gap locks, and
-/// copies of several brands can be filled at once.
+/// copies of several brands can be filled at once. On one server, one INSERT … SELECT; from
+/// a brand on another server, the rows pass through this process ([`copy_across`]).
 pub async fn insert_copy(
     tx: &mut Transaction<'_, MySql>,
+    into: &Server,
     supplier_db: &DatabaseName,
-    brand_db: &DatabaseName,
+    brand: BrandSource<'_>,
     spec: &CatalogSpec,
     brand_id: &str,
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
+    if into != brand.server {
+        let mut read = brand.server.pool().begin().await?;
+        let rows =
+            copy_across(&mut read, brand.db, tx, supplier_db, spec, brand_id, hidden).await?;
+        read.commit().await?;
+        return Ok(rows);
+    }
+    let brand_db = brand.db;
     let target: Vec<String> = std::iter::once(&spec.supplier_brand_column)
         .chain(&spec.columns)
         .map(|c| format!("`{c}`"))
@@ -296,6 +317,77 @@ pub async fn insert_copy(
     .execute(&mut **tx)
     .await?;
     Ok(done.rows_affected())
+}
+
+/// [`insert_copy`] from a brand on another server: the brand's rows are read in `read` (a
+/// transaction on the brand's server, so a caller can read the offsets they reflect from the
+/// same snapshot) and written into the copy in `tx`, [`ROWS_PER_STATEMENT`] rows a statement,
+/// never all of them in memory. Values travel as text, as a client's literals would, and
+/// MySQL converts them back to the copy's column types (the rebuild's comparison checks the
+/// result equals an INSERT … SELECT's, cell for cell).
+pub async fn copy_across(
+    read: &mut Transaction<'_, MySql>,
+    brand_db: &DatabaseName,
+    tx: &mut Transaction<'_, MySql>,
+    supplier_db: &DatabaseName,
+    spec: &CatalogSpec,
+    brand_id: &str,
+    hidden: &[&str],
+) -> Result<u64, sqlx::Error> {
+    let source: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| {
+            if hidden.contains(&c.as_str()) {
+                "NULL".to_owned()
+            } else {
+                format!("CAST(`{c}` AS CHAR)")
+            }
+        })
+        .collect();
+    let select = format!(
+        "SELECT {} FROM {}.`{}`",
+        source.join(","),
+        brand_db.quoted(),
+        spec.brand_table
+    );
+    let mut columns: Vec<&str> = vec![&spec.supplier_brand_column];
+    columns.extend(spec.columns.iter().map(String::as_str));
+    let quoted: Vec<String> = columns.iter().map(|c| format!("`{c}`")).collect();
+    let mut batch: Vec<Vec<Option<String>>> = Vec::with_capacity(ROWS_PER_STATEMENT);
+    let mut written = 0;
+    let mut rows = sqlx::query(&select).fetch(&mut **read);
+    loop {
+        let next = rows.try_next().await?;
+        if let Some(row) = &next {
+            use sqlx::Row;
+            batch.push(
+                (0..spec.columns.len())
+                    .map(|i| row.try_get::<Option<String>, _>(i))
+                    .collect::<Result<_, _>>()?,
+            );
+        }
+        if batch.len() == ROWS_PER_STATEMENT || (next.is_none() && !batch.is_empty()) {
+            let sql = format!(
+                "INSERT INTO {}.`{}` ({}) VALUES {}",
+                supplier_db.quoted(),
+                spec.supplier_table,
+                quoted.join(","),
+                vec![placeholders(columns.len()); batch.len()].join(",")
+            );
+            let mut q = sqlx::query(&sql);
+            for row in batch.drain(..) {
+                q = q.bind(brand_id.to_owned());
+                for cell in row {
+                    q = q.bind(cell);
+                }
+            }
+            written += q.execute(&mut **tx).await?.rows_affected();
+        }
+        if next.is_none() {
+            return Ok(written);
+        }
+    }
 }
 
 /// Suppliers per UNION query: keeps statements short.

@@ -102,12 +102,12 @@ async fn check(
     brand_id: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let pool = match crate::db::connect_pool(config).await {
-        Ok(pool) => pool,
+    let servers = match crate::servers::Servers::connect(config, 2).await {
+        Ok(servers) => servers,
         Err(e) => return Ok(undecided(format!("{e:#}"))),
     };
     let key = cache.key(supplier_id, brand_id);
-    let access = match cache.permissions(&pool, supplier_id, brand_id).await {
+    let access = match cache.permissions(&servers, supplier_id, brand_id).await {
         Ok(access) => access,
         Err(e @ AccessError::InvalidId { .. }) => {
             eprintln!("error: {e}");
@@ -137,7 +137,7 @@ async fn check(
     }
     let why = match &access.permissions {
         Some(_) => "its permissions do not include catalog.read".to_owned(),
-        None => no_access_reason(config, &pool, supplier_id, access.from_cache).await,
+        None => no_access_reason(config, &servers, supplier_id, access.from_cache).await,
     };
     eprintln!("not allowed: supplier {supplier_id} may not read brand {brand_id}: {why}");
     Ok(ExitCode::FAILURE)
@@ -152,11 +152,11 @@ fn is_missing_table(e: &AccessError) -> bool {
 /// Why the answer is "no access", for the operator (best effort; the answer stands anyway).
 async fn no_access_reason(
     config: &Config,
-    pool: &sqlx::MySqlPool,
+    servers: &crate::servers::Servers,
     supplier_id: &str,
     from_cache: bool,
 ) -> String {
-    let status = Tenants::new(pool.clone(), &config.namespace)
+    let status = Tenants::on(servers.clone(), &config.namespace)
         .find(supplier_id)
         .await
         .ok()

@@ -127,11 +127,12 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // The worker's own work (topics, service databases, upgrades, the status reporter) on a
     // small pool; each processor brings its own.
-    let pool = crate::db::connect_pool_sized(&config, 4).await?;
+    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let pool = servers.home().pool().clone();
     crate::topics::ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::new(pool.clone(), &ns);
-    upgrade_tenant_databases(&pool, &config.database_url, &tenants).await?;
+    let tenants = Tenants::on(servers, &ns);
+    upgrade_tenant_databases(&tenants).await?;
     let settings = Settings {
         batch_max: args.batch_max,
         max_held: args.max_held,
@@ -274,8 +275,7 @@ async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
             async {
                 // Old copies of rebuilt tenants expire on the purge timer's beat.
                 crate::rebuild::kept::expire_every(
-                    p.pool.clone(),
-                    p.tenants.namespace().clone(),
+                    p.tenants.clone(),
                     purge_check,
                     shutdown.clone(),
                 )
@@ -293,7 +293,9 @@ async fn run_processor(job: ProcessorJob) -> anyhow::Result<()> {
     p.producer
         .flush(Duration::from_secs(10))
         .map_err(|e| anyhow::anyhow!("flushing produced events: {e}"))?;
-    p.pool.close().await;
+    for server in p.tenants.servers().all() {
+        server.pool().close().await;
+    }
     result
 }
 

@@ -31,7 +31,8 @@ struct PartitionRow {
 }
 
 pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let pool = crate::db::connect_pool(&config).await?;
+    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let pool = servers.home().pool().clone();
     let workers = crate::status::workers(&pool, &config.namespace)
         .await
         .map_err(|e| {
@@ -84,16 +85,33 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let rebuilds = crate::rebuild::report::rebuilds(&pool, &config.namespace)
         .await
         .unwrap_or_default();
-    let under_way = Tenants::new(pool.clone(), &config.namespace)
+    let tenants = Tenants::on(servers.clone(), &config.namespace);
+    let under_way = tenants
         .under_way()
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the tenants of {}: {e}", config.namespace))?;
+    let placed = tenants.per_server().await.unwrap_or_default();
+    let mut server_rows = Vec::new();
+    for server in servers.all() {
+        let up = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(server.pool()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        server_rows.push(ServerRow {
+            server: server.name().to_owned(),
+            up,
+            tenants: placed.get(server.name()).copied().unwrap_or(0),
+            takes_new_tenants: servers.takes_new(server),
+        });
+    }
     let under_way: Vec<StepRow> = under_way.iter().filter_map(StepRow::of).collect();
     if args.json {
         println!(
             "{}",
             serde_json::json!({"partitions": partitions, "workers": workers, "rebuilds": rebuilds,
-                "lifecycle_under_way": under_way})
+                "lifecycle_under_way": under_way, "servers": server_rows})
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -101,7 +119,35 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     print_workers(&workers);
     print_rebuilds(&rebuilds);
     print_under_way(&under_way);
+    print_servers(&server_rows);
     Ok(ExitCode::SUCCESS)
+}
+
+/// One MySQL server of the servers list, as `tenancy status` shows it.
+#[derive(Debug, serde::Serialize)]
+struct ServerRow {
+    server: String,
+    up: bool,
+    /// Tenants placed on it (not purged).
+    tenants: i64,
+    takes_new_tenants: bool,
+}
+
+fn print_servers(rows: &[ServerRow]) {
+    println!("\nMySQL servers:");
+    for r in rows {
+        println!(
+            "  {:<12} {:<5} {:>6} tenant(s){}",
+            r.server,
+            if r.up { "up" } else { "DOWN" },
+            r.tenants,
+            if r.takes_new_tenants {
+                ""
+            } else {
+                "  (no new tenants)"
+            }
+        );
+    }
 }
 
 /// A tenant whose termination or restore is marked under way.

@@ -92,8 +92,8 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let pool = crate::db::connect_pool(&config).await?;
-    let tenants = Tenants::new(pool, &config.namespace);
+    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let tenants = Tenants::on(servers, &config.namespace);
     let platform_missing = |e: sqlx::Error| {
         anyhow::anyhow!(
             "cannot read {}_platform.tenants: {e} (has `tenancy run` started for namespace {}?)",

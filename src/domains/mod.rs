@@ -4,8 +4,13 @@
 //!
 //! A host belongs to one retailer: assigning a host another retailer holds is refused with the
 //! reason (dead-lettered, never retried), and a removal only removes the retailer's own
-//! assignment. Both databases are written in one transaction (they are on the same server),
-//! with the retailer's offsets and event ids, so a redelivery changes nothing.
+//! assignment. When the retailer's database is on the home server, both are written in one
+//! transaction with the retailer's offsets and event ids, so a redelivery changes nothing.
+//! When it is on another server, no transaction spans both: the index is written first, in a
+//! home transaction with an offset of its own (`domains_index:{retailer}`), then the retailer's
+//! row with its offsets and event ids; a redelivery after a crash between the two finds the
+//! index step done and finishes the other. Resolution reads the index only, so a removal is in
+//! effect once its first step commits.
 
 pub mod host;
 
@@ -18,6 +23,7 @@ use crate::caches::Redis;
 use crate::db::NamedLock;
 use crate::events::{Event, EventKind};
 use crate::offsets;
+use crate::servers::Server;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
 use crate::tenancy::tenants::{TenantRef, Tenants};
 use crate::tenancy::verdict::verdict;
@@ -89,7 +95,7 @@ pub fn parse(event: Event) -> Result<DomainChange, String> {
 
 pub struct DomainProcessor {
     pub ns: Namespace,
-    pub pool: MySqlPool,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     pub watermark: Watermark,
     /// The domain cache, invalidated after each change (`caches::Redis::domains_changed`).
@@ -97,27 +103,29 @@ pub struct DomainProcessor {
 }
 
 impl DomainProcessor {
-    fn index(&self) -> String {
-        index_table(&self.ns)
+    /// The home server's pool: locks and `{ns}_platform`.
+    fn home(&self) -> &MySqlPool {
+        self.tenants.servers().home().pool()
     }
 
-    /// One event, in one transaction over the retailer's database and the platform index,
-    /// under the retailer's writes lock (which `tenancy rebuild` holds for its swap).
-    async fn apply_one(&self, m: &Msg<DomainChange>, db: &DatabaseName) -> Result<(), StepError> {
-        let lock = NamedLock::writes(&self.pool, &self.ns, &m.item.retailer).await?;
-        let result = self.apply_locked(m, db).await;
+    /// One event, under the retailer's writes lock (which `tenancy rebuild` holds for its
+    /// swap): in one transaction when the retailer is on the home server, else in two steps.
+    async fn apply_one(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
+        let lock = NamedLock::writes(self.home(), &self.ns, &m.item.retailer).await?;
+        let result = if to.server == *self.tenants.servers().home() {
+            self.apply_locked(m, to).await
+        } else {
+            self.apply_across(m, to).await
+        };
         lock.release().await;
         result
     }
 
-    async fn apply_locked(
-        &self,
-        m: &Msg<DomainChange>,
-        db: &DatabaseName,
-    ) -> Result<(), StepError> {
+    async fn apply_locked(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
         let c = &m.item;
         let o = &m.origin;
-        let mut tx = self.pool.begin().await?;
+        let db = &to.db;
+        let mut tx = self.home().begin().await?;
         let done = offsets::get(&mut tx, db, PROJECTION, &o.topic, o.partition).await?;
         if done.is_some_and(|d| o.offset <= d) {
             return Ok(());
@@ -128,25 +136,7 @@ impl DomainProcessor {
         {
             applied::duplicate("domains", &c.event_id, o, None);
         } else {
-            if c.assign {
-                if let Some(other) =
-                    claim_host(&mut tx, &self.ns, &c.host, &c.retailer, assigned_at(c)).await?
-                {
-                    return Err(StepError::reject(format!(
-                        "domain {} is already assigned to retailer {other}; remove it there first",
-                        c.host
-                    )));
-                }
-            } else {
-                sqlx::query(&format!(
-                    "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
-                    self.index()
-                ))
-                .bind(c.host.as_str())
-                .bind(&c.retailer)
-                .execute(&mut *tx)
-                .await?;
-            }
+            index_change(&mut tx, &self.ns, c).await?;
             write_retailer_row(&mut tx, db, c).await?;
         }
         applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
@@ -156,6 +146,89 @@ impl DomainProcessor {
             assigned = c.assign, "retailer domain applied");
         Ok(())
     }
+
+    /// [`DomainProcessor::apply_locked`] for a retailer on another server than the index: the
+    /// index step, then the retailer's, each effectively once by its own offset.
+    async fn apply_across(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
+        let c = &m.item;
+        let o = &m.origin;
+        let db = &to.db;
+        // Where the retailer stands, read first: an event its database already holds (applied
+        // here, or a duplicate applied at another offset) changes nothing in the index either.
+        let mut read = to.server.pool().begin().await?;
+        let done = offsets::get(&mut read, db, PROJECTION, &o.topic, o.partition).await?;
+        let seen = !applied::seen(&mut read, db, PROJECTION, &[&c.event_id])
+            .await?
+            .is_empty();
+        read.commit().await?;
+        if done.is_some_and(|d| o.offset <= d) {
+            return Ok(());
+        }
+        let platform = self.ns.service_database(ServiceDatabase::Platform);
+        let marker = index_projection(&c.retailer);
+        let mut tx = self.home().begin().await?;
+        let indexed = offsets::get(&mut tx, &platform, &marker, &o.topic, o.partition).await?;
+        if indexed.is_none_or(|d| o.offset > d) {
+            if !seen {
+                index_change(&mut tx, &self.ns, c).await?;
+            }
+            offsets::set(&mut tx, &platform, &marker, &o.topic, o.partition, o.offset).await?;
+        }
+        tx.commit().await?;
+        let mut tx = to.server.pool().begin().await?;
+        // Under the retailer's writes lock, as the read above: nothing moved since.
+        if seen {
+            applied::duplicate("domains", &c.event_id, o, None);
+        } else {
+            write_retailer_row(&mut tx, db, c).await?;
+        }
+        applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
+        offsets::set(&mut tx, db, PROJECTION, &o.topic, o.partition, o.offset).await?;
+        tx.commit().await?;
+        tracing::info!(processor = "domains", tenant = %c.retailer, host = %c.host,
+            server = to.server.name(), assigned = c.assign, "retailer domain applied");
+        Ok(())
+    }
+}
+
+/// The platform index's own offsets for one retailer's domain events, used when the retailer
+/// is on another server (see the module documentation).
+pub fn index_projection(retailer: &str) -> String {
+    format!("domains_index:{retailer}")
+}
+
+/// The index's part of a change: claim the host (refused if another retailer holds it) or drop
+/// the retailer's own assignment of it.
+async fn index_change(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    ns: &Namespace,
+    c: &DomainChange,
+) -> Result<(), StepError> {
+    if c.assign {
+        if let Some(other) = claim_host(tx, ns, &c.host, &c.retailer, assigned_at(c)).await? {
+            return Err(StepError::reject(format!(
+                "domain {} is already assigned to retailer {other}; remove it there first",
+                c.host
+            )));
+        }
+    } else {
+        sqlx::query(&format!(
+            "DELETE FROM {} WHERE host = ? AND retailer_id = ?",
+            index_table(ns)
+        ))
+        .bind(c.host.as_str())
+        .bind(&c.retailer)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A retailer's database (live, or its archive) and the server it is on.
+#[derive(Debug, Clone)]
+pub struct Placed {
+    pub server: Server,
+    pub db: DatabaseName,
 }
 
 fn assigned_at(c: &DomainChange) -> chrono::DateTime<chrono::Utc> {
@@ -247,7 +320,7 @@ pub async fn write_retailer_row(
 
 /// The verdict for one retailer, as every projection judges a tenant ([`verdict`]): an
 /// assignment from before a termination applies to the archive, as it did live.
-fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<DatabaseName> {
+fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<Placed> {
     match verdict(
         tenants,
         &c.retailer,
@@ -256,7 +329,10 @@ fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<Databas
         c.occurred_at,
     ) {
         Gate::Ready(t) => match t.database {
-            Some(db) => Gate::Ready(db),
+            Some(db) => Gate::Ready(Placed {
+                server: t.server,
+                db,
+            }),
             None => Gate::Reject(format!("retailer {} has no valid database", c.retailer)),
         },
         Gate::Hold(wait) => Gate::Hold(wait),
@@ -267,7 +343,7 @@ fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<Databas
 
 impl Processor for DomainProcessor {
     type Item = DomainChange;
-    type Target = DatabaseName;
+    type Target = Placed;
 
     fn name(&self) -> &'static str {
         "domains"
@@ -281,10 +357,7 @@ impl Processor for DomainProcessor {
         item.retailer.clone()
     }
 
-    async fn gate(
-        &self,
-        msgs: &[&Msg<DomainChange>],
-    ) -> Result<Vec<Gate<DatabaseName>>, StepError> {
+    async fn gate(&self, msgs: &[&Msg<DomainChange>]) -> Result<Vec<Gate<Placed>>, StepError> {
         let ends = self.watermark.ends().await?;
         let applied = self.watermark.applied().await?;
         let mut ids: Vec<&str> = msgs.iter().map(|m| m.item.retailer.as_str()).collect();
@@ -304,9 +377,9 @@ impl Processor for DomainProcessor {
             .collect())
     }
 
-    async fn apply(&self, run: &[(&Msg<DomainChange>, &DatabaseName)]) -> Result<(), Failed> {
-        for (i, (m, db)) in run.iter().enumerate() {
-            self.apply_one(m, db).await.map_err(|e| Failed::at(i, e))?;
+    async fn apply(&self, run: &[(&Msg<DomainChange>, &Placed)]) -> Result<(), Failed> {
+        for (i, (m, to)) in run.iter().enumerate() {
+            self.apply_one(m, to).await.map_err(|e| Failed::at(i, e))?;
             // Also for an event found applied already: its first delivery may have committed
             // and then lost Redis before invalidating.
             self.redis

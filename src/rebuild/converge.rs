@@ -68,7 +68,7 @@ impl Rebuilder {
             let unlocked = if last_attempt {
                 None
             } else {
-                Some(compare::compare(&self.pool, live, shadow).await?)
+                Some(compare::compare(t.server.pool(), live, shadow).await?)
             };
             reported.phase("holding writes");
             let Some((first, second)) = hold().await? else {
@@ -83,11 +83,11 @@ impl Rebuilder {
                     Some(_) => return Ok(None),
                     None => {
                         replayed += catch_up(&now).await?;
-                        compare::compare(&self.pool, live, shadow).await?
+                        compare::compare(t.server.pool(), live, shadow).await?
                     }
                 };
                 let swapped = self
-                    .swap_if_chosen(mode, &comparison, live, shadow, old)
+                    .swap_if_chosen(&t.server, mode, &comparison, live, shadow, old)
                     .await?;
                 anyhow::Ok(Some((comparison, swapped)))
             }

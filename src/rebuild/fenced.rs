@@ -62,7 +62,7 @@ impl Rebuilder {
                 // rebuilds them from the brands).
                 if !self.archived {
                     reported.phase("copying");
-                    self.backfill_copies(target).await?;
+                    self.backfill_copies(&t.server, target).await?;
                 }
                 Ok(replayed)
             }
@@ -110,7 +110,7 @@ impl Rebuilder {
                     old: &old,
                 },
                 reported,
-                async || Ok(fingerprint(&self.pool, live).await?),
+                async || Ok(fingerprint(t.server.pool(), live).await?),
                 async |seen| self.catch_up(t, &shadow, seen, reported).await,
                 async || self.hold_tenant_writes(t, live, &shadow).await,
             )
@@ -140,21 +140,22 @@ impl Rebuilder {
                 break held;
             }
         };
+        let db = t.server.pool();
         let swapped = async {
-            let now = fingerprint(&self.pool, live).await?;
+            let now = fingerprint(db, live).await?;
             let replayed = self
                 .catch_up(t, &old, &now, &report::Progress::default())
                 .await?;
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(&self.pool)
+                .execute(db)
                 .await?;
             sqlx::query(&format!(
                 "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
                 shadow.quoted()
             ))
-            .execute(&self.pool)
+            .execute(db)
             .await?;
-            exchange(&self.pool, live, &old, &shadow).await?;
+            exchange(db, live, &old, &shadow).await?;
             anyhow::Ok(replayed)
         }
         .await;

@@ -7,6 +7,7 @@ use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::NamedLock;
+use crate::tenancy::tenants::Tenants;
 use crate::tenant::{Namespace, ServiceDatabase};
 
 fn table(ns: &Namespace) -> String {
@@ -53,7 +54,8 @@ pub async fn forget(
 /// Drops every kept copy past its time; returns how many. Each is dropped under the tenant's
 /// rebuild claim, so a rollback or rebuild running now is never pulled from under; those are
 /// tried again next time.
-pub async fn expire(pool: &MySqlPool, ns: &Namespace) -> Result<usize, sqlx::Error> {
+pub async fn expire(tenants: &Tenants) -> Result<usize, sqlx::Error> {
+    let (ns, pool) = (tenants.namespace(), tenants.servers().home().pool());
     let due: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT organisation_id FROM {} WHERE kept_until < UTC_TIMESTAMP(3)",
         table(ns)
@@ -67,12 +69,22 @@ pub async fn expire(pool: &MySqlPool, ns: &Namespace) -> Result<usize, sqlx::Err
             forget(pool, ns, &org).await?;
             continue;
         };
+        // On the tenant's server; a tenant with no row left has nothing left to drop.
+        let Some(server) = tenants
+            .lookup(&[org.as_str()])
+            .await?
+            .remove(&org)
+            .map(|t| t.server)
+        else {
+            forget(pool, ns, &org).await?;
+            continue;
+        };
         let Some(claim) = NamedLock::rebuild(pool, ns, &org).await? else {
             continue;
         };
         let done = async {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                .execute(pool)
+                .execute(server.pool())
                 .await?;
             forget(pool, ns, &org).await
         }
@@ -87,14 +99,9 @@ pub async fn expire(pool: &MySqlPool, ns: &Namespace) -> Result<usize, sqlx::Err
 
 /// [`expire`] every `every` until `shutdown`. Failures are logged and tried again: nothing
 /// depends on the old copies going on time.
-pub async fn expire_every(
-    pool: MySqlPool,
-    ns: Namespace,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+pub async fn expire_every(tenants: Tenants, every: Duration, shutdown: CancellationToken) {
     loop {
-        if let Err(e) = expire(&pool, &ns).await {
+        if let Err(e) = expire(&tenants).await {
             tracing::warn!(error = %e, "cannot expire kept copies of rebuilt tenants");
         }
         tokio::select! {

@@ -40,6 +40,7 @@ use sqlx::MySqlPool;
 use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
 use crate::db::{database_exists, tables, NamedLock};
+use crate::servers::Server;
 use crate::tenancy::migrations;
 use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, OrganisationType};
@@ -241,7 +242,10 @@ async fn exchange(
 /// Everything a rebuild needs, built once.
 pub struct Rebuilder {
     pub config: Config,
-    pub pool: MySqlPool,
+    /// The home server's pool: locks, claims and `{ns}_platform`. A tenant's own databases
+    /// (live, shadow, old) are reached through its `TenantRef::server`.
+    pub home: MySqlPool,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     /// Shared with a replay's reader, which runs as a task of its own.
     pub codec: Arc<Codec>,
@@ -272,20 +276,22 @@ impl Rebuilder {
         fail_after: FailAfter,
         parallel: usize,
     ) -> anyhow::Result<Rebuilder> {
-        let pool = crate::db::connect_pool_sized(config, (6 * parallel.max(1) + 2) as u32).await?;
+        let servers =
+            crate::servers::Servers::connect(config, (6 * parallel.max(1) + 2) as u32).await?;
+        let home = servers.home().pool().clone();
         // The rebuilds table may be newer than the workers that migrated the platform.
         crate::tenancy::provisioning::prepare_service_databases(
-            &pool,
+            &home,
             &config.database_url,
             &config.namespace,
         )
         .await?;
         Ok(Rebuilder {
-            tenants: Tenants::new(pool.clone(), &config.namespace),
+            tenants: Tenants::on(servers, &config.namespace),
             codec: Arc::new(Codec::new(&config.schema_registry_url)),
             spec: CatalogSpec::load()?,
             config: config.clone(),
-            pool,
+            home,
             fail_after,
             keep_old: Duration::from_secs(7 * 24 * 3600),
             refresh_copies: false,
@@ -302,7 +308,7 @@ impl Rebuilder {
     fn replay<'a>(&'a self, brand: &'a TenantRef, topic: &'a str) -> Replay<'a> {
         Replay {
             config: &self.config,
-            pool: &self.pool,
+            pool: brand.server.pool(),
             codec: &self.codec,
             spec: &self.spec,
             brand,
@@ -321,7 +327,7 @@ impl Rebuilder {
     }
 
     async fn claim(&self, t: &TenantRef) -> anyhow::Result<NamedLock> {
-        NamedLock::rebuild(&self.pool, &self.config.namespace, &t.organisation_id)
+        NamedLock::rebuild(&self.home, &self.config.namespace, &t.organisation_id)
             .await?
             .ok_or_else(|| {
                 anyhow::anyhow!(
@@ -335,10 +341,10 @@ impl Rebuilder {
     /// and checks it is still active under them.
     async fn hold_writes(&self, t: &TenantRef) -> anyhow::Result<(NamedLock, NamedLock)> {
         let ns = &self.config.namespace;
-        let lifecycle = NamedLock::lifecycle(&self.pool, ns, &t.organisation_id)
+        let lifecycle = NamedLock::lifecycle(&self.home, ns, &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let brand = NamedLock::brand(&self.pool, ns, &t.organisation_id)
+        let brand = NamedLock::brand(&self.home, ns, &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = resolve(&self.tenants, &t.organisation_id).await?;
@@ -360,10 +366,12 @@ impl Rebuilder {
         let started = Instant::now();
         let live = refuse_unless_rebuildable(t, self.archived)?;
         let (shadow, old) = self.beside(t)?;
+        // Shadow and old beside the live database, on its server: the swap is a RENAME TABLE.
+        let db = t.server.pool();
         let claim = self.claim(t).await?;
         let reported = Arc::new(report::Progress::default());
         let reporter = report::Reporter::start(
-            self.pool.clone(),
+            self.home.clone(),
             self.config.namespace.clone(),
             t.organisation_id.clone(),
             reported.clone(),
@@ -396,7 +404,7 @@ impl Rebuilder {
                         old: &old,
                     },
                     &reported,
-                    async || Ok(held_offsets(&self.pool, &live, &self.spec, &topic).await?),
+                    async || Ok(held_offsets(db, &live, &self.spec, &topic).await?),
                     async |upto| replay.run(&shadow, upto, &mut progress).await,
                     async || Ok(Some(self.hold_writes(t).await?)),
                 )
@@ -422,11 +430,11 @@ impl Rebuilder {
         if result.is_err() {
             // Leave nothing half-built behind; the live database was not touched.
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(&self.pool)
+                .execute(db)
                 .await;
-            if tables(&self.pool, &old).await.is_ok_and(|t| t.is_empty()) {
+            if tables(db, &old).await.is_ok_and(|t| t.is_empty()) {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                    .execute(&self.pool)
+                    .execute(db)
                     .await;
             }
         }
@@ -438,9 +446,10 @@ impl Rebuilder {
     pub async fn rollback(&self, t: &TenantRef) -> anyhow::Result<Replayed> {
         let live = refuse_unless_rebuildable(t, self.archived)?;
         let (shadow, old) = self.beside(t)?;
+        let db = t.server.pool();
         let claim = self.claim(t).await?;
         let result = async {
-            if tables(&self.pool, &old).await?.is_empty() {
+            if tables(db, &old).await?.is_empty() {
                 anyhow::bail!(
                     "no earlier copy of tenant {} to roll back to ({old} is missing or empty)",
                     t.organisation_id
@@ -448,43 +457,43 @@ impl Rebuilder {
             }
             if t.kind != OrganisationType::Brand {
                 let replayed = self.rollback_fenced(t, &live).await?;
-                for db in [&shadow, &old] {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
-                        .execute(&self.pool)
+                for gone in [&shadow, &old] {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {}", gone.quoted()))
+                        .execute(db)
                         .await?;
                 }
-                kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
+                kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await?;
                 return Ok(replayed);
             }
             let topic = self.topic();
             let replay = self.replay(t, &topic);
-            let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+            let upto = held_offsets(db, &live, &self.spec, &topic).await?;
             let mut replayed = replay.run(&old, &upto, |_, _| {}).await?;
             let (lifecycle, brand) = self.hold_writes(t).await?;
             let swapped = async {
-                let upto = held_offsets(&self.pool, &live, &self.spec, &topic).await?;
+                let upto = held_offsets(db, &live, &self.spec, &topic).await?;
                 replayed += replay.run(&old, &upto, |_, _| {}).await?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                    .execute(&self.pool)
+                    .execute(db)
                     .await?;
                 sqlx::query(&format!(
                     "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
                     shadow.quoted()
                 ))
-                .execute(&self.pool)
+                .execute(db)
                 .await?;
-                exchange(&self.pool, &live, &old, &shadow).await
+                exchange(db, &live, &old, &shadow).await
             }
             .await;
             brand.release().await;
             lifecycle.release().await;
             swapped?;
-            for db in [&shadow, &old] {
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
-                    .execute(&self.pool)
+            for gone in [&shadow, &old] {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", gone.quoted()))
+                    .execute(db)
                     .await?;
             }
-            kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await?;
+            kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await?;
             if self.refresh_copies && !self.archived {
                 let n = self.refresh_supplier_copies(t, &live).await?;
                 tracing::info!(tenant = %t.organisation_id, copies = n, "supplier copies refreshed");
@@ -509,8 +518,9 @@ impl Rebuilder {
         reported: &report::Progress,
     ) -> anyhow::Result<()> {
         reported.phase("preparing");
+        let db = t.server.pool();
         // (An empty one is a killed rebuild's, about to swap: it is reused.)
-        if mode != Mode::DryRun && !tables(&self.pool, old).await?.is_empty() {
+        if mode != Mode::DryRun && !tables(db, old).await?.is_empty() {
             anyhow::bail!(
                 "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
                 t.organisation_id
@@ -518,22 +528,17 @@ impl Rebuilder {
         }
         refuse_unless_log_complete(&self.config, topic).await?;
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-            .execute(&self.pool)
+            .execute(db)
             .await?;
-        migrations::create_and_migrate(
-            &self.pool,
-            &self.config.database_url,
-            shadow,
-            migrations::for_tenant(t.kind),
-        )
-        .await?;
+        migrations::create_and_migrate(db, t.server.url(), shadow, migrations::for_tenant(t.kind))
+            .await?;
         fail_after(&self.fail_after, "shadow");
         if mode != Mode::DryRun {
             sqlx::query(&format!(
                 "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
                 old.quoted()
             ))
-            .execute(&self.pool)
+            .execute(db)
             .await?;
         }
         Ok(())
@@ -552,7 +557,7 @@ impl Rebuilder {
         if swapped {
             // The swap is done: failing to record the expiry must not make it look failed.
             if let Err(e) = kept::keep(
-                &self.pool,
+                &self.home,
                 &self.config.namespace,
                 &t.organisation_id,
                 self.keep_old,
@@ -563,20 +568,23 @@ impl Rebuilder {
                     "cannot record when the old tables expire; drop them with --drop-old");
             }
         }
+        let db = t.server.pool();
         if mode != Mode::DryRun && !swapped {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                .execute(&self.pool)
+                .execute(db)
                 .await?;
         }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-            .execute(&self.pool)
+            .execute(db)
             .await?;
         Ok(())
     }
 
     /// Swaps `shadow` in (the live tables to `old`) if `mode` chooses to for `comparison`.
+    #[allow(clippy::too_many_arguments)]
     async fn swap_if_chosen(
         &self,
+        server: &Server,
         mode: Mode,
         comparison: &Comparison,
         live: &DatabaseName,
@@ -586,7 +594,7 @@ impl Rebuilder {
         let swap = mode.swaps(comparison);
         if swap {
             self.pause_before_swap().await;
-            exchange(&self.pool, live, shadow, old).await?;
+            exchange(server.pool(), live, shadow, old).await?;
         }
         Ok(swap)
     }
@@ -611,24 +619,28 @@ impl Rebuilder {
             crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace).await?;
         let hooks = crate::catalog::copies::CatalogHooks {
             ns: self.config.namespace.clone(),
-            pool: self.pool.clone(),
             tenants: self.tenants.clone(),
             spec: self.spec.clone(),
             cache: crate::access::cache::PermissionCache::on(&redis),
         };
-        hooks.rebuild_brand_copies(&t.organisation_id, live).await
+        let brand = crate::catalog::store::BrandSource {
+            db: live,
+            server: &t.server,
+        };
+        hooks.rebuild_brand_copies(&t.organisation_id, brand).await
     }
 
     /// Drops the tables an earlier rebuild replaced. Returns whether there were any.
     pub async fn drop_old(&self, t: &TenantRef) -> anyhow::Result<bool> {
         let (_, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
-        let existed = database_exists(&self.pool, &old).await;
+        let db = t.server.pool();
+        let existed = database_exists(db, &old).await;
         let dropped = async {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                .execute(&self.pool)
+                .execute(db)
                 .await?;
-            kept::forget(&self.pool, &self.config.namespace, &t.organisation_id).await
+            kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await
         }
         .await;
         claim.release().await;

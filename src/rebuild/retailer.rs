@@ -1,16 +1,17 @@
 //! Rebuilding a retailer's database: its domain events replayed from `{ns}.retailer-domains`
 //! with the domains processor's own row writes and bookkeeping.
 //!
-//! Live, an assignment of a host another retailer holds is refused (dead-lettered). The replay
-//! asks the platform index as it is now, so a host refused live that has since been freed would
-//! be assigned in the rebuild: the comparison then reports it, and nothing is swapped in without
-//! `--accept-differences`. The platform index itself is not rebuilt (it is not the retailer's).
+//! Live, an assignment of a host another retailer holds is refused (dead-lettered). Whether it
+//! was depends on who held the host at that moment, which the index as it is now cannot say (the
+//! host may have moved since, even to this retailer: asking it made rebuilds report differences
+//! that were not there). The replay skips what the dead-letter topic says the live projector
+//! dead-lettered. The platform index itself is not rebuilt (it is not the retailer's).
 //!
 //! For the swap the rebuild holds the retailer's lifecycle lock and its writes lock, which the
 //! domains processor takes for each event.
 
 use rdkafka::message::Message;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::fenced::{fingerprint, Fingerprint};
 use super::replay::{decode_event, Range, Replayed};
@@ -44,13 +45,14 @@ impl Rebuilder {
                 .collect()
         };
         let upto = of(live);
-        let held = of(&fingerprint(&self.pool, target).await?);
+        let held = of(&fingerprint(t.server.pool(), target).await?);
         let mut done = Replayed::default();
         let from = held.iter().map(|(p, o)| (*p, o + 1)).collect();
         let Some(mut range) = Range::new(&self.config, &topic, &from, upto)? else {
             return Ok(done);
         };
         let tenants = self.tenants.lookup(&[&t.organisation_id]).await?;
+        let dead = self.dead_lettered(&topic).await?;
         while let Some(m) = range.next().await? {
             let p = m.partition();
             done.read += 1;
@@ -75,25 +77,17 @@ impl Rebuilder {
                 ),
                 Gate::Ready(_)
             );
-            if c.retailer != t.organisation_id || !ready {
+            // Refused live (a host another retailer held then), or failed for good: nothing
+            // was written, no offset moved.
+            if c.retailer != t.organisation_id || !ready || dead.contains(&(p, m.offset())) {
                 done.skipped += 1;
                 continue;
             }
-            let mut tx = self.pool.begin().await?;
+            let mut tx = t.server.pool().begin().await?;
             if applied::seen(&mut tx, target, PROJECTION, &[&c.event_id])
                 .await?
                 .is_empty()
             {
-                if c.assign {
-                    let taken = domains::owner(&mut tx, &self.config.namespace, &c.host, false)
-                        .await?
-                        .is_some_and(|o| o != c.retailer);
-                    if taken {
-                        // Refused live: nothing written, no offset moved.
-                        done.skipped += 1;
-                        continue;
-                    }
-                }
                 write_retailer_row(&mut tx, target, &c).await?;
                 done.applied += 1;
             }
@@ -105,6 +99,23 @@ impl Rebuilder {
         Ok(done)
     }
 
+    /// The positions of `topic` whose events the live projector dead-lettered. Whether an
+    /// assignment was refused depends on which retailer held the host when it was applied,
+    /// which the index as it is now cannot say (the host may have moved since, even to this
+    /// retailer); the dead-letter topic records the decision itself.
+    async fn dead_lettered(&self, topic: &str) -> anyhow::Result<HashSet<(i32, i64)>> {
+        let (config, topic) = (self.config.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let letters = crate::dead_letter::DeadLetterLog::open(&config)?.list()?;
+            Ok(letters
+                .into_iter()
+                .filter(|d| d.source_topic.as_deref() == Some(topic.as_str()))
+                .filter_map(|d| Some((d.source_partition?, d.source_offset?)))
+                .collect())
+        })
+        .await?
+    }
+
     /// The retailer's lifecycle lock, then its writes lock (the domains processor's), and a
     /// check that it is still rebuildable under them.
     pub(super) async fn hold_retailer_writes(
@@ -112,10 +123,10 @@ impl Rebuilder {
         t: &TenantRef,
     ) -> anyhow::Result<(NamedLock, NamedLock)> {
         let ns = &self.config.namespace;
-        let lifecycle = NamedLock::lifecycle(&self.pool, ns, &t.organisation_id)
+        let lifecycle = NamedLock::lifecycle(&self.home, ns, &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let writes = match NamedLock::writes(&self.pool, ns, &t.organisation_id).await {
+        let writes = match NamedLock::writes(&self.home, ns, &t.organisation_id).await {
             Ok(l) => l,
             Err(e) => {
                 lifecycle.release().await;

@@ -25,7 +25,9 @@ use super::Rebuilder;
 use crate::catalog::copies::fill_copy;
 use crate::catalog::grants::{access_projection, mark_access_applied, write_access_row};
 use crate::catalog::item::{self, Item};
+use crate::catalog::store::BrandSource;
 use crate::db::NamedLock;
+use crate::servers::Server;
 use crate::stream::{Gate, Msg, Origin};
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
@@ -99,7 +101,7 @@ impl Rebuilder {
         if upto.is_empty() {
             return Ok(done);
         }
-        let held = access_bounds(&fingerprint(&self.pool, target).await?, &topic);
+        let held = access_bounds(&fingerprint(t.server.pool(), target).await?, &topic);
         let mut brands: Vec<&str> = bounds.keys().map(|(b, _)| b.as_str()).collect();
         brands.push(&t.organisation_id);
         brands.sort_unstable();
@@ -130,7 +132,7 @@ impl Rebuilder {
                 continue;
             }
             let msg = Msg::new(Origin::of(&m), item, m.detach());
-            let mut tx = self.pool.begin().await?;
+            let mut tx = t.server.pool().begin().await?;
             let projection = access_projection(&msg.item.brand);
             let first =
                 crate::applied::first_applied(&mut tx, target, &projection, &msg.item.event_id)
@@ -156,17 +158,21 @@ impl Rebuilder {
     /// back), so no reader sees it half-filled: the copies are cleared, then each brand's is
     /// filled in a transaction of its own, [`COPIES_AT_ONCE`] at a time. Its own transaction
     /// also reads each brand's offsets right after its rows, so they always describe them.
-    pub(super) async fn backfill_copies(&self, target: &DatabaseName) -> anyhow::Result<usize> {
+    pub(super) async fn backfill_copies(
+        &self,
+        into: &Server,
+        target: &DatabaseName,
+    ) -> anyhow::Result<usize> {
         use futures::{StreamExt, TryStreamExt};
         let grants: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT brand_id, CAST(permissions AS CHAR) FROM {}.brand_access ORDER BY brand_id",
             target.quoted()
         ))
-        .fetch_all(&self.pool)
+        .fetch_all(into.pool())
         .await?;
         let ids: Vec<&str> = grants.iter().map(|(b, _)| b.as_str()).collect();
         let brands = self.tenants.lookup(&ids).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = into.pool().begin().await?;
         sqlx::query(&format!(
             "DELETE FROM {}.`{}`",
             target.quoted(),
@@ -181,7 +187,7 @@ impl Rebuilder {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        let copied: Vec<(&str, Vec<String>, &DatabaseName)> = grants
+        let copied: Vec<(&str, Vec<String>, BrandSource)> = grants
             .iter()
             .filter_map(|(brand_id, json)| {
                 let permissions: Vec<String> = serde_json::from_str(json).unwrap_or_default();
@@ -189,20 +195,25 @@ impl Rebuilder {
                 let (Status::Active, Some(brand_db)) = (brand.status, &brand.database) else {
                     return None;
                 };
+                let source = BrandSource {
+                    db: brand_db,
+                    server: &brand.server,
+                };
                 permissions
                     .contains(&self.spec.requires_permission)
-                    .then_some((brand_id.as_str(), permissions, brand_db))
+                    .then_some((brand_id.as_str(), permissions, source))
             })
             .collect();
         let copies = copied.len();
         futures::stream::iter(copied)
-            .map(|(brand_id, permissions, brand_db)| async move {
-                let mut tx = self.pool.begin().await?;
+            .map(|(brand_id, permissions, brand)| async move {
+                let mut tx = into.pool().begin().await?;
                 fill_copy(
                     &mut tx,
+                    into,
                     &self.spec,
                     target,
-                    brand_db,
+                    brand,
                     brand_id,
                     &permissions,
                 )
@@ -225,17 +236,18 @@ impl Rebuilder {
         shadow: &DatabaseName,
     ) -> anyhow::Result<Option<(NamedLock, NamedLock)>> {
         let ns = &self.config.namespace;
-        let lifecycle = NamedLock::lifecycle(&self.pool, ns, &t.organisation_id)
+        let lifecycle = NamedLock::lifecycle(&self.home, ns, &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut brands = brands_named(&self.pool, live).await?;
-        brands.extend(brands_named(&self.pool, shadow).await?);
+        let db = t.server.pool();
+        let mut brands = brands_named(db, live).await?;
+        brands.extend(brands_named(db, shadow).await?);
         let mut names: Vec<String> = brands
             .iter()
             .map(|b| NamedLock::brand_name(ns, b))
             .collect();
         names.push(NamedLock::writes_name(ns, &t.organisation_id));
-        let writes = match NamedLock::all(&self.pool, names).await {
+        let writes = match NamedLock::all(&self.home, names).await {
             Ok(l) => l,
             Err(e) => {
                 lifecycle.release().await;
@@ -244,7 +256,7 @@ impl Rebuilder {
         };
         let now = super::resolve(&self.tenants, &t.organisation_id).await?;
         let checked = super::refuse_unless_rebuildable(&now, self.archived);
-        let named = brands_named(&self.pool, live).await?;
+        let named = brands_named(db, live).await?;
         if checked.is_err() || !named.is_subset(&brands) {
             writes.release().await;
             lifecycle.release().await;

@@ -169,7 +169,7 @@ async fn page(
     let version = read_under(Some(catalog_version_key(&api.ns, &brand.organisation_id)));
     let access = api
         .permissions
-        .permissions_read(&api.pool, &supplier, &brand.organisation_id, permission)
+        .permissions_read(&api.servers, &supplier, &brand.organisation_id, permission)
         .await
         .map_err(|e| refused(e, &brand))?;
     if !access.may_read_catalog() {
@@ -305,7 +305,7 @@ async fn read(
 ) -> Result<Vec<FabricOut>, ApiError> {
     debug_assert_eq!(brand.organisation_type, OrganisationType::Brand);
     let sql = statement(&brand.database(&api.ns)?, q);
-    let mut conn = api.connection().await?;
+    let mut conn = api.connection(brand).await?;
     let found = query(&sql, q, rows).fetch_all(&mut *conn).await?;
     found
         .iter()
@@ -365,6 +365,7 @@ mod tests {
             name: String::new(),
             status: Status::Active,
             changing: false,
+            server: "home".into(),
         }
     }
 

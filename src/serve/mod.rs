@@ -8,8 +8,9 @@
 //!   custom domain of the domains projection).
 //! - `/healthz` (the process is up), `/readyz` (MySQL and Redis answer), `/metrics`.
 //!
-//! One connection pool for the MySQL server (`DATABASE_URL`), never one per tenant: every
-//! query names its tenant database, never `USE`. A tenant holds at most
+//! One connection pool per MySQL server (`DATABASE_URL` as `home`, and `TENANCY_SERVERS`),
+//! never one per tenant: a tenant's queries go to the pool of the server its row names, and
+//! every query names its tenant database, never `USE`. A tenant holds at most
 //! `--tenant-concurrency` connections at once, and every request ends within
 //! `--request-timeout` (503 with `Retry-After` otherwise). A catalog page read once is answered
 //! from memory while the brand's catalog version and the domain generation hold ([`pages`]).
@@ -33,19 +34,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use sqlx::pool::PoolConnection;
-use sqlx::{MySql, MySqlPool};
+use sqlx::MySql;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::cache::PermissionCache;
 use crate::caches::Redis;
 use crate::config::Config;
 use crate::domains::host::Host;
+use crate::servers::Servers;
 use crate::tenant::Namespace;
 
 use error::ApiError;
 use limits::TenantLimits;
 use pages::Pages;
-use resolve::Resolver;
+use resolve::{Resolver, Tenant};
 use token::TokenKey;
 
 /// How `tenancy serve` runs.
@@ -54,7 +56,7 @@ pub struct ServeOptions {
     pub listen: SocketAddr,
     /// Brands answer on `{slug}.brand.{base}`, retailers on `{slug}.{base}`.
     pub base_domain: Host,
-    /// Connections to the MySQL server, shared by every tenant.
+    /// Connections to each MySQL server, shared by every tenant on it.
     pub pool_size: u32,
     pub tenant_concurrency: usize,
     pub request_timeout: Duration,
@@ -67,7 +69,8 @@ pub struct ServeOptions {
 /// What every handler shares.
 pub struct Api {
     pub ns: Namespace,
-    pub pool: MySqlPool,
+    /// One pool per server, home first.
+    pub servers: Servers,
     pub resolver: Resolver,
     pub permissions: PermissionCache,
     pub key: TokenKey,
@@ -88,45 +91,47 @@ impl Api {
         key: TokenKey,
     ) -> anyhow::Result<Api> {
         let limit_secs = options.request_timeout.as_secs().max(1);
-        let pool = sqlx::mysql::MySqlPoolOptions::new()
-            .max_connections(options.pool_size.max(1))
-            // Bounded by the request's own timeout, which answers first.
-            .acquire_timeout(options.request_timeout + Duration::from_secs(1))
-            // A request that timed out drops its query, but the server would go on waiting
-            // (on a held lock, say) with the connection still out of the pool: bound the wait
-            // on the server too, so the connection comes back.
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    use sqlx::Executor;
-                    conn.execute(format!("SET SESSION lock_wait_timeout = {limit_secs}").as_str())
+        let servers = Servers::connect_with(config, || {
+            sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(options.pool_size.max(1))
+                // Bounded by the request's own timeout, which answers first.
+                .acquire_timeout(options.request_timeout + Duration::from_secs(1))
+                // A request that timed out drops its query, but the server would go on waiting
+                // (on a held lock, say) with the connection still out of the pool: bound the wait
+                // on the server too, so the connection comes back.
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        use sqlx::Executor;
+                        conn.execute(
+                            format!("SET SESSION lock_wait_timeout = {limit_secs}").as_str(),
+                        )
                         .await?;
-                    // MariaDB only (MySQL has no such variable): every statement, not just
-                    // lock waits.
-                    if let Err(e) = conn
-                        .execute(format!("SET SESSION max_statement_time = {limit_secs}").as_str())
-                        .await
-                    {
-                        tracing::debug!(error = %e, "no max_statement_time on this server");
-                    }
-                    Ok(())
+                        // MariaDB only (MySQL has no such variable): every statement, not just
+                        // lock waits.
+                        if let Err(e) = conn
+                            .execute(
+                                format!("SET SESSION max_statement_time = {limit_secs}").as_str(),
+                            )
+                            .await
+                        {
+                            tracing::debug!(error = %e, "no max_statement_time on this server");
+                        }
+                        Ok(())
+                    })
                 })
-            })
-            .connect(&config.database_url)
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot connect to MySQL at {}: {e}", config.database_url)
-            })?;
+        })
+        .await?;
         let redis = Redis::connect(&config.redis_url, &config.namespace).await?;
         Ok(Api {
             ns: config.namespace.clone(),
             resolver: Resolver::new(
                 &config.namespace,
                 options.base_domain.clone(),
-                pool.clone(),
+                servers.home().pool().clone(),
                 redis.conn(),
             ),
             permissions: PermissionCache::on(&redis),
-            pool,
+            servers,
             key,
             limits: TenantLimits::new(options.tenant_concurrency),
             timeout: options.request_timeout,
@@ -136,10 +141,15 @@ impl Api {
         })
     }
 
-    /// A pooled connection, with the wait recorded (`tenancy_pool_wait_seconds`).
-    pub async fn connection(&self) -> Result<PoolConnection<MySql>, ApiError> {
+    /// A pooled connection to the server `tenant` is on, with the wait recorded
+    /// (`tenancy_pool_wait_seconds`).
+    pub async fn connection(&self, tenant: &Tenant) -> Result<PoolConnection<MySql>, ApiError> {
+        let server = self
+            .servers
+            .get(&tenant.server)
+            .map_err(|e| ApiError::service("the servers list", e))?;
         let started = Instant::now();
-        let conn = self.pool.acquire().await;
+        let conn = server.pool().acquire().await;
         metrics::histogram!("tenancy_pool_wait_seconds").record(started.elapsed().as_secs_f64());
         Ok(conn?)
     }
@@ -201,14 +211,26 @@ async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> R
     response
 }
 
-/// `/readyz`: whether MySQL and Redis answer now (each within a second). 503 names what does
-/// not, so a load balancer stops sending requests that could only fail; the gauge
-/// `tenancy_serve_dependency_up{service}` says the same to monitoring.
+/// `/readyz`: whether every MySQL server and Redis answer now (each within a second). 503
+/// names what does not, so a load balancer stops sending requests that could only fail; the
+/// gauges `tenancy_serve_dependency_up{service}` and `tenancy_serve_mysql_up{server}` say the
+/// same to monitoring.
 async fn ready(State(api): State<Arc<Api>>) -> Response {
     let wait = Duration::from_secs(1);
-    let mysql = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(&api.pool))
-        .await
-        .is_ok_and(|r| r.is_ok());
+    let mut servers = serde_json::Map::new();
+    let mut mysql = true;
+    for server in api.servers.all() {
+        let up = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(server.pool()))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        metrics::gauge!("tenancy_serve_mysql_up", "server" => server.name().to_owned())
+            .set(if up { 1.0 } else { 0.0 });
+        servers.insert(
+            server.name().to_owned(),
+            (if up { "up" } else { "down" }).into(),
+        );
+        mysql &= up;
+    }
     let mut conn = api.redis.clone();
     let redis = tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn))
         .await
@@ -222,6 +244,7 @@ async fn ready(State(api): State<Arc<Api>>) -> Response {
         });
         body.insert(service.into(), (if up { "up" } else { "down" }).into());
     }
+    body.insert("mysql_servers".into(), serde_json::Value::Object(servers));
     let status = if mysql && redis {
         axum::http::StatusCode::OK
     } else {

@@ -66,6 +66,14 @@ pub struct Tenant {
     /// A termination or restore is under way.
     #[serde(default)]
     pub changing: bool,
+    /// The MySQL server its database is on (entries cached before placement existed were all
+    /// on the home server).
+    #[serde(default = "home_server")]
+    pub server: String,
+}
+
+fn home_server() -> String {
+    crate::servers::HOME.to_owned()
 }
 
 impl Tenant {
@@ -365,7 +373,7 @@ impl Resolver {
         let tenants = format!("{}.tenants", self.platform.quoted());
         let columns = "t.organisation_id, CAST(t.organisation_type AS CHAR) AS organisation_type, \
                        t.slug, t.name, CAST(t.status AS CHAR) AS status, t.database_name, \
-                       t.lifecycle_pending";
+                       t.lifecycle_pending, t.server";
         let row = match lookup {
             Lookup::Brand(slug) | Lookup::Retailer(slug) => {
                 let kind = match lookup {
@@ -412,6 +420,7 @@ impl Resolver {
             changing: row
                 .try_get::<Option<String>, _>("lifecycle_pending")?
                 .is_some(),
+            server: row.try_get("server")?,
         };
         // A row whose database is not the one its type and slug derive never answers.
         let stored: Option<String> = row.try_get("database_name")?;
@@ -494,6 +503,7 @@ mod tests {
             name: String::new(),
             status,
             changing,
+            server: "home".into(),
         };
         assert!(t(Status::Active, false).cacheable());
         assert!(t(Status::Archived, false).cacheable());

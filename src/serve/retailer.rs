@@ -45,7 +45,7 @@ pub async fn profile(
     debug_assert_eq!(retailer.organisation_type, OrganisationType::Retailer);
     let db = retailer.database(&api.ns)?;
     let _slot = api.limits.enter(&retailer.organisation_id).await;
-    let mut conn = api.connection().await?;
+    let mut conn = api.connection(&retailer).await?;
     let domains: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT domain FROM {}.domains ORDER BY domain",
         db.quoted()

@@ -107,7 +107,10 @@ pub fn mysql_class(e: &sqlx::Error) -> MysqlClass {
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => MysqlClass::Outage,
+        | sqlx::Error::Tls(_)
+        // A tenant on a server this process was not given (`TENANCY_SERVERS`): this process's
+        // configuration is at fault, not the event; it waits, saying so, until restarted right.
+        | sqlx::Error::Configuration(_) => MysqlClass::Outage,
         sqlx::Error::Database(db) => match db
             .try_downcast_ref::<MySqlDatabaseError>()
             .map(|m| m.number())

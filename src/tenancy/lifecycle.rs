@@ -170,6 +170,8 @@ impl Provisioner {
             _ => {}
         }
         let (live, archive) = databases(&self.ns, &row)?;
+        // The archive is on the tenant's own server: RENAME TABLE cannot cross servers.
+        let server = self.tenants.server_of(&row)?;
         let archived_at = at(ev.occurred_at);
         let purge_after = archived_at + self.grace;
         // The row first: projectors gate on it, so nothing new is written under the live name,
@@ -187,14 +189,14 @@ impl Provisioner {
             .map_err(|e| StepError::from(e).context("marking the tenant archived"))?;
         // A redelivery after a crash past the move finds the live database gone: nothing left
         // to clean up there (RENAME TABLE moved every table at once).
-        let still_live = !tables(&self.pool, &live).await?.is_empty();
+        let still_live = !tables(server.pool(), &live).await?.is_empty();
         if let (Some(hooks), true) = (&self.hooks, still_live) {
             hooks
-                .before_archive(org, row.organisation_type, &live)
+                .before_archive(org, row.organisation_type, server, &live)
                 .await
                 .map_err(|e| StepError::retry(e.context("removing the tenant's copies")))?;
         }
-        let moved = move_tables(&self.pool, &live, &archive)
+        let moved = move_tables(server.pool(), &live, &archive)
             .await
             .map_err(|e| StepError::from(e).context(format!("archiving {live} into {archive}")))?;
         if self.fail_after.as_deref() == Some(FAULT_AFTER_ARCHIVE) {
@@ -203,7 +205,7 @@ impl Provisioner {
         }
         let domains: Vec<String> = if row.organisation_type == OrganisationType::Retailer {
             sqlx::query_scalar(&format!("SELECT domain FROM {}.domains", archive.quoted()))
-                .fetch_all(&self.pool)
+                .fetch_all(server.pool())
                 .await
                 .unwrap_or_default()
         } else {
@@ -350,13 +352,14 @@ impl Provisioner {
             }
         }
         let (live, archive) = databases(&self.ns, &row)?;
-        let moved = move_tables(&self.pool, &archive, &live)
+        let server = self.tenants.server_of(&row)?;
+        let moved = move_tables(server.pool(), &archive, &live)
             .await
             .map_err(|e| StepError::from(e).context(format!("restoring {archive} into {live}")))?;
         // A migration shipped while the tenant was archived reaches it now.
         super::migrations::create_and_migrate(
-            &self.pool,
-            &self.database_url,
+            server.pool(),
+            server.url(),
             &live,
             super::migrations::for_tenant(row.organisation_type),
         )
@@ -369,7 +372,7 @@ impl Provisioner {
         // Copies are refreshed before the status flips, so `active` means caught up.
         if let Some(hooks) = &self.hooks {
             hooks
-                .before_reactivation(org, row.organisation_type, &live)
+                .before_reactivation(org, row.organisation_type, server, &live)
                 .await
                 .map_err(|e| {
                     StepError::retry(e.context("bringing the restored tenant's copies up to date"))
@@ -383,7 +386,7 @@ impl Provisioner {
         self.redis.domains_changed(&[]).await?;
         if let Some(hooks) = &self.hooks {
             hooks
-                .after_reactivation(org, row.organisation_type, &live)
+                .after_reactivation(org, row.organisation_type, server, &live)
                 .await
                 .map_err(|e| {
                     StepError::retry(e.context("caching the restored tenant's permissions"))

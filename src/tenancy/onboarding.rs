@@ -26,6 +26,7 @@ use super::provisioning::{provisioned_outcome, timestamp, Provisioner};
 use super::tenants::{Logged, NewTenant};
 use crate::db::{databases_existing, NamedLock};
 use crate::events::{EventKind, OrganisationCreated};
+use crate::servers::Server;
 use crate::tenant::{DatabaseName, Slug};
 
 /// One organisation of the batch on its way.
@@ -94,7 +95,7 @@ impl Provisioner {
             .iter()
             .map(|o| o.ev.organisation_id.as_str())
             .collect();
-        let (lock, held) = match NamedLock::lifecycles_if_free(&self.pool, &self.ns, &ids).await {
+        let (lock, held) = match NamedLock::lifecycles_if_free(self.home(), &self.ns, &ids).await {
             Ok(taken) => taken,
             Err(e) => {
                 tracing::warn!(error = %e, tenants = batch.len(),
@@ -133,7 +134,22 @@ impl Provisioner {
             .collect();
         let dbs: Vec<&DatabaseName> = batch.iter().map(|o| &o.db).collect();
         let (with_rows, named) = self.tenants.rows_naming(&ids, &dbs).await?;
-        let existing = databases_existing(&self.pool, &dbs).await?;
+        // Each new organisation's server, as the one-by-one claim would place it; a database of
+        // its name is looked for there.
+        let servers = self.tenants.servers();
+        let placed: Vec<&Server> = ids.iter().map(|id| servers.place(id)).collect();
+        let mut existing = std::collections::HashSet::new();
+        for server in servers.all() {
+            let here: Vec<&DatabaseName> = dbs
+                .iter()
+                .zip(&placed)
+                .filter(|(_, s)| **s == server)
+                .map(|(db, _)| *db)
+                .collect();
+            if !here.is_empty() {
+                existing.extend(databases_existing(server.pool(), &here).await?);
+            }
+        }
         batch.retain(|o| {
             let why = if logged.contains(&o.ev.event_id) {
                 "already applied"
@@ -159,6 +175,7 @@ impl Provisioner {
                 name: &o.ev.name,
                 database: &o.db,
                 occurred_at: timestamp(o.ev.occurred_at),
+                server: servers.place(&o.ev.organisation_id).name(),
             })
             .collect();
         let inserted = self.tenants.insert_new(&rows).await?;
@@ -170,14 +187,20 @@ impl Provisioner {
             stream::iter(batch.iter().enumerate())
                 .map(|(i, o)| async move {
                     let began = Instant::now();
-                    let version = migrations::create_and_migrate_tenant(
-                        &self.ddl,
-                        &self.database_url,
-                        &o.db,
-                        migrations::for_tenant(o.ev.organisation_type),
-                    )
+                    let server = servers.place(&o.ev.organisation_id);
+                    let version = async {
+                        migrations::create_and_migrate_tenant(
+                            self.ddl.get(server.name())?.pool(),
+                            server.url(),
+                            &o.db,
+                            migrations::for_tenant(o.ev.organisation_type),
+                        )
+                        .await
+                    }
                     .await
-                    .map_err(|e| anyhow::anyhow!("creating and migrating {}: {e}", o.db));
+                    .map_err(|e| {
+                        anyhow::anyhow!("creating and migrating {} on {}: {e}", o.db, server.name())
+                    });
                     (i, version.map(|v| (v, began.elapsed())))
                 })
                 .buffer_unordered(concurrency.max(1))

@@ -21,6 +21,7 @@ use super::watermark::Watermark;
 use crate::caches::Redis;
 use crate::db::{database_exists, NamedLock};
 use crate::events::{EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed};
+use crate::servers::{Server, Servers};
 use crate::stream::{error::kafka_outage, Origin, StepError};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
@@ -33,6 +34,7 @@ pub trait LifecycleHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
 
@@ -42,6 +44,7 @@ pub trait LifecycleHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
 
@@ -51,6 +54,7 @@ pub trait LifecycleHooks {
         &'a self,
         organisation_id: &'a str,
         kind: OrganisationType,
+        server: &'a Server,
         database: &'a DatabaseName,
     ) -> LocalBoxFuture<'a, anyhow::Result<()>>;
 
@@ -60,10 +64,10 @@ pub trait LifecycleHooks {
 
 pub struct Provisioner {
     pub ns: Namespace,
-    pub pool: MySqlPool,
-    pub database_url: String,
-    /// Where new tenant databases are created and migrated ([`crate::db::ddl_pool`]).
-    pub ddl: MySqlPool,
+    /// Where new tenant databases are created and migrated, per server
+    /// ([`crate::db::ddl_pools`]).
+    pub ddl: Servers,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     pub outcomes: OutcomePublisher,
     /// Caches to clear when a tenant is archived.
@@ -129,11 +133,8 @@ pub async fn prepare_service_databases(
 /// a termination applied meanwhile by another worker must not see its database brought back.
 /// Several workers starting at once are safe (the migration lock serialises them per database).
 /// Returns how many databases were checked.
-pub async fn upgrade_tenant_databases(
-    pool: &MySqlPool,
-    database_url: &str,
-    tenants: &Tenants,
-) -> anyhow::Result<usize> {
+pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize> {
+    let home = tenants.servers().home().pool();
     let started = std::time::Instant::now();
     let active = tenants.list(Some(Status::Active)).await?;
     let mut checked = 0;
@@ -147,18 +148,19 @@ pub async fn upgrade_tenant_databases(
         else {
             continue;
         };
-        let lock = NamedLock::lifecycle(pool, tenants.namespace(), &t.organisation_id)
+        let server = tenants.server_of(t)?;
+        let lock = NamedLock::lifecycle(home, tenants.namespace(), &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("locking tenant {}: {e}", t.organisation_id))?;
         let result = async {
             let now = tenants.get(&t.organisation_id).await?;
             if !now.is_some_and(|r| r.status == Status::Active)
-                || !database_exists(pool, &db).await?
+                || !database_exists(server.pool(), &db).await?
             {
                 return Ok::<_, anyhow::Error>(false);
             }
             migrations::migrate(
-                database_url,
+                server.url(),
                 &db,
                 migrations::for_tenant(t.organisation_type),
             )
@@ -183,8 +185,13 @@ pub async fn upgrade_tenant_databases(
 }
 
 impl Provisioner {
+    /// The home server's pool: locks and `{ns}_platform`.
+    pub(super) fn home(&self) -> &MySqlPool {
+        self.tenants.servers().home().pool()
+    }
+
     pub(super) async fn lock(&self, organisation_id: &str) -> Result<NamedLock, StepError> {
-        NamedLock::lifecycle(&self.pool, &self.ns, organisation_id).await
+        NamedLock::lifecycle(self.home(), &self.ns, organisation_id).await
     }
 
     pub(super) async fn provision(
@@ -234,8 +241,8 @@ impl Provisioner {
             )
             .await
             .map_err(|e| StepError::from(e).context("claiming the tenant's row"))?;
-        match claim {
-            Claim::Proceed => {}
+        let server = match claim {
+            Claim::Proceed(server) => server,
             Claim::Conflict(reason) => return self.refuse(ev, Some(db.to_string()), reason).await,
             Claim::Terminated(status) => {
                 tracing::info!(tenant = %slug, organisation_id = %ev.organisation_id, %status,
@@ -243,11 +250,11 @@ impl Provisioner {
                 metrics::counter!("tenancy_events_skipped_terminated_total", "processor" => "provisioner").increment(1);
                 return Ok(());
             }
-        }
+        };
         let claimed = started.elapsed();
         let version = migrations::create_and_migrate_tenant(
-            &self.ddl,
-            &self.database_url,
+            self.ddl.get(server.name())?.pool(),
+            server.url(),
             &db,
             migrations::for_tenant(kind),
         )
@@ -282,7 +289,7 @@ impl Provisioner {
             .increment(1);
         metrics::histogram!("tenancy_provisioning_seconds").record(elapsed.as_secs_f64());
         tracing::info!(tenant = %slug, organisation_id = %ev.organisation_id, organisation_type = %kind,
-            database = %db, migration_version = version, elapsed_ms = elapsed.as_millis() as u64,
+            database = %db, server = server.name(), migration_version = version, elapsed_ms = elapsed.as_millis() as u64,
             claim_ms = ms(claimed), migrate_ms = ms(migrated - claimed),
             activate_ms = ms(activated - migrated), publish_ms = ms(published - activated),
             log_ms = ms(elapsed - published), "tenant provisioned");

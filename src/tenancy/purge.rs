@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 use super::lifecycle::{at, databases};
@@ -33,7 +32,7 @@ use crate::tenant::{Namespace, OrganisationType, ServiceDatabase};
 /// Consumes `{ns}.tenancy` and carries out TenantPurged.
 pub struct Purger {
     pub ns: Namespace,
-    pub pool: MySqlPool,
+    /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     pub redis: Redis,
     pub watermark: Watermark,
@@ -114,8 +113,13 @@ impl Processor for Purger {
 }
 
 impl Purger {
+    /// The home server's pool: locks and `{ns}_platform`.
+    fn home(&self) -> &sqlx::MySqlPool {
+        self.tenants.servers().home().pool()
+    }
+
     async fn purge(&self, purged: &TenantPurged, origin: &Origin) -> Result<(), StepError> {
-        let lock = NamedLock::lifecycle(&self.pool, &self.ns, &purged.organisation_id).await?;
+        let lock = NamedLock::lifecycle(self.home(), &self.ns, &purged.organisation_id).await?;
         let result = self.purge_locked(purged, origin).await;
         lock.release().await;
         result
@@ -173,9 +177,10 @@ impl Purger {
             }
         };
         let (live, archive) = databases(&self.ns, &row)?;
+        let server = self.tenants.server_of(&row)?;
         for db in [&archive, &live] {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
-                .execute(&self.pool)
+                .execute(server.pool())
                 .await
                 .map_err(|e| StepError::from(e).context(format!("dropping {db}")))?;
         }
@@ -194,7 +199,7 @@ impl Purger {
         ))
         .bind(org)
         .bind(org)
-        .execute(&self.pool)
+        .execute(self.home())
         .await?;
         self.redis.forget_tenant(org, &[]).await?;
         self.tenants

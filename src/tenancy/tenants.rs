@@ -8,6 +8,7 @@ use sqlx::{MySqlPool, Row};
 
 use std::collections::{HashMap, HashSet};
 
+use crate::servers::{Server, Servers};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -122,6 +123,8 @@ pub struct TenantRecord {
     pub lifecycle_pending: Option<String>,
     /// occurred_at of the latest termination or restore applied.
     pub lifecycle_at: Option<DateTime<Utc>>,
+    /// The MySQL server its database is on ([`crate::servers`]).
+    pub server: String,
 }
 
 impl TenantRecord {
@@ -133,8 +136,9 @@ impl TenantRecord {
 /// What the tenants table says about provisioning an organisation into a database.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Claim {
-    /// The row is ours (new, or a retry of an unfinished/finished provisioning): go ahead.
-    Proceed,
+    /// The row is ours (new, or a retry of an unfinished/finished provisioning): go ahead,
+    /// on this server.
+    Proceed(Server),
     /// Refused, with the reason for TenantProvisioningFailed.
     Conflict(String),
     /// The organisation was terminated: a stale OrganisationCreated must not resurrect it.
@@ -149,6 +153,8 @@ pub struct NewTenant<'a> {
     pub name: &'a str,
     pub database: &'a DatabaseName,
     pub occurred_at: DateTime<Utc>,
+    /// Where it is placed ([`Servers::place`]).
+    pub server: &'a str,
 }
 
 /// What a projector needs to know about a tenant before writing to it.
@@ -159,6 +165,8 @@ pub struct TenantRef {
     pub status: Status,
     /// Re-derived from the validated type and slug, never taken from the row as text.
     pub database: Option<DatabaseName>,
+    /// The server its database, archive, shadow and old copy are on.
+    pub server: Server,
     /// When it was archived (epoch ms; the OrganisationTerminated's occurred_at).
     pub archived_at: Option<i64>,
     /// Where its tables are while archived.
@@ -191,7 +199,9 @@ impl TenantRef {
 /// The tenants table of one namespace.
 #[derive(Clone)]
 pub struct Tenants {
+    /// The home server's pool: the tenants table is in `{ns}_platform`.
     pool: MySqlPool,
+    servers: Servers,
     ns: Namespace,
     table: String,
 }
@@ -199,12 +209,14 @@ pub struct Tenants {
 const COLUMNS: &str = "organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
     name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, created_at, \
     provisioned_at, archived_at, purge_after, archive_database, terminated_by_event, \
-    termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at";
+    termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at, server";
 
 impl Tenants {
-    pub fn new(pool: MySqlPool, ns: &Namespace) -> Self {
+    /// The tenants of `ns`, each reached on its own server of `servers`.
+    pub fn on(servers: Servers, ns: &Namespace) -> Self {
         Tenants {
-            pool,
+            pool: servers.home().pool().clone(),
+            servers,
             ns: ns.clone(),
             table: format!(
                 "{}.tenants",
@@ -215,6 +227,15 @@ impl Tenants {
 
     pub fn namespace(&self) -> &Namespace {
         &self.ns
+    }
+
+    pub fn servers(&self) -> &Servers {
+        &self.servers
+    }
+
+    /// The server of a row's `server` column.
+    pub fn server_of(&self, record: &TenantRecord) -> Result<&Server, sqlx::Error> {
+        self.servers.get(&record.server)
     }
 
     /// Decides, under row locks, whether `organisation_id` may be provisioned into `db`, and if
@@ -235,7 +256,10 @@ impl Tenants {
         // and a step towards the dead-letter topic). Anything the INSERT finds taken (the
         // organisation's own row, or the name under another) is decided under the locks.
         // (The schema catalog is not transactional: read once, its answer serves both paths.)
-        let exists = crate::db::database_exists(&self.pool, db).await?;
+        // A new organisation goes where placement says; one that has a row stays where it is
+        // (read under the row lock below).
+        let placed = self.servers.place(organisation_id);
+        let exists = crate::db::database_exists(placed.pool(), db).await?;
         if !exists {
             let inserted = self
                 .insert_provisioning(
@@ -246,10 +270,11 @@ impl Tenants {
                     name,
                     db,
                     occurred_at,
+                    placed.name(),
                 )
                 .await;
             match inserted {
-                Ok(()) => return Ok(Claim::Proceed),
+                Ok(()) => return Ok(Claim::Proceed(placed.clone())),
                 Err(e)
                     if e.as_database_error()
                         .is_some_and(|d| d.is_unique_violation()) => {}
@@ -258,7 +283,7 @@ impl Tenants {
         }
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&format!(
-            "SELECT organisation_id, database_name, status FROM {} \
+            "SELECT organisation_id, database_name, status, server FROM {} \
              WHERE organisation_id = ? OR database_name = ? FOR UPDATE",
             self.table
         ))
@@ -267,6 +292,7 @@ impl Tenants {
         .fetch_all(&mut *tx)
         .await?;
         let mut own: Option<(Option<String>, Status)> = None;
+        let mut own_server = placed.clone();
         for row in &rows {
             let org: String = row.try_get("organisation_id")?;
             let database: Option<String> = row.try_get("database_name")?;
@@ -277,6 +303,7 @@ impl Tenants {
                 )));
             }
             own = Some((database, status));
+            own_server = self.servers.get(row.try_get("server")?)?.clone();
         }
         let claim = match own {
             Some((_, status @ (Status::Archived | Status::Purged))) => Claim::Terminated(status),
@@ -294,7 +321,7 @@ impl Tenants {
                 .bind(organisation_id)
                 .execute(&mut *tx)
                 .await?;
-                Claim::Proceed
+                Claim::Proceed(own_server)
             }
             None => {
                 // Never adopt a database nobody registered: it may hold someone's data.
@@ -312,9 +339,10 @@ impl Tenants {
                         name,
                         db,
                         occurred_at,
+                        placed.name(),
                     )
                     .await?;
-                    Claim::Proceed
+                    Claim::Proceed(placed.clone())
                 }
             }
         };
@@ -333,11 +361,12 @@ impl Tenants {
         name: &str,
         db: &DatabaseName,
         occurred_at: DateTime<Utc>,
+        server: &str,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
             "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
-             database_name, status, created_at) \
-             VALUES (?, ?, ?, ?, ?, 'provisioning', ?)",
+             database_name, status, created_at, server) \
+             VALUES (?, ?, ?, ?, ?, 'provisioning', ?, ?)",
             self.table
         ))
         .bind(organisation_id)
@@ -346,6 +375,7 @@ impl Tenants {
         .bind(name)
         .bind(db.as_str())
         .bind(occurred_at)
+        .bind(server)
         .execute(on)
         .await?;
         Ok(())
@@ -399,10 +429,10 @@ impl Tenants {
             // truncated one. A duplicate key changes nothing; any other error fails the whole.
             let sql = format!(
                 "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
-                 database_name, status, created_at) VALUES {} \
+                 database_name, status, created_at, server) VALUES {} \
                  ON DUPLICATE KEY UPDATE organisation_id = organisation_id",
                 self.table,
-                vec!["(?, ?, ?, ?, ?, 'provisioning', ?)"; chunk.len()].join(", ")
+                vec!["(?, ?, ?, ?, ?, 'provisioning', ?, ?)"; chunk.len()].join(", ")
             );
             let mut query = sqlx::query(&sql);
             for r in chunk {
@@ -412,7 +442,8 @@ impl Tenants {
                     .bind(r.slug)
                     .bind(r.name)
                     .bind(r.database.as_str())
-                    .bind(r.occurred_at);
+                    .bind(r.occurred_at)
+                    .bind(r.server);
             }
             query.execute(&self.pool).await?;
             let ids: Vec<&str> = chunk.iter().map(|r| r.organisation_id).collect();
@@ -524,7 +555,7 @@ impl Tenants {
             let placeholders = vec!["?"; chunk.len()].join(",");
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
-                 CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending \
+                 CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending, server \
                  FROM {} WHERE organisation_id IN ({placeholders})",
                 self.table
             );
@@ -547,6 +578,7 @@ impl Tenants {
                     .filter(|db| stored.as_deref() == Some(db.as_str()));
                 let archived_at: Option<DateTime<Utc>> = row.try_get("archived_at")?;
                 let pending: Option<String> = row.try_get("lifecycle_pending")?;
+                let server = self.servers.get(row.try_get("server")?)?.clone();
                 found.insert(
                     id.clone(),
                     TenantRef {
@@ -555,6 +587,7 @@ impl Tenants {
                         kind,
                         status,
                         database,
+                        server,
                         archived_at: archived_at.map(|t| t.timestamp_millis()),
                         past_archives: Vec::new(),
                         changing: pending.is_some(),
@@ -808,6 +841,17 @@ impl Tenants {
     }
 
     /// Tenant counts per status.
+    /// Tenants not purged, per server.
+    pub async fn per_server(&self) -> Result<HashMap<String, i64>, sqlx::Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            "SELECT server, COUNT(*) FROM {} WHERE status <> 'purged' GROUP BY server",
+            self.table
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
+
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
         sqlx::query_as(&format!(
             "SELECT CAST(status AS CHAR), COUNT(*) FROM {} GROUP BY status ORDER BY status",
@@ -847,5 +891,6 @@ fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
         purged_at: row.try_get("purged_at")?,
         lifecycle_pending: row.try_get("lifecycle_pending")?,
         lifecycle_at: row.try_get("lifecycle_at")?,
+        server: row.try_get("server")?,
     })
 }

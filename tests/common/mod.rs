@@ -4,6 +4,8 @@
 //! The stack must be up (`scripts/test` does it): MariaDB, Redis, Tansu and the registry.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,6 +20,27 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
 pub const DATABASE_URL: &str = "mysql://root@127.0.0.1:3306";
+
+/// The stack's second MariaDB server (`scripts/stack up` starts it).
+pub fn east_url() -> String {
+    env_or("EAST_DATABASE_URL", "mysql://root@127.0.0.1:3307")
+}
+
+/// An organisation id that rendezvous placement puts on `server` of `servers` (as `tenancy
+/// run` would place it with those servers, all open to new tenants).
+pub fn id_placed_on(server: &str, servers: &[&str]) -> String {
+    use blindstrader_tenancy::servers::placement_weight;
+    loop {
+        let id = new_id();
+        let best = servers
+            .iter()
+            .max_by_key(|s| placement_weight(s, &id))
+            .unwrap();
+        if *best == server {
+            return id;
+        }
+    }
+}
 
 pub fn env_or(key: &str, default: &str) -> String {
     std::env::var(key).unwrap_or_else(|_| default.to_owned())
@@ -39,6 +62,8 @@ impl TestNs {
             kafka_bootstrap_servers: env_or("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
             schema_registry_url: env_or("SCHEMA_REGISTRY_URL", "http://127.0.0.1:8081"),
             database_url: env_or("DATABASE_URL", DATABASE_URL),
+            servers: vec![("home".to_owned(), env_or("DATABASE_URL", DATABASE_URL))],
+            place_new_on: Vec::new(),
             redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
             namespace: ns.clone(),
             // Fewer partitions keep Tansu's per-test topic creation quick.
@@ -50,6 +75,14 @@ impl TestNs {
             config,
             owner: true,
         }
+    }
+
+    /// A namespace whose tenants are placed over two servers: home (`DATABASE_URL`) and the
+    /// stack's second MariaDB, `east` (`EAST_DATABASE_URL`, default 127.0.0.1:3307).
+    pub fn with_east() -> TestNs {
+        let mut t = TestNs::new();
+        t.config.servers.push(("east".to_owned(), east_url()));
+        t
     }
 
     /// A second handle on a namespace another `TestNs` owns (e.g. for a thread): dropping it
@@ -77,6 +110,7 @@ impl TestNs {
             )
             .env("SCHEMA_REGISTRY_URL", &self.config.schema_registry_url)
             .env("DATABASE_URL", &self.config.database_url)
+            .envs(self.config.servers_env())
             .env("REDIS_URL", &self.config.redis_url)
             .env("RUST_LOG", "info,sqlx=warn,rdkafka=warn");
         cmd
@@ -208,7 +242,8 @@ impl Drop for TestNs {
         let _ = delete_redis_keys(&self.config.redis_url, &self.ns);
         // Dropping databases needs async sqlx; a helper thread with its own runtime keeps Drop
         // usable from inside #[tokio::test].
-        let url = self.config.database_url.clone();
+        // On every server the namespace placed tenants on.
+        let urls: Vec<String> = self.config.servers.iter().map(|(_, u)| u.clone()).collect();
         let pattern = self.ns.database_like_pattern();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -216,17 +251,19 @@ impl Drop for TestNs {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let pool = MySqlPool::connect(&url).await?;
-                let names: Vec<String> = sqlx::query_scalar(
-                    "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
-                )
-                .bind(&pattern)
-                .fetch_all(&pool)
-                .await?;
-                for n in names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS `{n}`"))
-                        .execute(&pool)
-                        .await?;
+                for url in urls {
+                    let pool = MySqlPool::connect(&url).await?;
+                    let names: Vec<String> = sqlx::query_scalar(
+                        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA WHERE SCHEMA_NAME LIKE ?",
+                    )
+                    .bind(&pattern)
+                    .fetch_all(&pool)
+                    .await?;
+                    for n in names {
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS `{n}`"))
+                            .execute(&pool)
+                            .await?;
+                    }
                 }
                 Ok::<_, sqlx::Error>(())
             })

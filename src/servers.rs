@@ -1,0 +1,348 @@
+//! The MySQL servers tenant databases live on, one pool each, and which server a new tenant is
+//! placed on.
+//!
+//! `DATABASE_URL` is the home server: the service databases (`{ns}_platform` and the rest) and
+//! every named lock live there, and it holds tenant databases too, as the server named `home`.
+//! `TENANCY_SERVERS` adds more (`east=mysql://…`). A tenant is placed once, when its row is
+//! first written, and the row's `server` says where its database is from then on (its archive,
+//! rebuild shadow and kept old copy are on the same server): adding a server never moves a
+//! tenant. New tenants are spread over `TENANCY_PLACE_NEW_ON` (default: every server) by
+//! rendezvous hashing of the organisation id, so every worker picks the same server for the same
+//! organisation without asking anyone, a retry lands where the first try did, and a server added
+//! to the list takes only its share of the new tenants.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::MySqlPool;
+
+use crate::config::Config;
+
+/// The name of the server `DATABASE_URL` points at.
+pub const HOME: &str = "home";
+
+/// One MySQL server and its pool.
+#[derive(Clone)]
+pub struct Server {
+    name: Arc<str>,
+    url: Arc<str>,
+    pool: MySqlPool,
+}
+
+impl Server {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its URL (no database), for the connections a migration opens on its own.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    /// A server that is never reached, for unit tests of code that only carries one. (A pool
+    /// starts its maintenance task on a runtime even when it connects lazily: a throwaway one.)
+    #[cfg(test)]
+    pub(crate) fn unreached(name: &str) -> Server {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let _entered = rt.enter();
+        Server {
+            name: name.into(),
+            url: "mysql://unreached".into(),
+            pool: MySqlPoolOptions::new()
+                .connect_lazy("mysql://unreached")
+                .expect("lazy pool"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Server({})", self.name)
+    }
+}
+
+/// Servers are the same server when they have the same name (one pool per name per process).
+impl PartialEq for Server {
+    fn eq(&self, other: &Server) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Server {}
+
+/// Every server a process may reach, `home` first.
+#[derive(Clone)]
+pub struct Servers {
+    all: Arc<[Server]>,
+    /// Indexes into `all` of the servers new tenants go to.
+    place_new_on: Arc<[usize]>,
+}
+
+impl std::fmt::Debug for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.all.iter()).finish()
+    }
+}
+
+/// A server name: lower-case letters, digits and `_`, a letter first, at most 32 characters
+/// (it is stored in `tenants.server` and shown in logs and metrics).
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+impl Servers {
+    /// A pool of at most `connections` per server, in the shared pools' settings
+    /// ([`crate::db::pool_options`]). Home is connected now (nothing works without it); the
+    /// others on first use, so a server that is down delays only its own tenants.
+    pub async fn connect(config: &Config, connections: u32) -> anyhow::Result<Servers> {
+        Self::connect_with(config, || crate::db::pool_options(connections)).await
+    }
+
+    /// [`Servers::connect`] with the pool settings `options` makes, once per server.
+    pub async fn connect_with(
+        config: &Config,
+        options: impl Fn() -> MySqlPoolOptions,
+    ) -> anyhow::Result<Servers> {
+        let mut all = Vec::with_capacity(config.servers.len());
+        for (i, (name, url)) in config.servers.iter().enumerate() {
+            let connect = connect_options(url)?;
+            let pool = if i == 0 {
+                options()
+                    .connect_with(connect)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {url}: {e}"))?
+            } else {
+                options().connect_lazy_with(connect)
+            };
+            all.push(Server {
+                name: name.as_str().into(),
+                url: url.as_str().into(),
+                pool,
+            });
+        }
+        Self::new(all, &config.place_new_on)
+    }
+
+    /// Pools opened lazily with the settings `options` makes, for work only some processes do
+    /// (the provisioner's DDL connections).
+    pub fn lazy(
+        config: &Config,
+        options: impl Fn(MySqlConnectOptions) -> MySqlPool,
+    ) -> anyhow::Result<Servers> {
+        let mut all = Vec::with_capacity(config.servers.len());
+        for (name, url) in &config.servers {
+            all.push(Server {
+                name: name.as_str().into(),
+                url: url.as_str().into(),
+                pool: options(connect_options(url)?),
+            });
+        }
+        Self::new(all, &config.place_new_on)
+    }
+
+    /// Only the home server, on `pool` (tests and tools that never see another server).
+    pub fn single(pool: MySqlPool, url: &str) -> Servers {
+        Servers {
+            all: vec![Server {
+                name: HOME.into(),
+                url: url.into(),
+                pool,
+            }]
+            .into(),
+            place_new_on: vec![0].into(),
+        }
+    }
+
+    fn new(all: Vec<Server>, place_new_on: &[String]) -> anyhow::Result<Servers> {
+        let place: Vec<usize> = if place_new_on.is_empty() {
+            (0..all.len()).collect()
+        } else {
+            place_new_on
+                .iter()
+                .map(|name| {
+                    all.iter().position(|s| *s.name == **name).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "TENANCY_PLACE_NEW_ON names server {name:?}, which is not in the servers list ({})",
+                            all.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+                        )
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?
+        };
+        Ok(Servers {
+            all: all.into(),
+            place_new_on: place.into(),
+        })
+    }
+
+    /// The home server: service databases and named locks.
+    pub fn home(&self) -> &Server {
+        &self.all[0]
+    }
+
+    /// Every server, home first.
+    pub fn all(&self) -> &[Server] {
+        &self.all
+    }
+
+    /// The server named `name`, or an error naming what this process was configured with: a
+    /// tenant placed on a server this process does not know cannot be reached, and that is
+    /// this process's configuration at fault, not the event's (the loop waits it out).
+    pub fn get(&self, name: &str) -> Result<&Server, sqlx::Error> {
+        self.all.iter().find(|s| *s.name == *name).ok_or_else(|| {
+            sqlx::Error::Configuration(
+                format!(
+                    "MySQL server {name:?} is not configured here (TENANCY_SERVERS gives: {})",
+                    self.all
+                        .iter()
+                        .map(|s| s.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+                .into(),
+            )
+        })
+    }
+
+    /// Whether new tenants may be placed on `server`.
+    pub fn takes_new(&self, server: &Server) -> bool {
+        self.place_new_on.iter().any(|&i| self.all[i] == *server)
+    }
+
+    /// The server a new organisation's database goes to: of the servers new tenants may go to,
+    /// the one whose hash with the organisation id is highest (rendezvous hashing).
+    pub fn place(&self, organisation_id: &str) -> &Server {
+        let best = self
+            .place_new_on
+            .iter()
+            .copied()
+            .max_by_key(|&i| placement_weight(self.all[i].name(), organisation_id))
+            .unwrap_or(0);
+        &self.all[best]
+    }
+}
+
+/// The rendezvous weight of `server` for `organisation_id`: the first 8 bytes of a SHA-256 of
+/// both (stable across processes, versions and platforms, unlike `std`'s hasher).
+pub fn placement_weight(server: &str, organisation_id: &str) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(server.as_bytes())
+        .chain_update([0u8])
+        .chain_update(organisation_id.as_bytes())
+        .finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
+
+fn connect_options(url: &str) -> anyhow::Result<MySqlConnectOptions> {
+    use std::str::FromStr;
+    MySqlConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("bad MySQL server URL {url}: {e}"))
+}
+
+/// Parses `TENANCY_SERVERS` entries (`NAME=URL`) into the servers list, home first.
+pub fn parse_list(database_url: &str, entries: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut list = vec![(HOME.to_owned(), database_url.to_owned())];
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (name, url) = entry.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("TENANCY_SERVERS entry {entry:?} is not NAME=URL (e.g. east=mysql://root@10.0.0.2:3306)")
+        })?;
+        let (name, url) = (name.trim(), url.trim());
+        anyhow::ensure!(
+            valid_name(name),
+            "server name {name:?} must be lower-case letters, digits and _, a letter first, at most 32 characters"
+        );
+        anyhow::ensure!(
+            name != HOME || url == database_url,
+            "server name {HOME:?} is DATABASE_URL's ({database_url}); name {url} otherwise"
+        );
+        anyhow::ensure!(
+            url.starts_with("mysql://") || url.starts_with("mariadb://"),
+            "server {name}: {url:?} is not a mysql:// URL"
+        );
+        if name == HOME {
+            continue;
+        }
+        anyhow::ensure!(
+            !list.iter().any(|(n, _)| n == name),
+            "server {name:?} is listed twice"
+        );
+        anyhow::ensure!(
+            !list.iter().any(|(_, u)| u == url),
+            "server {name:?} has the URL of server {:?}: one server, one name (two pools on one server would split its locks and counts)",
+            list.iter().find(|(_, u)| u == url).map(|(n, _)| n.as_str()).unwrap_or_default()
+        );
+        list.push((name.to_owned(), url.to_owned()));
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(raw: &[&str]) -> Vec<String> {
+        raw.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_list_starts_at_home_and_refuses_what_would_confuse_placement() {
+        let home = "mysql://root@127.0.0.1:3306";
+        let list = parse_list(home, &entries(&["east=mysql://root@127.0.0.1:3307"])).unwrap();
+        assert_eq!(list[0], ("home".to_owned(), home.to_owned()));
+        assert_eq!(list[1].0, "east");
+        assert_eq!(parse_list(home, &[]).unwrap().len(), 1);
+        for bad in [
+            "east",                             // no URL
+            "East=mysql://x:1",                 // upper case
+            "1st=mysql://x:1",                  // digit first
+            "east=redis://x:1",                 // not MySQL
+            "home=mysql://elsewhere:3306",      // home is DATABASE_URL
+            "west=mysql://root@127.0.0.1:3306", // home's URL under another name
+        ] {
+            assert!(
+                parse_list(home, &entries(&[bad])).is_err(),
+                "{bad} accepted"
+            );
+        }
+        assert!(parse_list(home, &entries(&["east=mysql://a:1", "east=mysql://b:1"])).is_err());
+    }
+
+    #[test]
+    fn placement_is_stable_and_spreads() {
+        let ids: Vec<String> = (0..1000)
+            .map(|i| {
+                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, &[i as u8, (i >> 8) as u8])
+                    .to_string()
+            })
+            .collect();
+        fn pick<'a>(servers: &[&'a str], id: &str) -> &'a str {
+            servers
+                .iter()
+                .copied()
+                .max_by_key(|s| placement_weight(s, id))
+                .unwrap()
+        }
+        let two: Vec<&str> = ids.iter().map(|id| pick(&["home", "east"], id)).collect();
+        let east = two.iter().filter(|s| **s == "east").count();
+        assert!((400..=600).contains(&east), "east got {east} of 1000");
+        // A third server takes tenants only from the others, never moves one between them.
+        for (id, before) in ids.iter().zip(&two) {
+            let after = pick(&["home", "east", "west"], id);
+            assert!(
+                after == *before || after == "west",
+                "{id} moved {before} → {after}"
+            );
+        }
+    }
+}

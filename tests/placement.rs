@@ -1,0 +1,400 @@
+//! Tenants placed over two MySQL servers (`home`, and the stack's second MariaDB, `east`):
+//! every projection writes a tenant where its row says it is, copies cross servers, the
+//! lifecycle and rebuilds stay on the tenant's server, and `tenancy serve` reads each tenant
+//! from its own server's pool.
+
+mod common;
+
+use std::time::Duration;
+
+use common::serve::*;
+use common::*;
+use sqlx::MySqlPool;
+
+const SERVERS: [&str; 2] = ["home", "east"];
+
+/// A RetailerDomainAssigned with an event id of its own (without one, `tenancy emit` derives
+/// the id from the content, and the same assignment twice is one event).
+fn assigned_as_new(retailer: &str, domain: &str) -> String {
+    serde_json::json!({"type": "RetailerDomainAssigned", "event_id": new_id(),
+        "retailer_id": retailer, "domain": domain})
+    .to_string()
+}
+
+async fn east_pool() -> MySqlPool {
+    MySqlPool::connect(&east_url())
+        .await
+        .expect("the second MariaDB server (east) answers: `scripts/stack up` starts it")
+}
+
+async fn server_of(pool: &MySqlPool, t: &TestNs, org: &str) -> String {
+    sqlx::query_scalar(&format!(
+        "SELECT server FROM `{}_platform`.tenants WHERE organisation_id = ?",
+        t.ns
+    ))
+    .bind(org)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A supplier's copy of one brand: (code, name, price).
+async fn copy_of(pool: &MySqlPool, db: &str, brand: &str) -> Vec<(String, String, Option<i64>)> {
+    sqlx::query_as(&format!(
+        "SELECT code, name, price_minor FROM `{db}`.brand_fabrics WHERE brand_id = ? ORDER BY code"
+    ))
+    .bind(brand)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default()
+}
+
+/// A brand's catalog as a copy with (`prices`) or without pricing.read holds it.
+async fn as_copied(pool: &MySqlPool, db: &str, prices: bool) -> Vec<(String, String, Option<i64>)> {
+    fabric_rows(pool, db)
+        .await
+        .into_iter()
+        .map(|(code, name, _)| (code, name, prices.then_some(1500)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_on_two_servers_get_catalogs_copies_lifecycle_and_rebuilds_where_they_are() {
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let (brand_home, brand_east) = (
+        id_placed_on("home", &SERVERS),
+        id_placed_on("east", &SERVERS),
+    );
+    let (sup_home, sup_east) = (
+        id_placed_on("home", &SERVERS),
+        id_placed_on("east", &SERVERS),
+    );
+    let _worker = t.spawn_run("w");
+    t.provisioned(
+        &home,
+        &[
+            (&brand_home, "BRAND", "ba"),
+            (&brand_east, "BRAND", "bb"),
+            (&sup_home, "SUPPLIER", "st"),
+            (&sup_east, "SUPPLIER", "ss"),
+        ],
+    )
+    .await;
+    let ns = t.ns.as_str();
+    let db = |kind: &str, slug: &str| format!("{ns}_{kind}_{slug}");
+    // Each database on its server, and only there; the row says which.
+    for (org, name, on_east) in [
+        (&brand_home, db("brand", "ba"), false),
+        (&brand_east, db("brand", "bb"), true),
+        (&sup_home, db("supplier", "st"), false),
+        (&sup_east, db("supplier", "ss"), true),
+    ] {
+        assert_eq!(
+            database_exists(&east, &name).await,
+            on_east,
+            "{name} on east"
+        );
+        assert_eq!(
+            database_exists(&home, &name).await,
+            !on_east,
+            "{name} on home"
+        );
+        let want = if on_east { "east" } else { "home" };
+        assert_eq!(server_of(&home, &t, org).await, want);
+    }
+
+    // Catalogs, then grants every way across the servers, then changes that fan out.
+    t.emit_ok(&[
+        lines::catalog(&brand_home, 1, &["A1", "A2", "A3"], &[]),
+        lines::catalog(&brand_east, 1, &["B1", "B2"], &[]),
+        lines::grant(&new_id(), &brand_home, &sup_east, &["catalog.read"]),
+        lines::grant(
+            &new_id(),
+            &brand_east,
+            &sup_home,
+            &["catalog.read", "pricing.read"],
+        ),
+        lines::grant(
+            &new_id(),
+            &brand_east,
+            &sup_east,
+            &["catalog.read", "pricing.read"],
+        ),
+    ]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[
+        lines::catalog(&brand_home, 2, &["A4"], &["A1"]),
+        lines::catalog(&brand_east, 2, &["B3", "B1"], &[]),
+    ]);
+    t.wait_caught_up().await;
+    let (ba, bb, st, ss) = (
+        db("brand", "ba"),
+        db("brand", "bb"),
+        db("supplier", "st"),
+        db("supplier", "ss"),
+    );
+    assert_eq!(fabric_rows(&home, &ba).await.len(), 3, "A2 A3 A4");
+    assert_eq!(fabric_rows(&east, &bb).await.len(), 3, "B1 B2 B3");
+    let expect = |pool: &MySqlPool, brand_db: &str, prices: bool| {
+        let (pool, brand_db) = (pool.clone(), brand_db.to_owned());
+        async move { as_copied(&pool, &brand_db, prices).await }
+    };
+    let a_unpriced = expect(&home, &ba, false).await;
+    let b_priced = expect(&east, &bb, true).await;
+    assert_eq!(
+        copy_of(&east, &ss, &brand_home).await,
+        a_unpriced,
+        "home brand → east supplier"
+    );
+    assert_eq!(
+        copy_of(&east, &ss, &brand_east).await,
+        b_priced,
+        "east brand → east supplier"
+    );
+    assert_eq!(
+        copy_of(&home, &st, &brand_east).await,
+        b_priced,
+        "east brand → home supplier"
+    );
+
+    // The supplier on east is archived there (its archive beside it), loses its copies, and
+    // gets them back on restore, read across from the home brand.
+    let terminated = new_id();
+    t.emit_ok(&[lines::terminated(&terminated, &sup_east, "SUPPLIER", "ss")]);
+    t.wait_status(&home, &sup_east, "archived").await;
+    let archive = t.ns.archive_database(&sup_east).unwrap();
+    assert!(
+        database_exists(&east, archive.as_str()).await,
+        "archive on east"
+    );
+    assert!(
+        !database_exists(&home, archive.as_str()).await,
+        "no archive on home"
+    );
+    assert!(
+        !database_exists(&east, &ss).await,
+        "live database moved away"
+    );
+    assert!(copy_of(&east, archive.as_str(), &brand_home)
+        .await
+        .is_empty());
+    t.emit_ok(&[lines::restored(&new_id(), &sup_east, "SUPPLIER", "ss")]);
+    t.wait_status(&home, &sup_east, "active").await;
+    t.wait_caught_up().await;
+    assert_eq!(
+        copy_of(&east, &ss, &brand_home).await,
+        a_unpriced,
+        "restored: copy refilled across"
+    );
+    assert_eq!(copy_of(&east, &ss, &brand_east).await, b_priced);
+
+    // Rebuilds: the shadow beside the live database, on its server, compared there, swapped
+    // there; the supplier's copies read across from the home brand equal the live ones.
+    for (org, on) in [(&sup_east, &east), (&brand_east, &east), (&sup_home, &home)] {
+        let (code, out, err) = t.tenancy_output(&["rebuild", org, "--dry-run"]);
+        assert_eq!(code, Some(0), "dry run of {org}: {out}{err}");
+        assert!(out.contains("; 0 difference(s)"), "dry run of {org}: {out}");
+        let (code, out, err) = t.tenancy_output(&["rebuild", org]);
+        assert_eq!(code, Some(0), "rebuild of {org}: {out}{err}");
+        let old = t.ns.old_database(org).unwrap();
+        assert!(
+            database_exists(on, old.as_str()).await,
+            "{old} kept beside the live one"
+        );
+        let (code, out, err) = t.tenancy_output(&["rebuild", org, "--drop-old"]);
+        assert_eq!(code, Some(0), "drop-old of {org}: {out}{err}");
+    }
+    assert_eq!(
+        copy_of(&east, &ss, &brand_home).await,
+        a_unpriced,
+        "after the rebuild"
+    );
+    let shadow = t.ns.shadow_database(&sup_east).unwrap();
+    assert!(
+        !database_exists(&east, shadow.as_str()).await,
+        "no shadow left"
+    );
+
+    // The API reads each tenant from its own server: a home supplier reads the east brand.
+    t.wait_caught_up().await;
+    let api = spawn_serve(&t, &[]);
+    let (status, body) = api
+        .get("/api/brands/bb/fabrics", Some(&token(&t, &sup_home)), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let codes: Vec<&str> = body["fabrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["B1", "B2", "B3"]);
+    let (status, body) = api.get("/readyz", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["mysql_servers"]["east"], "up", "{body}");
+    // `tenancy status` counts each server's tenants.
+    let servers = t.status()["servers"].clone();
+    let count = |name: &str| {
+        servers
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["server"] == name)
+            .map(|s| (s["up"].clone(), s["tenants"].clone()))
+    };
+    assert_eq!(count("home"), Some((true.into(), 2.into())), "{servers}");
+    assert_eq!(count("east"), Some((true.into(), 2.into())), "{servers}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retailer_on_another_server_keeps_its_domains_and_the_index_in_step() {
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let (far, near) = (
+        id_placed_on("east", &SERVERS),
+        id_placed_on("home", &SERVERS),
+    );
+    let mut worker = t.spawn_run("w");
+    t.provisioned(
+        &home,
+        &[(&far, "RETAILER", "far"), (&near, "RETAILER", "near")],
+    )
+    .await;
+    let (far_db, near_db) = (
+        format!("{}_retailer_far", t.ns),
+        format!("{}_retailer_near", t.ns),
+    );
+    assert!(database_exists(&east, &far_db).await);
+    let index = || async {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT host, retailer_id FROM `{}_platform`.retailer_domains ORDER BY host",
+            t.ns
+        ))
+        .fetch_all(&home)
+        .await
+        .unwrap();
+        rows
+    };
+
+    // Assigned on east; the same host refused for the home retailer (dead-lettered, nothing
+    // written anywhere); removed; then free for the other.
+    // (Two retailers' events are on different partitions, in no order between them: the
+    // conflicting one goes after the first are applied.)
+    t.emit_ok(&[
+        lines::domain_assigned(&far, "shop.far.example"),
+        lines::domain_assigned(&far, "www.far.example"),
+    ]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[
+        assigned_as_new(&near, "shop.far.example"),
+        assigned_as_new(&near, "www.far.example"),
+    ]);
+    t.wait_caught_up().await;
+    assert_eq!(
+        index().await,
+        [
+            ("shop.far.example".to_owned(), far.clone()),
+            ("www.far.example".to_owned(), far.clone())
+        ]
+    );
+    assert_eq!(
+        domains_of(&east, &far_db).await,
+        ["shop.far.example", "www.far.example"]
+    );
+    assert!(domains_of(&home, &near_db).await.is_empty());
+    let dead = t.dead_letters(2, Duration::from_secs(30));
+    assert!(
+        dead.iter().any(|m| m
+            .header("dlq.reason")
+            .is_some_and(|r| r.contains("already assigned to retailer"))),
+        "the refused assignment is dead-lettered with its reason"
+    );
+    t.emit_ok(&[lines::domain_removed(&far, "shop.far.example")]);
+    t.wait_caught_up().await;
+    t.emit_ok(&[assigned_as_new(&near, "shop.far.example")]);
+    t.wait_caught_up().await;
+    assert_eq!(
+        index().await,
+        [
+            ("shop.far.example".to_owned(), near.clone()),
+            ("www.far.example".to_owned(), far.clone())
+        ]
+    );
+    assert_eq!(domains_of(&east, &far_db).await, ["www.far.example"]);
+    assert_eq!(domains_of(&home, &near_db).await, ["shop.far.example"]);
+    // Rebuilds replay the domains into a shadow beside each retailer and find what the live
+    // projector made: far's assignment of the host it gave up to near, and near's refused
+    // (dead-lettered) assignments, are judged as they were live, not by who holds the host
+    // today.
+    for org in [&far, &near] {
+        let (code, out, err) = t.tenancy_output(&["rebuild", org, "--dry-run"]);
+        assert_eq!(code, Some(0), "{out}{err}");
+        assert!(out.contains("; 0 difference(s)"), "{out}");
+    }
+
+    // A full replay of the domains topic changes nothing on either server (each step's own
+    // offset says it is done).
+    let before = (index().await, domains_of(&east, &far_db).await);
+    assert!(worker.terminate().success());
+    let (code, out, err) = t.tenancy_output(&["topics", "rewind", "domains"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!t.all_caught_up(), "the rewind took effect");
+    let _replayer = t.spawn_run("replay");
+    t.wait_caught_up().await;
+    assert_eq!((index().await, domains_of(&east, &far_db).await), before);
+
+    // The API resolves the east retailer by its custom domain and reads its own server.
+    let api = spawn_serve(&t, &[]);
+    let (status, body) = api
+        .get("/api/retailer/profile", None, Some("www.far.example"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["organisation_id"], far.as_str());
+    assert_eq!(body["domains"], serde_json::json!(["www.far.example"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_on_a_server_the_worker_does_not_know_waits_and_others_go_on() {
+    // A worker started without east while a tenant's row says east: its events wait (an
+    // outage of that server, as readiness says), they are not dead-lettered, and they apply
+    // once a worker that knows east runs.
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let brand = id_placed_on("east", &SERVERS);
+    let mut full = t.spawn_run("full");
+    t.provisioned(&home, &[(&brand, "BRAND", "bx")]).await;
+    full.kill9();
+    let mut home_only = t.config.clone();
+    home_only.home_only();
+    let blind = TestNs::attach(t.ns.clone(), home_only);
+    let mut worker = blind.spawn_run("blind");
+    t.emit_ok(&[lines::catalog(&brand, 1, &["X1"], &[])]);
+    let log = wait_for(
+        "the worker to report the unknown server",
+        Duration::from_secs(60),
+        || async {
+            let text = worker.log_text();
+            text.contains("\"east\" is not configured here")
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(log.contains("not configured here"), "{log}");
+    assert!(
+        t.dead_letters(0, Duration::from_secs(2)).is_empty(),
+        "nothing dead-lettered"
+    );
+    worker.kill9();
+    let _again = t.spawn_run("again");
+    t.wait_caught_up().await;
+    assert_eq!(
+        fabric_rows(&east, &format!("{}_brand_bx", t.ns))
+            .await
+            .len(),
+        1
+    );
+}
