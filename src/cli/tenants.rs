@@ -217,16 +217,17 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
 
 fn print_table(rows: &[TenantRecord]) {
     println!(
-        "{:<9} {:<24} {:<12} {:<40} ORGANISATION",
-        "TYPE", "SLUG", "STATUS", "DATABASE"
+        "{:<9} {:<24} {:<12} {:<40} {:<10} ORGANISATION",
+        "TYPE", "SLUG", "STATUS", "DATABASE", "SERVER"
     );
     for r in rows {
         println!(
-            "{:<9} {:<24} {:<12} {:<40} {}",
+            "{:<9} {:<24} {:<12} {:<40} {:<10} {}",
             r.organisation_type,
             r.slug,
             r.status,
             r.database_name.as_deref().unwrap_or("-"),
+            r.server,
             r.organisation_id
         );
     }
