@@ -122,6 +122,7 @@ impl Processors {
                 tenants: tenants.clone(),
                 watermark: watermark.clone(),
                 redis: redis.clone(),
+                fail_after: options.fail_after.clone(),
             },
             timer: PurgeTimer {
                 tenants: tenants.clone(),

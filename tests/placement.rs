@@ -398,3 +398,75 @@ async fn a_tenant_on_a_server_the_worker_does_not_know_waits_and_others_go_on() 
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_between_the_index_and_the_retailer_row_is_finished_by_the_next() {
+    // A retailer on east: its domain events take two steps (index on home, row on east). A
+    // worker aborts right after the first; the next worker finishes the second, once.
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let far = id_placed_on("east", &SERVERS);
+    let mut setup = t.spawn_run("setup");
+    t.provisioned(&home, &[(&far, "RETAILER", "far")]).await;
+    setup.kill9();
+    let far_db = format!("{}_retailer_far", t.ns);
+    let index = || async {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT host, retailer_id FROM `{}_platform`.retailer_domains ORDER BY host",
+            t.ns
+        ))
+        .fetch_all(&home)
+        .await
+        .unwrap();
+        rows
+    };
+    let crash_once = |tag: &'static str| {
+        let mut w = t.spawn_run_with(tag, &["--fail-after", "domain-index"]);
+        async move {
+            let status = wait_for("the worker to abort", Duration::from_secs(90), || {
+                let s = w.child.try_wait().unwrap();
+                async move { s }
+            })
+            .await;
+            assert!(!status.success(), "aborted: {}", w.log_text());
+            assert!(w.log_text().contains("--fail-after domain-index"));
+        }
+    };
+
+    t.emit_ok(&[lines::domain_assigned(&far, "crash.far.example")]);
+    crash_once("crash-assign").await;
+    // The index holds it, the retailer's row does not yet.
+    assert_eq!(
+        index().await,
+        [("crash.far.example".to_owned(), far.clone())]
+    );
+    assert!(domains_of(&east, &far_db).await.is_empty());
+    let mut next = t.spawn_run("next");
+    t.wait_caught_up().await;
+    assert_eq!(domains_of(&east, &far_db).await, ["crash.far.example"]);
+    next.kill9();
+
+    t.emit_ok(&[lines::domain_removed(&far, "crash.far.example")]);
+    crash_once("crash-remove").await;
+    assert!(
+        index().await.is_empty(),
+        "the index step of the removal committed"
+    );
+    assert_eq!(domains_of(&east, &far_db).await, ["crash.far.example"]);
+    let _last = t.spawn_run("last");
+    t.wait_caught_up().await;
+    assert!(domains_of(&east, &far_db).await.is_empty());
+    assert!(index().await.is_empty());
+    // Each event applied once: two ids in the retailer's record, and its rebuild agrees.
+    let applied: i64 = sqlx::query_scalar(&format!(
+        "SELECT COUNT(*) FROM `{far_db}`.applied_events WHERE projection = 'domains'"
+    ))
+    .fetch_one(&east)
+    .await
+    .unwrap();
+    assert_eq!(applied, 2);
+    let (code, out, err) = t.tenancy_output(&["rebuild", &far, "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("; 0 difference(s)"), "{out}");
+}

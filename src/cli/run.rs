@@ -100,7 +100,8 @@ pub struct RunArgs {
     /// How often the purge timer looks for archives past their grace period.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub purge_check: Duration,
-    /// Crash tests: abort the process right after this lifecycle step (archive, restore-move).
+    /// Crash tests: abort the process right after this step (archive, restore-move,
+    /// domain-index).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
 }

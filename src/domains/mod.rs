@@ -35,6 +35,10 @@ use host::Host;
 /// The projection's name in `projection_offsets` and `applied_events`.
 pub const PROJECTION: &str = "domains";
 
+/// A step after which `tenancy run --fail-after` aborts the process, for crash tests: the
+/// index step of a retailer on another server committed, its row not written yet.
+pub const FAULT_AFTER_DOMAIN_INDEX: &str = "domain-index";
+
 /// One domain change, parsed.
 #[derive(Debug, Clone)]
 pub struct DomainChange {
@@ -100,6 +104,8 @@ pub struct DomainProcessor {
     pub watermark: Watermark,
     /// The domain cache, invalidated after each change (`caches::Redis::domains_changed`).
     pub redis: Redis,
+    /// Crash tests only: abort after this step ([`FAULT_AFTER_DOMAIN_INDEX`]).
+    pub fail_after: Option<String>,
 }
 
 impl DomainProcessor {
@@ -175,6 +181,11 @@ impl DomainProcessor {
             offsets::set(&mut tx, &platform, &marker, &o.topic, o.partition, o.offset).await?;
         }
         tx.commit().await?;
+        if self.fail_after.as_deref() == Some(FAULT_AFTER_DOMAIN_INDEX) {
+            tracing::error!(tenant = %c.retailer, host = %c.host,
+                "--fail-after domain-index: aborting as a crash would");
+            std::process::abort();
+        }
         let mut tx = to.server.pool().begin().await?;
         // Under the retailer's writes lock, as the read above: nothing moved since.
         if seen {
