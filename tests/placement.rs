@@ -49,6 +49,32 @@ async fn copy_of(pool: &MySqlPool, db: &str, brand: &str) -> Vec<(String, String
     .unwrap_or_default()
 }
 
+type CopyRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    Option<i64>,
+    Option<String>,
+    bool,
+);
+
+/// Every column of a supplier's copy of one brand but the time it was written.
+async fn full_copy(pool: &MySqlPool, db: &str, brand: &str) -> Vec<CopyRow> {
+    let rows: Vec<CopyRow> = sqlx::query_as(&format!(
+        "SELECT code, name, collection, colour, material, width_mm, price_minor, currency, \
+         discontinued FROM `{db}`.brand_fabrics WHERE brand_id = ? ORDER BY code"
+    ))
+    .bind(brand)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(!rows.is_empty(), "a copy of {brand} in {db}");
+    rows
+}
+
 /// A brand's catalog as a copy with (`prices`) or without pricing.read holds it.
 async fn as_copied(pool: &MySqlPool, db: &str, prices: bool) -> Vec<(String, String, Option<i64>)> {
     fabric_rows(pool, db)
@@ -157,6 +183,12 @@ async fn tenants_on_two_servers_get_catalogs_copies_lifecycle_and_rebuilds_where
         copy_of(&home, &st, &brand_east).await,
         b_priced,
         "east brand → home supplier"
+    );
+    // Every column of a copy made across servers (rows passed through the worker as text)
+    // equals the one MariaDB made with INSERT … SELECT on one server.
+    assert_eq!(
+        full_copy(&home, &st, &brand_east).await,
+        full_copy(&east, &ss, &brand_east).await
     );
 
     // The supplier on east is archived there (its archive beside it), loses its copies, and
