@@ -1,8 +1,10 @@
-//! MySQL plumbing shared by every processor: one pool per server, and named locks.
+//! MySQL plumbing shared by every processor: the pools' settings (one pool per server, see
+//! [`crate::servers`]), and named locks.
 //!
-//! The pool has no default database: every query names its database explicitly, so a pooled
+//! A pool has no default database: every query names its database explicitly, so a pooled
 //! connection can never carry one tenant's `USE` (or a prepared statement cached under it) into
-//! another tenant's query.
+//! another tenant's query. Named locks are always taken on the home server's pool, whichever
+//! server the tenant they guard is on: a lock is only a lock among holders on one server.
 
 use std::str::FromStr;
 use std::time::Duration;

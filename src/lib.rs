@@ -20,7 +20,9 @@
 //! - [`domains`]: retailers' custom domains (the domains processor) and host validation.
 //! - [`offsets`], [`applied`]: `projection_offsets` and `applied_events`, the effectively-once
 //!   bookkeeping in each tenant DB (by offset, and by event id).
-//! - [`db`], [`caches`]: the MySQL pool and named locks; the Redis connection and key layout.
+//! - [`servers`]: the MySQL servers (one pool each) and which one each tenant is placed on.
+//! - [`db`], [`caches`]: pool settings, named locks and schema queries; the Redis connection
+//!   and key layout.
 //! - [`dead_letter`]: reading and replaying `{ns}.dead-letter`.
 //! - [`rebuild`]: a tenant's database rebuilt from the topics beside the live one, compared and
 //!   swapped in online (`tenancy rebuild`).
