@@ -648,10 +648,48 @@ fn stream(brands: &[String], suppliers: &[String], n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_mid_stream_ends_with_the_rows_of_a_clean_run() {
+    killed_mid_stream(TestNs::new()).await;
+}
+
+/// The same with the killed run's tenants placed over two servers (the clean run keeps all of
+/// them on one): the copies made across servers, killed part-way, end with the rows of copies
+/// made by INSERT … SELECT on one server.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_stream_over_two_servers_ends_with_the_rows_of_a_clean_run() {
+    killed_mid_stream(TestNs::with_east()).await;
+}
+
+/// The pool of the server `db` (a tenant database of `t`) is on.
+async fn pool_of<'p>(
+    t: &TestNs,
+    home: &'p MySqlPool,
+    east: &'p MySqlPool,
+    db: &str,
+) -> &'p MySqlPool {
+    let server: Option<String> = sqlx::query_scalar(&format!(
+        "SELECT server FROM `{}_platform`.tenants WHERE database_name = ?",
+        t.ns
+    ))
+    .bind(db)
+    .fetch_optional(home)
+    .await
+    .unwrap_or(None); // (the worker may not have created the platform yet)
+    if server.as_deref() == Some("east") {
+        east
+    } else {
+        home
+    }
+}
+
+async fn killed_mid_stream(killed: TestNs) {
     let n = 20_000;
-    let killed = TestNs::new();
     let clean = TestNs::new();
     let pool = killed.pool().await;
+    // Without a second server configured, "east" is never named and this pool is never used.
+    let east = match killed.config.servers.len() {
+        1 => pool.clone(),
+        _ => MySqlPool::connect(&east_url()).await.unwrap(),
+    };
     let brands: Vec<String> = (0..4).map(|_| new_id()).collect();
     let suppliers: Vec<String> = (0..4).map(|_| new_id()).collect();
     let mut orgs: Vec<String> = brands
@@ -676,10 +714,11 @@ async fn a_worker_killed_mid_stream_ends_with_the_rows_of_a_clean_run() {
     let progress = || async {
         let mut applied = 0i64;
         for i in 0..4 {
+            let db = format!("{ns}_brand_brand{i}");
             let sum: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT CAST(SUM(`offset`) AS SIGNED) FROM `{ns}_brand_brand{i}`.projection_offsets"
+                "SELECT CAST(SUM(`offset`) AS SIGNED) FROM `{db}`.projection_offsets"
             ))
-            .fetch_one(&pool)
+            .fetch_one(pool_of(&killed, &pool, &east, &db).await)
             .await
             .unwrap_or(None);
             applied += sum.unwrap_or(0);
@@ -707,7 +746,16 @@ async fn a_worker_killed_mid_stream_ends_with_the_rows_of_a_clean_run() {
             .chain((0..4).map(|i| format!("{}_supplier_supplier{i}", t.ns)))
             .collect()
     };
-    let a = digest(&pool, killed.ns.as_str(), &dbs(&killed), false).await;
+    let mut a = BTreeMap::new();
+    let mut servers = std::collections::BTreeSet::new();
+    for db in dbs(&killed) {
+        let on = pool_of(&killed, &pool, &east, &db).await;
+        servers.insert(std::ptr::eq(on, &east));
+        a.extend(digest(on, killed.ns.as_str(), &[db], false).await);
+    }
+    if killed.config.servers.len() > 1 {
+        assert_eq!(servers.len(), 2, "tenants on both servers");
+    }
     let b = digest(&pool, clean.ns.as_str(), &dbs(&clean), false).await;
     let fabrics: usize = a
         .iter()
