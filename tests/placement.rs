@@ -502,3 +502,161 @@ async fn a_worker_killed_between_the_index_and_the_retailer_row_is_finished_by_t
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("; 0 difference(s)"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_move_between_servers_online_and_everything_follows_them() {
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let brand = id_placed_on("home", &SERVERS);
+    let (near, far) = (
+        id_placed_on("home", &SERVERS),
+        id_placed_on("east", &SERVERS),
+    );
+    let _worker = t.spawn_run("w");
+    t.provisioned(
+        &home,
+        &[
+            (&brand, "BRAND", "mb"),
+            (&near, "SUPPLIER", "mn"),
+            (&far, "SUPPLIER", "mf"),
+        ],
+    )
+    .await;
+    let ns = t.ns.as_str();
+    let (mb, mn, mf) = (
+        format!("{ns}_brand_mb"),
+        format!("{ns}_supplier_mn"),
+        format!("{ns}_supplier_mf"),
+    );
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["M1", "M2", "M3"], &[]),
+        lines::grant(&new_id(), &brand, &near, &["catalog.read", "pricing.read"]),
+        lines::grant(&new_id(), &brand, &far, &["catalog.read", "pricing.read"]),
+    ]);
+    t.wait_caught_up().await;
+    let api = spawn_serve(&t, &[]);
+    let reader = token(&t, &near);
+    let read = || async {
+        let (status, body) = api.get("/api/brands/mb/fabrics", Some(&reader), None).await;
+        assert_eq!(status, 200, "{body}");
+        body["fabrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["code"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        read().await,
+        ["M1", "M2", "M3"],
+        "cached: the brand is on home"
+    );
+
+    // The brand moves to east while its events keep arriving.
+    let during: Vec<String> = (2..40)
+        .map(|r| lines::catalog(&brand, r, &[&format!("N{r:02}")], &[]))
+        .collect();
+    t.emit_ok(&during);
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--to-server", "east"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("moved to server east"), "{out}");
+    t.emit_ok(&[lines::catalog(&brand, 40, &["Z9"], &["M1"])]);
+    t.wait_caught_up().await;
+    assert_eq!(server_of(&home, &t, &brand).await, "east");
+    assert!(database_exists(&east, &mb).await, "live on east");
+    assert!(
+        !database_exists(&home, &mb).await,
+        "not live on home any more"
+    );
+    let old = t.ns.old_database(&brand).unwrap();
+    assert!(
+        database_exists(&home, old.as_str()).await,
+        "replaced tables kept on home"
+    );
+    let rows = fabric_rows(&east, &mb).await;
+    assert_eq!(rows.len(), 2 + 38 + 1, "M2 M3, N02..N39, Z9: {rows:?}");
+    // Copies follow from its new server, to a supplier on each.
+    let priced = as_copied(&east, &mb, true).await;
+    assert_eq!(copy_of(&home, &mn, &brand).await, priced);
+    assert_eq!(copy_of(&east, &mf, &brand).await, priced);
+    // `tenancy serve` reads it there at once (its cached resolution named home).
+    let codes = read().await;
+    assert!(
+        codes.contains(&"Z9".to_owned()) && !codes.contains(&"M1".to_owned()),
+        "{codes:?}"
+    );
+    // No rollback across servers; moving back is a move.
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--rollback"]);
+    assert_ne!(code, Some(0), "{out}");
+    assert!(err.contains("was moved from server home"), "{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!database_exists(&home, old.as_str()).await);
+
+    // A supplier moves from east to home; the brand's next change reaches it there.
+    let (code, out, err) = t.tenancy_output(&["rebuild", &far, "--to-server", "home"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    t.emit_ok(&[lines::catalog(&brand, 41, &["Z8"], &[])]);
+    t.wait_caught_up().await;
+    assert_eq!(server_of(&home, &t, &far).await, "home");
+    assert!(!database_exists(&east, &mf).await);
+    assert_eq!(
+        copy_of(&home, &mf, &brand).await,
+        as_copied(&east, &mb, true).await
+    );
+
+    // Killed after its first step (the copy is live-named on the target, the row unchanged):
+    // nothing moved, writes go on where they were, and the next move clears the leftover.
+    let (code, _, _) = t.tenancy_output(&[
+        "rebuild",
+        &near,
+        "--to-server",
+        "east",
+        "--fail-after",
+        "moved",
+    ]);
+    assert_ne!(code, Some(0));
+    assert_eq!(server_of(&home, &t, &near).await, "home");
+    t.emit_ok(&[lines::catalog(&brand, 42, &["Z7"], &[])]);
+    t.wait_caught_up().await;
+    assert_eq!(
+        copy_of(&home, &mn, &brand).await,
+        as_copied(&east, &mb, true).await
+    );
+    let (code, out, err) = t.tenancy_output(&["rebuild", &near, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &near, "--to-server", "east"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(server_of(&home, &t, &near).await, "east");
+    assert_eq!(
+        copy_of(&east, &mn, &brand).await,
+        as_copied(&east, &mb, true).await
+    );
+
+    // Killed after the row changed: the move stands; the copy left on the old server is
+    // stale and `--drop-old` removes it.
+    let (code, _, _) = t.tenancy_output(&["rebuild", &near, "--drop-old"]);
+    assert_eq!(code, Some(0));
+    let (code, _, _) = t.tenancy_output(&[
+        "rebuild",
+        &near,
+        "--to-server",
+        "home",
+        "--fail-after",
+        "switched",
+    ]);
+    assert_ne!(code, Some(0));
+    assert_eq!(server_of(&home, &t, &near).await, "home");
+    assert!(database_exists(&east, &mn).await, "the stale copy on east");
+    t.emit_ok(&[lines::catalog(&brand, 43, &["Z6"], &[])]);
+    t.wait_caught_up().await;
+    assert_eq!(
+        copy_of(&home, &mn, &brand).await,
+        as_copied(&east, &mb, true).await
+    );
+    let (code, out, err) = t.tenancy_output(&["rebuild", &near, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!database_exists(&east, &mn).await, "the stale copy is gone");
+    assert!(database_exists(&home, &mn).await);
+}

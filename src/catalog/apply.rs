@@ -35,7 +35,12 @@ impl CatalogProcessor {
     pub(super) async fn still(&self, expected: &TenantRef) -> Result<(), StepError> {
         let now = self.tenants.lookup(&[&expected.organisation_id]).await?;
         match now.get(&expected.organisation_id) {
-            Some(t) if t.status == expected.status && !t.changing => Ok(()),
+            // (A move, `tenancy rebuild --to-server`, changes the server under the same lock.)
+            Some(t)
+                if t.status == expected.status && !t.changing && t.server == expected.server =>
+            {
+                Ok(())
+            }
             _ => Err(StepError::retry(anyhow::anyhow!(
                 "tenant {} changed since the event was gated",
                 expected.organisation_id

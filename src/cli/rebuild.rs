@@ -50,6 +50,12 @@ pub struct RebuildArgs {
     /// copies.
     #[arg(long)]
     pub archived: bool,
+    /// Move the tenant to this MySQL server (a name from TENANCY_SERVERS, or `home`): the
+    /// rebuilt database is built there, compared with the live one, and swapped in there; the
+    /// tenant's row then names it, and the replaced tables stay on the server it left (as
+    /// {ns}_old_{id}, until --keep-old or --drop-old). Move back the same way.
+    #[arg(long, value_name = "SERVER", conflicts_with_all = ["rollback", "drop_old", "archived", "all"])]
+    pub to_server: Option<String>,
     /// Drop the tables the last rebuild replaced (there is no rollback after this).
     #[arg(long, conflicts_with = "accept_differences")]
     pub drop_old: bool,
@@ -75,6 +81,21 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     r.archived = args.archived;
     r.pause_before_swap = args.pause_before_swap;
     r.replay_batch = args.replay_batch as usize;
+    if let Some(name) = &args.to_server {
+        r.tenants.servers().get(name).map_err(|_| {
+            anyhow::anyhow!(
+                "--to-server {name}: no such server (configured: {}; add it to TENANCY_SERVERS)",
+                r.tenants
+                    .servers()
+                    .all()
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        r.to_server = Some(name.clone());
+    }
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -154,6 +175,14 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     );
     match (&outcome.swapped_to, mode) {
         (Some(old), _) => {
+            if let Some(server) = &outcome.moved_to {
+                println!(
+                    "moved to server {server}; the tenant's row names it now; writes held {} ms; the replaced tables are kept in {old} on the server it left for {} (`--drop-old` drops them; move back with --to-server)",
+                    outcome.pause.as_millis(),
+                    humantime::format_duration(args.keep_old)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "swapped in; writes held {} ms; the replaced tables are kept in {old} for {} (`--rollback` brings them back, `--drop-old` drops them)",
                 outcome.pause.as_millis(),

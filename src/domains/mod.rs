@@ -118,6 +118,20 @@ impl DomainProcessor {
     /// swap): in one transaction when the retailer is on the home server, else in two steps.
     async fn apply_one(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
         let lock = NamedLock::writes(self.home(), &self.ns, &m.item.retailer).await?;
+        // The retailer may have moved to another server while we waited (`tenancy rebuild
+        // --to-server` holds this lock for its swap): gate the event again, never write the
+        // copy it left.
+        let now = self.tenants.lookup(&[&m.item.retailer]).await;
+        if let Ok(Some(t)) = now.as_ref().map(|found| found.get(&m.item.retailer)) {
+            if t.server != to.server {
+                lock.release().await;
+                return Err(StepError::retry(anyhow::anyhow!(
+                    "retailer {} moved to server {} since the event was gated",
+                    m.item.retailer,
+                    t.server.name()
+                )));
+            }
+        }
         let result = if to.server == *self.tenants.servers().home() {
             self.apply_locked(m, to).await
         } else {

@@ -203,24 +203,26 @@ impl IdWindow {
     }
 }
 
-/// Compares every table of `live` with `rebuilt`, streaming both sides (memory stays flat
-/// however large the tables are).
+/// Compares every table of `live` (on `live_pool`'s server) with `rebuilt` (on
+/// `rebuilt_pool`'s: the same server, or the one a move goes to), streaming both sides (memory
+/// stays flat however large the tables are).
 pub async fn compare(
-    pool: &MySqlPool,
+    live_pool: &MySqlPool,
+    rebuilt_pool: &MySqlPool,
     live: &DatabaseName,
     rebuilt: &DatabaseName,
 ) -> Result<Comparison, sqlx::Error> {
     use futures::TryStreamExt;
-    let mut names = tables(pool, live).await?;
-    names.extend(tables(pool, rebuilt).await?);
+    let mut names = tables(live_pool, live).await?;
+    names.extend(tables(rebuilt_pool, rebuilt).await?);
     names.sort();
     names.dedup();
     let started = std::time::Instant::now();
-    let window = IdWindow::read(pool, live).await?;
+    let window = IdWindow::read(live_pool, live).await?;
     let mut out = Comparison::default();
     for table in names.iter().filter(|t| !NOT_COMPARED.contains(&t.as_str())) {
         // The rebuilt side's columns: both ran the same migrations.
-        let (compared, key) = columns(pool, rebuilt, table).await?;
+        let (compared, key) = columns(rebuilt_pool, rebuilt, table).await?;
         if compared.is_empty() {
             out.differences.push(Difference {
                 table: table.clone(),
@@ -236,10 +238,12 @@ pub async fn compare(
         type Sum = (i64, String, String);
         let (l, r) = (live_sql.checksum(), rebuilt_sql.checksum());
         let (l, r) = tokio::try_join!(
-            live_sql.bind(sqlx::query_as::<_, Sum>(&l)).fetch_one(pool),
+            live_sql
+                .bind(sqlx::query_as::<_, Sum>(&l))
+                .fetch_one(live_pool),
             rebuilt_sql
                 .bind(sqlx::query_as::<_, Sum>(&r))
-                .fetch_one(pool),
+                .fetch_one(rebuilt_pool),
         )?;
         if l == r {
             out.counts
@@ -249,10 +253,10 @@ pub async fn compare(
         let (live_rows_sql, rebuilt_rows_sql) = (live_sql.rows(), rebuilt_sql.rows());
         let mut a = live_sql
             .bind(sqlx::query_as::<_, (String, String)>(&live_rows_sql))
-            .fetch(pool);
+            .fetch(live_pool);
         let mut b = rebuilt_sql
             .bind(sqlx::query_as::<_, (String, String)>(&rebuilt_rows_sql))
-            .fetch(pool);
+            .fetch(rebuilt_pool);
         let (mut x, mut y) = (a.try_next().await?, b.try_next().await?);
         let (mut live_rows, mut rebuilt_rows) = (0, 0);
         let mut differ = |key: &str, kind| {

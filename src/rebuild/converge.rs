@@ -14,6 +14,7 @@ use super::compare::{self, Comparison};
 use super::replay::Replayed;
 use super::{fail_after, report, Mode, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE};
 use crate::db::NamedLock;
+use crate::servers::Server;
 use crate::tenancy::tenants::TenantRef;
 use crate::tenant::DatabaseName;
 
@@ -30,6 +31,8 @@ pub(super) struct Converged {
 /// tables go.
 pub(super) struct Rebuilding<'a> {
     pub tenant: &'a TenantRef,
+    /// Where the shadow is: the tenant's own server, or the one it moves to.
+    pub target: &'a Server,
     pub mode: Mode,
     pub live: &'a DatabaseName,
     pub shadow: &'a DatabaseName,
@@ -49,6 +52,7 @@ impl Rebuilder {
     ) -> anyhow::Result<Converged> {
         let Rebuilding {
             tenant: t,
+            target,
             mode,
             live,
             shadow,
@@ -68,7 +72,7 @@ impl Rebuilder {
             let unlocked = if last_attempt {
                 None
             } else {
-                Some(compare::compare(t.server.pool(), live, shadow).await?)
+                Some(compare::compare(t.server.pool(), target.pool(), live, shadow).await?)
             };
             reported.phase("holding writes");
             let Some((first, second)) = hold().await? else {
@@ -83,11 +87,11 @@ impl Rebuilder {
                     Some(_) => return Ok(None),
                     None => {
                         replayed += catch_up(&now).await?;
-                        compare::compare(t.server.pool(), live, shadow).await?
+                        compare::compare(t.server.pool(), target.pool(), live, shadow).await?
                     }
                 };
                 let swapped = self
-                    .swap_if_chosen(&t.server, mode, &comparison, live, shadow, old)
+                    .swap_if_chosen(t, target, mode, &comparison, live, shadow, old)
                     .await?;
                 anyhow::Ok(Some((comparison, swapped)))
             }

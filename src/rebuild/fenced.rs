@@ -15,6 +15,7 @@ use sqlx::MySqlPool;
 use super::replay::Replayed;
 use super::{exchange, report, Mode, Outcome, Rebuilder};
 use crate::db::NamedLock;
+use crate::servers::Server;
 use crate::tenancy::tenants::TenantRef;
 use crate::tenant::{DatabaseName, OrganisationType};
 
@@ -43,26 +44,26 @@ impl Rebuilder {
         }
     }
 
-    /// Brings `target` up to what the live database held at `live` (its offsets).
+    /// Brings `target` (on `into`) up to what the live database held at `live` (its offsets).
     async fn catch_up(
         &self,
         t: &TenantRef,
+        into: &Server,
         target: &DatabaseName,
         live: &Fingerprint,
         reported: &report::Progress,
     ) -> anyhow::Result<Replayed> {
         match t.kind {
-            OrganisationType::Retailer => self.replay_domains(t, target, live).await,
+            OrganisationType::Retailer => self.replay_domains(t, into, target, live).await,
             _ => {
                 let topic = self.access_topic();
-                let replayed = self
-                    .replay_access(t, target, &super::supplier::access_bounds(live, &topic))
-                    .await?;
+                let bounds = super::supplier::access_bounds(live, &topic);
+                let replayed = self.replay_access(t, into, target, &bounds).await?;
                 // An archive keeps no copies (the termination removed them; the restore
                 // rebuilds them from the brands).
                 if !self.archived {
                     reported.phase("copying");
-                    self.backfill_copies(&t.server, target).await?;
+                    self.backfill_copies(into, target).await?;
                 }
                 Ok(replayed)
             }
@@ -70,15 +71,17 @@ impl Rebuilder {
     }
 
     /// Holds every writer of `t`'s live database off; `None` when it has to be tried again.
+    /// `other` (on `on`) is the database about to replace it.
     async fn hold_tenant_writes(
         &self,
         t: &TenantRef,
         live: &DatabaseName,
+        on: &Server,
         other: &DatabaseName,
     ) -> anyhow::Result<Option<(NamedLock, NamedLock)>> {
         match t.kind {
             OrganisationType::Retailer => self.hold_retailer_writes(t).await.map(Some),
-            _ => self.hold_supplier_writes(t, live, other).await,
+            _ => self.hold_supplier_writes(t, live, on, other).await,
         }
     }
 
@@ -87,14 +90,23 @@ impl Rebuilder {
     pub(super) async fn rebuild_fenced(
         &self,
         t: &TenantRef,
+        target: &Server,
         live: &DatabaseName,
         mode: Mode,
         reported: &report::Progress,
     ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
         let (shadow, old) = self.beside(t)?;
-        self.prepare(t, &shadow, &old, mode, &self.fenced_topic(t), reported)
-            .await?;
+        self.prepare(
+            t,
+            target,
+            &shadow,
+            &old,
+            mode,
+            &self.fenced_topic(t),
+            reported,
+        )
+        .await?;
         let super::converge::Converged {
             replayed,
             comparison,
@@ -104,6 +116,7 @@ impl Rebuilder {
             .converge(
                 super::converge::Rebuilding {
                     tenant: t,
+                    target,
                     mode,
                     live,
                     shadow: &shadow,
@@ -111,11 +124,11 @@ impl Rebuilder {
                 },
                 reported,
                 async || Ok(fingerprint(t.server.pool(), live).await?),
-                async |seen| self.catch_up(t, &shadow, seen, reported).await,
-                async || self.hold_tenant_writes(t, live, &shadow).await,
+                async |seen| self.catch_up(t, target, &shadow, seen, reported).await,
+                async || self.hold_tenant_writes(t, live, target, &shadow).await,
             )
             .await?;
-        self.finish(t, mode, swapped, &shadow, &old).await?;
+        self.finish(t, target, mode, swapped, &shadow, &old).await?;
         Ok(Outcome {
             database: live.clone(),
             replayed,
@@ -124,6 +137,7 @@ impl Rebuilder {
             copies_refreshed: None,
             pause,
             elapsed: started.elapsed(),
+            moved_to: (swapped && *target != t.server).then(|| target.name().to_owned()),
         })
     }
 
@@ -136,7 +150,7 @@ impl Rebuilder {
     ) -> anyhow::Result<Replayed> {
         let (shadow, old) = self.beside(t)?;
         let (lifecycle, writes) = loop {
-            if let Some(held) = self.hold_tenant_writes(t, live, &old).await? {
+            if let Some(held) = self.hold_tenant_writes(t, live, &t.server, &old).await? {
                 break held;
             }
         };
@@ -144,7 +158,7 @@ impl Rebuilder {
         let swapped = async {
             let now = fingerprint(db, live).await?;
             let replayed = self
-                .catch_up(t, &old, &now, &report::Progress::default())
+                .catch_up(t, &t.server, &old, &now, &report::Progress::default())
                 .await?;
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(db)

@@ -69,23 +69,16 @@ pub async fn expire(tenants: &Tenants) -> Result<usize, sqlx::Error> {
             forget(pool, ns, &org).await?;
             continue;
         };
-        // On the tenant's server; a tenant with no row left has nothing left to drop.
-        let Some(server) = tenants
-            .lookup(&[org.as_str()])
-            .await?
-            .remove(&org)
-            .map(|t| t.server)
-        else {
-            forget(pool, ns, &org).await?;
-            continue;
-        };
         let Some(claim) = NamedLock::rebuild(pool, ns, &org).await? else {
             continue;
         };
         let done = async {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                .execute(server.pool())
-                .await?;
+            // On every server: after a move the replaced tables are on the one it left.
+            for server in tenants.servers().all() {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+                    .execute(server.pool())
+                    .await?;
+            }
             forget(pool, ns, &org).await
         }
         .await;

@@ -16,6 +16,12 @@
 //! writes no Redis key. `--rollback` brings the old tables back the same way (after replaying
 //! into them what the live database applied since the swap); `--drop-old` drops them.
 //!
+//! `--to-server S` moves the tenant: the shadow is built on S and compared there with the live
+//! database, and the swap ([`Rebuilder::relocate`]) renames it into the live name on S, points
+//! the tenant's row at S, and moves the live tables to `{ns}_old_{id}` on the server left. A
+//! move moves the domain generation on (the one Redis write a rebuild makes): `tenancy serve`'s
+//! cached resolutions name the server.
+//!
 //! Brands; suppliers ([`supplier`]: grants replayed, copies backfilled from the brands) and
 //! retailers ([`retailer`]: domain events replayed), both through [`fenced`]. Suppliers'
 //! copies of a rebuilt brand keep what the old tables fanned out to them unless
@@ -84,6 +90,8 @@ pub struct Outcome {
     /// How long the tenant's writes were held for the final catch-up, compare and swap.
     pub pause: Duration,
     pub elapsed: Duration,
+    /// The server the tenant was moved to (`--to-server`), when swapped there.
+    pub moved_to: Option<String>,
 }
 
 /// Comparisons made before taking the tenant's locks, before one is made under them.
@@ -265,6 +273,9 @@ pub struct Rebuilder {
     pub pause_before_swap: Option<Duration>,
     /// A brand's events applied per transaction ([`replay::BATCH`]; tests make it small).
     pub replay_batch: usize,
+    /// Move the tenant to this server (`--to-server`): the shadow is built there, and the swap
+    /// makes it the live database there and points the tenant's row at it.
+    pub to_server: Option<String>,
 }
 
 impl Rebuilder {
@@ -298,6 +309,7 @@ impl Rebuilder {
             archived: false,
             pause_before_swap: None,
             replay_batch: replay::BATCH,
+            to_server: None,
         })
     }
 
@@ -305,10 +317,19 @@ impl Rebuilder {
         Topic::BrandCatalog.name(&self.config.namespace)
     }
 
-    fn replay<'a>(&'a self, brand: &'a TenantRef, topic: &'a str) -> Replay<'a> {
+    /// The server `t`'s rebuilt database is built on: its own, or `--to-server`'s.
+    fn target_of(&self, t: &TenantRef) -> anyhow::Result<Server> {
+        match &self.to_server {
+            None => Ok(t.server.clone()),
+            Some(name) => Ok(self.tenants.servers().get(name)?.clone()),
+        }
+    }
+
+    /// A replay of `brand`'s events into a database on `on`.
+    fn replay<'a>(&'a self, brand: &'a TenantRef, topic: &'a str, on: &'a Server) -> Replay<'a> {
         Replay {
             config: &self.config,
-            pool: brand.server.pool(),
+            pool: on.pool(),
             codec: &self.codec,
             spec: &self.spec,
             brand,
@@ -366,7 +387,10 @@ impl Rebuilder {
         let started = Instant::now();
         let live = refuse_unless_rebuildable(t, self.archived)?;
         let (shadow, old) = self.beside(t)?;
-        // Shadow and old beside the live database, on its server: the swap is a RENAME TABLE.
+        // The shadow on the server the rebuilt database goes to (the tenant's own, unless it
+        // moves), the replaced tables beside the live ones: each swap is a RENAME TABLE on one
+        // server.
+        let target = self.target_of(t)?;
         let db = t.server.pool();
         let claim = self.claim(t).await?;
         let reported = Arc::new(report::Progress::default());
@@ -383,12 +407,14 @@ impl Rebuilder {
         };
         let result = async {
             if t.kind != OrganisationType::Brand {
-                return self.rebuild_fenced(t, &live, mode, &reported).await;
+                return self
+                    .rebuild_fenced(t, &target, &live, mode, &reported)
+                    .await;
             }
             let topic = self.topic();
-            self.prepare(t, &shadow, &old, mode, &topic, &reported)
+            self.prepare(t, &target, &shadow, &old, mode, &topic, &reported)
                 .await?;
-            let replay = self.replay(t, &topic);
+            let replay = self.replay(t, &topic, &target);
             let converge::Converged {
                 replayed,
                 comparison,
@@ -398,6 +424,7 @@ impl Rebuilder {
                 .converge(
                     converge::Rebuilding {
                         tenant: t,
+                        target: &target,
                         mode,
                         live: &live,
                         shadow: &shadow,
@@ -409,9 +436,18 @@ impl Rebuilder {
                     async || Ok(Some(self.hold_writes(t).await?)),
                 )
                 .await?;
-            self.finish(t, mode, swapped, &shadow, &old).await?;
+            self.finish(t, &target, mode, swapped, &shadow, &old)
+                .await?;
+            let now = TenantRef {
+                server: if swapped {
+                    target.clone()
+                } else {
+                    t.server.clone()
+                },
+                ..t.clone()
+            };
             let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
-                true => Some(self.refresh_supplier_copies(t, &live).await?),
+                true => Some(self.refresh_supplier_copies(&now, &live).await?),
                 false => None,
             };
             Ok(Outcome {
@@ -422,6 +458,7 @@ impl Rebuilder {
                 copies_refreshed,
                 pause,
                 elapsed: started.elapsed(),
+                moved_to: (swapped && target != t.server).then(|| target.name().to_owned()),
             })
         }
         .await;
@@ -430,7 +467,7 @@ impl Rebuilder {
         if result.is_err() {
             // Leave nothing half-built behind; the live database was not touched.
             let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-                .execute(db)
+                .execute(target.pool())
                 .await;
             if tables(db, &old).await.is_ok_and(|t| t.is_empty()) {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
@@ -450,6 +487,13 @@ impl Rebuilder {
         let claim = self.claim(t).await?;
         let result = async {
             if tables(db, &old).await?.is_empty() {
+                if let Some(elsewhere) = self.old_elsewhere(t, &old).await? {
+                    anyhow::bail!(
+                        "tenant {} was moved from server {elsewhere} (its replaced tables are there): \
+                         move it back with --to-server {elsewhere} instead of --rollback",
+                        t.organisation_id
+                    );
+                }
                 anyhow::bail!(
                     "no earlier copy of tenant {} to roll back to ({old} is missing or empty)",
                     t.organisation_id
@@ -466,7 +510,7 @@ impl Rebuilder {
                 return Ok(replayed);
             }
             let topic = self.topic();
-            let replay = self.replay(t, &topic);
+            let replay = self.replay(t, &topic, &t.server);
             let upto = held_offsets(db, &live, &self.spec, &topic).await?;
             let mut replayed = replay.run(&old, &upto, |_, _| {}).await?;
             let (lifecycle, brand) = self.hold_writes(t).await?;
@@ -508,9 +552,11 @@ impl Rebuilder {
     /// Before any replay: the old tables of an earlier rebuild must be gone (unless this is a
     /// dry run), the log must be whole, and the shadow is created afresh (one left by a killed
     /// rebuild is ours now: we hold the claim); the database for the replaced tables too.
+    #[allow(clippy::too_many_arguments)]
     async fn prepare(
         &self,
         t: &TenantRef,
+        target: &Server,
         shadow: &DatabaseName,
         old: &DatabaseName,
         mode: Mode,
@@ -519,19 +565,36 @@ impl Rebuilder {
     ) -> anyhow::Result<()> {
         reported.phase("preparing");
         let db = t.server.pool();
-        // (An empty one is a killed rebuild's, about to swap: it is reused.)
-        if mode != Mode::DryRun && !tables(db, old).await?.is_empty() {
+        // (An empty one is a killed rebuild's, about to swap: it is reused. After a move the
+        // replaced tables are on the server it left.)
+        if mode != Mode::DryRun
+            && (!tables(db, old).await?.is_empty() || self.old_elsewhere(t, old).await?.is_some())
+        {
             anyhow::bail!(
                 "an earlier rebuild's tables are still kept in {old}: `tenancy rebuild {} --drop-old` (or --rollback) first",
                 t.organisation_id
             );
         }
         refuse_unless_log_complete(&self.config, topic).await?;
+        if *target != t.server {
+            // A move: the target must not hold the live name, unless a move killed after its
+            // first step left it there (the row still names this server, and we hold the
+            // claim: it is ours to clear).
+            let live = refuse_unless_rebuildable(t, self.archived)?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", live.quoted()))
+                .execute(target.pool())
+                .await?;
+        }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-            .execute(db)
+            .execute(target.pool())
             .await?;
-        migrations::create_and_migrate(db, t.server.url(), shadow, migrations::for_tenant(t.kind))
-            .await?;
+        migrations::create_and_migrate(
+            target.pool(),
+            target.url(),
+            shadow,
+            migrations::for_tenant(t.kind),
+        )
+        .await?;
         fail_after(&self.fail_after, "shadow");
         if mode != Mode::DryRun {
             sqlx::query(&format!(
@@ -549,6 +612,7 @@ impl Rebuilder {
     async fn finish(
         &self,
         t: &TenantRef,
+        target: &Server,
         mode: Mode,
         swapped: bool,
         shadow: &DatabaseName,
@@ -575,7 +639,7 @@ impl Rebuilder {
                 .await?;
         }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-            .execute(db)
+            .execute(target.pool())
             .await?;
         Ok(())
     }
@@ -584,7 +648,8 @@ impl Rebuilder {
     #[allow(clippy::too_many_arguments)]
     async fn swap_if_chosen(
         &self,
-        server: &Server,
+        t: &TenantRef,
+        target: &Server,
         mode: Mode,
         comparison: &Comparison,
         live: &DatabaseName,
@@ -594,9 +659,87 @@ impl Rebuilder {
         let swap = mode.swaps(comparison);
         if swap {
             self.pause_before_swap().await;
-            exchange(server.pool(), live, shadow, old).await?;
+            if *target == t.server {
+                exchange(target.pool(), live, shadow, old).await?;
+            } else {
+                self.relocate(t, target, live, shadow, old).await?;
+            }
         }
         Ok(swap)
+    }
+
+    /// The swap of a move, under the tenant's locks, in steps each safe to stop after: the
+    /// shadow's tables become the live database on `to` (a move killed here leaves that copy
+    /// unused, and the next move clears it); the tenant's row names `to` (the moment the move
+    /// takes effect: writers read the row after our locks, and one that read it before finds
+    /// the old live database gone and gates its event again; killed here, the old copy stays
+    /// until `--drop-old`); the domain generation moves on, so `tenancy serve` stops answering
+    /// from resolutions that name the old server; the live tables on the old server go to
+    /// `old` beside them.
+    async fn relocate(
+        &self,
+        t: &TenantRef,
+        to: &Server,
+        live: &DatabaseName,
+        shadow: &DatabaseName,
+        old: &DatabaseName,
+    ) -> anyhow::Result<()> {
+        let from = &t.server;
+        sqlx::query(&format!(
+            "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
+            live.quoted()
+        ))
+        .execute(to.pool())
+        .await?;
+        // (The live name there is new and empty: only the shadow's tables move.)
+        exchange(to.pool(), live, shadow, shadow).await?;
+        fail_after(&self.fail_after, "moved");
+        if !self
+            .tenants
+            .relocate(&t.organisation_id, from.name(), to.name())
+            .await?
+        {
+            anyhow::bail!(
+                "tenant {} is no longer on server {}: not moved",
+                t.organisation_id,
+                from.name()
+            );
+        }
+        fail_after(&self.fail_after, "switched");
+        let redis =
+            crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace).await;
+        if let Err(e) = match redis {
+            Ok(r) => r.domains_changed(&[]).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        } {
+            tracing::warn!(tenant = %t.organisation_id, error = %e,
+                "moved, but cannot move the domain generation on: `tenancy serve` may look for \
+                 the tenant on its old server until its cached resolutions expire (300 s)");
+        }
+        // Only now: a request resolved before the generation moved on still finds the tables
+        // it was sent to (the same rows: the tenant's writes are held).
+        // (No shadow on the old server: only the live tables move, to `old`.)
+        exchange(from.pool(), live, shadow, old).await?;
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", live.quoted()))
+            .execute(from.pool())
+            .await?;
+        tracing::info!(tenant = %t.organisation_id, from = from.name(), to = to.name(),
+            "tenant moved");
+        Ok(())
+    }
+
+    /// The server other than `t`'s that holds `old`, if one does (the tenant was moved).
+    async fn old_elsewhere(
+        &self,
+        t: &TenantRef,
+        old: &DatabaseName,
+    ) -> anyhow::Result<Option<String>> {
+        for server in self.tenants.servers().all() {
+            if *server != t.server && !tables(server.pool(), old).await?.is_empty() {
+                return Ok(Some(server.name().to_owned()));
+            }
+        }
+        Ok(None)
     }
 
     async fn pause_before_swap(&self) {
@@ -634,17 +777,43 @@ impl Rebuilder {
     pub async fn drop_old(&self, t: &TenantRef) -> anyhow::Result<bool> {
         let (_, old) = self.beside(t)?;
         let claim = self.claim(t).await?;
-        let db = t.server.pool();
-        let existed = database_exists(db, &old).await;
+        // On every server: after a move, the replaced tables are on the one it left. A move
+        // killed after the tenant's row changed leaves the live database it moved away from
+        // under its name there too: stale, the row names the other server; it goes as well.
+        let live = t.database.clone();
+        let mut stale_dropped = false;
         let dropped = async {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
-                .execute(db)
-                .await?;
-            kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await
+            let mut existed = false;
+            for server in self.tenants.servers().all() {
+                existed |= database_exists(server.pool(), &old).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {}", old.quoted()))
+                    .execute(server.pool())
+                    .await?;
+                if let (Some(live), false) = (&live, *server == t.server) {
+                    if database_exists(server.pool(), live).await? {
+                        tracing::warn!(tenant = %t.organisation_id, database = %live,
+                            server = server.name(), "dropping the copy a killed move left behind");
+                        existed = true;
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", live.quoted()))
+                            .execute(server.pool())
+                            .await?;
+                        stale_dropped = true;
+                    }
+                }
+            }
+            kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await?;
+            Ok::<_, sqlx::Error>(existed)
         }
         .await;
         claim.release().await;
-        dropped?;
-        Ok(existed?)
+        if stale_dropped {
+            // `tenancy serve` may still resolve the tenant to the server it left (the killed
+            // move did not get to tell it).
+            let redis =
+                crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace)
+                    .await?;
+            redis.domains_changed(&[]).await?;
+        }
+        Ok(dropped?)
     }
 }

@@ -18,6 +18,7 @@ use super::replay::{decode_event, Range, Replayed};
 use super::Rebuilder;
 use crate::db::NamedLock;
 use crate::domains::{self, write_retailer_row, PROJECTION};
+use crate::servers::Server;
 use crate::stream::Gate;
 use crate::tenancy::tenants::TenantRef;
 use crate::tenancy::verdict::verdict;
@@ -34,6 +35,7 @@ impl Rebuilder {
     pub(super) async fn replay_domains(
         &self,
         t: &TenantRef,
+        into: &Server,
         target: &DatabaseName,
         live: &Fingerprint,
     ) -> anyhow::Result<Replayed> {
@@ -45,7 +47,7 @@ impl Rebuilder {
                 .collect()
         };
         let upto = of(live);
-        let held = of(&fingerprint(t.server.pool(), target).await?);
+        let held = of(&fingerprint(into.pool(), target).await?);
         let mut done = Replayed::default();
         let from = held.iter().map(|(p, o)| (*p, o + 1)).collect();
         let Some(mut range) = Range::new(&self.config, &topic, &from, upto)? else {
@@ -83,7 +85,7 @@ impl Rebuilder {
                 done.skipped += 1;
                 continue;
             }
-            let mut tx = t.server.pool().begin().await?;
+            let mut tx = into.pool().begin().await?;
             if applied::seen(&mut tx, target, PROJECTION, &[&c.event_id])
                 .await?
                 .is_empty()

@@ -88,6 +88,7 @@ impl Rebuilder {
     pub(super) async fn replay_access(
         &self,
         t: &TenantRef,
+        into: &Server,
         target: &DatabaseName,
         bounds: &HashMap<(String, i32), i64>,
     ) -> anyhow::Result<Replayed> {
@@ -101,7 +102,7 @@ impl Rebuilder {
         if upto.is_empty() {
             return Ok(done);
         }
-        let held = access_bounds(&fingerprint(t.server.pool(), target).await?, &topic);
+        let held = access_bounds(&fingerprint(into.pool(), target).await?, &topic);
         let mut brands: Vec<&str> = bounds.keys().map(|(b, _)| b.as_str()).collect();
         brands.push(&t.organisation_id);
         brands.sort_unstable();
@@ -132,7 +133,7 @@ impl Rebuilder {
                 continue;
             }
             let msg = Msg::new(Origin::of(&m), item, m.detach());
-            let mut tx = t.server.pool().begin().await?;
+            let mut tx = into.pool().begin().await?;
             let projection = access_projection(&msg.item.brand);
             let first =
                 crate::applied::first_applied(&mut tx, target, &projection, &msg.item.event_id)
@@ -233,6 +234,7 @@ impl Rebuilder {
         &self,
         t: &TenantRef,
         live: &DatabaseName,
+        on: &Server,
         shadow: &DatabaseName,
     ) -> anyhow::Result<Option<(NamedLock, NamedLock)>> {
         let ns = &self.config.namespace;
@@ -241,7 +243,7 @@ impl Rebuilder {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let db = t.server.pool();
         let mut brands = brands_named(db, live).await?;
-        brands.extend(brands_named(db, shadow).await?);
+        brands.extend(brands_named(on.pool(), shadow).await?);
         let mut names: Vec<String> = brands
             .iter()
             .map(|b| NamedLock::brand_name(ns, b))

@@ -841,6 +841,26 @@ impl Tenants {
     }
 
     /// Tenant counts per status.
+    /// Points `organisation_id`'s row at server `to`, if it names `from`: the moment a move
+    /// (`tenancy rebuild --to-server`) takes effect. Whether it did.
+    pub async fn relocate(
+        &self,
+        organisation_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(&format!(
+            "UPDATE {} SET server = ? WHERE organisation_id = ? AND server = ?",
+            self.table
+        ))
+        .bind(to)
+        .bind(organisation_id)
+        .bind(from)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Tenants not purged, per server.
     pub async fn per_server(&self) -> Result<HashMap<String, i64>, sqlx::Error> {
         let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
