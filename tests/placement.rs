@@ -586,6 +586,25 @@ async fn tenants_move_between_servers_online_and_everything_follows_them() {
         codes.contains(&"Z9".to_owned()) && !codes.contains(&"M1".to_owned()),
         "{codes:?}"
     );
+    // A request sent where the tables just left (the instant before a resolution is
+    // refreshed; here the table is taken away by hand) is told to retry, not that MySQL is down.
+    sqlx::query(&format!(
+        "RENAME TABLE `{mb}`.fabrics TO `{mb}`.fabrics_away"
+    ))
+    .execute(&east)
+    .await
+    .unwrap();
+    let (status, body) = api
+        .get("/api/brands/mb/fabrics?limit=3", Some(&reader), None)
+        .await;
+    sqlx::query(&format!(
+        "RENAME TABLE `{mb}`.fabrics_away TO `{mb}`.fabrics"
+    ))
+    .execute(&east)
+    .await
+    .unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "tenant_changing", "{body}");
     // No rollback across servers; moving back is a move.
     let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--rollback"]);
     assert_ne!(code, Some(0), "{out}");

@@ -77,6 +77,13 @@ impl From<sqlx::Error> for ApiError {
                 "timeout",
                 "the tenant's database did not answer in time; try again shortly",
             ),
+            // Unknown database or table: a lifecycle step or a move (`tenancy rebuild
+            // --to-server`) took the tables from where this request was sent, in the instant
+            // before its resolution was refreshed. The next request resolves afresh.
+            _ if number.is_some_and(|n| n == 1049 || n == 1146) => ApiError::unavailable(
+                "tenant_changing",
+                "the tenant's database is being moved, archived or restored; try again shortly",
+            ),
             other => ApiError::service("MySQL", other),
         }
     }
