@@ -22,12 +22,20 @@ use crate::config::Config;
 /// The name of the server `DATABASE_URL` points at.
 pub const HOME: &str = "home";
 
+/// Connections per server for reads that feed copies on another server ([`Server::reads`]).
+const CROSS_READS: u32 = 4;
+
 /// One MySQL server and its pool.
 #[derive(Clone)]
 pub struct Server {
     name: Arc<str>,
     url: Arc<str>,
     pool: MySqlPool,
+    /// Connections for reading a brand's rows into a copy on another server, kept apart from
+    /// `pool`: the copier already holds a connection of the supplier's server, and if it took
+    /// this one from the shared pool, two copies going opposite ways with both pools used up
+    /// would each wait for the other's. A holder of one of these waits for no pool.
+    reads: MySqlPool,
 }
 
 impl Server {
@@ -44,6 +52,12 @@ impl Server {
         &self.pool
     }
 
+    /// Connections for reads that feed a write on another server: a pool of their own, so a
+    /// copier holding a connection elsewhere never waits on this server's shared pool.
+    pub fn reads(&self) -> &MySqlPool {
+        &self.reads
+    }
+
     /// A server that is never reached, for unit tests of code that only carries one. (A pool
     /// starts its maintenance task on a runtime even when it connects lazily: a throwaway one.)
     #[cfg(test)]
@@ -52,12 +66,14 @@ impl Server {
             .build()
             .expect("runtime");
         let _entered = rt.enter();
+        let pool = MySqlPoolOptions::new()
+            .connect_lazy("mysql://unreached")
+            .expect("lazy pool");
         Server {
             name: name.into(),
             url: "mysql://unreached".into(),
-            pool: MySqlPoolOptions::new()
-                .connect_lazy("mysql://unreached")
-                .expect("lazy pool"),
+            reads: pool.clone(),
+            pool,
         }
     }
 }
@@ -119,16 +135,26 @@ impl Servers {
             let connect = connect_options(url)?;
             let pool = if i == 0 {
                 options()
-                    .connect_with(connect)
+                    .connect_with(connect.clone())
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot connect to MySQL at {url}: {e}"))?
             } else {
-                options().connect_lazy_with(connect)
+                options().connect_lazy_with(connect.clone())
+            };
+            // Only with several servers is anything read for another one.
+            let reads = if config.servers.len() > 1 {
+                options()
+                    .max_connections(CROSS_READS)
+                    .min_connections(0)
+                    .connect_lazy_with(connect)
+            } else {
+                pool.clone()
             };
             all.push(Server {
                 name: name.as_str().into(),
                 url: url.as_str().into(),
                 pool,
+                reads,
             });
         }
         Self::new(all, &config.place_new_on)
@@ -142,10 +168,12 @@ impl Servers {
     ) -> anyhow::Result<Servers> {
         let mut all = Vec::with_capacity(config.servers.len());
         for (name, url) in &config.servers {
+            let pool = options(connect_options(url)?);
             all.push(Server {
                 name: name.as_str().into(),
                 url: url.as_str().into(),
-                pool: options(connect_options(url)?),
+                reads: pool.clone(),
+                pool,
             });
         }
         Self::new(all, &config.place_new_on)
@@ -157,6 +185,7 @@ impl Servers {
             all: vec![Server {
                 name: HOME.into(),
                 url: url.into(),
+                reads: pool.clone(),
                 pool,
             }]
             .into(),

@@ -62,7 +62,7 @@ pub(crate) async fn fill_copy(
             store::insert_copy(tx, into, supplier_db, brand, spec, brand_id, &hidden).await?;
         (rows, offsets::all(tx, brand.db, &spec.projection).await?)
     } else {
-        let mut read = brand.server.pool().begin().await?;
+        let mut read = brand.server.reads().begin().await?;
         let rows = store::copy_across(
             &mut read,
             brand.db,

@@ -282,7 +282,7 @@ pub async fn insert_copy(
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
     if into != brand.server {
-        let mut read = brand.server.pool().begin().await?;
+        let mut read = brand.server.reads().begin().await?;
         let rows =
             copy_across(&mut read, brand.db, tx, supplier_db, spec, brand_id, hidden).await?;
         read.commit().await?;
