@@ -293,17 +293,7 @@ pub async fn insert_copy(
         .chain(&spec.columns)
         .map(|c| format!("`{c}`"))
         .collect();
-    let source: Vec<String> = spec
-        .columns
-        .iter()
-        .map(|c| {
-            if hidden.contains(&c.as_str()) {
-                "NULL".to_owned()
-            } else {
-                format!("`{c}`")
-            }
-        })
-        .collect();
+    let source = copied_columns(spec, hidden, |c| format!("`{c}`"));
     let done = sqlx::query(&format!(
         "INSERT INTO {}.`{}` ({}) SELECT ?, {} FROM {}.`{}`",
         supplier_db.quoted(),
@@ -323,8 +313,8 @@ pub async fn insert_copy(
 /// transaction on the brand's server, so a caller can read the offsets they reflect from the
 /// same snapshot) and written into the copy in `tx`, [`ROWS_PER_STATEMENT`] rows a statement,
 /// never all of them in memory. Values travel as text, as a client's literals would, and
-/// MySQL converts them back to the copy's column types (the rebuild's comparison checks the
-/// result equals an INSERT … SELECT's, cell for cell).
+/// MySQL converts them back to the copy's column types (`tests/placement.rs` checks the result
+/// equals an INSERT … SELECT's, column for column).
 pub async fn copy_across(
     read: &mut Transaction<'_, MySql>,
     brand_db: &DatabaseName,
@@ -334,17 +324,7 @@ pub async fn copy_across(
     brand_id: &str,
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
-    let source: Vec<String> = spec
-        .columns
-        .iter()
-        .map(|c| {
-            if hidden.contains(&c.as_str()) {
-                "NULL".to_owned()
-            } else {
-                format!("CAST(`{c}` AS CHAR)")
-            }
-        })
-        .collect();
+    let source = copied_columns(spec, hidden, |c| format!("CAST(`{c}` AS CHAR)"));
     let select = format!(
         "SELECT {} FROM {}.`{}`",
         source.join(","),
@@ -388,6 +368,22 @@ pub async fn copy_across(
             return Ok(written);
         }
     }
+}
+
+/// What a copy takes of each catalog column, in order: NULL where the supplier may not see it
+/// (`hidden`), else `shown(column)`.
+fn copied_columns(
+    spec: &CatalogSpec,
+    hidden: &[&str],
+    shown: impl Fn(&str) -> String,
+) -> Vec<String> {
+    spec.columns
+        .iter()
+        .map(|c| match hidden.contains(&c.as_str()) {
+            true => "NULL".to_owned(),
+            false => shown(c),
+        })
+        .collect()
 }
 
 /// Suppliers per UNION query: keeps statements short.
