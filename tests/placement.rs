@@ -402,32 +402,33 @@ async fn a_retailer_on_another_server_keeps_its_domains_and_the_index_in_step() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_tenant_on_a_server_the_worker_does_not_know_waits_for_one_that_does() {
-    // A worker started without east while a tenant's row says east: its events wait (a MySQL
-    // outage naming the missing server: the processor waits as for any outage), they are not
-    // dead-lettered, and they apply once a worker that knows east runs.
+async fn a_worker_not_given_a_server_its_tenants_are_on_refuses_to_start_and_nothing_is_lost() {
+    // A worker started without east while a tenant's row says east stops at once, naming the
+    // tenant and the server to add; the tenant's events wait on the topic, are not
+    // dead-lettered, and apply once a worker that knows east runs.
     let (t, _home, east, brand) = provisioned_on_east("BRAND", "bx").await;
     let mut home_only = t.config.clone();
     home_only.home_only();
     let blind = TestNs::attach(t.ns.clone(), home_only);
-    let mut worker = blind.spawn_run("blind");
     t.emit_ok(&[lines::catalog(&brand, 1, &["X1"], &[])]);
-    let log = wait_for(
-        "the worker to report the unknown server",
-        Duration::from_secs(60),
-        || async {
-            let text = worker.log_text();
-            text.contains("\"east\" is not configured here")
-                .then_some(text)
-        },
-    )
+    let mut worker = blind.spawn_run("blind");
+    let status = wait_for("the worker to stop", Duration::from_secs(60), || {
+        let s = worker.child.try_wait().unwrap();
+        async move { s }
+    })
     .await;
-    assert!(log.contains("not configured here"), "{log}");
+    let log = worker.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains(&format!(
+            "tenant {brand} (brand bx) is on MySQL server \"east\""
+        )) && log.contains("add it to TENANCY_SERVERS"),
+        "{log}"
+    );
     assert!(
         t.dead_letters(0, Duration::from_secs(2)).is_empty(),
         "nothing dead-lettered"
     );
-    worker.kill9();
     let _again = t.spawn_run("again");
     t.wait_caught_up().await;
     assert_eq!(

@@ -148,7 +148,19 @@ pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize
         else {
             continue;
         };
-        let server = tenants.server_of(t)?;
+        // A worker not given a server its tenants are on would stall on their events: it
+        // refuses to start instead, saying which server to add.
+        let server = tenants.server_of(t).map_err(|_| {
+            anyhow::anyhow!(
+                "tenant {} ({} {}) is on MySQL server {:?}, which this worker was not given: \
+                 add it to TENANCY_SERVERS ({}=mysql://…) and start again",
+                t.organisation_id,
+                t.organisation_type.db_word(),
+                t.slug,
+                t.server,
+                t.server
+            )
+        })?;
         let lock = NamedLock::lifecycle(home, tenants.namespace(), &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("locking tenant {}: {e}", t.organisation_id))?;
