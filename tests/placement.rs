@@ -628,7 +628,8 @@ async fn tenants_move_between_servers_online_and_everything_follows_them() {
     );
 
     // Killed after its first step (the copy is live-named on the target, the row unchanged):
-    // nothing moved, writes go on where they were, and the next move clears the leftover.
+    // nothing moved, writes go on where they were; the next move refuses the leftover until
+    // `--drop-old` clears it.
     let (code, _, _) = t.tenancy_output(&[
         "rebuild",
         &near,
@@ -645,8 +646,12 @@ async fn tenants_move_between_servers_online_and_everything_follows_them() {
         copy_of(&home, &mn, &brand).await,
         as_copied(&east, &mb, true).await
     );
+    let (code, _, err) = t.tenancy_output(&["rebuild", &near, "--to-server", "east"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("already exists on server east"), "{err}");
     let (code, out, err) = t.tenancy_output(&["rebuild", &near, "--drop-old"]);
     assert_eq!(code, Some(0), "{out}{err}");
+    assert!(!database_exists(&east, &mn).await, "the leftover is gone");
     let (code, out, err) = t.tenancy_output(&["rebuild", &near, "--to-server", "east"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert_eq!(server_of(&home, &t, &near).await, "east");

@@ -577,13 +577,20 @@ impl Rebuilder {
         }
         refuse_unless_log_complete(&self.config, topic).await?;
         if *target != t.server {
-            // A move: the target must not hold the live name, unless a move killed after its
-            // first step left it there (the row still names this server, and we hold the
-            // claim: it is ours to clear).
+            // A move: the target must not hold the live name. A move killed after its first
+            // step leaves one there, which `--drop-old` clears; anything else of that name is
+            // not ours to drop (as provisioning never adopts a database nobody registered).
             let live = refuse_unless_rebuildable(t, self.archived)?;
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", live.quoted()))
-                .execute(target.pool())
-                .await?;
+            if database_exists(target.pool(), &live).await? {
+                anyhow::bail!(
+                    "database {live} already exists on server {}: if a move of tenant {} was \
+                     killed there, `tenancy rebuild {} --drop-old` clears it; otherwise it is \
+                     not this tenant's, and the move is refused",
+                    target.name(),
+                    t.organisation_id,
+                    t.organisation_id
+                );
+            }
         }
         sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
             .execute(target.pool())
@@ -670,7 +677,7 @@ impl Rebuilder {
 
     /// The swap of a move, under the tenant's locks, in steps each safe to stop after: the
     /// shadow's tables become the live database on `to` (a move killed here leaves that copy
-    /// unused, and the next move clears it); the tenant's row names `to` (the moment the move
+    /// unused, and `--drop-old` clears it); the tenant's row names `to` (the moment the move
     /// takes effect: writers read the row after our locks, and one that read it before finds
     /// the old live database gone and gates its event again; killed here, the old copy stays
     /// until `--drop-old`); the domain generation moves on, so `tenancy serve` stops answering

@@ -307,6 +307,7 @@ async fn read(
     let sql = statement(&brand.database(&api.ns)?, q);
     let mut conn = api.connection(brand).await?;
     let found = query(&sql, q, rows).fetch_all(&mut *conn).await?;
+    conn.finished();
     found
         .iter()
         .map(fabric_of)

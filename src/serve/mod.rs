@@ -142,8 +142,8 @@ impl Api {
     }
 
     /// A pooled connection to the server `tenant` is on, with the wait recorded
-    /// (`tenancy_pool_wait_seconds`).
-    pub async fn connection(&self, tenant: &Tenant) -> Result<PoolConnection<MySql>, ApiError> {
+    /// (`tenancy_pool_wait_seconds`); see [`Held`].
+    pub async fn connection(&self, tenant: &Tenant) -> Result<Held, ApiError> {
         let server = self
             .servers
             .get(&tenant.server)
@@ -151,7 +151,10 @@ impl Api {
         let started = Instant::now();
         let conn = server.pool().acquire().await;
         metrics::histogram!("tenancy_pool_wait_seconds").record(started.elapsed().as_secs_f64());
-        Ok(conn?)
+        Ok(Held {
+            conn: conn?,
+            finished: false,
+        })
     }
 
     /// The supplier a request's `Authorization: Bearer …` names, or a 401 saying why not.
@@ -180,6 +183,44 @@ impl Api {
             .ok_or_else(|| ApiError::bad_request("invalid_host", "no Host header"))?
             .to_str()
             .map_err(|_| ApiError::bad_request("invalid_host", "the Host header is not text"))
+    }
+}
+
+/// A request's connection, closed instead of returned to the pool if the request is dropped
+/// before [`Held::finished`] (it timed out mid-query): the server goes on with the abandoned
+/// statement until its own time limit, and the next request handed that connection would wait
+/// for it; a slow tenant's timeouts then slowed other tenants' requests (a test saw one take the
+/// full timeout).
+pub struct Held {
+    conn: PoolConnection<MySql>,
+    finished: bool,
+}
+
+impl Held {
+    /// The request's queries are done: the connection may go back to the pool.
+    pub fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = sqlx::MySqlConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.close_on_drop();
+        }
     }
 }
 

@@ -52,6 +52,7 @@ pub async fn profile(
     ))
     .fetch_all(&mut *conn)
     .await?;
+    conn.finished();
     Ok(Json(Profile {
         organisation_id: retailer.organisation_id,
         slug: retailer.slug,
