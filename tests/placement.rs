@@ -33,11 +33,26 @@ async fn provisioned_on_east(kind: &str, slug: &str) -> (TestNs, MySqlPool, MySq
     let t = TestNs::with_east();
     let home = t.prepared_pool().await;
     let east = east_pool().await;
-    let org = id_placed_on("east", &SERVERS);
     let mut setup = t.spawn_run("setup");
-    t.provisioned(&home, &[(&org, kind, slug)]).await;
+    let org = placed(&t, &home, &[("east", kind, slug)]).await.remove(0);
     setup.kill9();
     (t, home, east, org)
+}
+
+/// Provisions one tenant per `(server, type, slug)`, with an organisation id placement puts on
+/// that server (a worker must be running); returns the ids, in order.
+async fn placed(t: &TestNs, home: &MySqlPool, orgs: &[(&str, &str, &str)]) -> Vec<String> {
+    let ids: Vec<String> = orgs
+        .iter()
+        .map(|(server, _, _)| id_placed_on(server, &SERVERS))
+        .collect();
+    let with_ids: Vec<(&str, &str, &str)> = ids
+        .iter()
+        .zip(orgs)
+        .map(|(id, (_, kind, slug))| (id.as_str(), *kind, *slug))
+        .collect();
+    t.provisioned(home, &with_ids).await;
+    ids
 }
 
 async fn server_of(pool: &MySqlPool, t: &TestNs, org: &str) -> String {
@@ -102,25 +117,24 @@ async fn tenants_on_two_servers_get_catalogs_copies_lifecycle_and_rebuilds_where
     let t = TestNs::with_east();
     let home = t.prepared_pool().await;
     let east = east_pool().await;
-    let (brand_home, brand_east) = (
-        id_placed_on("home", &SERVERS),
-        id_placed_on("east", &SERVERS),
-    );
-    let (sup_home, sup_east) = (
-        id_placed_on("home", &SERVERS),
-        id_placed_on("east", &SERVERS),
-    );
     let _worker = t.spawn_run("w");
-    t.provisioned(
+    let ids = placed(
+        &t,
         &home,
         &[
-            (&brand_home, "BRAND", "ba"),
-            (&brand_east, "BRAND", "bb"),
-            (&sup_home, "SUPPLIER", "st"),
-            (&sup_east, "SUPPLIER", "ss"),
+            ("home", "BRAND", "ba"),
+            ("east", "BRAND", "bb"),
+            ("home", "SUPPLIER", "st"),
+            ("east", "SUPPLIER", "ss"),
         ],
     )
     .await;
+    let (brand_home, brand_east, sup_home, sup_east) = (
+        ids[0].clone(),
+        ids[1].clone(),
+        ids[2].clone(),
+        ids[3].clone(),
+    );
     let ns = t.ns.as_str();
     let db = |kind: &str, slug: &str| format!("{ns}_{kind}_{slug}");
     // Each database on its server, and only there; the row says which.
@@ -298,16 +312,14 @@ async fn a_retailer_on_another_server_keeps_its_domains_and_the_index_in_step() 
     let t = TestNs::with_east();
     let home = t.prepared_pool().await;
     let east = east_pool().await;
-    let (far, near) = (
-        id_placed_on("east", &SERVERS),
-        id_placed_on("home", &SERVERS),
-    );
     let mut worker = t.spawn_run("w");
-    t.provisioned(
+    let ids = placed(
+        &t,
         &home,
-        &[(&far, "RETAILER", "far"), (&near, "RETAILER", "near")],
+        &[("east", "RETAILER", "far"), ("home", "RETAILER", "near")],
     )
     .await;
+    let (far, near) = (ids[0].clone(), ids[1].clone());
     let (far_db, near_db) = (
         format!("{}_retailer_far", t.ns),
         format!("{}_retailer_near", t.ns),
@@ -510,21 +522,18 @@ async fn tenants_move_between_servers_online_and_everything_follows_them() {
     let t = TestNs::with_east();
     let home = t.prepared_pool().await;
     let east = east_pool().await;
-    let brand = id_placed_on("home", &SERVERS);
-    let (near, far) = (
-        id_placed_on("home", &SERVERS),
-        id_placed_on("east", &SERVERS),
-    );
     let _worker = t.spawn_run("w");
-    t.provisioned(
+    let ids = placed(
+        &t,
         &home,
         &[
-            (&brand, "BRAND", "mb"),
-            (&near, "SUPPLIER", "mn"),
-            (&far, "SUPPLIER", "mf"),
+            ("home", "BRAND", "mb"),
+            ("home", "SUPPLIER", "mn"),
+            ("east", "SUPPLIER", "mf"),
         ],
     )
     .await;
+    let (brand, near, far) = (ids[0].clone(), ids[1].clone(), ids[2].clone());
     let ns = t.ns.as_str();
     let (mb, mn, mf) = (
         format!("{ns}_brand_mb"),

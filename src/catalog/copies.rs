@@ -43,9 +43,7 @@ pub(crate) async fn backfill_copy(
 /// offsets): no DELETE, so copies of several brands can be filled at once without their gap
 /// locks deadlocking each other.
 ///
-/// The brand's offsets are read right after its rows, in the same snapshot, so they always
-/// describe them, even with the brand's writers running: in `tx` when both are on one server,
-/// else in one transaction on the brand's server.
+/// The brand's offsets come from the snapshot its rows were read in ([`store::insert_copy`]).
 pub(crate) async fn fill_copy(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     into: &Server,
@@ -57,26 +55,8 @@ pub(crate) async fn fill_copy(
 ) -> Result<u64, sqlx::Error> {
     let copy = copy_projection(brand_id);
     let hidden = spec.hidden_columns(permissions);
-    let (rows, brand_offsets) = if into == brand.server {
-        let rows =
-            store::insert_copy(tx, into, supplier_db, brand, spec, brand_id, &hidden).await?;
-        (rows, offsets::all(tx, brand.db, &spec.projection).await?)
-    } else {
-        let mut read = brand.server.reads().begin().await?;
-        let rows = store::copy_across(
-            &mut read,
-            brand.db,
-            tx,
-            supplier_db,
-            spec,
-            brand_id,
-            &hidden,
-        )
-        .await?;
-        let brand_offsets = offsets::all(&mut read, brand.db, &spec.projection).await?;
-        read.commit().await?;
-        (rows, brand_offsets)
-    };
+    let (rows, brand_offsets) =
+        store::insert_copy(tx, into, supplier_db, brand, spec, brand_id, &hidden).await?;
     for (topic, partition, offset) in brand_offsets {
         offsets::set(tx, supplier_db, &copy, &topic, partition, offset).await?;
     }

@@ -266,12 +266,23 @@ pub async fn rebuild_copy(
     hidden: &[&str],
 ) -> Result<u64, sqlx::Error> {
     drop_copy(tx, supplier_db, spec, brand_id).await?;
-    insert_copy(tx, into, supplier_db, brand, spec, brand_id, hidden).await
+    Ok(
+        insert_copy(tx, into, supplier_db, brand, spec, brand_id, hidden)
+            .await?
+            .0,
+    )
 }
+
+/// A brand's offsets of its projection, `(topic, partition, offset)`.
+pub type BrandOffsets = Vec<(String, i32, i64)>;
 
 /// [`rebuild_copy`] into a copy known to be empty: no DELETE, so none of its gap locks, and
 /// copies of several brands can be filled at once. On one server, one INSERT … SELECT; from
 /// a brand on another server, the rows pass through this process ([`copy_across`]).
+///
+/// Returns the rows copied and the brand's offsets, read right after its rows in the same
+/// snapshot, so they describe them even with the brand's writers running: in `tx` when both
+/// are on one server, else in the read transaction on the brand's server.
 pub async fn insert_copy(
     tx: &mut Transaction<'_, MySql>,
     into: &Server,
@@ -280,13 +291,14 @@ pub async fn insert_copy(
     spec: &CatalogSpec,
     brand_id: &str,
     hidden: &[&str],
-) -> Result<u64, sqlx::Error> {
+) -> Result<(u64, BrandOffsets), sqlx::Error> {
     if into != brand.server {
         let mut read = brand.server.reads().begin().await?;
         let rows =
             copy_across(&mut read, brand.db, tx, supplier_db, spec, brand_id, hidden).await?;
+        let offsets = crate::offsets::all(&mut read, brand.db, &spec.projection).await?;
         read.commit().await?;
-        return Ok(rows);
+        return Ok((rows, offsets));
     }
     let brand_db = brand.db;
     let target: Vec<String> = std::iter::once(&spec.supplier_brand_column)
@@ -306,16 +318,16 @@ pub async fn insert_copy(
     .bind(brand_id)
     .execute(&mut **tx)
     .await?;
-    Ok(done.rows_affected())
+    let offsets = crate::offsets::all(tx, brand_db, &spec.projection).await?;
+    Ok((done.rows_affected(), offsets))
 }
 
 /// [`insert_copy`] from a brand on another server: the brand's rows are read in `read` (a
-/// transaction on the brand's server, so a caller can read the offsets they reflect from the
-/// same snapshot) and written into the copy in `tx`, [`ROWS_PER_STATEMENT`] rows a statement,
+/// transaction on the brand's server, in which the offsets they reflect are read next) and written into the copy in `tx`, [`ROWS_PER_STATEMENT`] rows a statement,
 /// never all of them in memory. Values travel as text, as a client's literals would, and
 /// MySQL converts them back to the copy's column types (`tests/placement.rs` checks the result
 /// equals an INSERT … SELECT's, column for column).
-pub async fn copy_across(
+async fn copy_across(
     read: &mut Transaction<'_, MySql>,
     brand_db: &DatabaseName,
     tx: &mut Transaction<'_, MySql>,
