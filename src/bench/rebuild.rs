@@ -38,9 +38,11 @@ pub struct RebuildBenchArgs {
     /// Brands the benchmark's supplier reads (0: no supplier part).
     #[arg(long, default_value_t = 20)]
     pub supplier_brands: usize,
-    /// Fabrics in each of those brands.
-    #[arg(long, default_value_t = 1000)]
-    pub supplier_catalog: usize,
+    /// Fabrics in each of those brands; several, comma separated, run the supplier part once
+    /// for each. A small catalog shows the fixed costs of a rebuild (process start,
+    /// connections, the shadow's tables, the comparison); a brand-sized one its throughput.
+    #[arg(long, value_delimiter = ',', default_values_t = [1000, 20_000])]
+    pub supplier_catalog: Vec<usize>,
     /// Keep the benchmark's databases afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -179,7 +181,9 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
         raw_elapsed.as_secs_f64()
     );
     if args.supplier_brands > 0 {
-        supplier_part(&config, &args, &pool, &tenants, &codec).await?;
+        for (run, &k) in args.supplier_catalog.iter().enumerate() {
+            supplier_part(&config, &args, k, run, &pool, &tenants, &codec).await?;
+        }
     }
     println!("ratio rebuild/raw: {:.2}", rebuild_rows / raw_rows);
     if !args.keep {
@@ -258,16 +262,21 @@ impl Baseline<'_> {
     }
 }
 
-/// The supplier part: its grants produced and applied live, then `tenancy rebuild` of it, then
-/// the raw baseline. Prints its own figures and ratio.
+/// The supplier part, with brands of `catalog` fabrics (the `run`th, which names its tenants):
+/// its grants produced and applied live, then `tenancy rebuild` of it, then the raw baseline.
+/// Prints its own figures and ratio.
 async fn supplier_part(
     config: &Config,
     args: &RebuildBenchArgs,
+    catalog: usize,
+    run: usize,
     pool: &sqlx::MySqlPool,
     tenants: &Tenants,
     codec: &Codec,
 ) -> anyhow::Result<()> {
-    let (n, k) = (args.supplier_brands, args.supplier_catalog.max(1));
+    let (n, k) = (args.supplier_brands, catalog.max(1));
+    // Tenants of this run: brands from 100 + 1000 × run, suppliers 2 × run and 2 × run + 1.
+    let (first_brand, first_supplier) = (100 + 1000 * run, 2 * run);
     eprintln!("supplier part: {n} brands of {k} fabrics, one supplier granted them all");
     let rows_of = |brand: Option<String>| -> Vec<RawRow> {
         (0..k)
@@ -281,7 +290,14 @@ async fn supplier_part(
     };
     let mut brands = Vec::new();
     for b in 0..n {
-        let brand = provision(pool, tenants, config, OrganisationType::Brand, 100 + b).await?;
+        let brand = provision(
+            pool,
+            tenants,
+            config,
+            OrganisationType::Brand,
+            first_brand + b,
+        )
+        .await?;
         let mut tx = pool.begin().await?;
         for chunk in rows_of(None).chunks(ROWS_PER_STATEMENT) {
             raw_upsert(&mut tx, &brand.db, chunk).await?;
@@ -289,7 +305,14 @@ async fn supplier_part(
         tx.commit().await?;
         brands.push(brand);
     }
-    let supplier = provision(pool, tenants, config, OrganisationType::Supplier, 0).await?;
+    let supplier = provision(
+        pool,
+        tenants,
+        config,
+        OrganisationType::Supplier,
+        first_supplier,
+    )
+    .await?;
     let topic = Topic::BrandAccess.name(&config.namespace);
     let producer = crate::kafka::producer(config)?;
     for brand in &brands {
@@ -333,7 +356,14 @@ async fn supplier_part(
 
     // Raw: the same grants and copy rows into an empty supplier database, one transaction per
     // brand.
-    let raw = provision(pool, tenants, config, OrganisationType::Supplier, 1).await?;
+    let raw = provision(
+        pool,
+        tenants,
+        config,
+        OrganisationType::Supplier,
+        first_supplier + 1,
+    )
+    .await?;
     super::settle().await;
     let started = Instant::now();
     for brand in &brands {
@@ -358,7 +388,7 @@ async fn supplier_part(
         rows / raw_elapsed.as_secs_f64(),
     );
     println!(
-        "supplier rebuild: {n} grants and {copies} copy rows (child process): {:.2} s = {ours:.0} rows/s; swap pause {pause_ms:.0} ms; raw inserts of the same rows: {:.2} s = {theirs:.0} rows/s; ratio supplier rebuild/raw: {:.2}",
+        "supplier rebuild, brands of {k} fabrics: {n} grants and {copies} copy rows (child process): {:.2} s = {ours:.0} rows/s; swap pause {pause_ms:.0} ms; raw inserts of the same rows: {:.2} s = {theirs:.0} rows/s; ratio supplier rebuild/raw: {:.2}",
         rebuilt.as_secs_f64(),
         raw_elapsed.as_secs_f64(),
         ours / theirs

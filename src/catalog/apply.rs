@@ -403,8 +403,27 @@ pub(crate) async fn write_folded(
     fresh: &[&Msg<Item>],
     folded: &Folded,
 ) -> Result<(), sqlx::Error> {
+    write_folded_rows(tx, at, folded).await?;
+    write_folded_bookkeeping(tx, at, fresh, folded).await
+}
+
+/// The rows half of [`write_folded`]: the catalog's upserts and removals.
+pub(crate) async fn write_folded_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    at: &BrandRun<'_>,
+    folded: &Folded,
+) -> Result<(), sqlx::Error> {
+    store::write_brand(tx, at.brand_db, at.spec, &folded.change, &folded.removed).await
+}
+
+/// The bookkeeping half of [`write_folded`]: the event ids and the partition's offset.
+pub(crate) async fn write_folded_bookkeeping(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    at: &BrandRun<'_>,
+    fresh: &[&Msg<Item>],
+    folded: &Folded,
+) -> Result<(), sqlx::Error> {
     let (db, projection, change) = (at.brand_db, &at.spec.projection, &folded.change);
-    store::write_brand(tx, db, at.spec, change, &folded.removed).await?;
     if at.dedupe {
         let ids: Vec<(&str, &crate::stream::Origin)> = fresh
             .iter()

@@ -325,8 +325,15 @@ impl Rebuilder {
         }
     }
 
-    /// A replay of `brand`'s events into a database on `on`.
-    fn replay<'a>(&'a self, brand: &'a TenantRef, topic: &'a str, on: &'a Server) -> Replay<'a> {
+    /// A replay of `brand`'s events into a database on `on`; `shadow` when that database is a
+    /// shadow (see [`Replay::split_writes`]).
+    fn replay<'a>(
+        &'a self,
+        brand: &'a TenantRef,
+        topic: &'a str,
+        on: &'a Server,
+        shadow: bool,
+    ) -> Replay<'a> {
         Replay {
             config: &self.config,
             pool: on.pool(),
@@ -335,6 +342,7 @@ impl Rebuilder {
             brand,
             topic,
             batch: self.replay_batch,
+            split_writes: shadow,
             known: Default::default(),
         }
     }
@@ -414,7 +422,7 @@ impl Rebuilder {
             let topic = self.topic();
             self.prepare(t, &target, &shadow, &old, mode, &topic, &reported)
                 .await?;
-            let replay = self.replay(t, &topic, &target);
+            let replay = self.replay(t, &topic, &target, true);
             let converge::Converged {
                 replayed,
                 comparison,
@@ -510,7 +518,7 @@ impl Rebuilder {
                 return Ok(replayed);
             }
             let topic = self.topic();
-            let replay = self.replay(t, &topic, &t.server);
+            let replay = self.replay(t, &topic, &t.server, false);
             let upto = held_offsets(db, &live, &self.spec, &topic).await?;
             let mut replayed = replay.run(&old, &upto, |_, _| {}).await?;
             let (lifecycle, brand) = self.hold_writes(t).await?;

@@ -18,7 +18,8 @@ use sqlx::MySqlPool;
 
 use crate::applied;
 use crate::catalog::apply::{
-    catalog_values, drop_seen, first_deliveries, without_stale, write_folded, BrandRun, Folded,
+    catalog_values, drop_seen, first_deliveries, without_stale, write_folded,
+    write_folded_bookkeeping, write_folded_rows, BrandRun, Folded,
 };
 use crate::catalog::change::NetChange;
 use crate::catalog::item::{self, Change};
@@ -196,6 +197,13 @@ pub struct Replay<'a> {
     pub topic: &'a str,
     /// Events applied per transaction.
     pub batch: usize,
+    /// Write each run's rows and its bookkeeping (event ids, offset) in two transactions on two
+    /// connections at once: MariaDB then works on both with two threads, and the replay's
+    /// critical path is the longer of the two instead of their sum. Only for a shadow: a run
+    /// half written by a failed replay is dropped with it (`rebuild` drops the shadow on any
+    /// error, and the next one starts a fresh shadow), whereas a database that goes live again
+    /// (`--rollback`'s) must hold rows and ids of a run together or neither.
+    pub split_writes: bool,
     /// What the target holds, between runs (see [`ShadowState`]); taken out for a run and put
     /// back only when it succeeded, so a failed write never leaves it ahead of the database.
     pub known: std::sync::Mutex<Option<(DatabaseName, ShadowState)>>,
@@ -234,6 +242,10 @@ impl Replay<'_> {
         // One connection for every write: they are applied one after another anyway, and the
         // prepared multi-row statements are then cached on one connection only.
         let mut conn = self.pool.acquire().await?;
+        let mut second = match self.split_writes {
+            true => Some(self.pool.acquire().await?),
+            false => None,
+        };
         let kept = self.known.lock().expect("not poisoned").take();
         let known = match kept {
             Some((db, state)) if db == *target => state,
@@ -257,8 +269,16 @@ impl Replay<'_> {
         };
         let reading = tokio::spawn(reader.run(feed));
         let mut applied = 0u64;
+        // Where the writer's time went: waiting for the reader (the broker and decoding are
+        // the limit) or writing (MySQL is).
+        let (mut waited, mut wrote) = (Duration::ZERO, Duration::ZERO);
         let apply = async {
-            while let Some(feed) = ready.recv().await {
+            loop {
+                let asked = Instant::now();
+                let Some(feed) = ready.recv().await else {
+                    break;
+                };
+                waited += asked.elapsed();
                 match feed {
                     Feed::Write {
                         partition,
@@ -266,8 +286,17 @@ impl Replay<'_> {
                         folded,
                         events,
                     } => {
-                        self.apply(&mut conn, target, partition, &fresh, &folded)
-                            .await?;
+                        let writing = Instant::now();
+                        self.apply(
+                            &mut conn,
+                            second.as_mut(),
+                            target,
+                            partition,
+                            &fresh,
+                            &folded,
+                        )
+                        .await?;
+                        wrote += writing.elapsed();
                         applied += events;
                         // Freeing a run's thousands of decoded values took a tenth of this
                         // task's time, during which MySQL waited: done on another thread.
@@ -294,6 +323,9 @@ impl Replay<'_> {
         // Only now: the reader's state is ahead of the target until every write is committed.
         *self.known.lock().expect("not poisoned") = Some((target.clone(), known));
         done.applied = applied;
+        tracing::debug!(tenant = %self.brand.organisation_id, database = %target,
+            events = applied, writing_s = wrote.as_secs_f64(), waiting_s = waited.as_secs_f64(),
+            "replay: the writer's time");
         progress(&done, &at);
         Ok(done)
     }
@@ -301,13 +333,13 @@ impl Replay<'_> {
     async fn apply(
         &self,
         conn: &mut sqlx::pool::PoolConnection<sqlx::MySql>,
+        second: Option<&mut sqlx::pool::PoolConnection<sqlx::MySql>>,
         target: &DatabaseName,
         partition: i32,
         fresh: &[Msg<item::Item>],
         folded: &Folded,
     ) -> anyhow::Result<()> {
         let refs: Vec<&Msg<item::Item>> = fresh.iter().collect();
-        let mut tx = sqlx::Connection::begin(&mut **conn).await?;
         let at = BrandRun {
             spec: self.spec,
             dedupe: true,
@@ -316,8 +348,23 @@ impl Replay<'_> {
             topic: self.topic,
             partition,
         };
-        write_folded(&mut tx, &at, &refs, folded).await?;
-        tx.commit().await?;
+        let Some(second) = second else {
+            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+            write_folded(&mut tx, &at, &refs, folded).await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let rows = async {
+            let mut tx = sqlx::Connection::begin(&mut **conn).await?;
+            write_folded_rows(&mut tx, &at, folded).await?;
+            tx.commit().await
+        };
+        let bookkeeping = async {
+            let mut tx = sqlx::Connection::begin(&mut **second).await?;
+            write_folded_bookkeeping(&mut tx, &at, &refs, folded).await?;
+            tx.commit().await
+        };
+        tokio::try_join!(rows, bookkeeping)?;
         Ok(())
     }
 }

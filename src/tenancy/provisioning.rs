@@ -112,7 +112,9 @@ pub async fn prepare_service_databases(
     database_url: &str,
     ns: &Namespace,
 ) -> anyhow::Result<()> {
-    for service in ServiceDatabase::ALL {
+    // All at once: each is a few round trips on a connection of its own, checked at the start
+    // of every command; one after another they took 10–20 ms of every `tenancy` run.
+    futures::future::try_join_all(ServiceDatabase::ALL.into_iter().map(|service| async move {
         let db = ns.service_database(service);
         let version = migrations::create_and_migrate(
             pool,
@@ -123,7 +125,9 @@ pub async fn prepare_service_databases(
         .await
         .map_err(|e| anyhow::anyhow!("cannot migrate service database {db}: {e}"))?;
         tracing::debug!(database = %db, version, "service database ready");
-    }
+        anyhow::Ok(())
+    }))
+    .await?;
     Ok(())
 }
 
