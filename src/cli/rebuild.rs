@@ -62,7 +62,7 @@ pub struct RebuildArgs {
     /// Fence tests: hold the tenant's writes this long just before the swap.
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     pub pause_before_swap: Option<std::time::Duration>,
-    /// Crash tests: abort right after this step (shadow, replay, locked).
+    /// Crash tests: abort right after this step (shadow, half-run, replay, locked).
     #[arg(long, hide = true)]
     pub fail_after: Option<String>,
     /// Tests: a brand's events applied per transaction, so a few events span several batches.

@@ -343,6 +343,7 @@ impl Rebuilder {
             topic,
             batch: self.replay_batch,
             split_writes: shadow,
+            fail_after: &self.fail_after,
             known: Default::default(),
         }
     }

@@ -204,6 +204,9 @@ pub struct Replay<'a> {
     /// error, and the next one starts a fresh shadow), whereas a database that goes live again
     /// (`--rollback`'s) must hold rows and ids of a run together or neither.
     pub split_writes: bool,
+    /// Crash tests: `half-run` aborts a split write with only the bookkeeping of its run
+    /// committed (the half that would make a reused shadow skip the run's rows).
+    pub fail_after: &'a super::FailAfter,
     /// What the target holds, between runs (see [`ShadowState`]); taken out for a run and put
     /// back only when it succeeded, so a failed write never leaves it ahead of the database.
     pub known: std::sync::Mutex<Option<(DatabaseName, ShadowState)>>,
@@ -272,6 +275,7 @@ impl Replay<'_> {
         // Where the writer's time went: waiting for the reader (the broker and decoding are
         // the limit) or writing (MySQL is).
         let (mut waited, mut wrote) = (Duration::ZERO, Duration::ZERO);
+        let mut first_wait = None;
         let apply = async {
             loop {
                 let asked = Instant::now();
@@ -279,6 +283,7 @@ impl Replay<'_> {
                     break;
                 };
                 waited += asked.elapsed();
+                first_wait.get_or_insert(waited);
                 match feed {
                     Feed::Write {
                         partition,
@@ -325,6 +330,7 @@ impl Replay<'_> {
         done.applied = applied;
         tracing::debug!(tenant = %self.brand.organisation_id, database = %target,
             events = applied, writing_s = wrote.as_secs_f64(), waiting_s = waited.as_secs_f64(),
+            first_wait_s = first_wait.unwrap_or_default().as_secs_f64(),
             "replay: the writer's time");
         progress(&done, &at);
         Ok(done)
@@ -364,6 +370,11 @@ impl Replay<'_> {
             write_folded_bookkeeping(&mut tx, &at, &refs, folded).await?;
             tx.commit().await
         };
+        if self.fail_after.as_deref() == Some("half-run") {
+            bookkeeping.await?;
+            super::fail_after(self.fail_after, "half-run");
+            unreachable!("aborted");
+        }
         tokio::try_join!(rows, bookkeeping)?;
         Ok(())
     }
