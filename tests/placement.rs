@@ -12,6 +12,7 @@ use common::*;
 use sqlx::MySqlPool;
 
 const SERVERS: [&str; 2] = ["home", "east"];
+const SETTLE: Duration = Duration::from_secs(120);
 
 /// A RetailerDomainAssigned with an event id of its own (without one, `tenancy emit` derives
 /// the id from the content, and the same assignment twice is one event).
@@ -445,6 +446,86 @@ async fn a_worker_not_given_a_server_its_tenants_are_on_refuses_to_start_and_not
     t.wait_caught_up().await;
     assert_eq!(
         fabric_rows(&east, &format!("{}_brand_bx", t.ns))
+            .await
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_waits_and_says_so() {
+    // A worker given home only is running when an operator (given both servers) moves a brand
+    // to east. The brand's next event cannot be written by that worker: it waits, as for a
+    // MySQL outage (its readiness and /metrics say so, its log names the server), dead-letters
+    // nothing, and a worker given east applies the event.
+    let t = TestNs::with_east();
+    let home = t.prepared_pool().await;
+    let east = east_pool().await;
+    let mut home_only = t.config.clone();
+    home_only.home_only();
+    let blind = TestNs::attach(t.ns.clone(), home_only);
+    let mut worker = blind.spawn_run("blind");
+    let brand = new_id();
+    t.provisioned(&home, &[(&brand, "BRAND", "bm")]).await;
+    assert_eq!(server_of(&home, &t, &brand).await, "home");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &brand, "--to-server", "east"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(server_of(&home, &t, &brand).await, "east");
+
+    let pid = worker.child.id() as i32;
+    let http: String = wait_for("the blind worker's health address", SETTLE, || async {
+        sqlx::query_scalar::<_, String>(&format!(
+            "SELECT http_addr FROM `{}_platform`.workers WHERE pid = ?",
+            t.ns
+        ))
+        .bind(pid)
+        .fetch_optional(&home)
+        .await
+        .unwrap()
+    })
+    .await;
+    let client = reqwest::Client::new();
+    let get = |path: &str| {
+        let (client, url) = (client.clone(), format!("http://{http}{path}"));
+        async move {
+            let r = client.get(&url).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    t.emit_ok(&[lines::catalog(&brand, 1, &["E1"], &[])]);
+    let body = wait_for("not ready, naming MySQL", SETTLE, || async {
+        let (code, body) = get("/readyz").await;
+        (code == 503 && body.contains("waiting for mysql")).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains("catalog: waiting for mysql") && body.contains("east"),
+        "{body}"
+    );
+    let (_, metrics) = get("/metrics").await;
+    assert!(
+        metrics.contains("tenancy_waiting_for_service{processor=\"catalog\",service=\"mysql\"} 1"),
+        "{metrics}"
+    );
+    let log = worker.log_text();
+    assert!(
+        log.contains("MySQL server \\\"east\\\" is not configured here")
+            || log.contains("MySQL server \"east\" is not configured here"),
+        "{log}"
+    );
+    assert!(
+        t.dead_letters(0, Duration::from_secs(2)).is_empty(),
+        "nothing dead-lettered"
+    );
+    assert!(fabric_rows(&east, &format!("{}_brand_bm", t.ns))
+        .await
+        .is_empty());
+
+    worker.kill9();
+    let _given_east = t.spawn_run("given-east");
+    t.wait_caught_up().await;
+    assert_eq!(
+        fabric_rows(&east, &format!("{}_brand_bm", t.ns))
             .await
             .len(),
         1
