@@ -21,9 +21,11 @@ pub struct RebuildArgs {
     /// Every active brand, a few at a time (--parallel), with one summary at the end.
     #[arg(long, conflicts_with_all = ["rollback", "drop_old"])]
     pub all: bool,
-    /// With --all: tenants rebuilt at the same time.
-    #[arg(long, default_value_t = 2, requires = "all")]
-    pub parallel: usize,
+    /// With --all: tenants rebuilt at the same time (1 to 16; each takes up to 7 MySQL
+    /// connections).
+    #[arg(long, default_value_t = 2, requires = "all",
+        value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub parallel: u16,
     /// Rebuild and compare with the live database; change nothing. Exit 1 if they differ.
     #[arg(long, conflicts_with_all = ["rollback", "drop_old", "accept_differences"])]
     pub dry_run: bool,
@@ -75,7 +77,7 @@ pub struct RebuildArgs {
 const SHOWN_DIFFERENCES: usize = 50;
 
 pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
-    let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel).await?;
+    let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel.into()).await?;
     r.keep_old = args.keep_old;
     r.refresh_copies = args.refresh_copies;
     r.archived = args.archived;
@@ -104,7 +106,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
         }
     };
     let Some(name) = &args.tenant else {
-        return all(&r, mode, args.parallel.max(1)).await;
+        return all(&r, mode, args.parallel.into()).await;
     };
     let t = resolve(&r.tenants, name).await?;
     if args.drop_old {

@@ -280,15 +280,16 @@ pub struct Rebuilder {
 
 impl Rebuilder {
     /// For up to `parallel` rebuilds at once: each holds up to three connections for its
-    /// claim and locks, two for its queries (the two sides of a comparison, a supplier's
-    /// copies) and one for its progress report.
+    /// claim and locks, two for its queries (a shadow's two writers, the two sides of a
+    /// comparison, a supplier's copies), one for the replay's lookups and one for its progress
+    /// report.
     pub async fn new(
         config: &Config,
         fail_after: FailAfter,
         parallel: usize,
     ) -> anyhow::Result<Rebuilder> {
         let servers =
-            crate::servers::Servers::connect(config, (6 * parallel.max(1) + 2) as u32).await?;
+            crate::servers::Servers::connect(config, (7 * parallel.max(1) + 2) as u32).await?;
         let home = servers.home().pool().clone();
         // The rebuilds table may be newer than the workers that migrated the platform.
         crate::tenancy::provisioning::prepare_service_databases(
