@@ -594,10 +594,11 @@ impl Tenants {
                     },
                 );
             }
-            // Terminations followed by restores, in event time.
+            // Terminations followed by restores, in event time; events stamped in the same
+            // millisecond in the order they were applied (`seq`, platform migration 0011).
             let sql = format!(
                 "SELECT organisation_id, kind, occurred_at FROM {} WHERE organisation_id IN ({placeholders}) \
-                 AND kind IN ('terminated', 'restored') ORDER BY organisation_id, occurred_at",
+                 AND kind IN ('terminated', 'restored') ORDER BY organisation_id, occurred_at, seq",
                 self.log_table()
             );
             let mut query = sqlx::query_as::<_, (String, String, DateTime<Utc>)>(&sql);
