@@ -242,8 +242,9 @@ impl Replay<'_> {
         let Some(range) = Range::new(self.config, self.topic, &from, upto.clone())? else {
             return Ok(Replayed::default());
         };
-        // One connection for every write: they are applied one after another anyway, and the
-        // prepared multi-row statements are then cached on one connection only.
+        // One connection for every write (a shadow's bookkeeping has a second, see
+        // `split_writes`): runs are applied one after another anyway, and the prepared
+        // multi-row statements are then cached on one connection only.
         let mut conn = self.pool.acquire().await?;
         let mut second = match self.split_writes {
             true => Some(self.pool.acquire().await?),
