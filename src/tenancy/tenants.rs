@@ -841,7 +841,6 @@ impl Tenants {
         rows.iter().map(record).collect()
     }
 
-    /// Tenant counts per status.
     /// Points `organisation_id`'s row at server `to`, if it names `from`: the moment a move
     /// (`tenancy rebuild --to-server`) takes effect. Whether it did.
     pub async fn relocate(
@@ -873,6 +872,7 @@ impl Tenants {
         Ok(rows.into_iter().collect())
     }
 
+    /// Tenant counts per status.
     pub async fn counts(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
         sqlx::query_as(&format!(
             "SELECT CAST(status AS CHAR), COUNT(*) FROM {} GROUP BY status ORDER BY status",
