@@ -51,7 +51,7 @@ use crate::tenancy::migrations;
 use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, OrganisationType};
 use crate::topics::Topic;
-use crate::wire::Codec;
+use crate::wire::PendingCodec;
 
 use compare::Comparison;
 use replay::{held_offsets, Replay, Replayed};
@@ -256,7 +256,7 @@ pub struct Rebuilder {
     /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
     /// Shared with a replay's reader, which runs as a task of its own.
-    pub codec: Arc<Codec>,
+    pub codec: PendingCodec,
     pub spec: CatalogSpec,
     pub fail_after: FailAfter,
     /// How long the replaced tables are kept after a swap (`--keep-old`).
@@ -288,6 +288,8 @@ impl Rebuilder {
         fail_after: FailAfter,
         parallel: usize,
     ) -> anyhow::Result<Rebuilder> {
+        // Built while the connections are made and the shadow prepared (see PendingCodec).
+        let codec = PendingCodec::start(&config.schema_registry_url);
         let servers =
             crate::servers::Servers::connect(config, (7 * parallel.max(1) + 2) as u32).await?;
         let home = servers.home().pool().clone();
@@ -300,7 +302,7 @@ impl Rebuilder {
         .await?;
         Ok(Rebuilder {
             tenants: Tenants::on(servers, &config.namespace),
-            codec: Arc::new(Codec::new(&config.schema_registry_url)),
+            codec,
             spec: CatalogSpec::load()?,
             config: config.clone(),
             home,
@@ -585,33 +587,39 @@ impl Rebuilder {
                 t.organisation_id
             );
         }
-        refuse_unless_log_complete(&self.config, topic).await?;
-        if *target != t.server {
-            // A move: the target must not hold the live name. A move killed after its first
-            // step leaves one there, which `--drop-old` clears; anything else of that name is
-            // not ours to drop (as provisioning never adopts a database nobody registered).
-            let live = refuse_unless_rebuildable(t, self.archived)?;
-            if database_exists(target.pool(), &live).await? {
-                anyhow::bail!(
-                    "database {live} already exists on server {}: if a move of tenant {} was \
-                     killed there, `tenancy rebuild {} --drop-old` clears it; otherwise it is \
-                     not this tenant's, and the move is refused",
-                    target.name(),
-                    t.organisation_id,
-                    t.organisation_id
-                );
+        // The log's check (a Kafka client's start and two requests) while the shadow is made,
+        // 10 to 50 ms of a small rebuild each: a refusal from either cancels the other, and
+        // `rebuild` drops the shadow of any rebuild that fails.
+        let shadow_made = async {
+            if *target != t.server {
+                // A move: the target must not hold the live name. A move killed after its first
+                // step leaves one there, which `--drop-old` clears; anything else of that name is
+                // not ours to drop (as provisioning never adopts a database nobody registered).
+                let live = refuse_unless_rebuildable(t, self.archived)?;
+                if database_exists(target.pool(), &live).await? {
+                    anyhow::bail!(
+                        "database {live} already exists on server {}: if a move of tenant {} was \
+                         killed there, `tenancy rebuild {} --drop-old` clears it; otherwise it \
+                         is not this tenant's, and the move is refused",
+                        target.name(),
+                        t.organisation_id,
+                        t.organisation_id
+                    );
+                }
             }
-        }
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
-            .execute(target.pool())
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
+                .execute(target.pool())
+                .await?;
+            migrations::create_and_migrate(
+                target.pool(),
+                target.url(),
+                shadow,
+                migrations::for_tenant(t.kind),
+            )
             .await?;
-        migrations::create_and_migrate(
-            target.pool(),
-            target.url(),
-            shadow,
-            migrations::for_tenant(t.kind),
-        )
-        .await?;
+            anyhow::Ok(())
+        };
+        tokio::try_join!(refuse_unless_log_complete(&self.config, topic), shadow_made)?;
         fail_after(&self.fail_after, "shadow");
         if mode != Mode::DryRun {
             sqlx::query(&format!(
@@ -832,5 +840,80 @@ impl Rebuilder {
             redis.domains_changed(&[]).await?;
         }
         Ok(dropped?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::ClientConfig;
+
+    use super::*;
+    use crate::tenant::Namespace;
+
+    fn config_for(bootstrap_servers: String) -> Config {
+        Config {
+            kafka_bootstrap_servers: bootstrap_servers,
+            schema_registry_url: String::new(),
+            database_url: String::new(),
+            servers: Vec::new(),
+            place_new_on: Vec::new(),
+            redis_url: String::new(),
+            namespace: Namespace::parse("mock").unwrap(),
+            partitions: 2,
+            kafka_options: Vec::new(),
+        }
+    }
+
+    /// The refusal needs a log whose start is gone. The local broker cannot delete records
+    /// (its SQLite storage's DeleteRecords is `todo!()`), but librdkafka's mock broker keeps at
+    /// most 5 MiB a partition and drops the oldest messages beyond that, as retention would.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_log_whose_start_is_gone_is_refused_naming_the_partition_and_offsets() {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in ["whole", "trimmed"] {
+            cluster.create_topic(topic, 2, 1).unwrap();
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        let send = |topic: &'static str, partition: i32, payload: Vec<u8>| {
+            let producer = producer.clone();
+            async move {
+                producer
+                    .send(
+                        FutureRecord::to(topic)
+                            .partition(partition)
+                            .key("k")
+                            .payload(&payload),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap()
+            }
+        };
+        for p in 0..2 {
+            send("whole", p, b"small".to_vec()).await;
+        }
+        send("trimmed", 0, b"small".to_vec()).await;
+        // One at a time, so each is a message set of its own: 8 × 900 KiB, of which the mock
+        // keeps the last 5.
+        for _ in 0..8 {
+            send("trimmed", 1, vec![b'x'; 900 * 1024]).await;
+        }
+        let config = config_for(cluster.bootstrap_servers());
+        refuse_unless_log_complete(&config, "whole").await.unwrap();
+        let refused = refuse_unless_log_complete(&config, "trimmed")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            refused,
+            "trimmed no longer holds its whole history (partition 1 lost offsets 0..2): a \
+             rebuild would miss those events"
+        );
     }
 }

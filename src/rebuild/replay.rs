@@ -31,7 +31,7 @@ use crate::offsets;
 use crate::stream::{Msg, Origin};
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
-use crate::wire::{decode_batch, Codec, DecodeError};
+use crate::wire::{decode_batch, Codec, DecodeError, PendingCodec};
 
 /// Events applied per transaction.
 pub const BATCH: usize = 1000;
@@ -191,7 +191,7 @@ pub async fn decode_event(
 pub struct Replay<'a> {
     pub config: &'a Config,
     pub pool: &'a MySqlPool,
-    pub codec: &'a Arc<Codec>,
+    pub codec: &'a PendingCodec,
     pub spec: &'a CatalogSpec,
     pub brand: &'a TenantRef,
     pub topic: &'a str,
@@ -262,7 +262,7 @@ impl Replay<'_> {
         let (feed, mut ready) = tokio::sync::mpsc::channel::<Feed>(2);
         let reader = Reader {
             range,
-            codec: self.codec.clone(),
+            codec: self.codec.get().await,
             topic: self.topic.to_owned(),
             brand: self.brand.clone(),
             spec: self.spec.clone(),

@@ -55,13 +55,14 @@ impl Rebuilder {
         };
         let tenants = self.tenants.lookup(&[&t.organisation_id]).await?;
         let dead = self.dead_lettered(&topic).await?;
+        let codec = self.codec.get().await;
         while let Some(m) = range.next().await? {
             let p = m.partition();
             done.read += 1;
             if m.key() != Some(t.organisation_id.as_bytes()) {
                 continue;
             }
-            let change = decode_event(&self.codec, &topic, m.payload())
+            let change = decode_event(&codec, &topic, m.payload())
                 .await?
                 .and_then(domains::parse);
             // Undecodable or malformed: dead-lettered live.

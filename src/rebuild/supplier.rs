@@ -112,10 +112,11 @@ impl Rebuilder {
         let Some(mut range) = Range::new(&self.config, &topic, &HashMap::new(), upto)? else {
             return Ok(done);
         };
+        let codec = self.codec.get().await;
         while let Some(m) = range.next().await? {
             let p = m.partition();
             done.read += 1;
-            let item = decode_event(&self.codec, &topic, m.payload())
+            let item = decode_event(&codec, &topic, m.payload())
                 .await?
                 .and_then(item::parse);
             let Ok(item) = item else { continue };
