@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use blindstrader_tenancy::topics::Topic;
 use common::*;
 use sqlx::MySqlPool;
 
@@ -301,6 +302,65 @@ async fn rebuild_refuses_what_it_cannot_rebuild() {
     let (code, _, err) = t.tenancy_output(&["rebuild", &supplier, "--archived"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("not archived"), "{err}");
+
+    // A log whose start is gone (retention): refused before anything is replayed, the
+    // partition and the lost offsets named, nothing left behind, the claim released. The
+    // local broker cannot delete records, so the supplier's topic is read from librdkafka's
+    // mock broker, which keeps 5 MiB a partition and drops the oldest messages beyond it.
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let access = t.topic(Topic::BrandAccess);
+    cluster
+        .create_topic(&access, t.config.partitions, 1)
+        .unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .create()
+        .unwrap();
+    for _ in 0..8 {
+        // One at a time, each a message set of its own: the mock keeps the last 5.
+        let payload = vec![b'x'; 900 * 1024];
+        let record = FutureRecord::to(&access)
+            .partition(1)
+            .key("k")
+            .payload(&payload);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let grants_before = row_count(&pool, &format!("{}_supplier_sup", t.ns), "brand_access").await;
+    let out = t
+        .tenancy()
+        .env("KAFKA_BOOTSTRAP_SERVERS", cluster.bootstrap_servers())
+        .args(["rebuild", &supplier])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{access} no longer holds its whole history (partition 1 lost offsets 0..2)"
+        )),
+        "{err}"
+    );
+    let left: Vec<String> = sqlx::query_scalar(
+        "SELECT SCHEMA_NAME FROM information_schema.SCHEMATA \
+         WHERE SCHEMA_NAME LIKE CONCAT(?, '\\_shadow\\_%') OR SCHEMA_NAME LIKE CONCAT(?, '\\_old\\_%')",
+    )
+    .bind(t.ns.as_str())
+    .bind(t.ns.as_str())
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(
+        row_count(&pool, &format!("{}_supplier_sup", t.ns), "brand_access").await,
+        grants_before
+    );
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
+    assert_eq!(code, Some(0), "the claim was released: {out}\n{err}");
 }
 
 /// An archived supplier's archive is rebuilt with --archived from its grants made before the
