@@ -165,13 +165,7 @@ async fn catalog_and_access_events_apply_once_by_their_id() {
     assert_eq!(copied, 1, "the copy follows the last grant");
 
     // Each duplicate was counted.
-    let http: String = sqlx::query_scalar(&format!(
-        "SELECT http_addr FROM `{}_platform`.workers LIMIT 1",
-        t.ns
-    ))
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let http = t.worker_http_addr(&pool, None).await;
     let metrics = reqwest::get(format!("http://{http}/metrics"))
         .await
         .unwrap()

@@ -472,18 +472,7 @@ async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_waits_an
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert_eq!(server_of(&home, &t, &brand).await, "east");
 
-    let pid = worker.child.id() as i32;
-    let http: String = wait_for("the blind worker's health address", SETTLE, || async {
-        sqlx::query_scalar::<_, String>(&format!(
-            "SELECT http_addr FROM `{}_platform`.workers WHERE pid = ?",
-            t.ns
-        ))
-        .bind(pid)
-        .fetch_optional(&home)
-        .await
-        .unwrap()
-    })
-    .await;
+    let http = t.worker_http_addr(&home, Some(worker.child.id())).await;
     let client = reqwest::Client::new();
     let get = |path: &str| {
         let (client, url) = (client.clone(), format!("http://{http}{path}"));

@@ -791,16 +791,7 @@ async fn a_mysql_outage_is_waited_out_and_readiness_says_so() {
     let _worker = Worker { child, log };
     let brand = new_id();
     t.provisioned(&pool, &[(&brand, "BRAND", "patient")]).await;
-    let http: String = wait_for("the worker's health address", SETTLE, || async {
-        sqlx::query_scalar::<_, String>(&format!(
-            "SELECT http_addr FROM `{}_platform`.workers LIMIT 1",
-            t.ns
-        ))
-        .fetch_optional(&pool)
-        .await
-        .unwrap()
-    })
-    .await;
+    let http = t.worker_http_addr(&pool, None).await;
     let client = reqwest::Client::new();
     let ready = |client: &reqwest::Client| {
         let url = format!("http://{http}/readyz");

@@ -607,6 +607,27 @@ impl TestNs {
     }
 
     /// Every dead letter so far (waits until at least `at_least` arrived).
+    /// The health and metrics address a worker of this namespace registered (`pid`'s, or any
+    /// worker's), waited for: a worker registers it once it has started.
+    pub async fn worker_http_addr(&self, pool: &MySqlPool, pid: Option<u32>) -> String {
+        wait_for(
+            "a worker's health address",
+            Duration::from_secs(120),
+            || async {
+                sqlx::query_scalar::<_, String>(&format!(
+                "SELECT http_addr FROM `{}_platform`.workers WHERE ? IS NULL OR pid = ? LIMIT 1",
+                self.ns
+            ))
+                .bind(pid)
+                .bind(pid)
+                .fetch_optional(pool)
+                .await
+                .unwrap()
+            },
+        )
+        .await
+    }
+
     pub fn dead_letters(&self, at_least: usize, timeout: Duration) -> Vec<RawMessage> {
         self.read_messages(Topic::DeadLetter, at_least, timeout)
     }
