@@ -3,8 +3,18 @@
 //!
 //! Both directions cache per subject / per schema id inside the converter, so the registry is
 //! asked once per schema, not once per message.
+//!
+//! A registry cannot quietly empty the log: an id it does not know is remembered as unknown for
+//! [`NOT_FOUND_TTL`] at most (the converter's own cache would keep that answer for the life of
+//! the process), and it counts as the event's fault only while the registry is otherwise
+//! sound. A registry that holds none of the project's subjects (started on an empty or wrong
+//! data directory) is unavailable: the loop waits for it instead of dead-lettering every event.
+//! (A schema resolved once is kept for the life of the process, so an id decoded before is never
+//! asked again.)
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -88,10 +98,19 @@ impl PendingCodec {
     }
 }
 
+/// How long a schema id the registry answered "not found" for is taken as unknown before the
+/// registry is asked again; also how long an answer about the registry's subjects is kept.
+pub const NOT_FOUND_TTL: Duration = Duration::from_secs(10);
+
 /// Encoder and decoder sharing one registry configuration.
 pub struct Codec {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
+    url: String,
+    /// Ids answered "not found", and when.
+    not_found: Mutex<HashMap<u32, (Instant, String)>>,
+    /// Whether the registry held any of the project's subjects, and when that was asked.
+    holds_project: Mutex<Option<(Instant, bool)>>,
 }
 
 impl Codec {
@@ -100,6 +119,9 @@ impl Codec {
         Codec {
             encoder: AvroEncoder::new(settings.clone()),
             decoder: AvroDecoder::new(settings),
+            url: schema_registry_url.trim_end_matches('/').to_owned(),
+            not_found: Mutex::default(),
+            holds_project: Mutex::default(),
         }
     }
 
@@ -137,21 +159,80 @@ impl Codec {
     ) -> Result<Arc<AvroSchema>, DecodeError> {
         let payload = payload.ok_or(DecodeError::Empty)?;
         let (id, _) = split_frame(payload)?;
-        match self.decoder.get_schema(id).await {
-            Ok(s) => Ok(s),
-            Err(e) if e.retriable => {
-                // Transient errors must not stay cached, or a registry blip poisons the id.
-                self.decoder.remove_errors_from_cache();
-                Err(DecodeError::RegistryUnavailable {
-                    id,
-                    cause: e.to_string(),
-                })
-            }
-            Err(e) => Err(DecodeError::UnknownSchema {
+        let recent = {
+            let mut not_found = self.not_found.lock().expect("not poisoned");
+            not_found.retain(|_, (at, _)| at.elapsed() < NOT_FOUND_TTL);
+            not_found.get(&id).map(|(_, cause)| cause.clone())
+        };
+        let cause = match recent {
+            Some(cause) => cause,
+            None => match self.decoder.get_schema(id).await {
+                Ok(s) => return Ok(s),
+                Err(e) => {
+                    // The converter keeps every error for the life of the process: an answer
+                    // given while the registry was down or empty must not outlive it.
+                    self.decoder.remove_errors_from_cache();
+                    if e.retriable {
+                        return Err(DecodeError::RegistryUnavailable {
+                            id,
+                            cause: e.to_string(),
+                        });
+                    }
+                    let cause = e.to_string();
+                    self.not_found
+                        .lock()
+                        .expect("not poisoned")
+                        .insert(id, (Instant::now(), cause.clone()));
+                    cause
+                }
+            },
+        };
+        match self.registry_holds_project().await {
+            Ok(true) => Err(DecodeError::UnknownSchema { id, cause }),
+            Ok(false) => Err(DecodeError::RegistryUnavailable {
                 id,
-                cause: e.to_string(),
+                cause: format!(
+                    "the registry at {} holds none of this project's subjects (empty, or started \
+                     on the wrong data directory?)",
+                    self.url
+                ),
             }),
+            Err(e) => Err(DecodeError::RegistryUnavailable { id, cause: e }),
         }
+    }
+
+    /// Whether the registry has any subject of this project's events (`…-{record full name}`,
+    /// TopicRecordNameStrategy), asked at most once per [`NOT_FOUND_TTL`].
+    async fn registry_holds_project(&self) -> Result<bool, String> {
+        if let Some((at, holds)) = *self.holds_project.lock().expect("not poisoned") {
+            if at.elapsed() < NOT_FOUND_TTL {
+                return Ok(holds);
+            }
+        }
+        let url = format!("{}/subjects", self.url);
+        let subjects: Vec<String> = async {
+            reqwest::Client::new()
+                .get(&url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await
+        }
+        .await
+        .map_err(|e: reqwest::Error| {
+            format!("cannot list the registry's subjects at {url}: {e}")
+        })?;
+        let names: Vec<String> = EventKind::ALL
+            .iter()
+            .map(|k| format!("-{}", k.full_name()))
+            .collect();
+        let holds = subjects
+            .iter()
+            .any(|s| names.iter().any(|n| s.ends_with(n.as_str())));
+        *self.holds_project.lock().expect("not poisoned") = Some((Instant::now(), holds));
+        Ok(holds)
     }
 }
 

@@ -47,8 +47,12 @@ pub struct RegistryServer {
 impl RegistryServer {
     /// Opens (or creates) the store in `data_dir`. Blocking (file I/O).
     pub fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        // Logged absolute: a registry started from another directory with a relative path
+        // serves other schemas, and every worker would dead-letter what it cannot decode.
+        let shown = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_owned());
         let store = Store::open(data_dir)
-            .with_context(|| format!("opening schema registry store in {}", data_dir.display()))?;
+            .with_context(|| format!("opening schema registry store in {}", shown.display()))?;
+        tracing::info!(data_dir = %shown.display(), "schema registry store opened (locked for this process)");
         Ok(Self {
             store: Arc::new(store),
         })

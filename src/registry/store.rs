@@ -219,6 +219,9 @@ pub struct Store {
     /// State file; `None` for an in-memory store.
     path: Option<PathBuf>,
     state: Mutex<State>,
+    /// The data directory's lock file, held exclusively while the store is open: two
+    /// registries on one directory would each overwrite the other's schemas.
+    _lock: Option<std::fs::File>,
 }
 
 impl fmt::Debug for Store {
@@ -236,6 +239,7 @@ impl Store {
         std::fs::create_dir_all(data_dir).map_err(|err| {
             RegistryError::Storage(format!("cannot create {}: {err}", data_dir.display()))
         })?;
+        let lock = Self::lock_dir(data_dir)?;
         let path = snapshot::path_in(data_dir);
         let state: State = snapshot::load(&path)
             .map_err(|err| {
@@ -252,7 +256,35 @@ impl Store {
         Ok(Self {
             path: Some(path),
             state: Mutex::new(state),
+            _lock: Some(lock),
         })
+    }
+
+    /// Takes `data_dir/.lock` exclusively, or says who holds it. The OS releases it when the
+    /// process ends, however it ends.
+    fn lock_dir(data_dir: &Path) -> Result<std::fs::File, RegistryError> {
+        let lock_path = data_dir.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|err| {
+                RegistryError::Storage(format!("cannot open {}: {err}", lock_path.display()))
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(RegistryError::Storage(format!(
+                "another schema registry already serves {} (it holds {}): one registry per \
+                 data directory",
+                data_dir.display(),
+                lock_path.display()
+            ))),
+            Err(std::fs::TryLockError::Error(err)) => Err(RegistryError::Storage(format!(
+                "cannot lock {}: {err}",
+                lock_path.display()
+            ))),
+        }
     }
 
     /// A store that forgets everything when dropped, for tests.
@@ -260,6 +292,7 @@ impl Store {
         Self {
             path: None,
             state: Mutex::new(State::default()),
+            _lock: None,
         }
     }
 
@@ -776,6 +809,19 @@ mod tests {
             40401
         );
         assert_eq!(store.schema_by_id(id).unwrap(), v1().raw);
+    }
+
+    #[test]
+    fn one_store_per_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let second = Store::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            second.contains("another schema registry already serves"),
+            "{second}"
+        );
+        drop(first);
+        Store::open(dir.path()).expect("free again once the first is closed");
     }
 
     #[test]
