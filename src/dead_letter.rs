@@ -18,7 +18,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 pub use crate::stream::dead_letters::{
-    HEADER_OFFSET, HEADER_PARTITION, HEADER_PROCESSOR, HEADER_REASON, HEADER_TENANT, HEADER_TOPIC,
+    HEADER_OFFSET, HEADER_PARTITION, HEADER_PAYLOAD_OMITTED, HEADER_PROCESSOR, HEADER_REASON,
+    HEADER_TENANT, HEADER_TOPIC,
 };
 use crate::tenant::Namespace;
 use crate::topics::Topic;
@@ -68,6 +69,9 @@ pub struct DeadLetter {
     /// Set when this dead letter is itself a replayed copy that failed again.
     pub replayed_from: Option<String>,
     pub payload_bytes: usize,
+    /// The original payload's size, when it did not fit in the dead letter: a replay fetches
+    /// the original from its source position.
+    pub payload_omitted: Option<usize>,
     /// Whether replay progress (the replay groups) already covers it.
     pub replayed: bool,
     #[serde(skip)]
@@ -111,6 +115,7 @@ impl DeadLetter {
             reason: text(HEADER_REASON),
             replayed_from: text(HEADER_REPLAYED_FROM),
             payload_bytes: msg.payload().map_or(0, <[u8]>::len),
+            payload_omitted: text(HEADER_PAYLOAD_OMITTED).and_then(|n| n.parse().ok()),
             replayed: false,
             key_bytes: msg.key().map(<[u8]>::to_vec),
             payload: msg.payload().map(<[u8]>::to_vec),
@@ -432,7 +437,9 @@ impl DeadLetterLog {
         Ok(())
     }
 
-    /// Produces the replayed copy and waits for the broker's acknowledgement.
+    /// Produces the replayed copy and waits for the broker's acknowledgement. A dead letter
+    /// written without its payload (it did not fit) sends the original, read from its source
+    /// position.
     fn send(
         &self,
         producer: &FutureProducer,
@@ -440,14 +447,35 @@ impl DeadLetterLog {
         topic: &str,
         partition: i32,
     ) -> anyhow::Result<i64> {
+        let original = match l.payload_omitted {
+            Some(_) => Some(self.original(l, topic, partition)?),
+            None => None,
+        };
+        let (key, payload, headers) = match &original {
+            Some(o) => {
+                let mut headers = l.replay_headers();
+                for (k, v) in &o.headers {
+                    headers = headers.insert(Header {
+                        key: k.as_str(),
+                        value: v.as_deref(),
+                    });
+                }
+                (o.key.as_deref(), o.payload.as_deref(), headers)
+            }
+            None => (
+                l.key_bytes.as_deref(),
+                l.payload.as_deref(),
+                l.replay_headers(),
+            ),
+        };
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
             .partition(partition)
-            .headers(l.replay_headers());
-        if let Some(k) = &l.key_bytes {
-            record = record.key(k.as_slice());
+            .headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
         }
-        if let Some(p) = &l.payload {
-            record = record.payload(p.as_slice());
+        if let Some(p) = payload {
+            record = record.payload(p);
         }
         let failed = |e: &dyn std::fmt::Display| {
             anyhow::anyhow!(
@@ -461,6 +489,57 @@ impl DeadLetterLog {
             Ok(Err((e, _))) => Err(failed(&e)),
             Err(_) => Err(failed(&"producer shut down before acknowledging")),
         }
+    }
+
+    /// The message a payload-less dead letter stands for, read from its source position.
+    fn original(&self, l: &DeadLetter, topic: &str, partition: i32) -> anyhow::Result<Original> {
+        let offset = l.source_offset.ok_or_else(|| {
+            anyhow::anyhow!(
+                "dead letter {} carries no payload and no {HEADER_OFFSET} header to fetch it from",
+                l.position()
+            )
+        })?;
+        let gone = |why: String| {
+            anyhow::anyhow!(
+                "dead letter {} carries no payload (it did not fit) and its original at \
+                 {topic}/{partition}/{offset} cannot be read: {why}; nothing more was replayed",
+                l.position()
+            )
+        };
+        let reader = group_consumer(&self.config, &format!("{}-fetch", self.topic))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        reader.assign(&tpl)?;
+        let deadline = Instant::now() + READ_TIMEOUT;
+        while Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(msg)) if msg.offset() == offset => {
+                    let headers = msg
+                        .headers()
+                        .map(|hs| {
+                            hs.iter()
+                                .filter(|h| !h.key.starts_with(HEADER_PREFIX))
+                                .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    return Ok(Original {
+                        key: msg.key().map(<[u8]>::to_vec),
+                        payload: msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                }
+                Some(Ok(msg)) => {
+                    return Err(gone(format!("the log starts at {} there", msg.offset())))
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    return Err(gone("the log ends before it".to_owned()))
+                }
+                Some(Err(e)) => return Err(gone(e.to_string())),
+                None => {}
+            }
+        }
+        Err(gone(format!("no answer within {READ_TIMEOUT:?}")))
     }
 
     /// Reads `(partition, from, to)` ranges; returns the messages sorted by partition, offset.
@@ -522,6 +601,13 @@ impl DeadLetterLog {
         out.sort_by_key(|l| (l.partition, l.offset));
         Ok(out)
     }
+}
+
+/// A message fetched from its source position.
+struct Original {
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// A consumer that never joins its group: it reads assigned partitions and commits offsets.

@@ -36,6 +36,9 @@ pub struct Server {
     /// this one from the shared pool, two copies going opposite ways with both pools used up
     /// would each wait for the other's. A holder of one of these waits for no pool.
     reads: MySqlPool,
+    /// False for a server a tenant row names but this process was not given
+    /// ([`Servers::named`]): its pool reaches nothing.
+    configured: bool,
 }
 
 impl Server {
@@ -58,6 +61,52 @@ impl Server {
         &self.reads
     }
 
+    /// Whether this process was given the server (`TENANCY_SERVERS`).
+    pub fn configured(&self) -> bool {
+        self.configured
+    }
+
+    /// Whether the server answers: a connection of its own (a pool whose connections hang on a
+    /// stalled server would wait with them), `SELECT 1`, within `timeout`.
+    pub async fn probe(&self, timeout: std::time::Duration) -> Result<(), String> {
+        use sqlx::{ConnectOptions, Connection};
+        if !self.configured {
+            return Err("not configured here (TENANCY_SERVERS)".to_owned());
+        }
+        let options = connect_options(&self.url).map_err(|e| e.to_string())?;
+        let attempt = async {
+            let mut conn = options.connect().await?;
+            sqlx::query("SELECT 1").execute(&mut conn).await?;
+            conn.close().await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+
+    /// A stand-in for a server a tenant row names but this process was not given: never
+    /// reached (its pool points nowhere), it lets a reader carry the tenant and decide (an
+    /// archived tenant needs no server; an active one waits for a worker that has it).
+    pub(crate) fn stand_in(name: &str) -> Server {
+        let nowhere = MySqlConnectOptions::new().host("unconfigured.invalid");
+        let pool = MySqlPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(1))
+            .connect_lazy_with(nowhere);
+        Server {
+            name: name.into(),
+            url: "mysql://unconfigured.invalid".into(),
+            reads: pool.clone(),
+            pool,
+            configured: false,
+        }
+    }
+
     /// A server that is never reached, for unit tests of code that only carries one. (A pool
     /// starts its maintenance task on a runtime even when it connects lazily: a throwaway one.)
     #[cfg(test)]
@@ -74,6 +123,7 @@ impl Server {
             url: "mysql://unreached".into(),
             reads: pool.clone(),
             pool,
+            configured: true,
         }
     }
 }
@@ -93,12 +143,40 @@ impl PartialEq for Server {
 
 impl Eq for Server {}
 
+/// A tenant is on a server this process was not given: the error inside the
+/// `sqlx::Error::Configuration` that [`Servers::get`] returns, so the stream can tell it from
+/// any other configuration error and park the tenant with that server's.
+#[derive(Debug, thiserror::Error)]
+#[error("MySQL server {server:?} is not configured here (TENANCY_SERVERS gives: {given})")]
+pub struct NotConfigured {
+    pub server: String,
+    given: String,
+}
+
+impl NotConfigured {
+    /// The server named by `error` if it (or anything in its chain) says the server is not
+    /// configured here.
+    pub fn in_chain(error: &anyhow::Error) -> Option<&str> {
+        error
+            .chain()
+            .find_map(|e| match e.downcast_ref::<sqlx::Error>() {
+                Some(sqlx::Error::Configuration(inner)) => inner
+                    .downcast_ref::<NotConfigured>()
+                    .map(|n| n.server.as_str()),
+                _ => e.downcast_ref::<NotConfigured>().map(|n| n.server.as_str()),
+            })
+    }
+}
+
 /// Every server a process may reach, `home` first.
 #[derive(Clone)]
 pub struct Servers {
     all: Arc<[Server]>,
     /// Indexes into `all` of the servers new tenants go to.
     place_new_on: Arc<[usize]>,
+    /// Stand-ins for servers tenant rows name but this process was not given, one per name
+    /// (a std Mutex: taken for a lookup, never across an await).
+    unconfigured: Arc<std::sync::Mutex<std::collections::HashMap<String, Server>>>,
 }
 
 impl std::fmt::Debug for Servers {
@@ -155,6 +233,7 @@ impl Servers {
                 url: url.as_str().into(),
                 pool,
                 reads,
+                configured: true,
             });
         }
         Self::new(all, &config.place_new_on)
@@ -174,6 +253,7 @@ impl Servers {
                 url: url.as_str().into(),
                 reads: pool.clone(),
                 pool,
+                configured: true,
             });
         }
         Self::new(all, &config.place_new_on)
@@ -187,9 +267,11 @@ impl Servers {
                 url: url.into(),
                 reads: pool.clone(),
                 pool,
+                configured: true,
             }]
             .into(),
             place_new_on: vec![0].into(),
+            unconfigured: Arc::default(),
         }
     }
 
@@ -212,6 +294,7 @@ impl Servers {
         Ok(Servers {
             all: all.into(),
             place_new_on: place.into(),
+            unconfigured: Arc::default(),
         })
     }
 
@@ -230,18 +313,33 @@ impl Servers {
     /// this process's configuration at fault, not the event's (the loop waits it out).
     pub fn get(&self, name: &str) -> Result<&Server, sqlx::Error> {
         self.all.iter().find(|s| *s.name == *name).ok_or_else(|| {
-            sqlx::Error::Configuration(
-                format!(
-                    "MySQL server {name:?} is not configured here (TENANCY_SERVERS gives: {})",
-                    self.all
-                        .iter()
-                        .map(|s| s.name())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-                .into(),
-            )
+            sqlx::Error::Configuration(Box::new(NotConfigured {
+                server: name.to_owned(),
+                given: self
+                    .all
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }))
         })
+    }
+
+    /// The server named `name`, or a stand-in that reaches nothing if this process was not
+    /// given it ([`Server::configured`] is false): for readers that must carry a tenant on any
+    /// server without failing for it, such as the stream's gates. The loop parks an active
+    /// tenant on such a server (nothing dead-lettered) and reports the server by name.
+    pub fn named(&self, name: &str) -> Server {
+        match self.get(name) {
+            Ok(s) => s.clone(),
+            Err(_) => {
+                let mut stand_ins = self.unconfigured.lock().expect("not poisoned");
+                stand_ins
+                    .entry(name.to_owned())
+                    .or_insert_with(|| Server::stand_in(name))
+                    .clone()
+            }
+        }
     }
 
     /// Whether new tenants may be placed on `server`.
@@ -345,6 +443,22 @@ mod tests {
             );
         }
         assert!(parse_list(home, &entries(&["east=mysql://a:1", "east=mysql://b:1"])).is_err());
+    }
+
+    #[test]
+    fn a_server_not_configured_is_recognised_through_contexts() {
+        let servers = Servers {
+            all: Vec::new().into(),
+            place_new_on: Vec::new().into(),
+            unconfigured: Arc::default(),
+        };
+        let e = anyhow::Error::from(servers.get("east").unwrap_err())
+            .context("archiving")
+            .context("tenant 42");
+        assert_eq!(NotConfigured::in_chain(&e), Some("east"));
+        assert!(e.to_string().contains("tenant 42"));
+        let other = anyhow::Error::from(sqlx::Error::Configuration("bad url".into()));
+        assert_eq!(NotConfigured::in_chain(&other), None);
     }
 
     #[test]

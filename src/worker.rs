@@ -35,6 +35,8 @@ pub struct WorkerOptions {
     /// Create missing topics and migrate the service databases while building (off when the
     /// caller already did, as `tenancy run` does once for all its processors).
     pub prepare: bool,
+    /// What every statement of the processors' connections runs under.
+    pub limits: crate::db::StatementLimits,
 }
 
 impl Default for WorkerOptions {
@@ -45,6 +47,7 @@ impl Default for WorkerOptions {
             purge_check: Duration::from_secs(10),
             fail_after: None,
             prepare: true,
+            limits: crate::db::StatementLimits::default(),
         }
     }
 }
@@ -69,7 +72,10 @@ impl Processors {
         let ns = config.namespace.clone();
         // The declared projection is checked against the schemas before anything is consumed.
         let spec = CatalogSpec::load()?;
-        let servers = crate::servers::Servers::connect(config, options.db_connections).await?;
+        let servers = crate::servers::Servers::connect_with(config, || {
+            crate::db::bounded_pool_options(options.db_connections, options.limits)
+        })
+        .await?;
         let pool = servers.home().pool().clone();
         let redis = Redis::connect(&config.redis_url, &ns).await?;
         if options.prepare {

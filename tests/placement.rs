@@ -453,11 +453,12 @@ async fn a_worker_not_given_a_server_its_tenants_are_on_refuses_to_start_and_not
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_waits_and_says_so() {
+async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_parks_it_and_says_so() {
     // A worker given home only is running when an operator (given both servers) moves a brand
-    // to east. The brand's next event cannot be written by that worker: it waits, as for a
-    // MySQL outage (its readiness and /metrics say so, its log names the server), dead-letters
-    // nothing, and a worker given east applies the event.
+    // to east. The brand's next event cannot be written by that worker: it waits, as its
+    // tenants do for a server that is down (the worker stays ready for everyone else; its
+    // readiness body and /metrics name the server, and so does its log), dead-letters nothing,
+    // and a worker given east applies the event.
     let t = TestNs::with_east();
     let home = t.prepared_pool().await;
     let east = east_pool().await;
@@ -482,24 +483,21 @@ async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_waits_an
         }
     };
     t.emit_ok(&[lines::catalog(&brand, 1, &["E1"], &[])]);
-    let body = wait_for("not ready, naming MySQL", SETTLE, || async {
+    let (code, body) = wait_for("readiness naming east", SETTLE, || async {
         let (code, body) = get("/readyz").await;
-        (code == 503 && body.contains("waiting for mysql")).then_some(body)
+        body.contains("server east").then_some((code, body))
     })
     .await;
-    assert!(
-        body.contains("catalog: waiting for mysql") && body.contains("east"),
-        "{body}"
-    );
+    assert_eq!(code, 200, "ready for every other tenant: {body}");
+    assert!(body.contains("not configured here"), "{body}");
     let (_, metrics) = get("/metrics").await;
     assert!(
-        metrics.contains("tenancy_waiting_for_service{processor=\"catalog\",service=\"mysql\"} 1"),
+        metrics.contains("tenancy_mysql_server_down{processor=\"catalog\",server=\"east\"} 1"),
         "{metrics}"
     );
     let log = worker.log_text();
     assert!(
-        log.contains("MySQL server \\\"east\\\" is not configured here")
-            || log.contains("MySQL server \"east\" is not configured here"),
+        log.contains("not configured here") && log.contains("east"),
         "{log}"
     );
     assert!(

@@ -83,7 +83,7 @@ pub async fn run(mut config: Config, args: E2eArgs) -> anyhow::Result<()> {
     let topic = Topic::BrandCatalog.name(&ns);
     let brand_dbs: Vec<DatabaseName> = brands.iter().map(|b| b.db.clone()).collect();
     let started = Instant::now();
-    let timed = super::with_catalog_processor(&config, async {
+    let timed = super::with_catalog_processor(&config, &Default::default(), async {
         let (last, emit_rss) = emit(&config, &input).await?;
         let emitted = started.elapsed();
         super::wait_applied(&pool, &brand_dbs, &last).await?;

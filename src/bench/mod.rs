@@ -5,6 +5,8 @@
 //! - [`broker`]: the broker's own produce and consume rates, the ceiling every processor sits
 //!   under.
 //! - [`e2e`]: `tenancy emit` to the last event applied, against the broker's consume rate.
+//! - [`isolation`]: the healthy brands' catalog throughput and latency with one brand's table
+//!   locked, against every brand healthy.
 //! - [`rebuild`]: `tenancy rebuild` of a large brand, against plain upserts of the same rows.
 //! - [`serve`]: `tenancy serve`'s brand catalog API, against the same query sent straight to
 //!   MariaDB.
@@ -12,6 +14,7 @@
 pub mod broker;
 pub mod catalog;
 pub mod e2e;
+pub mod isolation;
 pub mod rebuild;
 pub mod serve;
 
@@ -120,17 +123,51 @@ pub(crate) fn watch_peak_rss(pid: Option<u32>) -> tokio::task::JoinHandle<f64> {
     })
 }
 
-/// Runs the catalog processor of `config`'s namespace (group `{ns}.catalog`) in this process
-/// until `work` ends; returns what `work` returned.
+/// A benchmark's own namespace (`benchXXXXXX`): its topics and service databases made, a pool
+/// of `connections` on the home server and the tenants table there.
+pub(crate) struct Fresh {
+    pub config: crate::config::Config,
+    pub pool: sqlx::MySqlPool,
+    pub tenants: crate::tenancy::tenants::Tenants,
+}
+
+pub(crate) async fn fresh_namespace(
+    config: &crate::config::Config,
+    connections: u32,
+) -> anyhow::Result<Fresh> {
+    let mut config = config.clone();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    config.namespace = crate::tenant::Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let pool = crate::db::connect_pool_sized(&config, connections).await?;
+    crate::topics::ensure_topics(&config).await?;
+    crate::tenancy::provisioning::prepare_service_databases(
+        &pool,
+        &config.database_url,
+        &config.namespace,
+    )
+    .await?;
+    let tenants = crate::tenancy::tenants::Tenants::on(
+        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        &config.namespace,
+    );
+    Ok(Fresh {
+        config,
+        pool,
+        tenants,
+    })
+}
+
+/// Runs the catalog processor of `config`'s namespace (group `{ns}.catalog`) in this process,
+/// its connections as `options` say, until `work` ends; returns what `work` returned.
 pub(crate) async fn with_catalog_processor<T>(
     config: &crate::config::Config,
+    options: &crate::worker::WorkerOptions,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
     use crate::stream::consumer::{join, Assignor, Membership};
     use crate::topics::Topic;
     let ns = &config.namespace;
-    let processors =
-        crate::worker::Processors::build(config, &crate::worker::WorkerOptions::default()).await?;
+    let processors = crate::worker::Processors::build(config, options).await?;
     let group = format!("{ns}.catalog");
     let consumer = join(
         config,
@@ -165,6 +202,9 @@ pub(crate) async fn with_catalog_processor<T>(
         }
     );
     run?;
+    for server in processors.tenants.servers().all() {
+        server.pool().close().await;
+    }
     result
 }
 

@@ -18,10 +18,9 @@ use super::catalog::{fabric_json, provision, raw_upsert, RawRow};
 use crate::config::Config;
 use crate::events::json::record_from_json;
 use crate::events::EventKind;
-use crate::tenancy::provisioning::prepare_service_databases;
 use crate::tenancy::tenants::Tenants;
-use crate::tenant::{Namespace, OrganisationType};
-use crate::topics::{ensure_topics, Topic};
+use crate::tenant::OrganisationType;
+use crate::topics::Topic;
 use crate::wire::Codec;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -57,21 +56,17 @@ fn codes_of(args: &RebuildBenchArgs, n: usize) -> impl Iterator<Item = usize> + 
     (0..args.per_event).map(move |j| (n * args.per_event + j) % args.catalog)
 }
 
-pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
+pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.events > 0 && args.per_event > 0 && args.catalog > 0,
         "--events, --per-event and --catalog must be positive"
     );
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let super::Fresh {
+        config,
+        pool,
+        tenants,
+    } = super::fresh_namespace(&config, 8).await?;
     let ns = config.namespace.clone();
-    let pool = crate::db::connect_pool_sized(&config, 8).await?;
-    ensure_topics(&config).await?;
-    prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::on(
-        crate::servers::Servers::single(pool.clone(), &config.database_url),
-        &ns,
-    );
     let brand = provision(&pool, &tenants, &config, OrganisationType::Brand, 0).await?;
 
     eprintln!(
@@ -134,7 +129,12 @@ pub async fn run(mut config: Config, args: RebuildBenchArgs) -> anyhow::Result<(
     eprintln!("applying them live with the catalog processor");
     let started = Instant::now();
     let brands = [brand.db.clone()];
-    super::with_catalog_processor(&config, super::wait_applied(&pool, &brands, &last)).await?;
+    super::with_catalog_processor(
+        &config,
+        &Default::default(),
+        super::wait_applied(&pool, &brands, &last),
+    )
+    .await?;
     let live = started.elapsed();
 
     // The raw baseline runs once before the rebuild and once after, and the ratio is against
@@ -335,7 +335,7 @@ async fn supplier_part(
     }
     drop(producer);
     let copies = (n * k) as i64;
-    super::with_catalog_processor(config, async {
+    super::with_catalog_processor(config, &Default::default(), async {
         loop {
             let have: i64 = sqlx::query_scalar(&format!(
                 "SELECT COUNT(*) FROM {}.brand_fabrics",

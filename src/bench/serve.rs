@@ -15,8 +15,6 @@ use super::catalog::{fabric_json, provision, Tenant};
 use crate::config::Config;
 use crate::serve::fabrics::{fabric_of, query, statement, FabricQuery, MAX_LIMIT};
 use crate::serve::token::{TokenKey, KEY_ENV};
-use crate::tenancy::provisioning::prepare_service_databases;
-use crate::tenancy::tenants::Tenants;
 use crate::tenant::{Namespace, OrganisationType, ServiceDatabase};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -106,7 +104,7 @@ where
     })
 }
 
-pub async fn run(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()> {
+pub async fn run(config: Config, args: ServeBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.brands > 0 && args.fabrics > 0 && args.clients > 0,
         "--brands, --fabrics and --clients must be positive"
@@ -115,15 +113,12 @@ pub async fn run(mut config: Config, args: ServeBenchArgs) -> anyhow::Result<()>
         args.fabrics <= MAX_LIMIT as usize,
         "--fabrics is at most {MAX_LIMIT}: every request reads one whole page"
     );
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    config.namespace = Namespace::parse(&format!("bench{}", &suffix[..6]))?;
+    let super::Fresh {
+        config,
+        pool,
+        tenants,
+    } = super::fresh_namespace(&config, 8).await?;
     let ns = config.namespace.clone();
-    let pool = crate::db::connect_pool_sized(&config, 8).await?;
-    prepare_service_databases(&pool, &config.database_url, &ns).await?;
-    let tenants = Tenants::on(
-        crate::servers::Servers::single(pool.clone(), &config.database_url),
-        &ns,
-    );
     eprintln!(
         "namespace {ns}: {} brands of {} fabrics, one supplier granted them all",
         args.brands, args.fabrics

@@ -29,6 +29,7 @@ use sqlx::MySqlPool;
 use crate::access::cache::PermissionCache;
 use crate::caches::Redis;
 use crate::events::Event;
+use crate::servers::{Server, Servers};
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError};
 use crate::tenancy::tenants::Tenants;
 use crate::tenancy::watermark::Watermark;
@@ -78,6 +79,17 @@ impl Processor for CatalogProcessor {
 
     fn order_key(&self, item: &Item) -> String {
         item.order_key()
+    }
+
+    fn servers(&self) -> Option<&Servers> {
+        Some(self.tenants.servers())
+    }
+
+    /// The brand's server, and for an access event the supplier's.
+    fn target_servers<'t>(&self, target: &'t Target) -> Vec<&'t Server> {
+        std::iter::once(&target.brand.server)
+            .chain(target.supplier.as_ref().map(|s| &s.server))
+            .collect()
     }
 
     /// One read of the lifecycle log's ends, one of the watermark and one of the tenants table

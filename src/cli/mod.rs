@@ -164,6 +164,10 @@ pub enum BenchCommand {
     /// next to the same SELECT sent straight to MariaDB with as many clients and connections;
     /// prints requests/s, p50 and p99 of both and their ratio.
     Serve(crate::bench::serve::ServeBenchArgs),
+    /// The catalog workload over N brands twice: every brand healthy, then one brand's table
+    /// locked for the whole run; prints the other brands' throughput and p99 apply latency in
+    /// both, and `ratio isolated/healthy`. Fresh namespaces, dropped afterwards unless --keep.
+    Isolation(crate::bench::isolation::IsolationArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -263,6 +267,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Serve(args),
         } => {
             crate::bench::serve::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Isolation(args),
+        } => {
+            crate::bench::isolation::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Access { command } => access::run(config, command).await,

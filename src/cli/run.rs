@@ -64,8 +64,10 @@ pub struct RunArgs {
     /// stopped worker's partitions move after the session timeout instead. Safe with Kafka.
     #[arg(long)]
     pub leave_group_on_exit: bool,
-    /// Tenants written at the same time within a batch, per processor. The worker's MySQL pool
-    /// is sized from it (two connections per write in flight, per processor, plus four).
+    /// Tenants written at the same time per MySQL server, per processor: each tenant's events
+    /// are applied in its own lane, so a tenant that is slow or failing holds one of these and
+    /// nobody else. The worker's pool per server is sized from it (two connections per write
+    /// in flight, per processor, plus four).
     #[arg(long, default_value_t = 4)]
     pub write_concurrency: usize,
     /// Tenant databases created and migrated at the same time (new organisations arriving
@@ -78,21 +80,40 @@ pub struct RunArgs {
     /// 78 MiB with 1000 and 221 MiB with 5000, for similar throughput).
     #[arg(long, default_value_t = 1000)]
     pub batch_max: usize,
-    /// Held events (waiting for a tenant or the lifecycle) before the partitions holding them
-    /// are paused.
+    /// Events kept in memory per tenant (and per order key) while they wait. Past it, events
+    /// for a tenant that does not exist yet go to the dead-letter topic with the reason
+    /// (replay them once it exists); events of a tenant being retried, or waiting for its
+    /// server, stay in the log and are read again when it is released. No partition is ever
+    /// paused for one tenant.
     #[arg(long, default_value_t = 10_000)]
     pub max_held: usize,
-    /// Held events' size in MiB before the partitions holding them are paused.
+    /// Held events' size in MiB in all: past it, further events stay in the log and are read
+    /// again when their tenant is released.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     pub max_held_mib: usize,
     /// How long an event may wait for a tenant that does not exist or is not active; then it
     /// goes to the dead-letter topic naming that tenant (replay it once the tenant exists).
     #[arg(long, default_value = "3d", value_parser = humantime::parse_duration)]
     pub hold_for: Duration,
-    /// Attempts at an event whose failure may heal (deadlock, missing table) before it is
-    /// dead-lettered. Outages of MySQL, Redis, the broker or the schema registry are waited out instead.
+    /// Attempts at an event whose failure belongs to its tenant (a lock wait, a statement over
+    /// its time limit, a missing table) before it is dead-lettered; between attempts the tenant
+    /// is parked and every other tenant goes on. A MySQL server that does not answer is waited
+    /// out for its own tenants (nothing dead-lettered); the home server, Redis, the broker and
+    /// the schema registry are waited out by the whole worker.
     #[arg(long, default_value_t = 8)]
     pub max_attempts: u32,
+    /// Longest one attempt at a tenant's events may take; past it the tenant's server is probed
+    /// (no answer: its tenants wait for it; an answer: the attempt counts as failed).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub apply_timeout: Duration,
+    /// Longest a statement of the processors may run (MariaDB's max_statement_time; MySQL's
+    /// max_execution_time, which bounds SELECTs only).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub statement_timeout: Duration,
+    /// Longest a statement waits for a lock another session holds (innodb_lock_wait_timeout
+    /// and lock_wait_timeout): a tenant's locked table costs that tenant an attempt, no more.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub lock_wait_timeout: Duration,
     /// How long a terminated tenant stays archived (restorable) before it is purged, e.g. 30d,
     /// 12h, 90s. Must be the same for every worker and for replays.
     #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
@@ -142,6 +163,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         max_attempts: args.max_attempts.max(1),
         leave_group_on_exit: args.leave_group_on_exit,
         write_concurrency: args.write_concurrency.max(1),
+        apply_timeout: args.apply_timeout.max(Duration::from_secs(1)),
         ..Settings::default()
     };
     let membership = consumer::Membership {
@@ -158,6 +180,10 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         fail_after: args.fail_after.clone(),
         // Done once above, not again by each processor's thread.
         prepare: false,
+        limits: crate::db::StatementLimits {
+            statement: args.statement_timeout,
+            lock_wait: args.lock_wait_timeout,
+        },
     };
     let mut threads = Vec::new();
     // Only the enabled processors join their groups: an idle member would hold partitions.

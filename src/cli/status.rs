@@ -276,8 +276,13 @@ fn print_workers(workers: &[WorkerRow]) {
     for w in workers {
         let state = if !w.live {
             "gone".to_owned()
-        } else if w.report.ready {
+        } else if w.report.ready && w.report.degraded.is_empty() {
             "ready".to_owned()
+        } else if w.report.ready {
+            format!(
+                "ready, degraded (their tenants wait): {}",
+                w.report.degraded.join("; ")
+            )
         } else {
             format!("not ready: {}", w.report.not_ready.join("; "))
         };
@@ -306,19 +311,32 @@ fn print_workers(workers: &[WorkerRow]) {
         return;
     }
     println!(
-        "{:<28} {:<12} {:<38} {:>7} {:>10}  OLDEST",
-        "WORKER", "PROCESSOR", "WAITING FOR", "EVENTS", "AGE"
+        "{:<28} {:<12} {:<38} {:>7} {:>10} {:>10}  {:<40} WHY",
+        "WORKER", "PROCESSOR", "WAITING FOR", "EVENTS", "AGE", "DEADLINE", "OLDEST"
     );
+    let secs = |s: u64| humantime::format_duration(std::time::Duration::from_secs(s)).to_string();
     for (w, p, h) in held {
         println!(
-            "{:<28} {:<12} {:<38} {:>7} {:>10}  {}",
+            "{:<28} {:<12} {:<38} {:>7} {:>10} {:>10}  {:<40} {}",
             format!("{}:{}", w.host, w.pid),
             p.processor,
             h.waiting_for,
             h.events,
-            humantime::format_duration(std::time::Duration::from_secs(h.oldest_age_secs))
-                .to_string(),
-            h.oldest
+            secs(h.oldest_age_secs),
+            h.deadline_secs.map_or("-".to_owned(), secs),
+            h.oldest,
+            h.why,
         );
+    }
+    for w in workers.iter().filter(|w| w.live) {
+        for p in &w.report.processors {
+            for left in &p.left_in_log {
+                println!(
+                    "{:<28} {:<12} left in the log (read again once released): {left}",
+                    format!("{}:{}", w.host, w.pid),
+                    p.processor
+                );
+            }
+        }
     }
 }

@@ -382,6 +382,14 @@ impl Processor for DomainProcessor {
         item.retailer.clone()
     }
 
+    fn servers(&self) -> Option<&crate::servers::Servers> {
+        Some(self.tenants.servers())
+    }
+
+    fn target_servers<'t>(&self, target: &'t Placed) -> Vec<&'t Server> {
+        vec![&target.server]
+    }
+
     async fn gate(&self, msgs: &[&Msg<DomainChange>]) -> Result<Vec<Gate<Placed>>, StepError> {
         let ends = self.watermark.ends().await?;
         let applied = self.watermark.applied().await?;

@@ -252,32 +252,45 @@ async fn observe(State(api): State<Arc<Api>>, request: Request, next: Next) -> R
     response
 }
 
-/// `/readyz`: whether every MySQL server and Redis answer now (each within a second). 503
-/// names what does not, so a load balancer stops sending requests that could only fail; the
-/// gauges `tenancy_serve_dependency_up{service}` and `tenancy_serve_mysql_up{server}` say the
-/// same to monitoring.
+/// `/readyz`: whether the home MySQL server (tenants, domains, permissions are read there) and
+/// Redis answer now, each within a second: 503 names what does not, so a load balancer stops
+/// sending requests that could only fail. Another server not answering leaves the API ready for
+/// every tenant that is not on it: 200, naming it under `degraded` (its tenants' requests get
+/// 503 meanwhile). The gauges `tenancy_serve_dependency_up{service}` and
+/// `tenancy_serve_mysql_up{server}` say the same to monitoring.
 async fn ready(State(api): State<Arc<Api>>) -> Response {
     let wait = Duration::from_secs(1);
-    let mut servers = serde_json::Map::new();
-    let mut mysql = true;
-    for server in api.servers.all() {
+    let probes = api.servers.all().iter().map(|server| async move {
         let up = tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(server.pool()))
             .await
             .is_ok_and(|r| r.is_ok());
-        metrics::gauge!("tenancy_serve_mysql_up", "server" => server.name().to_owned())
-            .set(if up { 1.0 } else { 0.0 });
-        servers.insert(
-            server.name().to_owned(),
-            (if up { "up" } else { "down" }).into(),
-        );
-        mysql &= up;
+        (server.name().to_owned(), up)
+    });
+    let answers = futures::future::join_all(probes).await;
+    let mut servers = serde_json::Map::new();
+    let mut degraded = Vec::new();
+    let mut home = true;
+    for (name, up) in answers {
+        metrics::gauge!("tenancy_serve_mysql_up", "server" => name.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+        if name == crate::servers::HOME {
+            home = up;
+        } else if !up {
+            degraded.push(serde_json::Value::from(format!(
+                "server {name} does not answer: its tenants' requests get 503"
+            )));
+        }
+        servers.insert(name, (if up { "up" } else { "down" }).into());
     }
     let mut conn = api.redis.clone();
     let redis = tokio::time::timeout(wait, redis::cmd("PING").query_async::<String>(&mut conn))
         .await
         .is_ok_and(|r| r.is_ok());
     let mut body = serde_json::Map::new();
-    for (service, up) in [("mysql", mysql), ("redis", redis)] {
+    for (service, up) in [("mysql", home), ("redis", redis)] {
         metrics::gauge!("tenancy_serve_dependency_up", "service" => service).set(if up {
             1.0
         } else {
@@ -286,7 +299,8 @@ async fn ready(State(api): State<Arc<Api>>) -> Response {
         body.insert(service.into(), (if up { "up" } else { "down" }).into());
     }
     body.insert("mysql_servers".into(), serde_json::Value::Object(servers));
-    let status = if mysql && redis {
+    body.insert("degraded".into(), serde_json::Value::Array(degraded));
+    let status = if home && redis {
         axum::http::StatusCode::OK
     } else {
         axum::http::StatusCode::SERVICE_UNAVAILABLE

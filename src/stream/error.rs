@@ -119,9 +119,10 @@ pub fn mysql_class(e: &sqlx::Error) -> MysqlClass {
             Some(1040 | 2002 | 2003 | 2006 | 2013 | 1053 | 1927 | 1077 | 1081) => {
                 MysqlClass::Outage
             }
-            // deadlock, lock wait timeout, query interrupted, unknown database/table (a lifecycle
-            // step moved it; the retry gates the event again), lock_wait on metadata
-            Some(1213 | 1205 | 1317 | 1049 | 1146) => MysqlClass::Retry,
+            // deadlock, lock wait timeout (row or metadata), query interrupted, a statement over
+            // its time limit (MariaDB 1969, MySQL 3024), unknown database/table (a lifecycle
+            // step moved it; the retry gates the event again)
+            Some(1213 | 1205 | 1317 | 1969 | 3024 | 1049 | 1146) => MysqlClass::Retry,
             _ => MysqlClass::Reject,
         },
         _ => MysqlClass::Reject,

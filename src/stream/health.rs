@@ -33,8 +33,10 @@ struct State {
     retrying: Option<(Instant, String)>,
     held: usize,
     held_bytes: usize,
-    paused: Vec<String>,
+    left_in_log: Vec<String>,
     holds: Vec<HoldSummary>,
+    /// MySQL servers this processor finds not answering: (since, error).
+    servers_down: BTreeMap<String, (Instant, String)>,
 }
 
 /// One processor, as reported.
@@ -54,9 +56,15 @@ pub struct ProcessorSnapshot {
     pub retrying_secs: Option<u64>,
     pub held: usize,
     pub held_bytes: usize,
-    /// Partitions paused because too much is held.
-    pub paused: Vec<String>,
+    /// Keys whose later events were left in the log (past the memory bounds), from where:
+    /// `key from topic/partition/offset`.
+    #[serde(default)]
+    pub left_in_log: Vec<String>,
     pub holds: Vec<HoldSummary>,
+    /// MySQL servers that do not answer (or are not configured here): `name: error`, with
+    /// their tenants' events waiting. The worker stays ready for every other tenant.
+    #[serde(default)]
+    pub servers_down: Vec<String>,
 }
 
 /// Every processor of this worker, and whether it is ready.
@@ -65,6 +73,10 @@ pub struct Snapshot {
     pub ready: bool,
     /// Why not, one line each.
     pub not_ready: Vec<String>,
+    /// Ready, but some tenants wait: the MySQL servers that do not answer, one line each
+    /// (`server NAME: error, for Ns`).
+    #[serde(default)]
+    pub degraded: Vec<String>,
     pub processors: Vec<ProcessorSnapshot>,
 }
 
@@ -88,6 +100,7 @@ impl Health {
         let now = Instant::now();
         let states = self.inner.lock().expect("not poisoned").clone();
         let mut not_ready = Vec::new();
+        let mut degraded: BTreeMap<String, (Instant, String)> = BTreeMap::new();
         let processors = states
             .into_iter()
             .map(|(name, s)| {
@@ -108,7 +121,18 @@ impl Health {
                         ));
                     }
                 }
+                for (server, (since, error)) in &s.servers_down {
+                    let line = degraded
+                        .entry(server.clone())
+                        .or_insert((*since, error.clone()));
+                    line.0 = line.0.min(*since);
+                }
                 ProcessorSnapshot {
+                    servers_down: s
+                        .servers_down
+                        .iter()
+                        .map(|(n, (_, e))| format!("{n}: {e}"))
+                        .collect(),
                     processor: name.to_owned(),
                     group: s.group,
                     joined: s.joined,
@@ -119,7 +143,7 @@ impl Health {
                     retrying: s.retrying.map(|(_, w)| w),
                     held: s.held,
                     held_bytes: s.held_bytes,
-                    paused: s.paused,
+                    left_in_log: s.left_in_log,
                     holds: s.holds,
                 }
             })
@@ -132,6 +156,12 @@ impl Health {
         Snapshot {
             ready: not_ready.is_empty(),
             not_ready,
+            degraded: degraded
+                .into_iter()
+                .map(|(server, (since, error))| {
+                    format!("server {server}: {error}, for {}s", (now - since).as_secs())
+                })
+                .collect(),
             processors,
         }
     }
@@ -202,14 +232,45 @@ impl ProcessorHealth {
         });
     }
 
-    pub fn holding(&self, held: usize, bytes: usize, paused: Vec<String>, holds: Vec<HoldSummary>) {
+    pub fn holding(
+        &self,
+        held: usize,
+        bytes: usize,
+        left_in_log: Vec<String>,
+        holds: Vec<HoldSummary>,
+    ) {
         metrics::gauge!("tenancy_events_held", "processor" => self.name).set(held as f64);
         metrics::gauge!("tenancy_events_held_bytes", "processor" => self.name).set(bytes as f64);
+        metrics::gauge!("tenancy_keys_left_in_log", "processor" => self.name)
+            .set(left_in_log.len() as f64);
         self.update(|s| {
             s.held = held;
             s.held_bytes = bytes;
-            s.paused = paused;
+            s.left_in_log = left_in_log;
             s.holds = holds;
+        });
+    }
+
+    /// A MySQL server does not answer (or is not configured here): its tenants wait; the
+    /// worker stays ready for the others and names the server.
+    pub fn server_down(&self, server: &str, error: &str) {
+        metrics::gauge!("tenancy_mysql_server_down", "processor" => self.name, "server" => server.to_owned())
+            .set(1.0);
+        self.update(|s| {
+            let since = s
+                .servers_down
+                .get(server)
+                .map_or_else(Instant::now, |(t, _)| *t);
+            s.servers_down
+                .insert(server.to_owned(), (since, error.to_owned()));
+        });
+    }
+
+    pub fn server_up(&self, server: &str) {
+        metrics::gauge!("tenancy_mysql_server_down", "processor" => self.name, "server" => server.to_owned())
+            .set(0.0);
+        self.update(|s| {
+            s.servers_down.remove(server);
         });
     }
 }
@@ -238,7 +299,8 @@ pub fn prometheus() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHan
 }
 
 /// Serves `/healthz` (the process is up), `/readyz` (every processor joined its group, no
-/// shared service being waited for, no retry loop older than [`READY_RETRY_THRESHOLD`]) and
+/// shared service being waited for, no retry loop older than [`READY_RETRY_THRESHOLD`]; the
+/// body names any MySQL server whose tenants wait, under `degraded`) and
 /// `/metrics` (Prometheus text) on `addr` until `shutdown`. Returns the bound address (port 0
 /// picks one).
 pub async fn serve(
@@ -330,5 +392,17 @@ mod tests {
         assert!(health.snapshot().ready);
         p.retry_over();
         assert_eq!(health.snapshot().processors[0].retrying, None);
+        // A server down degrades the worker but keeps it ready for the other tenants.
+        p.server_down("east", "no answer within 3s");
+        let s = health.snapshot();
+        assert!(s.ready);
+        assert_eq!(s.degraded.len(), 1);
+        assert!(
+            s.degraded[0].starts_with("server east: no answer"),
+            "{:?}",
+            s.degraded
+        );
+        p.server_up("east");
+        assert!(health.snapshot().degraded.is_empty());
     }
 }

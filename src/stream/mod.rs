@@ -4,23 +4,28 @@
 //! module owns everything else, once:
 //!
 //! - **assignment**: rebalance callbacks become typed events ([`consumer`]) handled by the loop
-//!   between batches. On revoke, everything held for the revoked partitions is dropped before
-//!   the next batch, so nothing is applied for a partition this worker no longer owns; the new
-//!   owner fetches them again from the committed offset.
+//!   between steps. On revoke, everything held or queued for the revoked partitions is dropped,
+//!   so nothing more is started for a partition this worker no longer owns; the new owner
+//!   fetches them again from the committed offset.
 //! - **batching and decoding**: up to `batch_max` messages, writer schemas resolved once per
 //!   schema id, Avro decoded on a blocking thread.
+//! - **lanes** ([`run`]): each order key's ready events are applied as one unit in the
+//!   background, up to `write_concurrency` units per MySQL server, while the loop goes on; a
+//!   key's later events wait behind its unit, so its events apply in log order, and no other
+//!   key ever waits for it.
 //! - **gating and holding** ([`hold`]): the processor gates each event (ready, hold, skip,
-//!   reject). Held events wait per *order key* (events with one key apply in log order; another
-//!   key never waits for them), bounded in count and bytes (past the bound their partitions are
-//!   paused), and an event waiting for a tenant that never comes is dead-lettered after
-//!   `hold_for`, naming the tenant.
-//! - **errors** ([`error`]): an outage of a shared service is waited out for as long as it
-//!   takes, reported by readiness and metrics; an error about one event is retried a bounded
-//!   number of times and then dead-lettered; a rejection is dead-lettered at once.
+//!   reject). Held events wait per *order key*, bounded in memory per key and per tenant; an
+//!   event waiting for a tenant that never comes is dead-lettered after `hold_for` (counted
+//!   from its time in the log), and past the per-tenant quota at once, naming the tenant.
+//! - **errors** ([`error`]): a failure of one tenant parks its key (retried with backoff, then
+//!   dead-lettered); a MySQL server that does not answer parks its own tenants until a probe
+//!   finds it back; an outage of what every tenant needs is waited out by the whole loop,
+//!   reported by readiness and metrics; a rejection is dead-lettered at once.
 //! - **offsets**: the offset stored for the auto-commit is, per partition, the lowest one not
-//!   yet applied, skipped or dead-lettered (a held event pins it). Effectively-once application
-//!   is the processors' part: each writes the offsets it applied in the same MySQL transaction
-//!   as the rows, which also fences a stale owner of a partition.
+//!   yet applied, skipped or dead-lettered (a held, queued or parked event pins it, and so does
+//!   one left in the log). Effectively-once application is the processors' part: each writes
+//!   the offsets it applied in the same MySQL transaction as the rows, which also fences a stale
+//!   owner of a partition.
 //!
 //! Processors never see Kafka.
 
@@ -42,6 +47,7 @@ pub use hold::HoldSummary;
 pub use run::run;
 
 use crate::events::Event;
+use crate::servers::{Server, Servers};
 
 /// Where a message came from; named in logs and dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,20 +78,36 @@ pub struct Msg<I> {
     pub received_at_ms: i64,
     /// The message as received: what a dead letter copies, byte for byte.
     raw: OwnedMessage,
-    /// When this worker first held it (the `hold_for` deadline counts from here).
-    held_since: Option<Instant>,
+    /// When it entered the log (the broker's timestamp, epoch ms; the receipt time if the
+    /// broker gives none). A hold's deadline counts from here, so a restart or a rebalance
+    /// never starts it again.
+    logged_at_ms: i64,
+    /// The assignment of its partition it was received under: what a revoked and reassigned
+    /// partition's new fetch delivers is not confused with what was in flight before.
+    generation: u64,
 }
 
 impl<I> Msg<I> {
     /// A message built outside the loop (tests, benchmarks).
     pub fn new(origin: Origin, item: I, raw: OwnedMessage) -> Msg<I> {
+        let received_at_ms = chrono::Utc::now().timestamp_millis();
+        let logged_at_ms = raw
+            .timestamp()
+            .to_millis()
+            .filter(|t| *t > 0)
+            .unwrap_or(received_at_ms);
         Msg {
             origin,
             item,
             raw,
-            received_at_ms: chrono::Utc::now().timestamp_millis(),
-            held_since: None,
+            received_at_ms,
+            logged_at_ms,
+            generation: 0,
         }
+    }
+
+    fn partition(&self) -> consumer::Partition {
+        (self.origin.topic.clone(), self.origin.partition)
     }
 
     /// Bytes it occupies while held (payload, key and bookkeeping).
@@ -97,7 +119,8 @@ impl<I> Msg<I> {
     }
 }
 
-/// What a held event waits for.
+/// What a held event waits for. The first three are a processor's verdicts ([`Gate::Hold`]);
+/// the others are the loop's own, for a key it parked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
     /// A tenant that does not exist or is not active yet (its organisation id). Dead-lettered
@@ -107,15 +130,49 @@ pub enum Wait {
     /// arrived is not applied yet. Waits as long as it takes (the provisioner is a shared
     /// service), so the event is judged against the lifecycle a replay would see.
     Lifecycle,
+    /// A tenant in the middle of a termination or restore (its organisation id). Dead-lettered
+    /// after `hold_for` if the step never finishes.
+    Changing(String),
+    /// The key's last attempt failed for a reason of its own tenant (a lock wait, a statement
+    /// time limit, a missing table): tried again at `at`, while every other key goes on.
+    Retry {
+        tenant: String,
+        at: Instant,
+        error: String,
+    },
+    /// The MySQL server the key's tenant is on does not answer, or is not configured here:
+    /// released when a probe finds it answering again.
+    Server(String),
+    /// Behind an attempt of the same key still under way.
+    Busy,
 }
 
 impl Wait {
-    /// The tenant named in status output and dead letters.
+    /// The tenant (or server) named in status output and dead letters.
     pub fn tenant(&self) -> &str {
         match self {
-            Wait::Tenant(t) => t,
+            Wait::Tenant(t) | Wait::Changing(t) | Wait::Retry { tenant: t, .. } => t,
             Wait::Lifecycle => "(lifecycle)",
+            Wait::Server(_) => "(server)",
+            Wait::Busy => "(applying)",
         }
+    }
+
+    /// Why, in a few words, for `tenancy status`.
+    pub fn why(&self) -> String {
+        match self {
+            Wait::Tenant(_) => "tenant not active yet".to_owned(),
+            Wait::Lifecycle => "lifecycle log not applied yet".to_owned(),
+            Wait::Changing(_) => "tenant being terminated or restored".to_owned(),
+            Wait::Retry { error, .. } => format!("retrying: {error}"),
+            Wait::Server(name) => format!("MySQL server {name} unavailable"),
+            Wait::Busy => "behind an attempt under way".to_owned(),
+        }
+    }
+
+    /// Whether `hold_for` applies: a wait for something that may never happen.
+    fn expires(&self) -> bool {
+        matches!(self, Wait::Tenant(_) | Wait::Changing(_))
     }
 }
 
@@ -233,6 +290,24 @@ pub trait Processor {
     fn progressed(&self, _positions: &[Position]) -> impl Future<Output = Result<(), StepError>> {
         async { Ok(()) }
     }
+
+    /// Ready runs of different keys applied as one [`Processor::apply_keys`] unit at most
+    /// (the provisioner onboards new tenants together); 1: each key is a unit of its own.
+    fn group_size(&self) -> usize {
+        1
+    }
+
+    /// The MySQL servers this processor writes tenant databases on. `None`: it writes none,
+    /// and a MySQL outage waits with the whole loop.
+    fn servers(&self) -> Option<&Servers> {
+        None
+    }
+
+    /// The servers applying to `target` writes to, its tenant's first: the key's lane. A key
+    /// whose server is known down is parked without being tried.
+    fn target_servers<'t>(&self, _target: &'t Self::Target) -> Vec<&'t Server> {
+        Vec::new()
+    }
 }
 
 /// One key's ready events, in log order, with their targets.
@@ -274,9 +349,12 @@ pub struct Settings {
     pub linger: Duration,
     /// How often held events are gated again.
     pub recheck_every: Duration,
-    /// Held events (count) before the partitions holding them are paused.
+    /// Events held in memory per order key (and per tenant waited for). Past it, events
+    /// waiting for a tenant that does not exist are dead-lettered with the reason; events of
+    /// a parked key are left in the log and read again when the key is released.
     pub max_held: usize,
-    /// Held events (bytes) before the partitions holding them are paused.
+    /// Held events (bytes) in memory in all: past it, further events are left in the log and
+    /// read again when their key is released.
     pub max_held_bytes: usize,
     /// How long an event may wait for a tenant before it is dead-lettered.
     pub hold_for: Duration,
@@ -286,8 +364,12 @@ pub struct Settings {
     pub max_backoff: Duration,
     /// Send LeaveGroup when stopping (see [`consumer::depart`]).
     pub leave_group_on_exit: bool,
-    /// Keys (tenants) applied at the same time within a batch.
+    /// Keys (tenants) applied at the same time, per MySQL server.
     pub write_concurrency: usize,
+    /// Longest a key's attempt may take before it counts as failed (the server's own
+    /// statement and lock-wait limits normally answer first; this catches a server that does
+    /// not answer at all).
+    pub apply_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -303,6 +385,7 @@ impl Default for Settings {
             max_backoff: Duration::from_secs(5),
             leave_group_on_exit: false,
             write_concurrency: 4,
+            apply_timeout: Duration::from_secs(30),
         }
     }
 }

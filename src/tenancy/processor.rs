@@ -45,6 +45,16 @@ impl Processor for Provisioner {
         }
     }
 
+    fn group_size(&self) -> usize {
+        ONBOARDING_BATCH
+    }
+
+    /// Provisioning, archives and restores write on the tenant's server: a server that does
+    /// not answer parks its own tenants' lifecycle steps only.
+    fn servers(&self) -> Option<&crate::servers::Servers> {
+        Some(self.tenants.servers())
+    }
+
     /// The lifecycle is the source of truth: its events never wait for anything.
     async fn gate(&self, msgs: &[&Msg<Event>]) -> Result<Vec<Gate<()>>, StepError> {
         Ok(msgs.iter().map(|_| Gate::Ready(())).collect())

@@ -75,6 +75,12 @@ impl Processor for Purger {
         }
     }
 
+    /// A purge drops databases on its tenant's server: a server that does not answer parks
+    /// its own purges only.
+    fn servers(&self) -> Option<&crate::servers::Servers> {
+        Some(self.tenants.servers())
+    }
+
     fn order_key(&self, item: &PurgeItem) -> String {
         match item {
             PurgeItem::Purge(event) => event.organisation_id.clone(),

@@ -27,7 +27,7 @@ pub fn verdict(
         ));
     }
     if t.changing {
-        return Gate::Hold(Wait::Lifecycle);
+        return Gate::Hold(Wait::Changing(id.to_owned()));
     }
     let skip = || Gate::Skip {
         reason: SkipReason::Terminated,

@@ -900,10 +900,12 @@ pub async fn namespace_state(t: &TestNs, pool: &MySqlPool) -> Vec<(String, Vec<S
 }
 
 /// A TCP proxy in front of a real service, to take it away and bring it back (an outage as a
-/// worker sees it) without touching the service the other tests share.
+/// worker sees it) without touching the service the other tests share. `freeze` makes it a
+/// server that accepts connections and never answers (a storage stall, a SIGSTOPped server).
 pub struct Proxy {
     pub addr: std::net::SocketAddr,
     up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frozen: tokio::sync::watch::Sender<bool>,
     connections: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -915,12 +917,13 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
+        let (frozen, thawed) = tokio::sync::watch::channel(false);
         let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
         let upstream = upstream.to_owned();
         let (accept_up, accept_conns) = (up.clone(), connections.clone());
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else {
+                let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 if !accept_up.load(Ordering::SeqCst) {
@@ -928,10 +931,21 @@ impl Proxy {
                     continue;
                 }
                 let upstream = upstream.clone();
+                let thawed = thawed.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    // Frozen: the connection is accepted and nothing answers.
+                    if thawed.clone().wait_for(|f| !*f).await.is_err() {
+                        return;
                     }
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (client_r, client_w) = client.into_split();
+                    let (server_r, server_w) = server.into_split();
+                    tokio::join!(
+                        pump(client_r, server_w, thawed.clone()),
+                        pump(server_r, client_w, thawed)
+                    );
                 });
                 accept_conns.lock().unwrap().push(task);
             }
@@ -939,6 +953,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            frozen,
             connections,
             accept,
         }
@@ -954,6 +969,39 @@ impl Proxy {
 
     pub fn up(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Holds every byte in both directions, on open connections and new ones alike: the
+    /// service behind looks hung.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Lets everything held through, and what follows.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+/// Copies one direction, holding what arrives while the proxy is frozen.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut thawed: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if thawed.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
