@@ -19,7 +19,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::config::Config;
 pub use crate::stream::dead_letters::{
     HEADER_OFFSET, HEADER_PARTITION, HEADER_PAYLOAD_OMITTED, HEADER_PROCESSOR, HEADER_REASON,
-    HEADER_TENANT, HEADER_TOPIC,
+    HEADER_TENANT, HEADER_TIMESTAMP, HEADER_TOPIC,
 };
 use crate::tenant::Namespace;
 use crate::topics::Topic;
@@ -64,6 +64,8 @@ pub struct DeadLetter {
     pub source_topic: Option<String>,
     pub source_partition: Option<i32>,
     pub source_offset: Option<i64>,
+    /// The original message's log timestamp, which a replayed copy keeps.
+    pub source_timestamp_ms: Option<i64>,
     pub tenant: Option<String>,
     pub reason: Option<String>,
     /// Set when this dead letter is itself a replayed copy that failed again.
@@ -111,6 +113,7 @@ impl DeadLetter {
             source_topic: text(HEADER_TOPIC).filter(|t| !t.is_empty()),
             source_partition: text(HEADER_PARTITION).and_then(|p| p.parse().ok()),
             source_offset: text(HEADER_OFFSET).and_then(|o| o.parse().ok()),
+            source_timestamp_ms: text(HEADER_TIMESTAMP).and_then(|t| t.parse().ok()),
             tenant: text(HEADER_TENANT).filter(|t| !t.is_empty()),
             reason: text(HEADER_REASON),
             replayed_from: text(HEADER_REPLAYED_FROM),
@@ -471,6 +474,13 @@ impl DeadLetterLog {
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
             .partition(partition)
             .headers(headers);
+        // The original's place in time: a grant replayed after its revoke stays older than it.
+        if let Some(ts) = original
+            .as_ref()
+            .map_or(l.source_timestamp_ms, |o| o.timestamp_ms)
+        {
+            record = record.timestamp(ts);
+        }
         if let Some(k) = key {
             record = record.key(k);
         }
@@ -527,6 +537,7 @@ impl DeadLetterLog {
                         key: msg.key().map(<[u8]>::to_vec),
                         payload: msg.payload().map(<[u8]>::to_vec),
                         headers,
+                        timestamp_ms: msg.timestamp().to_millis(),
                     });
                 }
                 Some(Ok(msg)) => {
@@ -608,6 +619,7 @@ struct Original {
     key: Option<Vec<u8>>,
     payload: Option<Vec<u8>>,
     headers: Vec<(String, Option<Vec<u8>>)>,
+    timestamp_ms: Option<i64>,
 }
 
 /// A consumer that never joins its group: it reads assigned partitions and commits offsets.

@@ -109,6 +109,7 @@ async fn each_organisation_type_gets_a_migrated_database() {
             format!("{ns}_supplier_cassidy"),
             vec![
                 "_sqlx_migrations",
+                "access_changes",
                 "applied_events",
                 "brand_access",
                 "brand_fabrics",

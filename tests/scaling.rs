@@ -354,6 +354,7 @@ fn purged(t: &TestNs, org: &str, slug: &str, termination: &str) -> TenantPurged 
         database: brand_db(t, slug),
         reason: "forged".into(),
         caused_by: Some(termination.to_owned()),
+        removes: Vec::new(),
     }
 }
 

@@ -379,13 +379,15 @@ impl CatalogHooks {
             let Some(db) = db else { continue };
             let mut tx = supplier.server.pool().begin().await?;
             dropped += store::drop_copy(&mut tx, &db, &self.spec, brand_id).await?;
-            sqlx::query(&format!(
-                "DELETE FROM {}.brand_access WHERE brand_id = ?",
-                db.quoted()
-            ))
-            .bind(brand_id)
-            .execute(&mut *tx)
-            .await?;
+            for table in ["brand_access", "access_changes"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {}.{table} WHERE brand_id = ?",
+                    db.quoted()
+                ))
+                .bind(brand_id)
+                .execute(&mut *tx)
+                .await?;
+            }
             // The grants' bookkeeping goes with them: a replay, which skips a purged brand's
             // grants, ends the same.
             let access = super::grants::access_projection(brand_id);

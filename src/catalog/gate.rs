@@ -9,10 +9,10 @@
 
 use std::collections::HashMap;
 
-use super::item::Item;
+use super::item::{Change, Item};
 use crate::stream::{Gate, Wait};
 use crate::tenancy::tenants::TenantRef;
-use crate::tenancy::verdict::verdict;
+use crate::tenancy::verdict::{revoke_verdict, verdict};
 use crate::tenancy::watermark::{settled, LogEnds};
 use crate::tenant::OrganisationType;
 
@@ -31,37 +31,36 @@ pub struct Lifecycle<'a> {
     pub applied: &'a HashMap<i32, i64>,
 }
 
-/// Each tenant's own verdict on an event, by its lifecycle at the event's time: the brand's,
-/// and for an access event the supplier's. (`tenancy rebuild` of a supplier asks it too.)
+/// Each tenant's own verdict on an event, by its lifecycle at the event's time `at` (as
+/// [`crate::tenancy::clock`] places it): the brand's, and for an access event the supplier's; a
+/// revoke as [`revoke_verdict`] judges it. (`tenancy rebuild` of a supplier asks it too.)
 pub fn verdicts(
     item: &Item,
+    at: i64,
     tenants: &HashMap<String, TenantRef>,
 ) -> (Gate<TenantRef>, Option<Gate<TenantRef>>) {
-    let brand = verdict(
-        tenants,
-        &item.brand,
-        "brand_id",
-        OrganisationType::Brand,
-        item.occurred_at,
-    );
-    let supplier = item.supplier().map(|s| {
-        verdict(
-            tenants,
-            s,
-            "supplier_id",
-            OrganisationType::Supplier,
-            item.occurred_at,
-        )
-    });
+    let revoke = matches!(item.change, Change::Revoke { .. });
+    let one = |id: &str, field: &str, kind: OrganisationType| {
+        if revoke {
+            revoke_verdict(tenants, id, field, kind)
+        } else {
+            verdict(tenants, id, field, kind, at)
+        }
+    };
+    let brand = one(&item.brand, "brand_id", OrganisationType::Brand);
+    let supplier = item
+        .supplier()
+        .map(|s| one(s, "supplier_id", OrganisationType::Supplier));
     (brand, supplier)
 }
 
-/// The verdict on one event (received at `received_at`, epoch ms), given the lifecycle log and
-/// the tenants table. A rejection beats a skip, which beats a hold: an event that can never
-/// apply is not kept.
+/// The verdict on one event (received at `received_at`, placed at `at`, epoch ms), given the
+/// lifecycle log and the tenants table. A rejection beats a skip, which beats a hold: an event
+/// that can never apply is not kept.
 pub fn gate(
     item: &Item,
     received_at: i64,
+    at: i64,
     lifecycle: &Lifecycle<'_>,
     tenants: &HashMap<String, TenantRef>,
 ) -> Gate<Target> {
@@ -72,7 +71,7 @@ pub fn gate(
     {
         return Gate::Hold(Wait::Lifecycle);
     }
-    let (brand, supplier) = verdicts(item, tenants);
+    let (brand, supplier) = verdicts(item, at, tenants);
     let verdicts = std::iter::once(&brand).chain(supplier.as_ref());
     let mut hold = None;
     for v in verdicts {
@@ -156,6 +155,7 @@ mod tests {
         gate(
             item,
             0,
+            item.occurred_at,
             &Lifecycle {
                 ends: &ends,
                 applied,
@@ -199,6 +199,7 @@ mod tests {
             gate(
                 &grant(50),
                 60,
+                50,
                 &Lifecycle {
                     ends: &fresh,
                     applied: &applied
@@ -230,6 +231,40 @@ mod tests {
         ));
         assert!(matches!(
             verdict(&grant(15), &applied, &tenants),
+            Gate::Skip { .. }
+        ));
+    }
+
+    #[test]
+    fn a_revoke_reaches_an_archived_side_at_its_archive_whenever_it_happened() {
+        let applied = HashMap::from([(0, 2)]);
+        let mut supplier = tenant("s", OrganisationType::Supplier, Status::Archived);
+        supplier.archive_database = crate::tenant::Namespace::parse("ns")
+            .unwrap()
+            .archive_database("6f1c4b1e-8a43-4c55-9b51-0d8e3f2a9c17");
+        let brand = tenant("b", OrganisationType::Brand, Status::Active);
+        let tenants = HashMap::from([("b".to_string(), brand), ("s".to_string(), supplier)]);
+        let revoke = |at: i64| Item {
+            event_id: "r".into(),
+            brand: "b".into(),
+            occurred_at: at,
+            change: Change::Revoke {
+                supplier: "s".into(),
+            },
+        };
+        // After the supplier's termination (100), and inside an earlier archived period.
+        for at in [150, 15] {
+            match verdict(&revoke(at), &applied, &tenants) {
+                Gate::Ready(t) => {
+                    let s = t.supplier.expect("a supplier target");
+                    assert!(s.database.unwrap().as_str().starts_with("ns_arc_"));
+                }
+                other => panic!("revoke at {at}: {other:?}"),
+            }
+        }
+        // A grant then is passed by, as before.
+        assert!(matches!(
+            verdict(&grant(150), &applied, &tenants),
             Gate::Skip { .. }
         ));
     }

@@ -9,6 +9,13 @@
 //! lock after the commit, never from the event: a grant delivered again after a revoke (a stale
 //! owner of a partition, a dead-letter replay) finds the revoke applied and leaves no access
 //! behind in Redis.
+//!
+//! Per (brand, supplier) pair the latest change by occurrence wins, whatever offset it arrives
+//! at: each grant or revoke applied is recorded in the supplier's `access_changes` (a revoke
+//! stays there as its tombstone), and one placed before it (by [`crate::tenancy::clock`]; ties
+//! broken by event id) changes nothing but its bookkeeping. A revoke for a pair whose either
+//! side is archived is applied too, to the archive ([`crate::tenancy::verdict::revoke_verdict`]),
+//! so the restore finds it revoked.
 
 use super::apply::{copy_projection, read_permissions};
 use super::copies::backfill_copy;
@@ -23,6 +30,7 @@ use crate::db::NamedLock;
 use crate::offsets;
 use crate::servers::Server;
 use crate::stream::{Msg, Origin, StepError};
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::Status;
 use crate::tenant::DatabaseName;
 
@@ -47,13 +55,47 @@ async fn is_new(
     Ok(applied.is_none_or(|a| origin.offset > a))
 }
 
-/// A grant's or revoke's row in the supplier's `brand_access`, as the live projector writes it
-/// (the copy, the index and the cache are separate steps). Shared with `tenancy rebuild`.
+/// Whether a later change of the pair than `item` (placed at `at`) is already applied in
+/// `supplier_db`: then `item` changes nothing. Shared with `tenancy rebuild`.
+pub(crate) async fn superseded(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    supplier_db: &DatabaseName,
+    item: &Item,
+    at: i64,
+) -> Result<bool, sqlx::Error> {
+    let latest: Option<(i64, String)> = sqlx::query_as(&format!(
+        "SELECT changed_at, event_id FROM {}.access_changes WHERE brand_id = ?",
+        supplier_db.quoted()
+    ))
+    .bind(&item.brand)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(latest.is_some_and(|(changed_at, event_id)| {
+        (changed_at, event_id.as_str()) > (at, item.event_id.as_str())
+    }))
+}
+
+/// A grant's or revoke's row in the supplier's `brand_access`, as the live projector writes it,
+/// and the pair's latest change (`at`) in `access_changes` (the copy, the index and the cache
+/// are separate steps). Shared with `tenancy rebuild`.
 pub(crate) async fn write_access_row(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     supplier_db: &DatabaseName,
     item: &Item,
+    at: i64,
 ) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {}.access_changes (brand_id, changed_at, event_id, granted) VALUES (?, ?, ?, ?) \
+         ON DUPLICATE KEY UPDATE changed_at = VALUES(changed_at), event_id = VALUES(event_id), \
+         granted = VALUES(granted)",
+        supplier_db.quoted()
+    ))
+    .bind(&item.brand)
+    .bind(at)
+    .bind(&item.event_id)
+    .bind(matches!(item.change, Change::Grant { .. }))
+    .execute(&mut **tx)
+    .await?;
     match &item.change {
         Change::Grant { permissions, .. } => {
             sqlx::query(&format!(
@@ -147,16 +189,41 @@ impl CatalogProcessor {
                 // Applied before at another offset: no database, index or cache write at all.
                 return Ok(());
             }
+            let at = EventTime::new(m.item.occurred_at, m.logged_at_ms()).effective();
+            let mut tx = into.pool().begin().await?;
+            let older = superseded(&mut tx, &supplier_db, &m.item, at).await?;
+            if older {
+                // A later grant or revoke of the pair is applied: this one only counts as done.
+                let brand_id = &m.item.brand;
+                if is_new(
+                    &mut tx,
+                    &supplier_db,
+                    &access_projection(brand_id),
+                    &m.origin,
+                )
+                .await?
+                {
+                    self.mark_applied(&mut tx, &supplier_db, brand_id, m)
+                        .await?;
+                }
+                tx.commit().await?;
+                metrics::counter!("tenancy_access_changes_superseded_total").increment(1);
+                tracing::info!(processor = "catalog", tenant = %supplier.organisation_id,
+                    brand = %brand.organisation_id, event_id = %m.item.event_id,
+                    "access change older than the pair's latest applied: changes nothing");
+                return Ok(());
+            }
+            tx.commit().await?;
             match &m.item.change {
                 Change::Grant { permissions, .. } => {
                     let brand = BrandSource {
                         db: &brand_db,
                         server: &brand.server,
                     };
-                    self.grant(target, brand, into, &supplier_db, permissions, m)
+                    self.grant(target, brand, into, &supplier_db, permissions, m, at)
                         .await?
                 }
-                Change::Revoke { .. } => self.revoke(target, into, &supplier_db, m).await?,
+                Change::Revoke { .. } => self.revoke(target, into, &supplier_db, m, at).await?,
                 Change::Catalog(_) => unreachable!("an access key holds access events only"),
             }
             // The cache follows the database, and holds access only between two live tenants
@@ -191,6 +258,7 @@ impl CatalogProcessor {
         supplier_db: &DatabaseName,
         permissions: &[String],
         m: &Msg<Item>,
+        at: i64,
     ) -> Result<(), StepError> {
         let brand_id = &target.brand.organisation_id;
         let supplier_id = &target.supplier.as_ref().expect("checked").organisation_id;
@@ -203,7 +271,7 @@ impl CatalogProcessor {
 
         let mut tx = into.pool().begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
-            write_access_row(&mut tx, supplier_db, &m.item).await?;
+            write_access_row(&mut tx, supplier_db, &m.item, at).await?;
             // Backfill: the supplier's copy becomes the brand's current projection, and records
             // the brand offsets it reflects so the fan-out continues from exactly there. Only
             // between two live tenants (see apply::fan_out); restore backfills the others.
@@ -243,6 +311,7 @@ impl CatalogProcessor {
         into: &Server,
         supplier_db: &DatabaseName,
         m: &Msg<Item>,
+        at: i64,
     ) -> Result<(), StepError> {
         let origin = &m.origin;
         let brand_id = &target.brand.organisation_id;
@@ -250,7 +319,7 @@ impl CatalogProcessor {
         // Supplier first: once its row is gone the fan-out skips it, whatever the index says.
         let mut tx = into.pool().begin().await?;
         if is_new(&mut tx, supplier_db, &access_projection(brand_id), origin).await? {
-            write_access_row(&mut tx, supplier_db, &m.item).await?;
+            write_access_row(&mut tx, supplier_db, &m.item, at).await?;
             let rows = store::drop_copy(&mut tx, supplier_db, &self.spec, brand_id).await?;
             offsets::clear(&mut tx, supplier_db, &copy_projection(brand_id)).await?;
             self.mark_applied(&mut tx, supplier_db, brand_id, m).await?;

@@ -31,6 +31,7 @@ use crate::caches::Redis;
 use crate::events::Event;
 use crate::servers::{Server, Servers};
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError};
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::Tenants;
 use crate::tenancy::watermark::Watermark;
 use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
@@ -111,7 +112,10 @@ impl Processor for CatalogProcessor {
         let tenants = self.tenants.lookup(&ids).await?;
         Ok(msgs
             .iter()
-            .map(|m| gate::gate(&m.item, m.received_at_ms, &lifecycle, &tenants))
+            .map(|m| {
+                let at = EventTime::new(m.item.occurred_at, m.logged_at_ms()).placed("catalog");
+                gate::gate(&m.item, m.received_at_ms, at, &lifecycle, &tenants)
+            })
             .collect())
     }
 

@@ -120,10 +120,19 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
                 return Ok(ExitCode::FAILURE);
             }
             for r in &rows {
+                // The record with its audit trail: who terminated, restored or purged it, why,
+                // and when (kept after the purge).
+                let history = tenants
+                    .history(&r.organisation_id)
+                    .await
+                    .map_err(platform_missing)?;
+                let mut shown = serde_json::to_value(r)?;
+                shown["history"] = serde_json::to_value(&history)?;
                 if json {
-                    println!("{}", serde_json::to_string(r)?);
+                    println!("{shown}");
                 } else {
                     println!("{}", serde_json::to_string_pretty(r)?);
+                    print_history(&history);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -234,9 +243,42 @@ fn print_table(rows: &[TenantRecord]) {
     eprintln!("{} tenant(s)", rows.len());
 }
 
-/// The one tenant an operator named, by organisation id or unambiguous slug.
+/// An audit trail as lines: when, what, by whom, why.
+fn print_history(history: &[crate::tenancy::tenants::LogEntry]) {
+    if history.is_empty() {
+        return;
+    }
+    println!("history:");
+    for h in history {
+        let mut line = format!(
+            "  {}  {:<10} by {}",
+            h.occurred_at.to_rfc3339(),
+            h.kind,
+            h.actor.as_deref().unwrap_or("-")
+        );
+        if let Some(reason) = &h.reason {
+            line.push_str(&format!(": {reason}"));
+        }
+        if let Some(applied) = h.applied_at {
+            line.push_str(&format!(" (applied {})", applied.to_rfc3339()));
+        }
+        if let Some(claimed) = h.claimed_at {
+            line.push_str(&format!(
+                " [its event claimed {}, not believed]",
+                claimed.to_rfc3339()
+            ));
+        }
+        println!("{line}");
+    }
+}
+
+/// The one tenant an operator named, by organisation id or unambiguous slug (a purged
+/// tenant's slug may be another organisation's now: the one not purged is meant).
 async fn resolve(tenants: &Tenants, org: &str) -> Result<Option<TenantRecord>, sqlx::Error> {
     let mut rows = tenants.find(org).await?;
+    if rows.len() > 1 {
+        rows.retain(|r| r.status != Status::Purged);
+    }
     Ok(if rows.len() == 1 { rows.pop() } else { None })
 }
 

@@ -11,6 +11,12 @@
 //! row with its offsets and event ids; a redelivery after a crash between the two finds the
 //! index step done and finishes the other. Resolution reads the index only, so a removal is in
 //! effect once its first step commits.
+//!
+//! Per host the latest change by occurrence wins, whatever offset it arrives at: the index
+//! keeps each host's latest change applied in `domain_changes` (a removal stays as its
+//! tombstone), and one placed before it (by [`crate::tenancy::clock`]; ties broken by event id)
+//! changes neither the index nor the retailer's row. A purge removes its retailer's rows, so its
+//! hosts are free again.
 
 pub mod host;
 
@@ -25,6 +31,7 @@ use crate::events::{Event, EventKind};
 use crate::offsets;
 use crate::servers::Server;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::{TenantRef, Tenants};
 use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, Watermark};
@@ -143,6 +150,7 @@ impl DomainProcessor {
 
     async fn apply_locked(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
         let c = &m.item;
+        let at = EventTime::new(c.occurred_at, m.logged_at_ms()).effective();
         let o = &m.origin;
         let db = &to.db;
         let mut tx = self.home().begin().await?;
@@ -155,8 +163,7 @@ impl DomainProcessor {
             .is_empty()
         {
             applied::duplicate("domains", &c.event_id, o, None);
-        } else {
-            index_change(&mut tx, &self.ns, c).await?;
+        } else if index_change(&mut tx, &self.ns, c, at).await? {
             write_retailer_row(&mut tx, db, c).await?;
         }
         applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
@@ -171,6 +178,7 @@ impl DomainProcessor {
     /// index step, then the retailer's, each effectively once by its own offset.
     async fn apply_across(&self, m: &Msg<DomainChange>, to: &Placed) -> Result<(), StepError> {
         let c = &m.item;
+        let at = EventTime::new(c.occurred_at, m.logged_at_ms()).effective();
         let o = &m.origin;
         let db = &to.db;
         // Where the retailer stands, read first: an event its database already holds (applied
@@ -190,11 +198,15 @@ impl DomainProcessor {
         let indexed = offsets::get(&mut tx, &platform, &marker, &o.topic, o.partition).await?;
         if indexed.is_none_or(|d| o.offset > d) {
             if !seen {
-                index_change(&mut tx, &self.ns, c).await?;
+                index_change(&mut tx, &self.ns, c, at).await?;
             }
             offsets::set(&mut tx, &platform, &marker, &o.topic, o.partition, o.offset).await?;
         }
+        // Whether the index took this change is read back, not remembered: a redelivery after a
+        // crash between the two steps decides the second the same way.
+        let latest = latest_change(&mut tx, &self.ns, &c.host).await?;
         tx.commit().await?;
+        let took = latest.is_some_and(|(_, id)| id == c.event_id);
         if self.fail_after.as_deref() == Some(FAULT_AFTER_DOMAIN_INDEX) {
             tracing::error!(tenant = %c.retailer, host = %c.host,
                 "--fail-after domain-index: aborting as a crash would");
@@ -204,7 +216,7 @@ impl DomainProcessor {
         // Under the retailer's writes lock, as the read above: nothing moved since.
         if seen {
             applied::duplicate("domains", &c.event_id, o, None);
-        } else {
+        } else if took {
             write_retailer_row(&mut tx, db, c).await?;
         }
         applied::record(&mut tx, db, PROJECTION, &[(&c.event_id, o)]).await?;
@@ -222,13 +234,48 @@ pub fn index_projection(retailer: &str) -> String {
     format!("domains_index:{retailer}")
 }
 
-/// The index's part of a change: claim the host (refused if another retailer holds it) or drop
-/// the retailer's own assignment of it.
+/// The host's latest change applied: (when, event id).
+async fn latest_change(
+    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
+    ns: &Namespace,
+    host: &Host,
+) -> Result<Option<(i64, String)>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT changed_at, event_id FROM {} WHERE host = ? AND changed_at >= 0",
+        changes_table(ns)
+    ))
+    .bind(host.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+}
+
+/// The index's part of a change placed at `at`: claim the host (refused if another retailer
+/// holds it) or drop the retailer's own assignment of it, and record it as the host's latest
+/// change. False (nothing changed) when a later change of the host is applied already.
 async fn index_change(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     ns: &Namespace,
     c: &DomainChange,
-) -> Result<(), StepError> {
+    at: i64,
+) -> Result<bool, StepError> {
+    // The host's row of changes, locked (made first if new: a locking read of a missing row
+    // would take a gap lock, and neighbouring new hosts would deadlock on each other's gaps).
+    sqlx::query(&format!(
+        "INSERT INTO {} (host, changed_at, event_id, retailer_id, assigned) \
+         VALUES (?, -1, '', '', FALSE) ON DUPLICATE KEY UPDATE host = host",
+        changes_table(ns)
+    ))
+    .bind(c.host.as_str())
+    .execute(&mut **tx)
+    .await?;
+    if let Some((changed_at, event_id)) = latest_change(tx, ns, &c.host).await? {
+        if (changed_at, event_id.as_str()) > (at, c.event_id.as_str()) {
+            metrics::counter!("tenancy_domain_changes_superseded_total").increment(1);
+            tracing::info!(processor = "domains", tenant = %c.retailer, host = %c.host,
+                event_id = %c.event_id, "domain change older than the host's latest applied: changes nothing");
+            return Ok(false);
+        }
+    }
     if c.assign {
         if let Some(other) = claim_host(tx, ns, &c.host, &c.retailer, assigned_at(c)).await? {
             return Err(StepError::reject(format!(
@@ -246,7 +293,26 @@ async fn index_change(
         .execute(&mut **tx)
         .await?;
     }
-    Ok(())
+    sqlx::query(&format!(
+        "UPDATE {} SET changed_at = ?, event_id = ?, retailer_id = ?, assigned = ? WHERE host = ?",
+        changes_table(ns)
+    ))
+    .bind(at)
+    .bind(&c.event_id)
+    .bind(&c.retailer)
+    .bind(c.assign)
+    .bind(c.host.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+/// Each host's latest change applied.
+fn changes_table(ns: &Namespace) -> String {
+    format!(
+        "{}.domain_changes",
+        ns.service_database(ServiceDatabase::Platform).quoted()
+    )
 }
 
 /// A retailer's database (live, or its archive) and the server it is on.
@@ -345,13 +411,13 @@ pub async fn write_retailer_row(
 
 /// The verdict for one retailer, as every projection judges a tenant ([`verdict`]): an
 /// assignment from before a termination applies to the archive, as it did live.
-fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange) -> Gate<Placed> {
+fn check(tenants: &HashMap<String, TenantRef>, c: &DomainChange, at: i64) -> Gate<Placed> {
     match verdict(
         tenants,
         &c.retailer,
         "retailer_id",
         OrganisationType::Retailer,
-        c.occurred_at,
+        at,
     ) {
         Gate::Ready(t) => match t.database {
             Some(db) => Gate::Ready(Placed {
@@ -405,7 +471,8 @@ impl Processor for DomainProcessor {
                 {
                     return Gate::Hold(Wait::Lifecycle);
                 }
-                check(&tenants, &m.item)
+                let at = EventTime::new(m.item.occurred_at, m.logged_at_ms()).placed("domains");
+                check(&tenants, &m.item, at)
             })
             .collect())
     }

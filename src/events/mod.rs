@@ -219,6 +219,9 @@ pub struct TenantPurged {
     pub database: String,
     pub reason: String,
     pub caused_by: Option<String>,
+    /// What the purge removes (databases by server/name, then kinds of rows and keys).
+    #[serde(default)]
+    pub removes: Vec<String>,
 }
 
 /// A consumed event, decoded and mapped onto our reader schema.

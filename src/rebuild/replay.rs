@@ -29,6 +29,7 @@ use crate::catalog::store;
 use crate::config::Config;
 use crate::offsets;
 use crate::stream::{Msg, Origin};
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
 use crate::wire::{decode_batch, Codec, DecodeError, PendingCodec};
@@ -534,11 +535,12 @@ impl Reader {
         let decoded = tokio::task::spawn_blocking(move || decode_batch(&framed)).await?;
         let mut run = Vec::with_capacity(kept.len());
         for (m, decoded) in kept.into_iter().zip(decoded) {
+            let logged_at = crate::stream::logged_at(&m);
             match decoded.map(item::parse) {
                 Ok(Ok(it))
                     if it.brand == self.brand.organisation_id
                         && matches!(it.change, Change::Catalog(_))
-                        && self.belongs(it.occurred_at) =>
+                        && self.belongs(EventTime::new(it.occurred_at, logged_at).effective()) =>
                 {
                     run.push(Msg::new(Origin::of(&m), it, m));
                 }
@@ -548,7 +550,8 @@ impl Reader {
         Ok(run)
     }
 
-    /// Whether an event that happened at `occurred_at` was applied live, by the tenant's
+    /// Whether an event placed at `occurred_at` (by `tenancy::clock`) was applied live, by the
+    /// tenant's
     /// lifecycle (as `tenancy::verdict` judged it): not inside an earlier archived period, and
     /// for an archived tenant only from before its termination (what its archive holds).
     fn belongs(&self, occurred_at: i64) -> bool {

@@ -20,6 +20,7 @@ use crate::db::NamedLock;
 use crate::domains::{self, write_retailer_row, PROJECTION};
 use crate::servers::Server;
 use crate::stream::Gate;
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::TenantRef;
 use crate::tenancy::verdict::verdict;
 use crate::tenant::{DatabaseName, OrganisationType};
@@ -56,6 +57,11 @@ impl Rebuilder {
         let tenants = self.tenants.lookup(&[&t.organisation_id]).await?;
         let dead = self.dead_lettered(&topic).await?;
         let codec = self.codec.get().await;
+        // Per host, the latest change replayed so far, as the live index orders them: one
+        // placed before it (a dead letter replayed late) changed nothing live either. (A host's
+        // changes by other retailers are not replayed here: one of those superseding this
+        // retailer's change is not seen.)
+        let mut latest: HashMap<String, (i64, String)> = HashMap::new();
         while let Some(m) = range.next().await? {
             let p = m.partition();
             done.read += 1;
@@ -70,13 +76,14 @@ impl Rebuilder {
                 done.skipped += 1;
                 continue;
             };
+            let at = EventTime::new(c.occurred_at, crate::stream::logged_at(&m)).effective();
             let ready = matches!(
                 verdict(
                     &tenants,
                     &c.retailer,
                     "retailer_id",
                     OrganisationType::Retailer,
-                    c.occurred_at
+                    at
                 ),
                 Gate::Ready(_)
             );
@@ -86,12 +93,18 @@ impl Rebuilder {
                 done.skipped += 1;
                 continue;
             }
+            let older = latest
+                .get(c.host.as_str())
+                .is_some_and(|(when, id)| (*when, id.as_str()) > (at, c.event_id.as_str()));
             let mut tx = into.pool().begin().await?;
-            if applied::seen(&mut tx, target, PROJECTION, &[&c.event_id])
+            if older {
+                done.skipped += 1;
+            } else if applied::seen(&mut tx, target, PROJECTION, &[&c.event_id])
                 .await?
                 .is_empty()
             {
                 write_retailer_row(&mut tx, target, &c).await?;
+                latest.insert(c.host.as_str().to_owned(), (at, c.event_id.clone()));
                 done.applied += 1;
             }
             let origin = crate::stream::Origin::of(&m);
@@ -106,7 +119,7 @@ impl Rebuilder {
     /// assignment was refused depends on which retailer held the host when it was applied,
     /// which the index as it is now cannot say (the host may have moved since, even to this
     /// retailer); the dead-letter topic records the decision itself.
-    async fn dead_lettered(&self, topic: &str) -> anyhow::Result<HashSet<(i32, i64)>> {
+    pub(super) async fn dead_lettered(&self, topic: &str) -> anyhow::Result<HashSet<(i32, i64)>> {
         let (config, topic) = (self.config.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
             let letters = crate::dead_letter::DeadLetterLog::open(&config)?.list()?;

@@ -23,12 +23,15 @@ use sqlx::MySqlPool;
 use super::compare;
 use super::Rebuilder;
 use crate::catalog::copies::fill_copy;
-use crate::catalog::grants::{access_projection, mark_access_applied, write_access_row};
+use crate::catalog::grants::{
+    access_projection, mark_access_applied, superseded, write_access_row,
+};
 use crate::catalog::item::{self, Item};
 use crate::catalog::store::BrandSource;
 use crate::db::NamedLock;
 use crate::servers::Server;
 use crate::stream::{Gate, Msg, Origin};
+use crate::tenancy::clock::EventTime;
 use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
 use crate::topics::Topic;
@@ -108,6 +111,9 @@ impl Rebuilder {
         brands.sort_unstable();
         brands.dedup();
         let tenants = self.tenants.lookup(&brands).await?;
+        // What the live projector dead-lettered it did not apply (a grant whose supplier came
+        // too late, say); a replayed copy of it comes later in the log and is judged there.
+        let dead = self.dead_lettered(&topic).await?;
         // From 0: a partition holds every brand's events, each applied up to its own offset.
         let Some(mut range) = Range::new(&self.config, &topic, &HashMap::new(), upto)? else {
             return Ok(done);
@@ -126,26 +132,34 @@ impl Rebuilder {
             let key = (item.brand.clone(), p);
             let live_bound = bounds.get(&key).copied();
             let applied_here = held.get(&key).is_some_and(|h| m.offset() <= *h);
-            if live_bound.is_none_or(|b| m.offset() > b) || applied_here {
-                continue;
-            }
-            if !applied_live(&tenants, &item) {
-                done.skipped += 1;
+            if live_bound.is_none_or(|b| m.offset() > b)
+                || applied_here
+                || dead.contains(&(p, m.offset()))
+            {
                 continue;
             }
             let msg = Msg::new(Origin::of(&m), item, m.detach());
+            let at = EventTime::new(msg.item.occurred_at, msg.logged_at_ms()).effective();
+            if !applied_live(&tenants, &msg.item, at) {
+                done.skipped += 1;
+                continue;
+            }
             let mut tx = into.pool().begin().await?;
             let projection = access_projection(&msg.item.brand);
             let first =
                 crate::applied::first_applied(&mut tx, target, &projection, &msg.item.event_id)
                     .await?;
-            // Applied before at another offset: the live projector wrote nothing for it.
-            if first.is_none() {
-                write_access_row(&mut tx, target, &msg.item).await?;
+            // Applied before at another offset: the live projector wrote nothing for it. One
+            // older than the pair's latest change changes nothing either, but counts as done.
+            if first.is_some() {
+                done.skipped += 1;
+            } else if superseded(&mut tx, target, &msg.item, at).await? {
+                mark_access_applied(&mut tx, target, &msg.item.brand, &msg, true).await?;
+                done.skipped += 1;
+            } else {
+                write_access_row(&mut tx, target, &msg.item, at).await?;
                 mark_access_applied(&mut tx, target, &msg.item.brand, &msg, true).await?;
                 done.applied += 1;
-            } else {
-                done.skipped += 1;
             }
             tx.commit().await?;
         }
@@ -273,7 +287,7 @@ impl Rebuilder {
 /// Whether the live projector applied an access event to the supplier's database: both
 /// tenants ready by their lifecycles, as the catalog gate judges them (a refusal or a skip of
 /// either side means no write).
-fn applied_live(tenants: &HashMap<String, TenantRef>, item: &Item) -> bool {
-    let (brand, supplier) = crate::catalog::gate::verdicts(item, tenants);
+fn applied_live(tenants: &HashMap<String, TenantRef>, item: &Item, at: i64) -> bool {
+    let (brand, supplier) = crate::catalog::gate::verdicts(item, at, tenants);
     matches!((brand, supplier), (Gate::Ready(_), Some(Gate::Ready(_))))
 }

@@ -24,6 +24,9 @@ pub const HEADER_OFFSET: &str = "dlq.source.offset";
 pub const HEADER_TENANT: &str = "dlq.tenant";
 /// The processor that gave up on it.
 pub const HEADER_PROCESSOR: &str = "dlq.processor";
+/// The original message's log timestamp (epoch ms): a replay keeps it, so the event keeps its
+/// place among the changes it races with ([`crate::tenancy::clock`]).
+pub const HEADER_TIMESTAMP: &str = "dlq.source.timestamp";
 /// Set (to the original payload's size in bytes) when the dead letter carries no payload
 /// because the original would not fit: a replay fetches it from the source position.
 pub const HEADER_PAYLOAD_OMITTED: &str = "dlq.payload-omitted";
@@ -151,11 +154,13 @@ impl DeadLetters {
         }
         let tenant = tenant.or(origin.key.as_deref()).unwrap_or("");
         let omitted = msg.payload().map_or(0, <[u8]>::len).to_string();
+        let timestamp = super::logged_at(msg).to_string();
         for (key, value) in [
             (HEADER_REASON, reason),
             (HEADER_TOPIC, origin.topic.as_str()),
             (HEADER_PARTITION, partition.as_str()),
             (HEADER_OFFSET, offset.as_str()),
+            (HEADER_TIMESTAMP, timestamp.as_str()),
             (HEADER_TENANT, tenant),
             (HEADER_PROCESSOR, processor),
         ] {

@@ -49,6 +49,14 @@ pub use run::run;
 use crate::events::Event;
 use crate::servers::{Server, Servers};
 
+/// When the log has a message: the broker's timestamp (epoch ms), or now if it gives none.
+pub fn logged_at(msg: &impl Message) -> i64 {
+    msg.timestamp()
+        .to_millis()
+        .filter(|t| *t > 0)
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
+}
+
 /// Where a message came from; named in logs and dead letters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
@@ -91,11 +99,7 @@ impl<I> Msg<I> {
     /// A message built outside the loop (tests, benchmarks).
     pub fn new(origin: Origin, item: I, raw: OwnedMessage) -> Msg<I> {
         let received_at_ms = chrono::Utc::now().timestamp_millis();
-        let logged_at_ms = raw
-            .timestamp()
-            .to_millis()
-            .filter(|t| *t > 0)
-            .unwrap_or(received_at_ms);
+        let logged_at_ms = logged_at(&raw);
         Msg {
             origin,
             item,
@@ -104,6 +108,12 @@ impl<I> Msg<I> {
             logged_at_ms,
             generation: 0,
         }
+    }
+
+    /// When the log has it: the broker's timestamp (epoch ms), or the receipt time if it gives
+    /// none.
+    pub fn logged_at_ms(&self) -> i64 {
+        self.logged_at_ms
     }
 
     fn partition(&self) -> consumer::Partition {

@@ -12,16 +12,22 @@
 //!
 //! Every step holds the organisation's lifecycle lock and is idempotent, keyed to the event's
 //! id, so a crash between any two steps is finished by the redelivery, and two workers racing on
-//! one event apply it once and dead-letter nothing. Lifecycle order is log order: an event older
-//! (by `occurred_at`) than the latest termination or restore applied — a stale or replayed copy
-//! — is ignored with a log line, so it can never undo a later step.
+//! one event apply it once and dead-letter nothing. An event placed before the latest
+//! termination or restore applied — a stale copy, or a dead letter replayed late (it keeps its
+//! original's log time) — is ignored with a log line, so it can never undo a later step.
+//!
+//! Times are the log's ([`super::clock`]): each event is placed at its `occurred_at` only when
+//! that is within bounds of the message's log time, and the grace runs from no earlier than the
+//! log time. A termination stamped in 1970 gets its full grace; one stamped a year ahead does
+//! not hide the restore that follows. Who asked and why go to the audit trail.
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::MySqlPool;
 
+use super::clock::EventTime;
 use super::outcomes::derived_event_id;
 use super::provisioning::Provisioner;
-use super::tenants::{Logged, Pending, Status, TenantRecord};
+use super::tenants::{Audit, Logged, Pending, Status, TenantRecord};
 use crate::db::tables;
 use crate::events::{EventKind, OrganisationRestored, OrganisationTerminated};
 use crate::stream::{error::kafka_outage, Origin, StepError};
@@ -111,9 +117,10 @@ impl Provisioner {
         &self,
         ev: &OrganisationTerminated,
         origin: &Origin,
+        time: EventTime,
     ) -> Result<(), StepError> {
         let lock = self.lock(&ev.organisation_id).await?;
-        let result = self.terminate_locked(ev, origin).await;
+        let result = self.terminate_locked(ev, origin, time).await;
         lock.release().await;
         result
     }
@@ -122,6 +129,7 @@ impl Provisioner {
         &self,
         ev: &OrganisationTerminated,
         origin: &Origin,
+        time: EventTime,
     ) -> Result<(), StepError> {
         let org = &ev.organisation_id;
         let row = self.tenants.get(org).await?;
@@ -161,9 +169,9 @@ impl Provisioner {
                     "already archived by an earlier termination: ignored");
                 return Ok(());
             }
-            _ if !resuming && is_stale(&row, ev.occurred_at) => {
+            _ if !resuming && is_stale(&row, time.effective()) => {
                 tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    occurred_at = %at(ev.occurred_at), latest = ?row.lifecycle_at,
+                    occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
                     "OrganisationTerminated older than the latest lifecycle event applied: ignored");
                 return Ok(());
             }
@@ -172,8 +180,9 @@ impl Provisioner {
         let (live, archive) = databases(&self.ns, &row)?;
         // The archive is on the tenant's own server: RENAME TABLE cannot cross servers.
         let server = self.tenants.server_of(&row)?;
-        let archived_at = at(ev.occurred_at);
-        let purge_after = archived_at + self.grace;
+        let archived_at = at(time.judged("provisioner", "OrganisationTerminated", org));
+        // Never before the log had the termination: a past stamp cannot shorten the grace.
+        let purge_after = at(time.counted_from()) + self.grace;
         // The row first: projectors gate on it, so nothing new is written under the live name,
         // and the step is marked under way so they hold the tenant's events until it is done.
         self.tenants
@@ -212,8 +221,13 @@ impl Provisioner {
             Vec::new()
         };
         let forgotten = self.redis.forget_tenant(org, &domains).await?;
+        let audit = Audit {
+            actor: Some(&ev.terminated_by),
+            reason: Some(&ev.reason),
+            claimed_at: (!time.trusted()).then(|| at(ev.occurred_at)),
+        };
         self.tenants
-            .log(&ev.event_id, org, Logged::Terminated, archived_at)
+            .log(&ev.event_id, org, Logged::Terminated, archived_at, &audit)
             .await
             .map_err(|e| StepError::from(e).context("logging the termination"))?;
         let outcome = crate::events::TenantArchived {
@@ -244,9 +258,10 @@ impl Provisioner {
         &self,
         ev: &OrganisationRestored,
         origin: &Origin,
+        time: EventTime,
     ) -> Result<(), StepError> {
         let lock = self.lock(&ev.organisation_id).await?;
-        let result = self.restore_locked(ev, origin).await;
+        let result = self.restore_locked(ev, origin, time).await;
         lock.release().await;
         result
     }
@@ -255,6 +270,7 @@ impl Provisioner {
         &self,
         ev: &OrganisationRestored,
         origin: &Origin,
+        time: EventTime,
     ) -> Result<(), StepError> {
         let org = &ev.organisation_id;
         let row = self.tenants.get(org).await?;
@@ -282,16 +298,16 @@ impl Provisioner {
                     "OrganisationRestored already applied: ignored");
                 return Ok(());
             }
-            if is_stale(&row, ev.occurred_at) {
+            if is_stale(&row, time.effective()) {
                 tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    occurred_at = %at(ev.occurred_at), latest = ?row.lifecycle_at,
+                    occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
                     "OrganisationRestored older than the latest lifecycle event applied: ignored");
                 return Ok(());
             }
             match row.status {
                 Status::Archived => {
                     let purge_after = row.purge_after.unwrap_or_default();
-                    if at(ev.occurred_at) > purge_after {
+                    if at(time.effective()) > purge_after {
                         return self
                             .refuse_lifecycle(
                                 ev.organisation_type,
@@ -334,9 +350,10 @@ impl Provisioner {
                         .await;
                 }
             }
+            let placed = at(time.judged("provisioner", "OrganisationRestored", org));
             if !self
                 .tenants
-                .claim_restore(org, &ev.event_id, at(ev.occurred_at))
+                .claim_restore(org, &ev.event_id, placed)
                 .await?
             {
                 return self
@@ -378,10 +395,23 @@ impl Provisioner {
                     StepError::retry(e.context("bringing the restored tenant's copies up to date"))
                 })?;
         }
+        let audit = Audit {
+            actor: Some(&ev.restored_by),
+            reason: None,
+            claimed_at: (!time.trusted()).then(|| at(ev.occurred_at)),
+        };
         self.tenants
-            .log(&ev.event_id, org, Logged::Restored, at(ev.occurred_at))
+            .log(
+                &ev.event_id,
+                org,
+                Logged::Restored,
+                at(time.effective()),
+                &audit,
+            )
             .await?;
-        self.tenants.mark_restored(org, at(ev.occurred_at)).await?;
+        self.tenants
+            .mark_restored(org, at(time.effective()))
+            .await?;
         // Cached resolutions still say "archived" (410): refreshed from here on.
         self.redis.domains_changed(&[]).await?;
         if let Some(hooks) = &self.hooks {

@@ -3,6 +3,7 @@
 use crate::events::{Event, OrganisationCreated};
 use crate::stream::{apply_each, Failed, Gate, Msg, Origin, Position, Processor, StepError};
 
+use super::clock::EventTime;
 use super::provisioning::Provisioner;
 
 /// New organisations provisioned as one unit at most (see [`Processor::apply_keys`] below).
@@ -66,8 +67,14 @@ impl Processor for Provisioner {
                 Event::OrganisationCreated(ev) => self.provision(ev, &m.origin).await,
                 // On the same topic and key as the creation, so one organisation's lifecycle is
                 // applied in order (see tenancy::lifecycle).
-                Event::OrganisationTerminated(ev) => self.terminate(ev, &m.origin).await,
-                Event::OrganisationRestored(ev) => self.restore(ev, &m.origin).await,
+                Event::OrganisationTerminated(ev) => {
+                    let at = EventTime::new(ev.occurred_at, m.logged_at_ms());
+                    self.terminate(ev, &m.origin, at).await
+                }
+                Event::OrganisationRestored(ev) => {
+                    let at = EventTime::new(ev.occurred_at, m.logged_at_ms());
+                    self.restore(ev, &m.origin, at).await
+                }
                 _ => unreachable!("parse admits lifecycle events only"),
             };
             done.map_err(|e| Failed::at(i, e))?;

@@ -131,31 +131,42 @@ pub async fn prepare_service_databases(
     Ok(())
 }
 
-/// Brings every active tenant database up to the latest migration of its kind, so a migration
-/// shipped after a tenant was created reaches it without anyone running it by hand. Each tenant
-/// is migrated under its lifecycle lock and only if it is still active and its database exists:
-/// a termination applied meanwhile by another worker must not see its database brought back.
-/// Several workers starting at once are safe (the migration lock serialises them per database).
-/// Returns how many databases were checked.
+/// Brings every tenant database up to the latest migration of its kind, so a migration shipped
+/// after a tenant was created reaches it without anyone running it by hand: an active tenant's
+/// live database, and an archived one's archive (a revoke made while it is archived is written
+/// there, and the tables it writes must exist). Each tenant is migrated under its lifecycle lock
+/// and only if its status is unchanged and the database exists: a termination or restore applied
+/// meanwhile by another worker must not see its database brought back. Several workers starting
+/// at once are safe (the migration lock serialises them per database). Returns how many
+/// databases were checked.
 pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize> {
     let home = tenants.servers().home().pool();
     let started = std::time::Instant::now();
-    let active = tenants.list(Some(Status::Active)).await?;
+    let mut rows = tenants.list(Some(Status::Active)).await?;
+    rows.extend(tenants.list(Some(Status::Archived)).await?);
     let mut checked = 0;
-    for t in &active {
-        let Ok(slug) = Slug::parse(&t.slug) else {
+    for t in &rows {
+        let ns = tenants.namespace();
+        let db = match t.status {
+            Status::Active => Slug::parse(&t.slug)
+                .ok()
+                .and_then(|slug| ns.tenant_database(t.organisation_type, &slug).ok()),
+            _ => ns.archive_database(&t.organisation_id),
+        };
+        let Some(db) = db else {
             continue;
         };
-        let Ok(db) = tenants
-            .namespace()
-            .tenant_database(t.organisation_type, &slug)
-        else {
-            continue;
-        };
-        // A worker not given a server its tenants are on would stall on their events: it
-        // refuses to start instead, saying which server to add.
-        let server = tenants.server_of(t).map_err(|_| {
-            anyhow::anyhow!(
+        let server = match tenants.server_of(t) {
+            Ok(server) => server,
+            // An archive on a server this worker was not given waits for one that has it.
+            Err(_) if t.status == Status::Archived => {
+                tracing::warn!(tenant = %t.slug, organisation_id = %t.organisation_id,
+                    server = %t.server, "archive on a server not given here: not migrated");
+                continue;
+            }
+            // A worker not given a server its active tenants are on would stall on their
+            // events: it refuses to start instead, saying which server to add.
+            Err(_) => anyhow::bail!(
                 "tenant {} ({} {}) is on MySQL server {:?}, which this worker was not given: \
                  add it to TENANCY_SERVERS ({}=mysql://…) and start again",
                 t.organisation_id,
@@ -163,14 +174,14 @@ pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize
                 t.slug,
                 t.server,
                 t.server
-            )
-        })?;
+            ),
+        };
         let lock = NamedLock::lifecycle(home, tenants.namespace(), &t.organisation_id)
             .await
             .map_err(|e| anyhow::anyhow!("locking tenant {}: {e}", t.organisation_id))?;
         let result = async {
             let now = tenants.get(&t.organisation_id).await?;
-            if !now.is_some_and(|r| r.status == Status::Active)
+            if !now.is_some_and(|r| r.status == t.status && r.lifecycle_pending.is_none())
                 || !database_exists(server.pool(), &db).await?
             {
                 return Ok::<_, anyhow::Error>(false);
@@ -296,6 +307,7 @@ impl Provisioner {
                 &ev.organisation_id,
                 Logged::Created,
                 timestamp(ev.occurred_at),
+                &Default::default(),
             )
             .await?;
         let elapsed = started.elapsed();
@@ -356,6 +368,7 @@ impl Provisioner {
                 &ev.organisation_id,
                 Logged::Created,
                 timestamp(ev.occurred_at),
+                &Default::default(),
             )
             .await?;
         Ok(())
@@ -371,8 +384,18 @@ impl Provisioner {
         reason: String,
     ) -> Result<(), StepError> {
         tracing::warn!(tenant = %slug, organisation_id = %org, %reason, "lifecycle request refused");
+        let audit = super::tenants::Audit {
+            reason: Some(&reason),
+            ..Default::default()
+        };
         self.tenants
-            .log(event_id, org, super::tenants::Logged::Refused, Utc::now())
+            .log(
+                event_id,
+                org,
+                super::tenants::Logged::Refused,
+                Utc::now(),
+                &audit,
+            )
             .await
             .map_err(|e| StepError::from(e).context("logging the refusal"))?;
         let outcome = TenantProvisioningFailed {

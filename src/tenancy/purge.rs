@@ -9,6 +9,13 @@
 //! nothing before the tenant's `purge_after` whatever the event says, skips an archive a restore
 //! superseded or is restoring, and dead-letters a TenantPurged naming a termination that was
 //! never applied (once the lifecycle log is caught up, so a replay still in progress waits).
+//!
+//! A purge leaves nothing of the tenant ([`Purger::remove_everything`]): its databases on every
+//! server (live, archive, a rebuild's shadow and kept old tables, what a killed move left), the
+//! supplier copies of a brand, its rows in the platform's indexes (grants, custom hosts and
+//! their tombstones, kept copies, rebuilds, bookkeeping), its Redis keys. Last, the tenant row
+//! lets go of its database name: its slug and hosts are free for a new organisation. The row
+//! and the lifecycle log stay as the audit trail (who, when, why), holding no tenant data.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::lifecycle::{at, databases};
 use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::provisioning::LifecycleHooks;
-use super::tenants::{Logged, Pending, Status, TenantRecord, Tenants};
+use super::tenants::{Audit, Logged, Pending, Status, TenantRecord, Tenants};
 use super::watermark::{settled, LogEnds, Watermark};
 use crate::caches::Redis;
 use crate::db::NamedLock;
@@ -143,7 +150,13 @@ impl Purger {
             .as_ref()
             .is_some_and(|r| r.terminated_by_event.as_deref() == Some(epoch.as_str()));
         let row = match row {
-            // Redelivered after the row was marked: finish the drops (all idempotent).
+            // Redelivered after the purge completed (the name is let go last): nothing to do.
+            // The name may be another organisation's by now: never drop under it again.
+            Some(r) if current && r.status == Status::Purged && r.database_name.is_none() => {
+                tracing::info!(organisation_id = %org, termination = %epoch, "purge already complete");
+                return Ok(());
+            }
+            // Redelivered after the row was marked: finish the removals (all idempotent).
             Some(r) if current && r.status == Status::Purged => r,
             Some(r) if current && r.status == Status::Archived => {
                 if let Some(Pending::Restore(by)) = r.pending() {
@@ -182,45 +195,129 @@ impl Purger {
                 )));
             }
         };
-        let (live, archive) = databases(&self.ns, &row)?;
-        let server = self.tenants.server_of(&row)?;
-        for db in [&archive, &live] {
-            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
-                .execute(server.pool())
-                .await
-                .map_err(|e| StepError::from(e).context(format!("dropping {db}")))?;
-        }
-        let copies = match (&self.hooks, row.organisation_type) {
-            (Some(hooks), OrganisationType::Brand) => {
-                hooks.brand_purged(org).await.map_err(|e| {
-                    StepError::retry(e.context("removing supplier copies of the brand"))
-                })?
-            }
-            _ => 0,
+        let removed = self.remove_everything(&row).await?;
+        let audit = Audit {
+            actor: Some("purge timer"),
+            reason: Some(&purged.reason),
+            claimed_at: None,
         };
-        let platform = self.ns.service_database(ServiceDatabase::Platform);
-        sqlx::query(&format!(
-            "DELETE FROM {}.brand_access WHERE brand_id = ? OR supplier_id = ?",
-            platform.quoted()
-        ))
-        .bind(org)
-        .bind(org)
-        .execute(self.home())
-        .await?;
-        self.redis.forget_tenant(org, &[]).await?;
         self.tenants
             .log(
                 &purged.event_id,
                 org,
                 Logged::Purged,
                 at(purged.occurred_at),
+                &audit,
             )
             .await?;
+        self.tenants.release_name(org).await?;
         metrics::counter!("tenancy_tenants_purged_total").increment(1);
-        tracing::info!(tenant = %row.slug, organisation_id = %org, archive = %archive, offset = origin.offset,
-            supplier_copy_rows = copies, "tenant purged: archive dropped");
+        tracing::info!(tenant = %row.slug, organisation_id = %org, offset = origin.offset,
+            removed = %removed.join(", "), "tenant purged: nothing of it left; its slug and hosts are free");
         Ok(())
     }
+
+    /// Removes every trace of the tenant but its audit trail; says what it removed. Each step
+    /// is idempotent (a redelivery after a crash finishes the rest).
+    async fn remove_everything(&self, row: &TenantRecord) -> Result<Vec<String>, StepError> {
+        let org = &row.organisation_id;
+        let mut removed = Vec::new();
+        // Its own server first: waited for (as the loop waits for a server) if it is down.
+        self.tenants.server_of(row)?;
+        for (server, db) in existing_databases(&self.ns, &self.tenants, row).await? {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {}", db.quoted()))
+                .execute(server.pool())
+                .await
+                .map_err(|e| {
+                    StepError::from(e).context(format!("dropping {db} on {}", server.name()))
+                })?;
+            removed.push(format!("database {}/{db}", server.name()));
+        }
+        if let (Some(hooks), OrganisationType::Brand) = (&self.hooks, row.organisation_type) {
+            let rows = hooks.brand_purged(org).await.map_err(|e| {
+                StepError::retry(e.context("removing supplier copies of the brand"))
+            })?;
+            removed.push(format!("{rows} supplier copy rows"));
+        }
+        let platform = self.ns.service_database(ServiceDatabase::Platform).quoted();
+        let hosts: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT host FROM {platform}.retailer_domains WHERE retailer_id = ?"
+        ))
+        .bind(org)
+        .fetch_all(self.home())
+        .await?;
+        // Every platform row naming the tenant, bookkeeping included (its projections' offsets
+        // name it: `access_index:{brand}:{supplier}`, `domains_index:{retailer}`).
+        for (what, sql) in [
+            (
+                "grant index rows",
+                format!("DELETE FROM {platform}.brand_access WHERE brand_id = ? OR supplier_id = ?"),
+            ),
+            (
+                "custom hosts",
+                format!("DELETE FROM {platform}.retailer_domains WHERE retailer_id = ? OR retailer_id = ?"),
+            ),
+            (
+                "host change records",
+                format!("DELETE FROM {platform}.domain_changes WHERE retailer_id = ? OR retailer_id = ?"),
+            ),
+            (
+                "kept-copy records",
+                format!("DELETE FROM {platform}.kept_copies WHERE organisation_id = ? OR organisation_id = ?"),
+            ),
+            (
+                "rebuild records",
+                format!("DELETE FROM {platform}.rebuilds WHERE organisation_id = ? OR organisation_id = ?"),
+            ),
+            (
+                "index offsets",
+                format!(
+                    "DELETE FROM {platform}.projection_offsets WHERE projection LIKE CONCAT('%', ?, '%') \
+                     OR projection LIKE CONCAT('%', ?, '%')"
+                ),
+            ),
+        ] {
+            let n = sqlx::query(&sql)
+                .bind(org)
+                .bind(org)
+                .execute(self.home())
+                .await?
+                .rows_affected();
+            if n > 0 {
+                removed.push(format!("{n} {what}"));
+            }
+        }
+        let keys = self.redis.forget_tenant(org, &hosts).await?;
+        removed.push(format!("{keys} cache keys"));
+        Ok(removed)
+    }
+}
+
+/// The databases of `row`'s tenant that exist now, on every server this process has: its live
+/// one, its archive, a rebuild's shadow and kept old tables, and what a killed move left on the
+/// server it was leaving. Every name is derived from the validated slug and id; the live name is
+/// the tenant's own until the purge lets it go (names are unique over every server), so no other
+/// tenant's database can be among them.
+pub async fn existing_databases(
+    ns: &Namespace,
+    tenants: &Tenants,
+    row: &TenantRecord,
+) -> Result<Vec<(crate::servers::Server, crate::tenant::DatabaseName)>, StepError> {
+    let (live, archive) = databases(ns, row)?;
+    let mut names = vec![live, archive];
+    names.extend(ns.shadow_database(&row.organisation_id));
+    names.extend(ns.old_database(&row.organisation_id));
+    let refs: Vec<&crate::tenant::DatabaseName> = names.iter().collect();
+    let mut found = Vec::new();
+    for server in tenants.servers().all() {
+        let here = crate::db::databases_existing(server.pool(), &refs).await?;
+        for db in &names {
+            if here.contains(db.as_str()) {
+                found.push((server.clone(), db.clone()));
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// A due archive, and the lifecycle log's ends when it was first seen due.
@@ -299,6 +396,20 @@ impl PurgeTimer {
             database: row.database_name.clone().unwrap_or_default(),
             reason: format!("grace period ended at {}", purge_after.to_rfc3339()),
             caused_by: Some(epoch.to_owned()),
+            removes: existing_databases(self.tenants.namespace(), &self.tenants, row)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .into_iter()
+                .map(|(server, db)| format!("database {}/{db}", server.name()))
+                .chain(
+                    [
+                        "its grant index rows, custom hosts and their change records",
+                        "its kept-copy, rebuild and index bookkeeping",
+                        "its cache keys",
+                    ]
+                    .map(str::to_owned),
+                )
+                .collect(),
         };
         self.outcomes
             .publish(EventKind::TenantPurged, &row.organisation_id, &event)

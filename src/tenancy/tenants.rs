@@ -74,6 +74,31 @@ impl Logged {
     }
 }
 
+/// Who asked for a lifecycle step and why, as its event says, for the audit trail.
+#[derive(Debug, Clone, Default)]
+pub struct Audit<'a> {
+    pub actor: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    /// The event's own occurred_at, when it was not believed and the step was placed at the
+    /// log's time instead ([`super::clock`]).
+    pub claimed_at: Option<DateTime<Utc>>,
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct LogEntry {
+    pub event_id: String,
+    pub kind: String,
+    /// Where the step is placed in the tenant's lifecycle.
+    pub occurred_at: DateTime<Utc>,
+    pub actor: Option<String>,
+    pub reason: Option<String>,
+    /// The time the event claimed, when not believed.
+    pub claimed_at: Option<DateTime<Utc>>,
+    /// When the platform applied it (empty for steps applied before the audit trail).
+    pub applied_at: Option<DateTime<Utc>>,
+}
+
 /// A lifecycle step under way, in `tenants.lifecycle_pending`: set when it starts, cleared when
 /// it is done, so a crash half-way is finished by the redelivery of the same event, and readers
 /// know the tenant is changing.
@@ -662,8 +687,8 @@ impl Tenants {
         Ok(found)
     }
 
-    /// [`Tenants::log`] for many events of one kind, in one statement per 500:
-    /// `(event_id, organisation_id, occurred_at)`.
+    /// [`Tenants::log`] for many events of one kind without an actor or reason (creations),
+    /// in one statement per 500: `(event_id, organisation_id, occurred_at)`.
     pub async fn log_all(
         &self,
         entries: &[(&str, &str, DateTime<Utc>)],
@@ -671,9 +696,10 @@ impl Tenants {
     ) -> Result<(), sqlx::Error> {
         for chunk in entries.chunks(500) {
             let sql = format!(
-                "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at) VALUES {}",
+                "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at, \
+                 applied_at) VALUES {}",
                 self.log_table(),
-                vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ")
+                vec!["(?, ?, ?, ?, ?, UTC_TIMESTAMP(3))"; chunk.len()].join(", ")
             );
             let mut query = sqlx::query(&sql);
             for (event_id, org, at) in chunk {
@@ -689,16 +715,45 @@ impl Tenants {
         Ok(())
     }
 
-    /// Records that a lifecycle event was applied (or refused).
+    /// Records that a lifecycle event was applied (or refused), placed at `occurred_at` (as
+    /// [`super::clock`] places it), with who asked for it and why: the audit trail, which stays
+    /// after the purge.
     pub async fn log(
         &self,
         event_id: &str,
         organisation_id: &str,
         kind: Logged,
         occurred_at: DateTime<Utc>,
+        audit: &Audit<'_>,
     ) -> Result<(), sqlx::Error> {
-        self.log_all(&[(event_id, organisation_id, occurred_at)], kind)
-            .await
+        sqlx::query(&format!(
+            "INSERT IGNORE INTO {} (event_id, organisation_id, kind, outcome, occurred_at, actor, \
+             reason, claimed_at, applied_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, UTC_TIMESTAMP(3))",
+            self.log_table()
+        ))
+        .bind(event_id)
+        .bind(organisation_id)
+        .bind(kind.as_str())
+        .bind(kind.as_str())
+        .bind(occurred_at)
+        .bind(audit.actor)
+        .bind(audit.reason)
+        .bind(audit.claimed_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// An organisation's lifecycle log in the order it was applied: the audit trail.
+    pub async fn history(&self, organisation_id: &str) -> Result<Vec<LogEntry>, sqlx::Error> {
+        sqlx::query_as(&format!(
+            "SELECT event_id, kind, occurred_at, actor, reason, claimed_at, applied_at FROM {} \
+             WHERE organisation_id = ? ORDER BY seq",
+            self.log_table()
+        ))
+        .bind(organisation_id)
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// `archived`, for the termination `event_id`, with the termination marked under way.
@@ -793,6 +848,21 @@ impl Tenants {
         ))
         .bind(organisation_id)
         .bind(pending.encode())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The purge is complete: the row lets go of its database name (keeping its slug, name,
+    /// type and timestamps for the audit trail), so a new organisation may take the slug.
+    /// Last of the purge's steps: a row still naming its database is a purge to finish.
+    pub async fn release_name(&self, organisation_id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET database_name = NULL, archive_database = NULL \
+             WHERE organisation_id = ? AND status = 'purged'",
+            self.table
+        ))
+        .bind(organisation_id)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -7,9 +7,31 @@ use super::tenants::{Status, TenantRef};
 use crate::stream::{Gate, SkipReason, Wait};
 use crate::tenant::OrganisationType;
 
-/// One tenant's verdict for an event that happened at `occurred_at` and names it in `field`:
-/// wait for a tenant not active yet, refuse the wrong kind of tenant, skip an archived period,
-/// and address an event from before a termination at the archive.
+/// Why the tenant `id` names in `field` cannot be judged by its status yet: it does not exist,
+/// is not of the `expected` kind, or is in the middle of a termination or restore. `None` when
+/// it can.
+fn unsettled(
+    tenants: &HashMap<String, TenantRef>,
+    id: &str,
+    field: &str,
+    expected: OrganisationType,
+) -> Option<Gate<TenantRef>> {
+    let Some(t) = tenants.get(id) else {
+        return Some(Gate::Hold(Wait::Tenant(id.to_owned())));
+    };
+    if t.kind != expected {
+        return Some(Gate::Reject(format!(
+            "{field} {id} names a {} tenant, not a {expected}",
+            t.kind
+        )));
+    }
+    t.changing
+        .then(|| Gate::Hold(Wait::Changing(id.to_owned())))
+}
+
+/// One tenant's verdict for an event placed at `occurred_at` (by [`super::clock`]) that names it
+/// in `field`: wait for a tenant not active yet, refuse the wrong kind of tenant, skip an
+/// archived period, and address an event from before a termination at the archive.
 pub fn verdict(
     tenants: &HashMap<String, TenantRef>,
     id: &str,
@@ -17,18 +39,10 @@ pub fn verdict(
     expected: OrganisationType,
     occurred_at: i64,
 ) -> Gate<TenantRef> {
-    let Some(t) = tenants.get(id) else {
-        return Gate::Hold(Wait::Tenant(id.to_owned()));
-    };
-    if t.kind != expected {
-        return Gate::Reject(format!(
-            "{field} {id} names a {} tenant, not a {expected}",
-            t.kind
-        ));
+    if let Some(gate) = unsettled(tenants, id, field, expected) {
+        return gate;
     }
-    if t.changing {
-        return Gate::Hold(Wait::Changing(id.to_owned()));
-    }
+    let t = &tenants[id];
     let skip = || Gate::Skip {
         reason: SkipReason::Terminated,
         tenant: Some(id.to_owned()),
@@ -48,6 +62,39 @@ pub fn verdict(
             }
         }
         Status::Archived | Status::Purged => skip(),
+        Status::Failed => Gate::Reject(format!(
+            "tenant {id} failed provisioning; replay this event once it is fixed"
+        )),
+    }
+}
+
+/// A revoke's verdict on one of its tenants: as [`verdict`], except that an archived tenant
+/// takes the revoke in its archive whenever it happened, and an earlier archived period does not
+/// pass it by. A revoke always wins: what was revoked while either side was archived stays
+/// revoked after the restore (the restore rebuilds copies and cache keys from what the archive
+/// and the platform's index say), live and in a replay alike. Only a purge ends it: nothing is
+/// left to revoke.
+pub fn revoke_verdict(
+    tenants: &HashMap<String, TenantRef>,
+    id: &str,
+    field: &str,
+    expected: OrganisationType,
+) -> Gate<TenantRef> {
+    if let Some(gate) = unsettled(tenants, id, field, expected) {
+        return gate;
+    }
+    let t = &tenants[id];
+    match t.status {
+        Status::Active => Gate::Ready(t.clone()),
+        Status::Provisioning => Gate::Hold(Wait::Tenant(id.to_owned())),
+        Status::Archived => match t.at_archive() {
+            Some(archived) => Gate::Ready(archived),
+            None => Gate::Reject(format!("tenant {id} has no archive database")),
+        },
+        Status::Purged => Gate::Skip {
+            reason: SkipReason::Terminated,
+            tenant: Some(id.to_owned()),
+        },
         Status::Failed => Gate::Reject(format!(
             "tenant {id} failed provisioning; replay this event once it is fixed"
         )),
