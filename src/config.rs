@@ -130,7 +130,7 @@ pub struct Config {
     pub schema_registry_url: String,
     /// The home server's URL (the first of `servers`).
     pub database_url: String,
-    /// Every MySQL server, `(name, url)`, home first ([`crate::servers`]).
+    /// Every MySQL server, `(name, url)`, home first (see `store::servers`).
     pub servers: Vec<(String, String)>,
     /// Servers new tenants go to (empty: all).
     pub place_new_on: Vec<String>,
@@ -152,7 +152,7 @@ impl Config {
             kafka_bootstrap_servers: args.bootstrap_servers.clone(),
             schema_registry_url: args.schema_registry_url.trim_end_matches('/').to_owned(),
             database_url: args.database_url.clone(),
-            servers: crate::servers::parse_list(&args.database_url, &args.servers)?,
+            servers: parse_list(&args.database_url, &args.servers)?,
             place_new_on: args
                 .place_new_on
                 .iter()
@@ -199,6 +199,56 @@ impl Config {
         }
         c
     }
+}
+
+/// The name of the server `DATABASE_URL` points at.
+pub const HOME: &str = "home";
+
+/// A server name: lower-case letters, digits and `_`, a letter first, at most 32 characters
+/// (it is stored in `tenants.server` and shown in logs and metrics).
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Parses `TENANCY_SERVERS` entries (`NAME=URL`) into the servers list, home first.
+pub fn parse_list(database_url: &str, entries: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut list = vec![(HOME.to_owned(), database_url.to_owned())];
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (name, url) = entry.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("TENANCY_SERVERS entry {entry:?} is not NAME=URL (e.g. east=mysql://root@10.0.0.2:3306)")
+        })?;
+        let (name, url) = (name.trim(), url.trim());
+        anyhow::ensure!(
+            valid_name(name),
+            "server name {name:?} must be lower-case letters, digits and _, a letter first, at most 32 characters"
+        );
+        anyhow::ensure!(
+            name != HOME || url == database_url,
+            "server name {HOME:?} is DATABASE_URL's ({database_url}); name {url} otherwise"
+        );
+        anyhow::ensure!(
+            url.starts_with("mysql://") || url.starts_with("mariadb://"),
+            "server {name}: {url:?} is not a mysql:// URL"
+        );
+        if name == HOME {
+            continue;
+        }
+        anyhow::ensure!(
+            !list.iter().any(|(n, _)| n == name),
+            "server {name:?} is listed twice"
+        );
+        anyhow::ensure!(
+            !list.iter().any(|(_, u)| u == url),
+            "server {name:?} has the URL of server {:?}: one server, one name (two pools on one server would split its locks and counts)",
+            list.iter().find(|(_, u)| u == url).map(|(n, _)| n.as_str()).unwrap_or_default()
+        );
+        list.push((name.to_owned(), url.to_owned()));
+    }
+    Ok(list)
 }
 
 #[cfg(test)]

@@ -2,63 +2,54 @@
 //!
 //! Every tenant change is an Avro event in Kafka; stream processors materialise them into one
 //! MySQL database per tenant. Kafka is the only source of truth: databases and caches are
-//! projections that can be dropped and rebuilt by replaying the topics. See `DESIGN.md` of the
-//! project for the names this crate keeps to.
+//! projections that can be dropped and rebuilt by replaying the topics. The architecture, the
+//! names producers and operators rely on, and what each guarantee rests on are in
+//! `docs/architecture.md`.
 //!
 //! # Layout
 //!
-//! - [`tenant`]: slugs, organisation types, namespaces and the database names built from them.
-//! - [`events`]: the Avro events (schemas embedded from `schemas/`), typed views, JSON → Avro.
-//! - [`wire`]: Confluent wire format over the schema registry.
-//! - [`topics`], [`kafka`]: topic names and creation, producers and operator-side clients.
-//! - [`stream`]: the one consumer loop every processor runs (assignment, batching, holding,
-//!   error policy, dead letters, offsets, health); processors plug in as small handlers.
-//! - [`tenancy`]: the tenants table, migrations, the provisioner, terminate/restore/purge, the
-//!   lifecycle watermark and the outcome events.
-//! - [`catalog`]: brand catalogs and supplier copies (the catalog processor).
-//! - [`access`]: supplier → brand permissions and the Redis permission cache.
-//! - [`domains`]: retailers' custom domains (the domains processor) and host validation.
-//! - [`offsets`], [`applied`]: `projection_offsets` and `applied_events`, the effectively-once
-//!   bookkeeping in each tenant DB (by offset, and by event id).
-//! - [`servers`]: the MySQL servers (one pool each) and which one each tenant is placed on.
-//! - [`db`], [`caches`]: pool settings, named locks and schema queries; the Redis connection
-//!   and key layout.
-//! - [`dead_letter`]: reading and replaying `{ns}.dead-letter`.
-//! - [`rebuild`]: a tenant's database rebuilt from the topics beside the live one, compared and
-//!   swapped in online (`tenancy rebuild`).
-//! - [`status`]: what every worker reports, for `tenancy status`.
-//! - [`worker`]: one worker's processors, built one way for `run`, benchmarks and tests.
-//! - [`registry`]: a Confluent-compatible schema registry subset (`tenancy registry`).
-//! - [`emit`]: JSON lines → events (`tenancy emit`).
-//! - [`bench`]: the catalog benchmark against a raw MySQL baseline (`tenancy bench catalog`).
-//! - [`cli`]: the `tenancy` subcommands; [`config`] and [`telemetry`] for start-up.
+//! From the bottom up; a module uses only those above it in this list (no import circles):
 //!
-//! `stream` knows no processor; `tenancy`, `catalog`, `access` and `domains` use `stream` and the events;
-//! `rebuild`, `status`, `bench` and `cli` sit on top.
+//! - [`tenant`]: slugs, organisation types, namespaces and the database names built from them.
+//! - [`config`]: configuration, resolved once at start-up (flags > environment > defaults).
+//! - [`log`]: the events and their wire format, the topics, Kafka clients, `tenancy emit`, the
+//!   dead-letter topic.
+//! - [`failure`]: how a step failed, classified once (outage, retry, reject).
+//! - [`store`]: the MySQL servers and pools, named locks, catalog queries, the bookkeeping in
+//!   every tenant database (offsets, applied event ids), the platform's tenants table.
+//! - [`cache`]: the Redis caches (permissions, domains, catalog versions).
+//! - [`stream`]: the one consumer loop every processor runs: lanes per tenant, holding,
+//!   retries, dead letters, offsets, health.
+//! - The processors: [`tenancy`] (provisioning, migrations, termination, restore, purge, the
+//!   lifecycle watermark and clock), [`catalog`] (brand catalogs, supplier copies and the
+//!   access projection), [`domains`] (retailers' custom hosts).
+//! - [`worker`]: one worker's processors, built one way; [`status`]: what workers report.
+//! - [`rebuild`]: a tenant's database rebuilt from the topics beside the live one, compared and
+//!   swapped in online, or moved to another server.
+//! - [`serve`]: the HTTP API (`tenancy serve`).
+//! - [`bench`]: the benchmarks, each against a raw baseline in the same run.
+//! - [`cli`]: the `tenancy` subcommands; [`telemetry`] for logging; [`fault`]: crash points for
+//!   tests, compiled in only with the `fault-injection` feature.
+//!
+//! The schema registry (`tenancy registry`) is a crate of its own, `blindstrader-registry`
+//! (`crates/registry`): it uses nothing of this one.
 
-pub mod access;
-pub mod applied;
 pub mod bench;
-pub mod caches;
+pub mod cache;
 pub mod catalog;
 pub mod cli;
 pub mod config;
-pub mod db;
-pub mod dead_letter;
 pub mod domains;
-pub mod emit;
-pub mod events;
-pub mod kafka;
-pub mod offsets;
+pub mod failure;
+pub mod fault;
+pub mod log;
 pub mod rebuild;
-pub mod registry;
+
 pub mod serve;
-pub mod servers;
 pub mod status;
+pub mod store;
 pub mod stream;
 pub mod telemetry;
 pub mod tenancy;
 pub mod tenant;
-pub mod topics;
-pub mod wire;
 pub mod worker;

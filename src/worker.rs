@@ -6,20 +6,20 @@ use std::time::Duration;
 use rdkafka::producer::FutureProducer;
 use sqlx::MySqlPool;
 
-use crate::access::cache::PermissionCache;
-use crate::caches::Redis;
+use crate::cache::permissions::PermissionCache;
+use crate::cache::Redis;
 use crate::catalog::spec::CatalogSpec;
 use crate::catalog::{CatalogHooks, CatalogProcessor};
 use crate::config::Config;
 use crate::domains::DomainProcessor;
-use crate::stream::dead_letters::DeadLetters;
+use crate::log::dead_letters::DeadLetters;
+use crate::log::topics::{self, Topic};
+use crate::log::wire::Codec;
+use crate::store::tenants::Tenants;
 use crate::tenancy::outcomes::OutcomePublisher;
 use crate::tenancy::provisioning::{prepare_service_databases, LifecycleHooks, Provisioner};
 use crate::tenancy::purge::{PurgeTimer, Purger};
-use crate::tenancy::tenants::Tenants;
 use crate::tenancy::watermark::Watermark;
-use crate::topics::{self, Topic};
-use crate::wire::Codec;
 
 /// Settings of one worker (the lifecycle ones must be the same for every worker of a namespace).
 #[derive(Debug, Clone)]
@@ -31,12 +31,12 @@ pub struct WorkerOptions {
     /// How often the purge timer looks for archives past their grace period.
     pub purge_check: Duration,
     /// Crash tests only: abort after this lifecycle step.
-    pub fail_after: Option<String>,
+    pub fail_after: crate::fault::FailAfter,
     /// Create missing topics and migrate the service databases while building (off when the
     /// caller already did, as `tenancy run` does once for all its processors).
     pub prepare: bool,
     /// What every statement of the processors' connections runs under.
-    pub limits: crate::db::StatementLimits,
+    pub limits: crate::store::pools::StatementLimits,
 }
 
 impl Default for WorkerOptions {
@@ -47,7 +47,7 @@ impl Default for WorkerOptions {
             purge_check: Duration::from_secs(10),
             fail_after: None,
             prepare: true,
-            limits: crate::db::StatementLimits::default(),
+            limits: crate::store::pools::StatementLimits::default(),
         }
     }
 }
@@ -72,8 +72,8 @@ impl Processors {
         let ns = config.namespace.clone();
         // The declared projection is checked against the schemas before anything is consumed.
         let spec = CatalogSpec::load()?;
-        let servers = crate::servers::Servers::connect_with(config, || {
-            crate::db::bounded_pool_options(options.db_connections, options.limits)
+        let servers = crate::store::servers::Servers::connect_with(config, || {
+            crate::store::pools::bounded_pool_options(options.db_connections, options.limits)
         })
         .await?;
         let pool = servers.home().pool().clone();
@@ -84,7 +84,7 @@ impl Processors {
         }
         let tenants = Tenants::on(servers, &ns);
         let codec = Arc::new(Codec::new(&config.schema_registry_url));
-        let producer = crate::kafka::producer_without_linger(config)?;
+        let producer = crate::log::kafka::producer_without_linger(config)?;
         let watermark = Watermark::new(config, pool.clone())?;
         let hooks: Arc<dyn LifecycleHooks> = Arc::new(CatalogHooks {
             ns: ns.clone(),
@@ -98,14 +98,14 @@ impl Processors {
             dead_letters: DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns)),
             provisioner: Provisioner {
                 ns: ns.clone(),
-                ddl: crate::db::ddl_pools(config, options.db_connections)?,
+                ddl: crate::store::pools::ddl_pools(config, options.db_connections)?,
                 tenants: tenants.clone(),
                 outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
                 redis: redis.clone(),
                 grace,
                 watermark: watermark.clone(),
                 hooks: Some(hooks.clone()),
-                fail_after: options.fail_after.clone(),
+                fail_after: options.fail_after,
             },
             catalog: CatalogProcessor {
                 ns: ns.clone(),
@@ -128,7 +128,7 @@ impl Processors {
                 tenants: tenants.clone(),
                 watermark: watermark.clone(),
                 redis: redis.clone(),
-                fail_after: options.fail_after.clone(),
+                fail_after: options.fail_after,
             },
             timer: PurgeTimer {
                 tenants: tenants.clone(),

@@ -6,12 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use blindstrader_tenancy::access::cache::{
+use blindstrader_tenancy::cache::permissions::{
     AccessError, Loaded, PermissionCache, PERMISSION_TTL_SECS,
 };
-use blindstrader_tenancy::servers::Servers;
+use blindstrader_tenancy::store::servers::Servers;
+use blindstrader_tenancy::store::tenants::Status;
 use blindstrader_tenancy::tenancy::migrations;
-use blindstrader_tenancy::tenancy::tenants::Status;
 use blindstrader_tenancy::tenant::{DatabaseName, OrganisationType, ServiceDatabase, Slug};
 use common::*;
 use sqlx::MySqlPool;
@@ -760,7 +760,7 @@ async fn an_unreachable_redis_is_undecided_not_a_no() {
 /// lookup reads its own, so a stale guess can never grant access.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prefetched_value_counts_only_under_its_own_key() {
-    use blindstrader_tenancy::access::cache::Prefetched;
+    use blindstrader_tenancy::cache::permissions::Prefetched;
     let _shared = REDIS_PAUSE.read().await;
     let f = fixture().await;
     let (granted, other) = (new_id(), new_id());

@@ -12,7 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value as Json};
 use sqlx::MySqlPool;
 
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::topics::Topic;
 
 const SETTLE: Duration = Duration::from_secs(120);
 
@@ -405,13 +405,13 @@ async fn grants_backfill_revokes_remove_and_the_cache_follows() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_before_provisioning_wait_without_blocking_others() {
-    use blindstrader_tenancy::events::{json::record_from_json, EventKind};
-    use blindstrader_tenancy::wire::Codec;
+    use blindstrader_tenancy::log::events::{json::record_from_json, EventKind};
+    use blindstrader_tenancy::log::wire::Codec;
     use rdkafka::producer::FutureRecord;
 
     let t = TestNs::new();
     let pool = t.pool().await;
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let (early, ready) = (new_id(), new_id());
@@ -426,7 +426,7 @@ async fn events_before_provisioning_wait_without_blocking_others() {
     // Both brands' events on one partition: the early brand's first.
     let topic = t.topic(Topic::BrandCatalog);
     let codec = Codec::new(&t.config.schema_registry_url);
-    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    let producer = blindstrader_tenancy::log::kafka::producer(&t.config).unwrap();
     let mut offsets = Vec::new();
     for (brand, code) in [(&early, "E1"), (&ready, "R1"), (&early, "E2")] {
         let line: Json =
@@ -537,7 +537,7 @@ async fn poison_on_the_catalog_topic_is_dead_lettered_and_the_next_event_applies
     let _worker = t.spawn_run("poison");
     wait_active(&t, &pool, 1).await;
     let topic = t.topic(Topic::BrandCatalog);
-    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    let producer = blindstrader_tenancy::log::kafka::producer(&t.config).unwrap();
     let mut unknown_id = vec![0u8];
     unknown_id.extend_from_slice(&999_999u32.to_be_bytes());
     unknown_id.extend_from_slice(&[2, 4, 6]);

@@ -150,8 +150,8 @@ fn redis_state(t: &TestNs) -> BTreeMap<String, String> {
         .arg(format!("{}:*", t.ns))
         .query(&mut conn)
         .unwrap();
-    let generation = blindstrader_tenancy::caches::domain_generation_key(&t.ns);
-    let versions = blindstrader_tenancy::caches::catalog_version_key(&t.ns, "");
+    let generation = blindstrader_tenancy::cache::domain_generation_key(&t.ns);
+    let versions = blindstrader_tenancy::cache::catalog_version_key(&t.ns, "");
     keys.into_iter()
         .filter(|k| *k != generation && !k.starts_with(&versions))
         .map(|k| {
@@ -294,7 +294,7 @@ async fn three_workers_killed_at_random_end_as_one_clean_worker_does() {
         applied_in_logs(&all)
     };
     assert_eq!(
-        t.message_count(blindstrader_tenancy::topics::Topic::DeadLetter),
+        t.message_count(blindstrader_tenancy::log::topics::Topic::DeadLetter),
         0
     );
     for w in &mut workers {
@@ -366,8 +366,8 @@ async fn drop_namespace(t: &TestNs, pool: &MySqlPool) {
 /// keep flowing; the pause each brand saw is printed.
 #[tokio::test(flavor = "multi_thread")]
 async fn adding_workers_moves_partitions_without_pausing_the_others() {
-    use blindstrader_tenancy::events::{json::record_from_json, EventKind};
-    use blindstrader_tenancy::topics::Topic;
+    use blindstrader_tenancy::log::events::{json::record_from_json, EventKind};
+    use blindstrader_tenancy::log::topics::Topic;
     use rdkafka::producer::FutureRecord;
 
     let t = TestNs::new();
@@ -392,8 +392,8 @@ async fn adding_workers_moves_partitions_without_pausing_the_others() {
     );
     let partition_of: Vec<i32> = emitted(&out).into_iter().map(|(_, p, _)| p).collect();
 
-    let codec = blindstrader_tenancy::wire::Codec::new(&t.config.schema_registry_url);
-    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    let codec = blindstrader_tenancy::log::wire::Codec::new(&t.config.schema_registry_url);
+    let producer = blindstrader_tenancy::log::kafka::producer(&t.config).unwrap();
     let topic = t.topic(Topic::BrandCatalog);
     let mut sent: Vec<(usize, i64, Instant)> = Vec::new();
     let mut seen: HashMap<(usize, i64), Instant> = HashMap::new();

@@ -7,14 +7,14 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use blindstrader_tenancy::dead_letter::{
+use blindstrader_tenancy::log::dead_letters::{
     HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_REPLAYED_FROM, HEADER_TENANT,
     HEADER_TOPIC,
 };
-use blindstrader_tenancy::events::{EventKind, OrganisationCreated};
+use blindstrader_tenancy::log::events::{EventKind, OrganisationCreated};
+use blindstrader_tenancy::log::topics::Topic;
+use blindstrader_tenancy::log::wire::Codec;
 use blindstrader_tenancy::tenant::OrganisationType;
-use blindstrader_tenancy::topics::Topic;
-use blindstrader_tenancy::wire::Codec;
 use common::*;
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -42,7 +42,7 @@ async fn organisation_created_schema_id(t: &TestNs) -> u32 {
         name: "Unused".into(),
     };
     let value =
-        blindstrader_tenancy::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
+        blindstrader_tenancy::log::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
     let framed = Codec::new(&t.config.schema_registry_url)
         .encode(
             &t.topic(Topic::Organisations),
@@ -89,7 +89,7 @@ fn replay_lines(stdout: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn poison_events_are_dead_lettered_listed_and_replayed_once() {
     let t = TestNs::new();
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let orgs_topic = t.topic(Topic::Organisations);
@@ -437,7 +437,7 @@ async fn dead_letter(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_filtered_replay_is_not_repeated_by_a_full_one() {
     let t = TestNs::new();
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let orgs = t.topic(Topic::Organisations);
@@ -548,7 +548,7 @@ async fn missing_topics_are_named_and_nothing_is_sent() {
         );
     }
 
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let (code, out, err) = t.tenancy_output(&["dead-letter", "list"]);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::topics::Topic;
 use common::*;
 
 #[test]
@@ -84,9 +84,9 @@ fn every_subcommand_explains_itself() {
 /// stands in for the broker (the registry is the real one).
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_after_a_lifecycle_event_is_stamped_once_that_is_in_the_log() {
-    use blindstrader_tenancy::emit::{prepare_line, send_all};
-    use blindstrader_tenancy::events::Event;
-    use blindstrader_tenancy::wire::Codec;
+    use blindstrader_tenancy::log::emit::{prepare_line, send_all};
+    use blindstrader_tenancy::log::events::Event;
+    use blindstrader_tenancy::log::wire::Codec;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::FutureProducer;

@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use blindstrader_tenancy::events::Event;
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::events::Event;
+use blindstrader_tenancy::log::topics::Topic;
 use common::lines;
 use common::*;
 use serde_json::json;

@@ -8,7 +8,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::topics::Topic;
 use common::*;
 use sqlx::MySqlPool;
 
@@ -558,7 +558,7 @@ impl PrivateRegistry {
         })
         .await;
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(blindstrader_tenancy::registry::serve(
+        let task = tokio::spawn(blindstrader_registry::serve(
             listener,
             PathBuf::from(dir),
             shutdown.clone(),

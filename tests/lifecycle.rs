@@ -4,9 +4,9 @@ mod common;
 
 use std::time::Duration;
 
-use blindstrader_tenancy::events::Event;
-use blindstrader_tenancy::servers::Servers;
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::events::Event;
+use blindstrader_tenancy::log::topics::Topic;
+use blindstrader_tenancy::store::servers::Servers;
 use common::*;
 use serde_json::json;
 use sqlx::MySqlPool;
@@ -178,10 +178,11 @@ async fn terminate_then_restore_brings_every_row_back_and_can_repeat() {
         .iter()
         .filter_map(|e| match e {
             Event::Other {
-                kind: blindstrader_tenancy::events::EventKind::TenantArchived,
+                kind: blindstrader_tenancy::log::events::EventKind::TenantArchived,
                 value,
             } => {
-                apache_avro::from_value::<blindstrader_tenancy::events::TenantArchived>(value).ok()
+                apache_avro::from_value::<blindstrader_tenancy::log::events::TenantArchived>(value)
+                    .ok()
             }
             _ => None,
         })
@@ -202,7 +203,7 @@ async fn terminate_then_restore_brings_every_row_back_and_can_repeat() {
             matches!(
                 e,
                 Event::Other {
-                    kind: blindstrader_tenancy::events::EventKind::TenantRestored,
+                    kind: blindstrader_tenancy::log::events::EventKind::TenantRestored,
                     ..
                 }
             )
@@ -280,7 +281,7 @@ async fn past_the_grace_period_the_archive_is_purged_and_restore_is_refused() {
             matches!(
                 e,
                 Event::Other {
-                    kind: blindstrader_tenancy::events::EventKind::TenantPurged,
+                    kind: blindstrader_tenancy::log::events::EventKind::TenantPurged,
                     ..
                 }
             )
@@ -347,6 +348,7 @@ async fn events_for_a_terminated_tenant_are_skipped_and_its_archive_is_unchanged
     assert_eq!(skips, 1, "logged once per tenant, not per event:\n{log}");
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_between_archive_and_cache_removal_converges_after_restart() {
     let t = TestNs::new();
@@ -402,7 +404,7 @@ async fn a_crash_between_archive_and_cache_removal_converges_after_restart() {
             matches!(
                 e,
                 Event::Other {
-                    kind: blindstrader_tenancy::events::EventKind::TenantArchived,
+                    kind: blindstrader_tenancy::log::events::EventKind::TenantArchived,
                     ..
                 }
             )
@@ -603,11 +605,11 @@ async fn a_restored_supplier_gets_the_catalog_changes_it_missed() {
 /// once the step is settled it is gone.
 #[tokio::test(flavor = "multi_thread")]
 async fn status_lists_a_lifecycle_step_left_under_way() {
-    use blindstrader_tenancy::tenancy::tenants::{Pending, Tenants};
+    use blindstrader_tenancy::store::tenants::{Pending, Tenants};
     use blindstrader_tenancy::tenant::{OrganisationType, Slug};
     let t = TestNs::new();
     let pool = t.prepared_pool().await;
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let tenants = Tenants::on(Servers::single(pool.clone(), &t.config.database_url), &t.ns);
@@ -661,7 +663,7 @@ async fn status_lists_a_lifecycle_step_left_under_way() {
 /// period that its clean replay skipped.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restore_and_a_termination_in_the_same_millisecond_keep_their_order() {
-    use blindstrader_tenancy::tenancy::tenants::{Logged, Tenants};
+    use blindstrader_tenancy::store::tenants::{Logged, Tenants};
     use blindstrader_tenancy::tenant::{OrganisationType, Slug};
     let t = TestNs::new();
     let pool = t.prepared_pool().await;

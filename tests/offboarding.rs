@@ -7,8 +7,10 @@ mod common;
 
 use std::time::Duration;
 
-use blindstrader_tenancy::events::{Event, EventKind};
-use blindstrader_tenancy::topics::Topic;
+#[cfg(feature = "fault-injection")]
+use blindstrader_tenancy::log::events::{Event, EventKind};
+#[cfg(feature = "fault-injection")]
+use blindstrader_tenancy::log::topics::Topic;
 use common::*;
 use serde_json::json;
 use sqlx::MySqlPool;
@@ -149,6 +151,7 @@ async fn a_termination_stamped_a_year_ahead_does_not_hide_the_restore_after_it()
     t.wait_status(&pool, &brand, "active").await;
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purge_leaves_nothing_of_the_tenant_on_any_server() {
     // A brand rebuilt (its replaced tables kept), a rebuild killed after making its shadow, a
@@ -381,6 +384,72 @@ async fn a_grant_replayed_after_its_revoke_leaves_no_access_anywhere() {
         Some(0),
         "the rebuilt supplier equals the live one: {out}\n{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_revoke_and_a_grant_of_the_same_millisecond_end_revoked() {
+    // Two changes of one pair stamped the same millisecond cannot be ordered by time: taking
+    // away wins the tie. The grant's event id sorts after the revoke's, so ordering by id alone
+    // would let it through. The same for a host removed and assigned in one millisecond.
+    let t = TestNs::new();
+    let pool = t.prepared_pool().await;
+    let _worker = t.spawn_run("w");
+    let (brand, supplier, retailer) = (new_id(), new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[
+            (&brand, "BRAND", "tb"),
+            (&supplier, "SUPPLIER", "ts"),
+            (&retailer, "RETAILER", "tr"),
+        ],
+    )
+    .await;
+    let at = now_ms();
+    let stamped = |line: String, id: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        v["event_id"] = json!(id);
+        v["occurred_at"] = json!(at);
+        v.to_string()
+    };
+    t.emit_ok(&[
+        lines::catalog(&brand, 1, &["T1"], &[]),
+        stamped(
+            lines::revoke(&brand, &supplier),
+            "00000000-0000-4000-8000-000000000001",
+        ),
+        stamped(
+            lines::grant("", &brand, &supplier, &["catalog.read"]),
+            "ffffffff-ffff-4fff-bfff-ffffffffffff",
+        ),
+        stamped(
+            lines::domain_removed(&retailer, "tie.example"),
+            "00000000-0000-4000-8000-000000000002",
+        ),
+        stamped(
+            lines::domain_assigned(&retailer, "tie.example"),
+            "ffffffff-ffff-4fff-bfff-fffffffffffe",
+        ),
+    ]);
+    t.wait_caught_up().await;
+    let db = format!("{}_supplier_ts", t.ns);
+    no_access(&t, &pool, &brand, &supplier, &db).await;
+    let indexed = count(
+        &pool,
+        &format!(
+            "SELECT COUNT(*) FROM `{}_platform`.retailer_domains WHERE retailer_id = ?",
+            t.ns
+        ),
+        &retailer,
+    )
+    .await;
+    assert_eq!(
+        indexed, 0,
+        "the removal wins the tie: the host is not assigned"
+    );
+    let (code, out, err) = t.tenancy_output(&["rebuild", &supplier, "--dry-run"]);
+    assert_eq!(code, Some(0), "a rebuild ends the same: {out}\n{err}");
+    let (code, out, err) = t.tenancy_output(&["rebuild", &retailer, "--dry-run"]);
+    assert_eq!(code, Some(0), "a rebuild ends the same: {out}\n{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -519,6 +519,7 @@ async fn a_running_worker_meeting_a_tenant_on_a_server_it_was_not_given_parks_it
     );
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_killed_between_the_index_and_the_retailer_row_is_finished_by_the_next() {
     // A retailer on east: its domain events take two steps (index on home, row on east). A
@@ -585,6 +586,7 @@ async fn a_worker_killed_between_the_index_and_the_retailer_row_is_finished_by_t
     assert!(out.contains("; 0 difference(s)"), "{out}");
 }
 
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn tenants_move_between_servers_online_and_everything_follows_them() {
     let t = TestNs::with_east();

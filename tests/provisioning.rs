@@ -6,10 +6,10 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use blindstrader_tenancy::events::{Event, EventKind, OrganisationCreated};
-use blindstrader_tenancy::servers::Servers;
+use blindstrader_tenancy::log::events::{Event, EventKind, OrganisationCreated};
+use blindstrader_tenancy::log::topics::Topic;
+use blindstrader_tenancy::store::servers::Servers;
 use blindstrader_tenancy::tenant::OrganisationType;
-use blindstrader_tenancy::topics::Topic;
 use common::*;
 use sqlx::MySqlPool;
 
@@ -316,9 +316,9 @@ async fn refusals_end_as_failed_tenants_not_crash_loops() {
 
 /// Produces an OrganisationCreated the way another Confluent client would, bypassing emit.
 async fn produce_created(t: &TestNs, org: &str, slug: &str) {
-    use blindstrader_tenancy::wire::Codec;
+    use blindstrader_tenancy::log::wire::Codec;
     use rdkafka::producer::FutureRecord;
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let event = OrganisationCreated {
@@ -330,13 +330,13 @@ async fn produce_created(t: &TestNs, org: &str, slug: &str) {
         name: "Foreign".into(),
     };
     let value =
-        blindstrader_tenancy::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
+        blindstrader_tenancy::log::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
     let topic = t.topic(Topic::Organisations);
     let payload = Codec::new(&t.config.schema_registry_url)
         .encode(&topic, EventKind::OrganisationCreated, value)
         .await
         .unwrap();
-    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    let producer = blindstrader_tenancy::log::kafka::producer(&t.config).unwrap();
     producer
         .send(
             FutureRecord::to(&topic).key(org).payload(&payload),
@@ -422,7 +422,7 @@ async fn events_from_another_confluent_client_with_an_evolved_schema_are_consume
     };
 
     let t = TestNs::new();
-    blindstrader_tenancy::topics::ensure_topics(&t.config)
+    blindstrader_tenancy::log::topics::ensure_topics(&t.config)
         .await
         .unwrap();
     let topic = t.topic(Topic::Organisations);
@@ -462,7 +462,7 @@ async fn events_from_another_confluent_client_with_an_evolved_schema_are_consume
         )
         .await
         .unwrap();
-    let producer = blindstrader_tenancy::kafka::producer(&t.config).unwrap();
+    let producer = blindstrader_tenancy::log::kafka::producer(&t.config).unwrap();
     producer
         .send(
             FutureRecord::to(&topic).key(&org).payload(&payload),
@@ -575,7 +575,7 @@ async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
     let t = TestNs::new();
     let pool = t.pool().await;
     let url = &t.config.database_url;
-    let ddl = blindstrader_tenancy::db::ddl_pool(&t.config, 1).unwrap();
+    let ddl = blindstrader_tenancy::store::pools::ddl_pool(&t.config, 1).unwrap();
     for kind in [
         OrganisationType::Brand,
         OrganisationType::Supplier,
@@ -668,7 +668,7 @@ async fn fresh_databases_migrate_in_one_script_like_sqlx_step_by_step() {
 /// each pair exactly one proceeds while the other is told whose database it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation() {
-    use blindstrader_tenancy::tenancy::tenants::{Claim, Tenants};
+    use blindstrader_tenancy::store::tenants::{Claim, Tenants};
     use blindstrader_tenancy::tenant::Slug;
     let t = TestNs::new();
     let pool = t.prepared_pool().await;
@@ -790,8 +790,8 @@ fn created(m: &blindstrader_tenancy::stream::Msg<Event>) -> &OrganisationCreated
 /// are those of one-at-a-time provisioning.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_of_new_organisations_is_provisioned_as_one_unit_and_the_odd_ones_one_by_one() {
+    use blindstrader_tenancy::store::tenants::Tenants;
     use blindstrader_tenancy::stream::Processor;
-    use blindstrader_tenancy::tenancy::tenants::Tenants;
     use blindstrader_tenancy::tenant::Slug;
     use OrganisationType::{Brand, Retailer, Supplier};
 
@@ -1002,4 +1002,42 @@ async fn two_workers_onboarding_one_batch_provision_each_organisation_once() {
         })
         .collect();
     assert_eq!((orgs.len(), t.message_count(Topic::Tenancy)), (24, 24));
+}
+
+/// The platform migrations that used MariaDB-only syntax were rewritten for MySQL too. A
+/// platform database migrated by their first form (its `_sqlx_migrations` holding their old
+/// checksums) still starts: its checksums are moved on, nothing is re-run or refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_platform_migrated_by_the_first_forms_of_rewritten_migrations_still_starts() {
+    use blindstrader_tenancy::tenancy::migrations::{for_service, REWRITTEN};
+    use blindstrader_tenancy::tenancy::provisioning::prepare_service_databases;
+    use blindstrader_tenancy::tenant::ServiceDatabase;
+    let t = TestNs::new();
+    let pool = t.prepared_pool().await;
+    let platform = format!("{}_platform", t.ns);
+    for (version, old) in REWRITTEN {
+        sqlx::query(&format!(
+            "UPDATE `{platform}`._sqlx_migrations SET checksum = UNHEX(?) WHERE version = ?"
+        ))
+        .bind(old)
+        .bind(version)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    prepare_service_databases(&pool, &t.config.database_url, &t.ns)
+        .await
+        .expect("a platform of the first forms starts");
+    let migrator = for_service(ServiceDatabase::Platform);
+    for (version, _) in REWRITTEN {
+        let now: Vec<u8> = sqlx::query_scalar(&format!(
+            "SELECT checksum FROM `{platform}`._sqlx_migrations WHERE version = ?"
+        ))
+        .bind(version)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let shipped = migrator.iter().find(|m| m.version == *version).unwrap();
+        assert_eq!(now, shipped.checksum.as_ref(), "migration {version}");
+    }
 }

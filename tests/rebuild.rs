@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use blindstrader_tenancy::topics::Topic;
+use blindstrader_tenancy::log::topics::Topic;
 use common::*;
 use sqlx::MySqlPool;
 
@@ -231,6 +231,7 @@ async fn a_rebuild_under_load_is_invisible_to_readers_and_ends_equal() {
 
 /// A rebuild killed at each step leaves the live database as it was and the next rebuild
 /// works (its claim died with it).
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_rebuild_leaves_the_live_database_alone() {
     let t = TestNs::new();
@@ -998,6 +999,7 @@ async fn while_the_swap_is_held(t: &TestNs, tenant: &str, during: impl FnOnce())
 
 /// A supplier rebuild killed at each step leaves the live database as it was, and the next
 /// one works.
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_supplier_rebuild_leaves_the_live_database_alone() {
     let t = TestNs::new();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blindstrader_tenancy::registry::{serve, CONTENT_TYPE};
+use blindstrader_registry::{serve, CONTENT_TYPE};
 use reqwest::header;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;

@@ -8,12 +8,15 @@ use std::time::Duration;
 
 use blindstrader_tenancy::catalog::gate::Target;
 use blindstrader_tenancy::catalog::item::{Change, Item};
-use blindstrader_tenancy::events::{self, Event, EventKind, OrganisationTerminated, TenantPurged};
+use blindstrader_tenancy::log::events::{
+    self, Event, EventKind, OrganisationTerminated, TenantPurged,
+};
+use blindstrader_tenancy::log::topics::Topic;
+use blindstrader_tenancy::log::wire::Codec;
 use blindstrader_tenancy::stream::{Gate, Msg, Processor, StepError};
+#[cfg(feature = "fault-injection")]
 use blindstrader_tenancy::tenancy::purge::PurgeItem;
 use blindstrader_tenancy::tenant::OrganisationType;
-use blindstrader_tenancy::topics::Topic;
-use blindstrader_tenancy::wire::Codec;
 use common::lines;
 use common::*;
 
@@ -259,6 +262,7 @@ async fn lifecycle_order_is_log_order_not_consumption_order() {
 /// Finding 3: restore and purge did not exclude each other, so a purge could drop the database
 /// a restore had just brought back. The restore here dies half-way (tables back, tenant not yet
 /// active) and a purge of that archive is then applied: it must leave everything to the restore.
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_purge_never_drops_what_a_restore_is_bringing_back() {
     let t = TestNs::new();
@@ -891,6 +895,7 @@ async fn status_shows_every_partition_owned_once() {
 /// kill -9 right after a supplier's tables moved to its archive: the redelivered termination
 /// finds the live database gone and finishes (before, its copy clean-up failed on the missing
 /// tables until the event was dead-lettered, leaving the tenant marked "changing" for good).
+#[cfg(feature = "fault-injection")]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_supplier_terminated_by_a_worker_killed_mid_archive_settles_after_restart() {
     let t = TestNs::new();

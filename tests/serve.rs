@@ -928,7 +928,7 @@ async fn a_slow_tenant_does_not_slow_the_others() {
 /// change is never served after it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lookup_in_flight_during_a_change_neither_writes_nor_serves_the_old_answer() {
-    use blindstrader_tenancy::caches::{domain_key, Redis};
+    use blindstrader_tenancy::cache::{domain_key, Redis};
     use blindstrader_tenancy::domains::host::Host;
     use blindstrader_tenancy::serve::resolve::{Lookup, Resolver};
     use blindstrader_tenancy::tenant::Slug;
@@ -987,7 +987,7 @@ async fn a_lookup_in_flight_during_a_change_neither_writes_nor_serves_the_old_an
     let (_, before) = resolver.cached(&key).await.unwrap();
     assert!(resolver.fill(&key, &before, loaded.as_ref()).await.unwrap());
     redis::cmd("DEL")
-        .arg(blindstrader_tenancy::caches::domain_generation_key(&t.ns))
+        .arg(blindstrader_tenancy::cache::domain_generation_key(&t.ns))
         .query_async::<()>(&mut conn)
         .await
         .unwrap();

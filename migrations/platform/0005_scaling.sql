@@ -1,9 +1,13 @@
 -- Several workers per consumer group: lifecycle steps under way, lifecycle order, workers.
-ALTER TABLE tenants
-    ADD COLUMN IF NOT EXISTS lifecycle_pending VARCHAR(80) NULL
-        COMMENT 'terminate:{event id} or restore:{event id} while that step is under way; projectors hold the tenant''s events meanwhile',
-    ADD COLUMN IF NOT EXISTS lifecycle_at DATETIME(3) NULL
-        COMMENT 'occurred_at of the latest termination or restore applied; older ones are ignored';
+-- Portable and safe to run again (see 0004).
+SET @scaling = (SELECT IF(COUNT(*) = 0,
+    'ALTER TABLE tenants ADD COLUMN lifecycle_pending VARCHAR(80) NULL COMMENT ''terminate:{event id} or restore:{event id} while that step is under way; projectors hold the events of the tenant meanwhile'', ADD COLUMN lifecycle_at DATETIME(3) NULL COMMENT ''when the latest termination or restore applied is placed; older ones are ignored''',
+    'DO 0')
+    FROM information_schema.COLUMNS
+    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'tenants' AND COLUMN_NAME = 'lifecycle_pending');
+PREPARE scaling FROM @scaling;
+EXECUTE scaling;
+DEALLOCATE PREPARE scaling;
 
 -- Offsets kept per (brand, supplier) pair need longer projection names than 64 characters.
 ALTER TABLE projection_offsets MODIFY projection VARCHAR(128) NOT NULL;

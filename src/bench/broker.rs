@@ -59,7 +59,7 @@ pub async fn measure(config: &Config, args: &BrokerArgs) -> anyhow::Result<Rates
             anyhow::bail!("cannot create {t}: {code}");
         }
     }
-    let producer = crate::kafka::producer(config)?;
+    let producer = crate::log::kafka::producer(config)?;
     let payload = vec![b'x'; args.size];
     let keys: Vec<String> = (0..64).map(|k| format!("key-{k}")).collect();
     let started = Instant::now();
@@ -142,5 +142,19 @@ pub async fn run(config: Config, args: BrokerArgs) -> anyhow::Result<()> {
         r.consume_per_sec,
         r.consume_per_sec * args.size as f64 / 1e6
     );
+    // The broker is the others' baseline, with none of its own.
+    super::Row {
+        benchmark: "tenancy bench broker".into(),
+        figure: format!(
+            "produce {:.0} msg/s, consume {:.0} msg/s ({} B)",
+            r.produce_per_sec, r.consume_per_sec, args.size
+        ),
+        baseline: "none: the ceiling of the others".into(),
+        ratio: None,
+        goal: "none".into(),
+        met: true,
+        peak_rss_mib: None,
+    }
+    .print();
     Ok(())
 }

@@ -8,7 +8,7 @@
 //! changes, batch by batch as the processor takes them, written by plain multi-row upserts, one
 //! transaction per database per batch, `--write-concurrency` databases at once — the best plain
 //! client path for the same work, with no Kafka, decoding, gating, locks or bookkeeping. The
-//! last line is `ratio projector/raw: X.XX`. Figures only mean something from a `--release`
+//! line before its row is `ratio projector/raw: X.XX`. Figures only mean something from a `--release`
 //! build.
 
 use std::collections::HashMap;
@@ -20,22 +20,22 @@ use serde_json::json;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::cache::PermissionCache;
+use crate::cache::permissions::PermissionCache;
 use crate::catalog::spec::CatalogSpec;
 use crate::catalog::CatalogProcessor;
 use crate::config::Config;
-use crate::events::json::record_from_json;
-use crate::events::EventKind;
-use crate::stream::dead_letters::DeadLetters;
+use crate::log::dead_letters::DeadLetters;
+use crate::log::events::json::record_from_json;
+use crate::log::events::EventKind;
+use crate::log::topics::{ensure_topics, Topic};
+use crate::log::wire::Codec;
+use crate::store::tenants::{Claim, Tenants};
 use crate::stream::health::Health;
 use crate::stream::Settings;
 use crate::tenancy::migrations;
 use crate::tenancy::provisioning::prepare_service_databases;
-use crate::tenancy::tenants::{Claim, Tenants};
 use crate::tenancy::watermark::Watermark;
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
-use crate::topics::{ensure_topics, Topic};
-use crate::wire::Codec;
 
 use super::peak_rss_mib;
 
@@ -179,11 +179,12 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
         shape.suppliers,
         shape.suppliers * shape.grants_per_supplier
     );
-    let pool = crate::db::connect_pool_sized(&config, (2 * concurrency + 4) as u32).await?;
+    let pool =
+        crate::store::pools::connect_pool_sized(&config, (2 * concurrency + 4) as u32).await?;
     ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
     let tenants = Tenants::on(
-        crate::servers::Servers::single(pool.clone(), &config.database_url),
+        crate::store::servers::Servers::single(pool.clone(), &config.database_url),
         &ns,
     );
     let mut brands = Vec::new();
@@ -231,7 +232,7 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     // Events, encoded and produced before the clock starts.
     let codec = Arc::new(Codec::new(&config.schema_registry_url));
     let topic = Topic::BrandCatalog.name(&ns);
-    let producer: FutureProducer = crate::kafka::producer(&config)?;
+    let producer: FutureProducer = crate::log::kafka::producer(&config)?;
     let events = args.events;
     let mut deliveries = Vec::with_capacity(events);
     for k in 0..events {
@@ -376,6 +377,20 @@ pub async fn run(mut config: Config, args: BenchArgs) -> anyhow::Result<()> {
     );
     println!("peak RSS: {rss_peak:.0} MiB (before the processor started: {rss_before:.0} MiB)");
     println!("ratio projector/raw: {:.2}", projector_eps / raw_eps);
+    let ratio = projector_eps / raw_eps;
+    super::Row {
+        benchmark: format!(
+            "tenancy bench catalog --scenario {}",
+            format!("{:?}", args.scenario).to_lowercase()
+        ),
+        figure: format!("{:.0} rows/s", projector_eps * per_event_rows),
+        baseline: format!("{:.0} rows/s", raw_eps * per_event_rows),
+        ratio: Some(ratio),
+        goal: "≥ 0.8".into(),
+        met: ratio >= 0.8,
+        peak_rss_mib: Some(rss_peak),
+    }
+    .print();
 
     if !args.keep {
         super::drop_namespace(&config, &pool).await?;
@@ -515,7 +530,7 @@ async fn processor_pass(
     let events = args.events;
     let ns = &config.namespace;
     let shutdown = CancellationToken::new();
-    let redis = crate::caches::Redis::connect(&config.redis_url, ns).await?;
+    let redis = crate::cache::Redis::connect(&config.redis_url, ns).await?;
     let processor = CatalogProcessor {
         ns: ns.clone(),
         spec: CatalogSpec::load()?,
@@ -545,8 +560,10 @@ async fn processor_pass(
         },
     )?;
     let health = Health::default().processor("catalog", group);
-    let dead_letters =
-        DeadLetters::new(crate::kafka::producer(config)?, Topic::DeadLetter.name(ns));
+    let dead_letters = DeadLetters::new(
+        crate::log::kafka::producer(config)?,
+        Topic::DeadLetter.name(ns),
+    );
     let monitor = async {
         let mut first: Option<(Instant, i64)> = None;
         loop {
@@ -648,7 +665,7 @@ pub(super) async fn raw_upsert(
         columns.push("revision");
     }
     let table = if copy { "brand_fabrics" } else { "fabrics" };
-    let row = format!("({})", vec!["?"; columns.len()].join(","));
+    let row = format!("({})", crate::store::schema::placeholders(columns.len()));
     let updates: Vec<String> = columns
         .iter()
         .filter(|c| **c != "code" && **c != "brand_id")

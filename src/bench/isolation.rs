@@ -13,7 +13,7 @@
 //!   processor runs; each healthy brand's applied revision polled every 10 ms; the apply latency
 //!   of an event is from its acknowledgement by the broker to its revision being seen.
 //!
-//! The last line is `ratio isolated/healthy: X.XX` (the healthy brands' backlog throughput with
+//! The line before its row is `ratio isolated/healthy: X.XX` (the healthy brands' backlog throughput with
 //! a sick brand over that without; goal ≥ 0.8, and their p99 latency < 2 s).
 
 use std::collections::HashMap;
@@ -25,11 +25,11 @@ use serde_json::json;
 use sqlx::MySqlPool;
 
 use crate::config::Config;
-use crate::events::json::record_from_json;
-use crate::events::EventKind;
+use crate::log::events::json::record_from_json;
+use crate::log::events::EventKind;
+use crate::log::topics::Topic;
+use crate::log::wire::Codec;
 use crate::tenant::{DatabaseName, OrganisationType};
-use crate::topics::Topic;
-use crate::wire::Codec;
 
 use super::catalog::{fabric_json, provision, Tenant};
 
@@ -120,10 +120,27 @@ pub async fn run(config: Config, args: IsolationArgs) -> anyhow::Result<()> {
         "p99 of the healthy brands with one sick: {} ms (goal < 2000 ms)",
         isolated.percentile(0.99).as_millis()
     );
-    println!(
-        "ratio isolated/healthy: {:.2}",
-        isolated.rate() / healthy.rate()
-    );
+    let ratio = isolated.rate() / healthy.rate();
+    println!("ratio isolated/healthy: {ratio:.2}");
+    let p99 = isolated.percentile(0.99);
+    super::Row {
+        benchmark: "tenancy bench isolation".into(),
+        figure: format!(
+            "{:.0} events/s, p99 {} ms, one brand locked",
+            isolated.rate(),
+            p99.as_millis()
+        ),
+        baseline: format!(
+            "{:.0} events/s, p99 {} ms, all healthy",
+            healthy.rate(),
+            healthy.percentile(0.99).as_millis()
+        ),
+        ratio: Some(ratio),
+        goal: "≥ 0.8, p99 < 2 s".into(),
+        met: ratio >= 0.8 && p99 < Duration::from_secs(2),
+        peak_rss_mib: Some(super::peak_rss_mib()),
+    }
+    .print();
     Ok(())
 }
 
@@ -164,7 +181,7 @@ async fn condition(config: &Config, args: &IsolationArgs, sick: bool) -> anyhow:
 
     let options = crate::worker::WorkerOptions {
         db_connections: 12,
-        limits: crate::db::StatementLimits {
+        limits: crate::store::pools::StatementLimits {
             lock_wait: args.lock_wait,
             ..Default::default()
         },
@@ -279,7 +296,7 @@ impl Feed {
     fn new(config: &Config, brands: &[Tenant], fabrics: usize) -> anyhow::Result<Feed> {
         Ok(Feed {
             codec: Codec::new(&config.schema_registry_url),
-            producer: crate::kafka::producer_without_linger(config)?,
+            producer: crate::log::kafka::producer_without_linger(config)?,
             topic: Topic::BrandCatalog.name(&config.namespace),
             brands: brands.iter().map(|b| b.id.clone()).collect(),
             fabrics: fabrics.max(1),

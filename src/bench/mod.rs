@@ -10,6 +10,9 @@
 //! - [`rebuild`]: `tenancy rebuild` of a large brand, against plain upserts of the same rows.
 //! - [`serve`]: `tenancy serve`'s brand catalog API, against the same query sent straight to
 //!   MariaDB.
+//!
+//! Each ends with one [`Row`] line (`bench-row {json}`) that `scripts/bench` gathers into
+//! `docs/benchmarks.md`; the lines before it are for the reader.
 
 pub mod broker;
 pub mod catalog;
@@ -19,6 +22,34 @@ pub mod rebuild;
 pub mod serve;
 
 use std::time::{Duration, Instant};
+
+/// One benchmark's result as the table in `docs/benchmarks.md` shows it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Row {
+    /// The command that measured it, e.g. `tenancy bench catalog --scenario narrow`.
+    pub benchmark: String,
+    /// Ours, with its unit.
+    pub figure: String,
+    /// The raw baseline measured in the same run, with its unit.
+    pub baseline: String,
+    /// Ours against the baseline, as the benchmark's goal reads it (none without a baseline).
+    pub ratio: Option<f64>,
+    pub goal: String,
+    /// Whether the ratio meets the goal.
+    pub met: bool,
+    /// Peak resident memory of ours, in MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+impl Row {
+    /// Prints the row as the last line of the benchmark's output, for `scripts/bench`.
+    pub(crate) fn print(&self) {
+        match serde_json::to_string(self) {
+            Ok(json) => println!("bench-row {json}"),
+            Err(e) => eprintln!("cannot print the benchmark's row: {e}"),
+        }
+    }
+}
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 pub(crate) fn peak_rss_mib() -> f64 {
@@ -37,7 +68,7 @@ pub(crate) fn peak_rss_mib() -> f64 {
 /// Its topics stay: the local broker (nisshi 0.7.0-pre.2) deletes every topic of the cluster
 /// when asked to delete one (its `topic_delete_by.sql` selects by cluster, and the records
 /// follow by cascade), so a benchmark that deleted its own topics wiped every namespace's.
-/// For figures from a small broker file, start from a fresh one (README, Performance).
+/// For figures from a small broker file, start from a fresh one (README, "Known limits").
 pub(crate) async fn drop_namespace(
     config: &crate::config::Config,
     pool: &sqlx::MySqlPool,
@@ -128,7 +159,7 @@ pub(crate) fn watch_peak_rss(pid: Option<u32>) -> tokio::task::JoinHandle<f64> {
 pub(crate) struct Fresh {
     pub config: crate::config::Config,
     pub pool: sqlx::MySqlPool,
-    pub tenants: crate::tenancy::tenants::Tenants,
+    pub tenants: crate::store::tenants::Tenants,
 }
 
 pub(crate) async fn fresh_namespace(
@@ -138,16 +169,16 @@ pub(crate) async fn fresh_namespace(
     let mut config = config.clone();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     config.namespace = crate::tenant::Namespace::parse(&format!("bench{}", &suffix[..6]))?;
-    let pool = crate::db::connect_pool_sized(&config, connections).await?;
-    crate::topics::ensure_topics(&config).await?;
+    let pool = crate::store::pools::connect_pool_sized(&config, connections).await?;
+    crate::log::topics::ensure_topics(&config).await?;
     crate::tenancy::provisioning::prepare_service_databases(
         &pool,
         &config.database_url,
         &config.namespace,
     )
     .await?;
-    let tenants = crate::tenancy::tenants::Tenants::on(
-        crate::servers::Servers::single(pool.clone(), &config.database_url),
+    let tenants = crate::store::tenants::Tenants::on(
+        crate::store::servers::Servers::single(pool.clone(), &config.database_url),
         &config.namespace,
     );
     Ok(Fresh {
@@ -164,8 +195,8 @@ pub(crate) async fn with_catalog_processor<T>(
     options: &crate::worker::WorkerOptions,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<T> {
+    use crate::log::topics::Topic;
     use crate::stream::consumer::{join, Assignor, Membership};
-    use crate::topics::Topic;
     let ns = &config.namespace;
     let processors = crate::worker::Processors::build(config, options).await?;
     let group = format!("{ns}.catalog");

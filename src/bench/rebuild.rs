@@ -16,12 +16,12 @@ use serde_json::json;
 
 use super::catalog::{fabric_json, provision, raw_upsert, RawRow};
 use crate::config::Config;
-use crate::events::json::record_from_json;
-use crate::events::EventKind;
-use crate::tenancy::tenants::Tenants;
+use crate::log::events::json::record_from_json;
+use crate::log::events::EventKind;
+use crate::log::topics::Topic;
+use crate::log::wire::Codec;
+use crate::store::tenants::Tenants;
 use crate::tenant::OrganisationType;
-use crate::topics::Topic;
-use crate::wire::Codec;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RebuildBenchArgs {
@@ -75,7 +75,7 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
     );
     let codec = Codec::new(&config.schema_registry_url);
     let topic = Topic::BrandCatalog.name(&ns);
-    let producer = crate::kafka::producer(&config)?;
+    let producer = crate::log::kafka::producer(&config)?;
     let mut last: HashMap<i32, i64> = HashMap::new();
     let mut in_flight = std::collections::VecDeque::new();
     // Every event's id, for the raw baseline's bookkeeping rows (about 18 MiB at 500,000).
@@ -185,7 +185,18 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
             supplier_part(&config, &args, k, run, &pool, &tenants, &codec).await?;
         }
     }
-    println!("ratio rebuild/raw: {:.2}", rebuild_rows / raw_rows);
+    let ratio = rebuild_rows / raw_rows;
+    println!("ratio rebuild/raw: {ratio:.2}");
+    super::Row {
+        benchmark: format!("tenancy bench rebuild (one brand, {} events)", args.events),
+        figure: format!("{rebuild_rows:.0} rows/s"),
+        baseline: format!("{raw_rows:.0} rows/s"),
+        ratio: Some(ratio),
+        goal: "≥ 0.7".into(),
+        met: ratio >= 0.7,
+        peak_rss_mib: Some(rebuild_rss),
+    }
+    .print();
     if !args.keep {
         super::drop_namespace(&config, &pool).await?;
     }
@@ -314,7 +325,7 @@ async fn supplier_part(
     )
     .await?;
     let topic = Topic::BrandAccess.name(&config.namespace);
-    let producer = crate::kafka::producer(config)?;
+    let producer = crate::log::kafka::producer(config)?;
     for brand in &brands {
         let line = json!({"event_id": uuid::Uuid::new_v4().to_string(), "occurred_at": 0,
             "brand_id": brand.id, "supplier_id": supplier.id,
@@ -393,6 +404,16 @@ async fn supplier_part(
         raw_elapsed.as_secs_f64(),
         ours / theirs
     );
+    super::Row {
+        benchmark: format!("tenancy bench rebuild, supplier reading {n} brands of {k} fabrics"),
+        figure: format!("{ours:.0} rows/s"),
+        baseline: format!("{theirs:.0} rows/s"),
+        ratio: Some(ours / theirs),
+        goal: "≥ 0.7".into(),
+        met: ours / theirs >= 0.7,
+        peak_rss_mib: None,
+    }
+    .print();
     Ok(())
 }
 

@@ -327,7 +327,7 @@ async fn measure(
     )
     .await?;
 
-    let raw_pool = crate::db::connect_pool_sized(config, args.connections).await?;
+    let raw_pool = crate::store::pools::connect_pool_sized(config, args.connections).await?;
     let statements: Arc<Vec<String>> = Arc::new(
         brands
             .iter()
@@ -397,10 +397,25 @@ async fn measure(
         "ratio serve*/raw (no page cache): {:.2}",
         uncached.figures.rate() / direct.rate()
     );
-    println!(
-        "ratio serve/raw: {:.2}",
-        served.figures.rate() / direct.rate()
-    );
+    let ratio = served.figures.rate() / direct.rate();
+    println!("ratio serve/raw: {ratio:.2}");
+    let figures = |f: &Figures| {
+        format!(
+            "{:.0} requests/s, p99 {:.1} ms",
+            f.rate(),
+            f.p99.as_secs_f64() * 1e3
+        )
+    };
+    super::Row {
+        benchmark: "tenancy bench serve".into(),
+        figure: figures(&served.figures),
+        baseline: figures(&direct),
+        ratio: Some(ratio),
+        goal: "≥ 0.8, p99 < 10 ms".into(),
+        met: ratio >= 0.8 && served.figures.p99 < Duration::from_millis(10),
+        peak_rss_mib: Some(served.rss),
+    }
+    .print();
     Ok(())
 }
 

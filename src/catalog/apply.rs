@@ -15,19 +15,15 @@ use apache_avro::types::Value;
 use super::change::NetChange;
 use super::gate::Target;
 use super::item::{Change, Item};
-use super::store;
+use super::store::{self, copy_projection};
 use super::CatalogProcessor;
-use crate::applied;
-use crate::db::NamedLock;
-use crate::offsets;
-use crate::servers::Server;
+use crate::store::applied;
+use crate::store::locks::NamedLock;
+use crate::store::offsets;
+use crate::store::servers::Server;
+use crate::store::tenants::{Status, TenantRef};
 use crate::stream::{Msg, StepError};
-use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
-
-pub(super) fn copy_projection(brand_id: &str) -> String {
-    format!("copy:{brand_id}")
-}
 
 impl CatalogProcessor {
     /// Fails with a retry when `expected` no longer describes the tenant (archived, restored or

@@ -115,8 +115,8 @@ impl NetChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::json::record_from_json;
-    use crate::events::EventKind;
+    use crate::log::events::json::record_from_json;
+    use crate::log::events::EventKind;
     use serde_json::json;
 
     fn event(revision: i64, upserts: &[&str], removed: &[&str]) -> Value {

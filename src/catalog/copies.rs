@@ -9,16 +9,17 @@ use futures::future::LocalBoxFuture;
 use futures::FutureExt;
 use sqlx::MySqlPool;
 
-use super::apply::{copy_projection, read_permissions};
+use super::apply::read_permissions;
 use super::spec::CatalogSpec;
+use super::store::copy_projection;
 use super::store::{self, BrandSource};
-use crate::access::cache::PermissionCache;
-use crate::applied;
-use crate::db::NamedLock;
-use crate::offsets;
-use crate::servers::Server;
+use crate::cache::permissions::PermissionCache;
+use crate::store::applied;
+use crate::store::locks::NamedLock;
+use crate::store::offsets;
+use crate::store::servers::Server;
+use crate::store::tenants::{Status, TenantRef, Tenants};
 use crate::tenancy::provisioning::LifecycleHooks;
-use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
 
 /// The supplier's copy of one brand becomes the brand's current projection (under the
@@ -390,7 +391,7 @@ impl CatalogHooks {
             }
             // The grants' bookkeeping goes with them: a replay, which skips a purged brand's
             // grants, ends the same.
-            let access = super::grants::access_projection(brand_id);
+            let access = super::store::access_projection(brand_id);
             offsets::clear(&mut tx, &db, &copy_projection(brand_id)).await?;
             offsets::clear(&mut tx, &db, &access).await?;
             applied::forget(&mut tx, &db, &access).await?;

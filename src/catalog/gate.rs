@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 
 use super::item::{Change, Item};
+use crate::store::tenants::TenantRef;
 use crate::stream::{Gate, Wait};
-use crate::tenancy::tenants::TenantRef;
 use crate::tenancy::verdict::{revoke_verdict, verdict};
 use crate::tenancy::watermark::{settled, LogEnds};
 use crate::tenant::OrganisationType;
@@ -110,7 +110,7 @@ pub fn gate(
 mod tests {
     use super::*;
     use crate::catalog::item::Change;
-    use crate::tenancy::tenants::Status;
+    use crate::store::tenants::Status;
 
     fn tenant(id: &str, kind: OrganisationType, status: Status) -> TenantRef {
         TenantRef {
@@ -118,7 +118,7 @@ mod tests {
             kind,
             status,
             database: None,
-            server: crate::servers::Server::unreached("home"),
+            server: crate::store::servers::Server::unreached("home"),
             archived_at: Some(100),
             archive_database: None,
             past_archives: vec![(10, 20)],

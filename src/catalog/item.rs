@@ -3,7 +3,7 @@
 use apache_avro::types::Value;
 
 use super::spec::{field, Cell};
-use crate::events::{Event, EventKind};
+use crate::log::events::{Event, EventKind};
 
 /// What an event asks of the projection.
 #[derive(Debug, Clone)]

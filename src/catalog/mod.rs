@@ -14,11 +14,11 @@
 //! The consumer loop itself (batching, holding, retries, dead letters, offsets, rebalances) is
 //! [`crate::stream`].
 
+pub(crate) mod access;
 pub(crate) mod apply;
 pub mod change;
 pub mod copies;
 pub mod gate;
-pub(crate) mod grants;
 pub mod item;
 pub mod shadow;
 pub mod spec;
@@ -26,13 +26,13 @@ pub mod store;
 
 use sqlx::MySqlPool;
 
-use crate::access::cache::PermissionCache;
-use crate::caches::Redis;
-use crate::events::Event;
-use crate::servers::{Server, Servers};
+use crate::cache::permissions::PermissionCache;
+use crate::cache::Redis;
+use crate::log::events::Event;
+use crate::store::servers::{Server, Servers};
+use crate::store::tenants::Tenants;
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError};
 use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::Tenants;
 use crate::tenancy::watermark::Watermark;
 use crate::tenant::{DatabaseName, Namespace, ServiceDatabase};
 

@@ -1,7 +1,7 @@
 //! What a replay knows about the brand database it writes alone (a rebuild's shadow, or the
 //! old copy a rollback brings up to date): the rows' and removal markers' codes and revisions,
 //! and which event ids it recorded. Kept in memory, it answers the two lookups the projection
-//! makes before every write ([`super::store::stored_revisions`] and [`crate::applied::seen`])
+//! makes before every write ([`super::store::stored_revisions`] and [`crate::store::applied::seen`])
 //! without asking MySQL, which is where a replay spent most of its time.
 //!
 //! Exact, not a cache that may be stale: loaded from the database, then changed by the same

@@ -7,7 +7,7 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use serde::Deserialize;
 
-use crate::events::EventKind;
+use crate::log::events::EventKind;
 
 const DECLARED: &str = include_str!("../../projections/brand_catalog.json");
 

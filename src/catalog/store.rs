@@ -10,8 +10,19 @@ use futures::TryStreamExt;
 
 use super::change::NetChange;
 use super::spec::{CatalogSpec, Cell};
-use crate::servers::Server;
+use crate::store::servers::Server;
 use crate::tenant::DatabaseName;
+
+/// The projection name of a supplier's copy of one brand, in the supplier's bookkeeping.
+pub(crate) fn copy_projection(brand_id: &str) -> String {
+    format!("copy:{brand_id}")
+}
+
+/// Offsets and event ids of a brand's access events in a supplier's database (per brand, so
+/// purging a brand can take its grants' bookkeeping with it).
+pub(crate) fn access_projection(brand_id: &str) -> String {
+    format!("access:{brand_id}")
+}
 
 /// Where a copy reads a brand's catalog from: the brand's database and the server it is on.
 #[derive(Clone, Copy)]
@@ -35,7 +46,7 @@ fn bind_cell<'q>(q: Q<'q>, cell: &Cell) -> Q<'q> {
 }
 
 fn placeholders(n: usize) -> String {
-    format!("({})", vec!["?"; n].join(","))
+    format!("({})", crate::store::schema::placeholders(n))
 }
 
 /// Upserts and removals into the brand's own table.
@@ -84,7 +95,7 @@ pub async fn write_brand(
                 db.quoted(),
                 spec.brand_removed_table,
                 spec.key_column,
-                vec!["?"; back.len()].join(",")
+                crate::store::schema::placeholders(back.len())
             );
             let mut q = sqlx::query(&sql);
             for cell in back {
@@ -99,7 +110,7 @@ pub async fn write_brand(
             db.quoted(),
             spec.brand_table,
             spec.key_column,
-            vec!["?"; chunk.len()].join(",")
+            crate::store::schema::placeholders(chunk.len())
         );
         let mut q = sqlx::query(&sql);
         for (code, _) in chunk {
@@ -137,7 +148,7 @@ pub async fn stored_revisions(
     let mut stored = std::collections::HashMap::new();
     let mut removed = Removed::new();
     for chunk in codes.chunks(ROWS_PER_STATEMENT) {
-        let list = vec!["?"; chunk.len()].join(",");
+        let list = crate::store::schema::placeholders(chunk.len());
         let sql = format!(
             "SELECT `{key}`, `{rev}`, 0 FROM {db}.`{rows}` WHERE `{key}` IN ({list}) \
              UNION ALL SELECT `{key}`, `{rev}`, 1 FROM {db}.`{removed}` WHERE `{key}` IN ({list})",
@@ -223,7 +234,7 @@ pub async fn write_copy(
             spec.supplier_table,
             spec.supplier_brand_column,
             spec.key_column,
-            vec!["?"; chunk.len()].join(",")
+            crate::store::schema::placeholders(chunk.len())
         );
         let mut q = sqlx::query(&sql).bind(brand_id.to_owned());
         for (code, _) in chunk {
@@ -296,7 +307,7 @@ pub async fn insert_copy(
         let mut read = brand.server.reads().begin().await?;
         let rows =
             copy_across(&mut read, brand.db, tx, supplier_db, spec, brand_id, hidden).await?;
-        let offsets = crate::offsets::all(&mut read, brand.db, &spec.projection).await?;
+        let offsets = crate::store::offsets::all(&mut read, brand.db, &spec.projection).await?;
         read.commit().await?;
         return Ok((rows, offsets));
     }
@@ -318,7 +329,7 @@ pub async fn insert_copy(
     .bind(brand_id)
     .execute(&mut **tx)
     .await?;
-    let offsets = crate::offsets::all(tx, brand_db, &spec.projection).await?;
+    let offsets = crate::store::offsets::all(tx, brand_db, &spec.projection).await?;
     Ok((done.rows_affected(), offsets))
 }
 

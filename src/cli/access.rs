@@ -4,9 +4,11 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::access::cache::{parse_id, Access, AccessError, PermissionCache, PERMISSION_TTL_SECS};
+use crate::cache::permissions::{
+    parse_id, Access, AccessError, PermissionCache, PERMISSION_TTL_SECS,
+};
 use crate::config::Config;
-use crate::tenancy::tenants::Tenants;
+use crate::store::tenants::Tenants;
 
 /// Exit status of `check` when the answer could not be decided (Redis or MySQL unavailable,
 /// inconsistent tenants table). Distinct from 1 so scripts never mistake an outage for "not allowed".
@@ -102,7 +104,7 @@ async fn check(
     brand_id: &str,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let servers = match crate::servers::Servers::connect(config, 2).await {
+    let servers = match crate::store::servers::Servers::connect(config, 2).await {
         Ok(servers) => servers,
         Err(e) => return Ok(undecided(format!("{e:#}"))),
     };
@@ -152,7 +154,7 @@ fn is_missing_table(e: &AccessError) -> bool {
 /// Why the answer is "no access", for the operator (best effort; the answer stands anyway).
 async fn no_access_reason(
     config: &Config,
-    servers: &crate::servers::Servers,
+    servers: &crate::store::servers::Servers,
     supplier_id: &str,
     from_cache: bool,
 ) -> String {
@@ -166,7 +168,7 @@ async fn no_access_reason(
         })
         .map(|r| r.status);
     match status {
-        Some(s) if s != crate::tenancy::tenants::Status::Active => format!("the supplier is {s}"),
+        Some(s) if s != crate::store::tenants::Status::Active => format!("the supplier is {s}"),
         _ if from_cache => format!(
             "no grant (cached answer; it expires within {PERMISSION_TTL_SECS} s, or run \
              `tenancy access invalidate`)"

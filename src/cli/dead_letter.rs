@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::dead_letter::{
+use crate::log::dead_letters::{
     replay_group, topic_replay_group, DeadLetter, DeadLetterLog, ReplayOptions, ReplayStep,
 };
-use crate::topics::Topic;
+use crate::log::topics::Topic;
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterCommand {

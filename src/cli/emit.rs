@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
-use crate::emit::{prepare_all, send_all};
-use crate::wire::Codec;
-use crate::{kafka, topics};
+use crate::log::emit::{prepare_all, send_all};
+use crate::log::wire::Codec;
+use crate::log::{kafka, topics};
 
 #[derive(Debug, clap::Args)]
 pub struct EmitArgs {

@@ -202,14 +202,14 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
             tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "schema registry listening");
             let shutdown = shutdown_on_signal();
-            crate::registry::serve(listener, args.data_dir, shutdown).await?;
+            blindstrader_registry::serve(listener, args.data_dir, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Topics {
             command: TopicsCommand::Create,
         } => {
-            crate::topics::ensure_topics(&config).await?;
-            for t in crate::topics::Topic::ALL {
+            crate::log::topics::ensure_topics(&config).await?;
+            for t in crate::log::topics::Topic::ALL {
                 println!("{}", t.name(&config.namespace));
             }
             Ok(ExitCode::SUCCESS)
@@ -229,7 +229,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 let config = config.clone();
                 let group = group.clone();
                 let topics = topics.clone();
-                move || crate::kafka::rewind_group(&config, &group, &topics, wait)
+                move || crate::log::kafka::rewind_group(&config, &group, &topics, wait)
             })
             .await??;
             eprintln!(
@@ -307,8 +307,11 @@ async fn lag(config: &Config, only: &[String], wait: Option<u64>) -> anyhow::Res
                 .into_iter()
                 .filter(|(p, _, _)| only.is_empty() || only.iter().any(|o| o == p))
                 .map(|(_, group, topics)| {
-                    let rows = crate::kafka::group_lag(&config, &group, &topics)?;
-                    let behind: i64 = rows.iter().map(crate::kafka::GroupPosition::behind).sum();
+                    let rows = crate::log::kafka::group_lag(&config, &group, &topics)?;
+                    let behind: i64 = rows
+                        .iter()
+                        .map(crate::log::kafka::GroupPosition::behind)
+                        .sum();
                     anyhow::Ok((group, behind))
                 })
                 .collect::<anyhow::Result<Vec<_>>>()

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::config::Config;
 use crate::rebuild::replay::Replayed;
 use crate::rebuild::{resolve, Mode, Rebuilder};
-use crate::tenancy::tenants::Status;
+use crate::store::tenants::Status;
 use crate::tenant::OrganisationType;
 
 #[derive(Debug, clap::Args)]
@@ -64,9 +64,11 @@ pub struct RebuildArgs {
     /// Fence tests: hold the tenant's writes this long just before the swap.
     #[arg(long, hide = true, value_parser = humantime::parse_duration)]
     pub pause_before_swap: Option<std::time::Duration>,
-    /// Crash tests: abort right after this step (shadow, half-run, replay, locked).
-    #[arg(long, hide = true)]
-    pub fail_after: Option<String>,
+    /// Crash tests: abort right after this step (shadow, half-run, replay, locked, moved,
+    /// switched). Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true, value_enum)]
+    pub fail_after: Option<crate::fault::FailPoint>,
     /// Tests: a brand's events applied per transaction, so a few events span several batches.
     #[arg(long, hide = true, default_value_t = crate::rebuild::replay::BATCH as u32,
         value_parser = clap::value_parser!(u32).range(1..))]
@@ -77,27 +79,20 @@ pub struct RebuildArgs {
 const SHOWN_DIFFERENCES: usize = 50;
 
 pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> {
-    let mut r = Rebuilder::new(&config, args.fail_after.clone(), args.parallel.into()).await?;
-    r.keep_old = args.keep_old;
-    r.refresh_copies = args.refresh_copies;
-    r.archived = args.archived;
-    r.pause_before_swap = args.pause_before_swap;
-    r.replay_batch = args.replay_batch as usize;
-    if let Some(name) = &args.to_server {
-        r.tenants.servers().get(name).map_err(|_| {
-            anyhow::anyhow!(
-                "--to-server {name}: no such server (configured: {}; add it to TENANCY_SERVERS)",
-                r.tenants
-                    .servers()
-                    .all()
-                    .iter()
-                    .map(|s| s.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        r.to_server = Some(name.clone());
-    }
+    let options = crate::rebuild::Options {
+        keep_old: args.keep_old,
+        refresh_copies: args.refresh_copies,
+        archived: args.archived,
+        to_server: args.to_server.clone(),
+        parallel: args.parallel.into(),
+        replay_batch: args.replay_batch as usize,
+        pause_before_swap: args.pause_before_swap,
+        #[cfg(feature = "fault-injection")]
+        fail_after: args.fail_after,
+        #[cfg(not(feature = "fault-injection"))]
+        fail_after: None,
+    };
+    let r = Rebuilder::new(&config, options).await?;
     let mode = if args.dry_run {
         Mode::DryRun
     } else {
@@ -221,7 +216,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
 /// the tenants table: what is archived stays archived, what is purged is left alone.
 async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitCode> {
     use futures::stream::{self, StreamExt};
-    let status = if r.archived {
+    let status = if r.archived() {
         Status::Archived
     } else {
         Status::Active
@@ -243,7 +238,7 @@ async fn all(r: &Rebuilder, mode: Mode, parallel: usize) -> anyhow::Result<ExitC
         .map(|(s, n)| format!("{n} {s}"))
         .collect();
     if !left.is_empty() {
-        let hint = if !r.archived && elsewhere.iter().any(|(s, n)| s == "archived" && *n > 0) {
+        let hint = if !r.archived() && elsewhere.iter().any(|(s, n)| s == "archived" && *n > 0) {
             " (--archived rebuilds archived tenants' archives)"
         } else {
             ""

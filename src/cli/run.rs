@@ -7,11 +7,11 @@ use std::time::Duration;
 use rdkafka::producer::Producer;
 
 use crate::config::Config;
+use crate::log::topics::Topic;
+use crate::store::tenants::Tenants;
 use crate::stream::health::Health;
 use crate::stream::{self, consumer, Settings};
 use crate::tenancy::provisioning::{prepare_service_databases, upgrade_tenant_databases};
-use crate::tenancy::tenants::Tenants;
-use crate::topics::Topic;
 use crate::worker::{Processors, WorkerOptions};
 
 /// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
@@ -122,9 +122,10 @@ pub struct RunArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub purge_check: Duration,
     /// Crash tests: abort the process right after this step (archive, restore-move,
-    /// domain-index).
-    #[arg(long, hide = true)]
-    pub fail_after: Option<String>,
+    /// domain-index). Only with the `fault-injection` feature.
+    #[cfg(feature = "fault-injection")]
+    #[arg(long, hide = true, value_enum)]
+    pub fail_after: Option<crate::fault::FailPoint>,
 }
 
 pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -149,9 +150,9 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     // The worker's own work (topics, service databases, upgrades, the status reporter) on a
     // small pool; each processor brings its own.
-    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let servers = crate::store::servers::Servers::connect(&config, 4).await?;
     let pool = servers.home().pool().clone();
-    crate::topics::ensure_topics(&config).await?;
+    crate::log::topics::ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
     let tenants = Tenants::on(servers, &ns);
     upgrade_tenant_databases(&tenants).await?;
@@ -177,10 +178,13 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         db_connections: (2 * concurrency + 4) as u32,
         grace: args.grace,
         purge_check: args.purge_check,
-        fail_after: args.fail_after.clone(),
+        #[cfg(feature = "fault-injection")]
+        fail_after: args.fail_after,
+        #[cfg(not(feature = "fault-injection"))]
+        fail_after: None,
         // Done once above, not again by each processor's thread.
         prepare: false,
-        limits: crate::db::StatementLimits {
+        limits: crate::store::pools::StatementLimits {
             statement: args.statement_timeout,
             lock_wait: args.lock_wait_timeout,
         },

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::status::WorkerRow;
-use crate::tenancy::tenants::{Pending, TenantRecord, Tenants};
+use crate::store::tenants::{Pending, TenantRecord, Tenants};
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
@@ -31,7 +31,7 @@ struct PartitionRow {
 }
 
 pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let servers = crate::store::servers::Servers::connect(&config, 4).await?;
     let pool = servers.home().pool().clone();
     let workers = crate::status::workers(&pool, &config.namespace)
         .await
@@ -60,7 +60,7 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
             .map(|(processor, group, topics)| {
                 Ok((
                     processor,
-                    crate::kafka::group_lag(&lag_config, &group, &topics)?,
+                    crate::log::kafka::group_lag(&lag_config, &group, &topics)?,
                 ))
             })
             .collect::<anyhow::Result<Vec<_>>>()

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 use crate::config::Config;
+use crate::store::tenants::{Status, TenantRecord, Tenants};
 use crate::tenancy::migrations;
-use crate::tenancy::tenants::{Status, TenantRecord, Tenants};
 use crate::tenant::OrganisationType;
 
 #[derive(Debug, Subcommand)]
@@ -92,7 +92,7 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let servers = crate::servers::Servers::connect(&config, 4).await?;
+    let servers = crate::store::servers::Servers::connect(&config, 4).await?;
     let tenants = Tenants::on(servers, &config.namespace);
     let platform_missing = |e: sqlx::Error| {
         anyhow::anyhow!(
@@ -244,7 +244,7 @@ fn print_table(rows: &[TenantRecord]) {
 }
 
 /// An audit trail as lines: when, what, by whom, why.
-fn print_history(history: &[crate::tenancy::tenants::LogEntry]) {
+fn print_history(history: &[crate::store::tenants::LogEntry]) {
     if history.is_empty() {
         return;
     }
@@ -284,12 +284,12 @@ async fn resolve(tenants: &Tenants, org: &str) -> Result<Option<TenantRecord>, s
 
 /// Validates and produces one lifecycle event, printing where it landed.
 async fn send_one(config: &Config, line: &serde_json::Value) -> anyhow::Result<ExitCode> {
-    let event = crate::emit::prepare_line(1, &line.to_string())?;
-    crate::topics::ensure_topics(config).await?;
-    let codec = crate::wire::Codec::new(&config.schema_registry_url);
-    let producer = crate::kafka::producer(config)?;
+    let event = crate::log::emit::prepare_line(1, &line.to_string())?;
+    crate::log::topics::ensure_topics(config).await?;
+    let codec = crate::log::wire::Codec::new(&config.schema_registry_url);
+    let producer = crate::log::kafka::producer(config)?;
     let ns = config.namespace.clone();
-    crate::emit::send_all(
+    crate::log::emit::send_all(
         vec![event],
         |k| k.topic().name(&ns),
         &codec,

@@ -24,15 +24,16 @@ use std::collections::HashMap;
 
 use sqlx::MySqlPool;
 
-use crate::applied;
-use crate::caches::Redis;
-use crate::db::NamedLock;
-use crate::events::{Event, EventKind};
-use crate::offsets;
-use crate::servers::Server;
+use crate::cache::Redis;
+use crate::fault::{crash_after, FailAfter, FailPoint};
+use crate::log::events::{Event, EventKind};
+use crate::store::applied;
+use crate::store::locks::NamedLock;
+use crate::store::offsets;
+use crate::store::servers::Server;
+use crate::store::tenants::{TenantRef, Tenants};
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, StepError, Wait};
-use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::{TenantRef, Tenants};
+use crate::tenancy::clock::{change_order, EventTime};
 use crate::tenancy::verdict::verdict;
 use crate::tenancy::watermark::{settled, Watermark};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase};
@@ -41,10 +42,6 @@ use host::Host;
 
 /// The projection's name in `projection_offsets` and `applied_events`.
 pub const PROJECTION: &str = "domains";
-
-/// A step after which `tenancy run --fail-after` aborts the process, for crash tests: the
-/// index step of a retailer on another server committed, its row not written yet.
-pub const FAULT_AFTER_DOMAIN_INDEX: &str = "domain-index";
 
 /// One domain change, parsed.
 #[derive(Debug, Clone)]
@@ -111,8 +108,8 @@ pub struct DomainProcessor {
     pub watermark: Watermark,
     /// The domain cache, invalidated after each change (`caches::Redis::domains_changed`).
     pub redis: Redis,
-    /// Crash tests only: abort after this step ([`FAULT_AFTER_DOMAIN_INDEX`]).
-    pub fail_after: Option<String>,
+    /// Crash tests only: abort after this step ([`FailPoint::DomainIndex`]).
+    pub fail_after: FailAfter,
 }
 
 impl DomainProcessor {
@@ -206,12 +203,8 @@ impl DomainProcessor {
         // crash between the two steps decides the second the same way.
         let latest = latest_change(&mut tx, &self.ns, &c.host).await?;
         tx.commit().await?;
-        let took = latest.is_some_and(|(_, id)| id == c.event_id);
-        if self.fail_after.as_deref() == Some(FAULT_AFTER_DOMAIN_INDEX) {
-            tracing::error!(tenant = %c.retailer, host = %c.host,
-                "--fail-after domain-index: aborting as a crash would");
-            std::process::abort();
-        }
+        let took = latest.is_some_and(|(_, id, _)| id == c.event_id);
+        crash_after(self.fail_after, FailPoint::DomainIndex);
         let mut tx = to.server.pool().begin().await?;
         // Under the retailer's writes lock, as the read above: nothing moved since.
         if seen {
@@ -234,14 +227,14 @@ pub fn index_projection(retailer: &str) -> String {
     format!("domains_index:{retailer}")
 }
 
-/// The host's latest change applied: (when, event id).
+/// The host's latest change applied: (when, event id, whether it assigned the host).
 async fn latest_change(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     ns: &Namespace,
     host: &Host,
-) -> Result<Option<(i64, String)>, sqlx::Error> {
+) -> Result<Option<(i64, String, bool)>, sqlx::Error> {
     sqlx::query_as(&format!(
-        "SELECT changed_at, event_id FROM {} WHERE host = ? AND changed_at >= 0",
+        "SELECT changed_at, event_id, assigned FROM {} WHERE host = ? AND changed_at >= 0",
         changes_table(ns)
     ))
     .bind(host.as_str())
@@ -268,8 +261,9 @@ async fn index_change(
     .bind(c.host.as_str())
     .execute(&mut **tx)
     .await?;
-    if let Some((changed_at, event_id)) = latest_change(tx, ns, &c.host).await? {
-        if (changed_at, event_id.as_str()) > (at, c.event_id.as_str()) {
+    if let Some((changed_at, event_id, assigned)) = latest_change(tx, ns, &c.host).await? {
+        if change_order(changed_at, !assigned, &event_id) > change_order(at, !c.assign, &c.event_id)
+        {
             metrics::counter!("tenancy_domain_changes_superseded_total").increment(1);
             tracing::info!(processor = "domains", tenant = %c.retailer, host = %c.host,
                 event_id = %c.event_id, "domain change older than the host's latest applied: changes nothing");
@@ -448,7 +442,7 @@ impl Processor for DomainProcessor {
         item.retailer.clone()
     }
 
-    fn servers(&self) -> Option<&crate::servers::Servers> {
+    fn servers(&self) -> Option<&crate::store::servers::Servers> {
         Some(self.tenants.servers())
     }
 

@@ -8,7 +8,7 @@ use std::fmt;
 
 use sqlx::MySqlPool;
 
-use crate::db::tables;
+use crate::store::schema::tables;
 use crate::tenant::DatabaseName;
 
 /// Columns that say when a row was written, not what it holds.
@@ -166,7 +166,7 @@ impl<'w> RowSql<'w> {
     }
 }
 
-/// Event ids are kept [`crate::applied::WINDOW_DAYS`] days, and the live database prunes the expired
+/// Event ids are kept [`crate::store::applied::WINDOW_DAYS`] days, and the live database prunes the expired
 /// ones a few at a time, while a replay records every id afresh. So `applied_events` is
 /// compared, on both sides, from the oldest id the live database still keeps unexpired per
 /// (projection, topic, partition): ids written in offset order, older ones expired first. The
@@ -185,7 +185,7 @@ impl IdWindow {
              FROM {}.applied_events WHERE applied_at >= UTC_TIMESTAMP(3) - INTERVAL {} DAY \
              GROUP BY projection, topic, `partition`",
             live.quoted(),
-            crate::applied::WINDOW_DAYS
+            crate::store::applied::WINDOW_DAYS
         ))
         .fetch_all(pool)
         .await?;

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use super::compare::{self, Comparison};
 use super::replay::Replayed;
-use super::{fail_after, report, Mode, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE};
-use crate::db::NamedLock;
-use crate::servers::Server;
-use crate::tenancy::tenants::TenantRef;
+use super::{report, Mode, Rebuilder, ATTEMPTS_BEFORE_LOCKED_COMPARE};
+use crate::fault::{crash_after, FailPoint};
+use crate::store::locks::NamedLock;
+use crate::store::servers::Server;
+use crate::store::tenants::TenantRef;
 use crate::tenant::DatabaseName;
 
 /// How a rebuild ended.
@@ -67,7 +68,7 @@ impl Rebuilder {
             let seen = position().await?;
             replayed += catch_up(&seen).await?;
             reported.counts(replayed.read, replayed.applied);
-            fail_after(&self.fail_after, "replay");
+            crash_after(self.options.fail_after, FailPoint::Replay);
             reported.phase("comparing");
             let unlocked = if last_attempt {
                 None
@@ -80,7 +81,7 @@ impl Rebuilder {
             };
             let held_from = Instant::now();
             let under_lock = async {
-                fail_after(&self.fail_after, "locked");
+                crash_after(self.options.fail_after, FailPoint::Locked);
                 let now = position().await?;
                 let comparison = match unlocked {
                     Some(c) if now == seen => c,

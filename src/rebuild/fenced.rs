@@ -5,8 +5,8 @@
 //! - what the live database holds is read from all its `projection_offsets` (every writer moves
 //!   a row of it in the same transaction as its rows): a comparison made while they did not
 //!   move stands;
-//! - for the swap, every writer is held off by the locks it takes (see [`super::supplier`] and
-//!   [`super::retailer`]).
+//! - for the swap, every writer is held off by the locks it takes (see `rebuild::supplier` and
+//!   `rebuild::retailer`).
 
 use std::time::Instant;
 
@@ -14,9 +14,9 @@ use sqlx::MySqlPool;
 
 use super::replay::Replayed;
 use super::{exchange, report, Mode, Outcome, Rebuilder};
-use crate::db::NamedLock;
-use crate::servers::Server;
-use crate::tenancy::tenants::TenantRef;
+use crate::store::locks::NamedLock;
+use crate::store::servers::Server;
+use crate::store::tenants::TenantRef;
 use crate::tenant::{DatabaseName, OrganisationType};
 
 /// Every row of a database's `projection_offsets`, sorted: it moves whenever a writer commits.
@@ -57,11 +57,11 @@ impl Rebuilder {
             OrganisationType::Retailer => self.replay_domains(t, into, target, live).await,
             _ => {
                 let topic = self.access_topic();
-                let bounds = super::supplier::access_bounds(live, &topic);
+                let bounds = access_bounds(live, &topic);
                 let replayed = self.replay_access(t, into, target, &bounds).await?;
                 // An archive keeps no copies (the termination removed them; the restore
                 // rebuilds them from the brands).
-                if !self.archived {
+                if !self.options.archived {
                     reported.phase("copying");
                     self.backfill_copies(into, target).await?;
                 }
@@ -163,12 +163,9 @@ impl Rebuilder {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(db)
                 .await?;
-            sqlx::query(&format!(
-                "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                shadow.quoted()
-            ))
-            .execute(db)
-            .await?;
+            sqlx::query(&crate::store::schema::create_database(&shadow, false))
+                .execute(db)
+                .await?;
             exchange(db, live, &old, &shadow).await?;
             anyhow::Ok(replayed)
         }
@@ -177,4 +174,18 @@ impl Rebuilder {
         lifecycle.release().await;
         swapped
     }
+}
+
+/// The last access event applied per (brand, partition), from a fingerprint.
+pub(super) fn access_bounds(
+    fp: &Fingerprint,
+    topic: &str,
+) -> std::collections::HashMap<(String, i32), i64> {
+    fp.iter()
+        .filter(|(_, t, _, _)| t == topic)
+        .filter_map(|(projection, _, p, o)| {
+            let brand = projection.strip_prefix("access:")?;
+            Some(((brand.to_owned(), *p), *o))
+        })
+        .collect()
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::NamedLock;
-use crate::tenancy::tenants::Tenants;
+use crate::store::locks::NamedLock;
+use crate::store::tenants::Tenants;
 use crate::tenant::{Namespace, ServiceDatabase};
 
 fn table(ns: &Namespace) -> String {

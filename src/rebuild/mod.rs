@@ -45,13 +45,14 @@ use sqlx::MySqlPool;
 
 use crate::catalog::spec::CatalogSpec;
 use crate::config::Config;
-use crate::db::{database_exists, tables, NamedLock};
-use crate::servers::Server;
+use crate::log::topics::Topic;
+use crate::log::wire::PendingCodec;
+use crate::store::locks::NamedLock;
+use crate::store::schema::{database_exists, tables};
+use crate::store::servers::Server;
+use crate::store::tenants::{Status, TenantRef, Tenants};
 use crate::tenancy::migrations;
-use crate::tenancy::tenants::{Status, TenantRef, Tenants};
 use crate::tenant::{DatabaseName, OrganisationType};
-use crate::topics::Topic;
-use crate::wire::PendingCodec;
 
 use compare::Comparison;
 use replay::{held_offsets, Replay, Replayed};
@@ -97,15 +98,8 @@ pub struct Outcome {
 /// Comparisons made before taking the tenant's locks, before one is made under them.
 const ATTEMPTS_BEFORE_LOCKED_COMPARE: u32 = 4;
 
-/// Crash tests only: abort the process right after this step (`shadow`, `replay`, `locked`).
-pub type FailAfter = Option<String>;
-
-fn fail_after(at: &FailAfter, step: &str) {
-    if at.as_deref() == Some(step) {
-        eprintln!("rebuild: aborting after {step} (--fail-after)");
-        std::process::abort();
-    }
-}
+pub use crate::fault::FailAfter;
+use crate::fault::{crash_after, FailPoint};
 
 /// Finds the one tenant `name` means: an organisation id, or `brand/slug` (also `supplier/…`,
 /// `retailer/…`).
@@ -210,7 +204,7 @@ async fn refuse_unless_log_complete(config: &Config, topic: &str) -> anyhow::Res
     })
     .await??;
     // It joined no group: nothing waits for its close (100 ms).
-    crate::kafka::close_in_background(consumer);
+    crate::log::kafka::close_in_background(consumer);
     if !gone.is_empty() {
         anyhow::bail!(
             "{topic} no longer holds its whole history ({}): a rebuild would miss those events",
@@ -258,7 +252,12 @@ pub struct Rebuilder {
     /// Shared with a replay's reader, which runs as a task of its own.
     pub codec: PendingCodec,
     pub spec: CatalogSpec,
-    pub fail_after: FailAfter,
+    options: Options,
+}
+
+/// How rebuilds run: what `tenancy rebuild`'s flags say, given once to [`Rebuilder::new`].
+#[derive(Debug, Clone)]
+pub struct Options {
     /// How long the replaced tables are kept after a swap (`--keep-old`).
     pub keep_old: Duration,
     /// After a swap or rollback, rebuild every active supplier's copy of the brand from the
@@ -268,30 +267,57 @@ pub struct Rebuilder {
     /// Rebuild archived tenants' archives instead of active tenants' live databases
     /// (`--archived`).
     pub archived: bool,
-    /// Tests only: wait this long, holding the tenant's writes, between the decision to swap
-    /// and the swap itself, so a test can show that no write slips in there.
-    pub pause_before_swap: Option<Duration>,
-    /// A brand's events applied per transaction ([`replay::BATCH`]; tests make it small).
-    pub replay_batch: usize,
     /// Move the tenant to this server (`--to-server`): the shadow is built there, and the swap
     /// makes it the live database there and points the tenant's row at it.
     pub to_server: Option<String>,
+    /// Rebuilds run at once (`--parallel`): sizes the connection pools.
+    pub parallel: usize,
+    /// A brand's events applied per transaction ([`replay::BATCH`]; tests make it small).
+    pub replay_batch: usize,
+    /// Tests only: wait this long, holding the tenant's writes, between the decision to swap
+    /// and the swap itself, so a test can show that no write slips in there.
+    pub pause_before_swap: Option<Duration>,
+    /// Crash tests only: where to abort (the `fault-injection` feature).
+    pub fail_after: FailAfter,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            keep_old: Duration::from_secs(7 * 24 * 3600),
+            refresh_copies: false,
+            archived: false,
+            to_server: None,
+            parallel: 1,
+            replay_batch: replay::BATCH,
+            pause_before_swap: None,
+            fail_after: None,
+        }
+    }
 }
 
 impl Rebuilder {
-    /// For up to `parallel` rebuilds at once: each holds up to three connections for its
-    /// claim and locks, two for its queries (a shadow's two writers, the two sides of a
+    /// For up to `options.parallel` rebuilds at once: each holds up to three connections for
+    /// its claim and locks, two for its queries (a shadow's two writers, the two sides of a
     /// comparison, a supplier's copies), one for the replay's lookups and one for its progress
-    /// report.
-    pub async fn new(
-        config: &Config,
-        fail_after: FailAfter,
-        parallel: usize,
-    ) -> anyhow::Result<Rebuilder> {
+    /// report. Refuses a `to_server` that is not configured.
+    pub async fn new(config: &Config, options: Options) -> anyhow::Result<Rebuilder> {
         // Built while the connections are made and the shadow prepared (see PendingCodec).
         let codec = PendingCodec::start(&config.schema_registry_url);
-        let servers =
-            crate::servers::Servers::connect(config, (7 * parallel.max(1) + 2) as u32).await?;
+        let servers = crate::store::servers::Servers::connect(
+            config,
+            (7 * options.parallel.max(1) + 2) as u32,
+        )
+        .await?;
+        if let Some(name) = &options.to_server {
+            servers.get(name).map_err(|_| {
+                let configured: Vec<&str> = servers.all().iter().map(|s| s.name()).collect();
+                anyhow::anyhow!(
+                    "--to-server {name}: no such server (configured: {}; add it to TENANCY_SERVERS)",
+                    configured.join(", ")
+                )
+            })?;
+        }
         let home = servers.home().pool().clone();
         // The rebuilds table may be newer than the workers that migrated the platform.
         crate::tenancy::provisioning::prepare_service_databases(
@@ -306,14 +332,13 @@ impl Rebuilder {
             spec: CatalogSpec::load()?,
             config: config.clone(),
             home,
-            fail_after,
-            keep_old: Duration::from_secs(7 * 24 * 3600),
-            refresh_copies: false,
-            archived: false,
-            pause_before_swap: None,
-            replay_batch: replay::BATCH,
-            to_server: None,
+            options,
         })
+    }
+
+    /// Whether this rebuilder works on archives (`--archived`).
+    pub fn archived(&self) -> bool {
+        self.options.archived
     }
 
     fn topic(&self) -> String {
@@ -322,7 +347,7 @@ impl Rebuilder {
 
     /// The server `t`'s rebuilt database is built on: its own, or `--to-server`'s.
     fn target_of(&self, t: &TenantRef) -> anyhow::Result<Server> {
-        match &self.to_server {
+        match &self.options.to_server {
             None => Ok(t.server.clone()),
             Some(name) => Ok(self.tenants.servers().get(name)?.clone()),
         }
@@ -344,9 +369,9 @@ impl Rebuilder {
             spec: &self.spec,
             brand,
             topic,
-            batch: self.replay_batch,
+            batch: self.options.replay_batch,
             split_writes: shadow,
-            fail_after: &self.fail_after,
+            fail_after: &self.options.fail_after,
             known: Default::default(),
         }
     }
@@ -381,7 +406,7 @@ impl Rebuilder {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let now = resolve(&self.tenants, &t.organisation_id).await?;
-        if let Err(e) = refuse_unless_rebuildable(&now, self.archived) {
+        if let Err(e) = refuse_unless_rebuildable(&now, self.options.archived) {
             brand.release().await;
             lifecycle.release().await;
             return Err(e);
@@ -397,7 +422,7 @@ impl Rebuilder {
         progress: impl FnMut(&Replayed, &std::collections::HashMap<i32, i64>),
     ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
-        let live = refuse_unless_rebuildable(t, self.archived)?;
+        let live = refuse_unless_rebuildable(t, self.options.archived)?;
         let (shadow, old) = self.beside(t)?;
         // The shadow on the server the rebuilt database goes to (the tenant's own, unless it
         // moves), the replaced tables beside the live ones: each swap is a RENAME TABLE on one
@@ -458,10 +483,11 @@ impl Rebuilder {
                 },
                 ..t.clone()
             };
-            let copies_refreshed = match swapped && self.refresh_copies && !self.archived {
-                true => Some(self.refresh_supplier_copies(&now, &live).await?),
-                false => None,
-            };
+            let copies_refreshed =
+                match swapped && self.options.refresh_copies && !self.options.archived {
+                    true => Some(self.refresh_supplier_copies(&now, &live).await?),
+                    false => None,
+                };
             Ok(Outcome {
                 database: live.clone(),
                 replayed,
@@ -493,7 +519,7 @@ impl Rebuilder {
     /// Brings the tables a rebuild replaced back into the live database, after replaying into
     /// them what the live database applied since the swap. Returns the events replayed.
     pub async fn rollback(&self, t: &TenantRef) -> anyhow::Result<Replayed> {
-        let live = refuse_unless_rebuildable(t, self.archived)?;
+        let live = refuse_unless_rebuildable(t, self.options.archived)?;
         let (shadow, old) = self.beside(t)?;
         let db = t.server.pool();
         let claim = self.claim(t).await?;
@@ -532,10 +558,7 @@ impl Rebuilder {
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                     .execute(db)
                     .await?;
-                sqlx::query(&format!(
-                    "CREATE DATABASE {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                    shadow.quoted()
-                ))
+                sqlx::query(&crate::store::schema::create_database(&shadow, false))
                 .execute(db)
                 .await?;
                 exchange(db, &live, &old, &shadow).await
@@ -550,7 +573,7 @@ impl Rebuilder {
                     .await?;
             }
             kept::forget(&self.home, &self.config.namespace, &t.organisation_id).await?;
-            if self.refresh_copies && !self.archived {
+            if self.options.refresh_copies && !self.options.archived {
                 let n = self.refresh_supplier_copies(t, &live).await?;
                 tracing::info!(tenant = %t.organisation_id, copies = n, "supplier copies refreshed");
             }
@@ -595,7 +618,7 @@ impl Rebuilder {
                 // A move: the target must not hold the live name. A move killed after its first
                 // step leaves one there, which `--drop-old` clears; anything else of that name is
                 // not ours to drop (as provisioning never adopts a database nobody registered).
-                let live = refuse_unless_rebuildable(t, self.archived)?;
+                let live = refuse_unless_rebuildable(t, self.options.archived)?;
                 if database_exists(target.pool(), &live).await? {
                     anyhow::bail!(
                         "database {live} already exists on server {}: if a move of tenant {} was \
@@ -620,14 +643,11 @@ impl Rebuilder {
             anyhow::Ok(())
         };
         tokio::try_join!(refuse_unless_log_complete(&self.config, topic), shadow_made)?;
-        fail_after(&self.fail_after, "shadow");
+        crash_after(self.options.fail_after, FailPoint::Shadow);
         if mode != Mode::DryRun {
-            sqlx::query(&format!(
-                "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-                old.quoted()
-            ))
-            .execute(db)
-            .await?;
+            sqlx::query(&crate::store::schema::create_database(old, true))
+                .execute(db)
+                .await?;
         }
         Ok(())
     }
@@ -649,7 +669,7 @@ impl Rebuilder {
                 &self.home,
                 &self.config.namespace,
                 &t.organisation_id,
-                self.keep_old,
+                self.options.keep_old,
             )
             .await
             {
@@ -710,15 +730,12 @@ impl Rebuilder {
         old: &DatabaseName,
     ) -> anyhow::Result<()> {
         let from = &t.server;
-        sqlx::query(&format!(
-            "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-            live.quoted()
-        ))
-        .execute(to.pool())
-        .await?;
+        sqlx::query(&crate::store::schema::create_database(live, true))
+            .execute(to.pool())
+            .await?;
         // (The live name there is new and empty: only the shadow's tables move.)
         exchange(to.pool(), live, shadow, shadow).await?;
-        fail_after(&self.fail_after, "moved");
+        crash_after(self.options.fail_after, FailPoint::Moved);
         if !self
             .tenants
             .relocate(&t.organisation_id, from.name(), to.name())
@@ -730,9 +747,9 @@ impl Rebuilder {
                 from.name()
             );
         }
-        fail_after(&self.fail_after, "switched");
+        crash_after(self.options.fail_after, FailPoint::Switched);
         let redis =
-            crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace).await;
+            crate::cache::Redis::connect(&self.config.redis_url, &self.config.namespace).await;
         if let Err(e) = match redis {
             Ok(r) => r.domains_changed(&[]).await.map_err(anyhow::Error::from),
             Err(e) => Err(e),
@@ -768,7 +785,7 @@ impl Rebuilder {
     }
 
     async fn pause_before_swap(&self) {
-        if let Some(pause) = self.pause_before_swap {
+        if let Some(pause) = self.options.pause_before_swap {
             tracing::warn!(?pause, "--pause-before-swap: holding the tenant's writes");
             tokio::time::sleep(pause).await;
         }
@@ -784,12 +801,12 @@ impl Rebuilder {
     ) -> anyhow::Result<usize> {
         // The hooks carry a permission cache for other steps; this one writes no Redis key.
         let redis =
-            crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace).await?;
+            crate::cache::Redis::connect(&self.config.redis_url, &self.config.namespace).await?;
         let hooks = crate::catalog::copies::CatalogHooks {
             ns: self.config.namespace.clone(),
             tenants: self.tenants.clone(),
             spec: self.spec.clone(),
-            cache: crate::access::cache::PermissionCache::on(&redis),
+            cache: crate::cache::permissions::PermissionCache::on(&redis),
         };
         let brand = crate::catalog::store::BrandSource {
             db: live,
@@ -835,7 +852,7 @@ impl Rebuilder {
             // `tenancy serve` may still resolve the tenant to the server it left (the killed
             // move did not get to tell it).
             let redis =
-                crate::caches::Redis::connect(&self.config.redis_url, &self.config.namespace)
+                crate::cache::Redis::connect(&self.config.redis_url, &self.config.namespace)
                     .await?;
             redis.domains_changed(&[]).await?;
         }

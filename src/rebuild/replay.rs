@@ -16,7 +16,6 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
-use crate::applied;
 use crate::catalog::apply::{
     catalog_values, drop_seen, first_deliveries, without_stale, write_folded,
     write_folded_bookkeeping, write_folded_rows, BrandRun, Folded,
@@ -27,12 +26,13 @@ use crate::catalog::shadow::ShadowState;
 use crate::catalog::spec::CatalogSpec;
 use crate::catalog::store;
 use crate::config::Config;
-use crate::offsets;
+use crate::log::wire::{decode_batch, Codec, DecodeError, PendingCodec};
+use crate::store::applied;
+use crate::store::offsets;
+use crate::store::tenants::{Status, TenantRef};
 use crate::stream::{Msg, Origin};
 use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
-use crate::wire::{decode_batch, Codec, DecodeError, PendingCodec};
 
 /// Events applied per transaction.
 pub const BATCH: usize = 1000;
@@ -170,7 +170,7 @@ impl Drop for Range {
         // It never joined a group nor committed: nothing waits for its close (a supplier's
         // rebuild waited 100 ms here between its grants and its copies).
         if let Some(consumer) = self.consumer.take() {
-            crate::kafka::close_in_background(consumer);
+            crate::log::kafka::close_in_background(consumer);
         }
     }
 }
@@ -181,7 +181,7 @@ pub async fn decode_event(
     codec: &Codec,
     topic: &str,
     payload: Option<&[u8]>,
-) -> anyhow::Result<Result<crate::events::Event, String>> {
+) -> anyhow::Result<Result<crate::log::events::Event, String>> {
     match codec.decode(payload).await {
         Ok(event) => Ok(Ok(event)),
         Err(e) if e.is_transient() => anyhow::bail!("cannot replay {topic}: {e}"),
@@ -372,10 +372,10 @@ impl Replay<'_> {
             write_folded_bookkeeping(&mut tx, &at, &refs, folded).await?;
             tx.commit().await
         };
-        if self.fail_after.as_deref() == Some("half-run") {
+        if *self.fail_after == Some(crate::fault::FailPoint::HalfRun) {
             bookkeeping.await?;
-            super::fail_after(self.fail_after, "half-run");
-            unreachable!("aborted");
+            crate::fault::crash_after(*self.fail_after, crate::fault::FailPoint::HalfRun);
+            unreachable!("--fail-after half-run aborts");
         }
         tokio::try_join!(rows, bookkeeping)?;
         Ok(())

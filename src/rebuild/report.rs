@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::NamedLock;
+use crate::store::locks::NamedLock;
 use crate::tenant::{Namespace, ServiceDatabase};
 
 fn table(ns: &Namespace) -> String {

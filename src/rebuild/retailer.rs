@@ -16,16 +16,16 @@ use std::collections::{HashMap, HashSet};
 use super::fenced::{fingerprint, Fingerprint};
 use super::replay::{decode_event, Range, Replayed};
 use super::Rebuilder;
-use crate::db::NamedLock;
 use crate::domains::{self, write_retailer_row, PROJECTION};
-use crate::servers::Server;
+use crate::log::topics::Topic;
+use crate::store::locks::NamedLock;
+use crate::store::servers::Server;
+use crate::store::tenants::TenantRef;
+use crate::store::{applied, offsets};
 use crate::stream::Gate;
-use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::TenantRef;
+use crate::tenancy::clock::{change_order, EventTime};
 use crate::tenancy::verdict::verdict;
 use crate::tenant::{DatabaseName, OrganisationType};
-use crate::topics::Topic;
-use crate::{applied, offsets};
 
 impl Rebuilder {
     pub(super) fn domains_topic(&self) -> String {
@@ -61,7 +61,7 @@ impl Rebuilder {
         // placed before it (a dead letter replayed late) changed nothing live either. (A host's
         // changes by other retailers are not replayed here: one of those superseding this
         // retailer's change is not seen.)
-        let mut latest: HashMap<String, (i64, String)> = HashMap::new();
+        let mut latest: HashMap<String, (i64, String, bool)> = HashMap::new();
         while let Some(m) = range.next().await? {
             let p = m.partition();
             done.read += 1;
@@ -95,7 +95,9 @@ impl Rebuilder {
             }
             let older = latest
                 .get(c.host.as_str())
-                .is_some_and(|(when, id)| (*when, id.as_str()) > (at, c.event_id.as_str()));
+                .is_some_and(|(when, id, assigned)| {
+                    change_order(*when, !assigned, id) > change_order(at, !c.assign, &c.event_id)
+                });
             let mut tx = into.pool().begin().await?;
             if older {
                 done.skipped += 1;
@@ -104,7 +106,10 @@ impl Rebuilder {
                 .is_empty()
             {
                 write_retailer_row(&mut tx, target, &c).await?;
-                latest.insert(c.host.as_str().to_owned(), (at, c.event_id.clone()));
+                latest.insert(
+                    c.host.as_str().to_owned(),
+                    (at, c.event_id.clone(), c.assign),
+                );
                 done.applied += 1;
             }
             let origin = crate::stream::Origin::of(&m);
@@ -122,7 +127,7 @@ impl Rebuilder {
     pub(super) async fn dead_lettered(&self, topic: &str) -> anyhow::Result<HashSet<(i32, i64)>> {
         let (config, topic) = (self.config.clone(), topic.to_owned());
         tokio::task::spawn_blocking(move || {
-            let letters = crate::dead_letter::DeadLetterLog::open(&config)?.list()?;
+            let letters = crate::log::dead_letters::DeadLetterLog::open(&config)?.list()?;
             Ok(letters
                 .into_iter()
                 .filter(|d| d.source_topic.as_deref() == Some(topic.as_str()))
@@ -150,7 +155,7 @@ impl Rebuilder {
             }
         };
         let now = super::resolve(&self.tenants, &t.organisation_id).await?;
-        if let Err(e) = super::refuse_unless_rebuildable(&now, self.archived) {
+        if let Err(e) = super::refuse_unless_rebuildable(&now, self.options.archived) {
             writes.release().await;
             lifecycle.release().await;
             return Err(e);

@@ -22,21 +22,20 @@ use sqlx::MySqlPool;
 
 use super::compare;
 use super::Rebuilder;
+use crate::catalog::access::{mark_access_applied, superseded, write_access_row};
 use crate::catalog::copies::fill_copy;
-use crate::catalog::grants::{
-    access_projection, mark_access_applied, superseded, write_access_row,
-};
 use crate::catalog::item::{self, Item};
+use crate::catalog::store::access_projection;
 use crate::catalog::store::BrandSource;
-use crate::db::NamedLock;
-use crate::servers::Server;
+use crate::log::topics::Topic;
+use crate::store::locks::NamedLock;
+use crate::store::servers::Server;
+use crate::store::tenants::{Status, TenantRef};
 use crate::stream::{Gate, Msg, Origin};
 use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::{Status, TenantRef};
 use crate::tenant::DatabaseName;
-use crate::topics::Topic;
 
-use super::fenced::{fingerprint, Fingerprint};
+use super::fenced::{access_bounds, fingerprint};
 use super::replay::{decode_event, Range, Replayed};
 
 /// Brands copied into a rebuilt supplier database at once. The copying is MariaDB's work; on
@@ -44,17 +43,6 @@ use super::replay::{decode_event, Range, Replayed};
 /// after another, four no better (mysql clients, 2026-12-01); in `tenancy rebuild` of a
 /// supplier reading 20 brands of 1,000 fabrics, 107–121 ms against 123–133 ms.
 const COPIES_AT_ONCE: usize = 2;
-
-/// The last access event applied per (brand, partition), from a fingerprint.
-pub(super) fn access_bounds(fp: &Fingerprint, topic: &str) -> HashMap<(String, i32), i64> {
-    fp.iter()
-        .filter(|(_, t, _, _)| t == topic)
-        .filter_map(|(projection, _, p, o)| {
-            let brand = projection.strip_prefix("access:")?;
-            Some(((brand.to_owned(), *p), *o))
-        })
-        .collect()
-}
 
 /// The brands a supplier database names: its grants, its copies and its bookkeeping.
 async fn brands_named(
@@ -146,9 +134,13 @@ impl Rebuilder {
             }
             let mut tx = into.pool().begin().await?;
             let projection = access_projection(&msg.item.brand);
-            let first =
-                crate::applied::first_applied(&mut tx, target, &projection, &msg.item.event_id)
-                    .await?;
+            let first = crate::store::applied::first_applied(
+                &mut tx,
+                target,
+                &projection,
+                &msg.item.event_id,
+            )
+            .await?;
             // Applied before at another offset: the live projector wrote nothing for it. One
             // older than the pair's latest change changes nothing either, but counts as done.
             if first.is_some() {
@@ -272,7 +264,7 @@ impl Rebuilder {
             }
         };
         let now = super::resolve(&self.tenants, &t.organisation_id).await?;
-        let checked = super::refuse_unless_rebuildable(&now, self.archived);
+        let checked = super::refuse_unless_rebuildable(&now, self.options.archived);
         let named = brands_named(db, live).await?;
         if checked.is_err() || !named.is_subset(&brands) {
             writes.release().await;

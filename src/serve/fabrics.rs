@@ -17,51 +17,11 @@ use super::error::ApiError;
 use super::pages::{PageKey, Stamp};
 use super::resolve::{lookup_of_host, slug_of_path, Lookup, Tenant};
 use super::Api;
-use crate::access::cache::{AccessError, Prefetched};
-use crate::caches::{catalog_version_key, start_counter};
+use crate::cache::permissions::{AccessError, Prefetched};
+use crate::cache::{catalog_version_key, start_counter};
 use crate::tenant::{DatabaseName, OrganisationType, Slug};
 
-pub const DEFAULT_LIMIT: u32 = 100;
-pub const MAX_LIMIT: u32 = 1000;
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FabricQuery {
-    pub collection: Option<String>,
-    pub colour: Option<String>,
-    pub discontinued: Option<bool>,
-    pub limit: Option<u32>,
-    pub after: Option<String>,
-}
-
-impl FabricQuery {
-    /// Refuses filters no row could match (longer than their columns) and limits out of range.
-    fn check(&self) -> Result<u32, ApiError> {
-        for (name, value, max) in [
-            ("collection", &self.collection, 255),
-            ("colour", &self.colour, 128),
-            ("after", &self.after, 64),
-        ] {
-            if value.as_ref().is_some_and(|v| v.chars().count() > max) {
-                return Err(ApiError::bad_request(
-                    "invalid_query",
-                    format!("{name} is longer than {max} characters"),
-                ));
-            }
-        }
-        match self.limit.unwrap_or(DEFAULT_LIMIT) {
-            0 => Err(ApiError::bad_request(
-                "invalid_query",
-                "limit must be at least 1",
-            )),
-            n if n > MAX_LIMIT => Err(ApiError::bad_request(
-                "invalid_query",
-                format!("limit is at most {MAX_LIMIT}"),
-            )),
-            n => Ok(n),
-        }
-    }
-}
+pub use super::query::{FabricQuery, DEFAULT_LIMIT, MAX_LIMIT};
 
 /// One fabric as served; the price fields only for a supplier holding `pricing.read`.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -342,7 +302,7 @@ fn paginate(brand: Tenant, prices: bool, mut fabrics: Vec<FabricOut>, limit: u32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenancy::tenants::Status;
+    use crate::store::tenants::Status;
 
     fn fabric(code: &str) -> FabricOut {
         FabricOut {

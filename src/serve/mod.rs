@@ -19,6 +19,7 @@ pub mod error;
 pub mod fabrics;
 pub mod limits;
 pub mod pages;
+pub mod query;
 pub mod resolve;
 pub mod retailer;
 pub mod token;
@@ -37,11 +38,11 @@ use sqlx::pool::PoolConnection;
 use sqlx::MySql;
 use tokio_util::sync::CancellationToken;
 
-use crate::access::cache::PermissionCache;
-use crate::caches::Redis;
+use crate::cache::permissions::PermissionCache;
+use crate::cache::Redis;
 use crate::config::Config;
 use crate::domains::host::Host;
-use crate::servers::Servers;
+use crate::store::servers::Servers;
 use crate::tenant::Namespace;
 
 use error::ApiError;
@@ -90,35 +91,18 @@ impl Api {
         options: &ServeOptions,
         key: TokenKey,
     ) -> anyhow::Result<Api> {
-        let limit_secs = options.request_timeout.as_secs().max(1);
+        // A request that timed out drops its query, but the server would go on waiting (on a
+        // held lock, say) with the connection still out of the pool: every statement is bounded
+        // on the server too, by the request's timeout, so the connection comes back.
+        let limit = options.request_timeout.max(Duration::from_secs(1));
+        let limits = crate::store::pools::StatementLimits {
+            statement: limit,
+            lock_wait: limit,
+        };
         let servers = Servers::connect_with(config, || {
-            sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(options.pool_size.max(1))
+            crate::store::pools::bounded_pool_options(options.pool_size.max(1), limits)
                 // Bounded by the request's own timeout, which answers first.
                 .acquire_timeout(options.request_timeout + Duration::from_secs(1))
-                // A request that timed out drops its query, but the server would go on waiting
-                // (on a held lock, say) with the connection still out of the pool: bound the wait
-                // on the server too, so the connection comes back.
-                .after_connect(move |conn, _| {
-                    Box::pin(async move {
-                        use sqlx::Executor;
-                        conn.execute(
-                            format!("SET SESSION lock_wait_timeout = {limit_secs}").as_str(),
-                        )
-                        .await?;
-                        // MariaDB only (MySQL has no such variable): every statement, not just
-                        // lock waits.
-                        if let Err(e) = conn
-                            .execute(
-                                format!("SET SESSION max_statement_time = {limit_secs}").as_str(),
-                            )
-                            .await
-                        {
-                            tracing::debug!(error = %e, "no max_statement_time on this server");
-                        }
-                        Ok(())
-                    })
-                })
         })
         .await?;
         let redis = Redis::connect(&config.redis_url, &config.namespace).await?;
@@ -276,7 +260,7 @@ async fn ready(State(api): State<Arc<Api>>) -> Response {
         } else {
             0.0
         });
-        if name == crate::servers::HOME {
+        if name == crate::store::servers::HOME {
             home = up;
         } else if !up {
             degraded.push(serde_json::Value::from(format!(

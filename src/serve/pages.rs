@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 
-use super::fabrics::FabricQuery;
+use super::query::FabricQuery;
 
 /// What a page is stored under: the brand, whether prices are shown, and the query.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

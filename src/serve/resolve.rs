@@ -24,10 +24,10 @@ use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use sqlx::{MySqlPool, Row};
 
-use crate::access::cache::Prefetched;
-use crate::caches::{domain_generation_key, domain_key, start_generation};
+use crate::cache::permissions::Prefetched;
+use crate::cache::{domain_generation_key, domain_key, start_generation};
 use crate::domains::host::Host;
-use crate::tenancy::tenants::Status;
+use crate::store::tenants::Status;
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
 use super::error::ApiError;
@@ -73,7 +73,7 @@ pub struct Tenant {
 }
 
 fn home_server() -> String {
-    crate::servers::HOME.to_owned()
+    crate::store::servers::HOME.to_owned()
 }
 
 impl Tenant {

@@ -12,7 +12,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::access::cache::parse_id;
+use crate::cache::permissions::parse_id;
 
 /// The environment variable holding the signing key.
 pub const KEY_ENV: &str = "TENANCY_TOKEN_KEY";

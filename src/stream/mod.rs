@@ -30,8 +30,6 @@
 //! Processors never see Kafka.
 
 pub mod consumer;
-pub mod dead_letters;
-pub mod error;
 pub mod health;
 mod hold;
 mod run;
@@ -41,42 +39,17 @@ use std::time::{Duration, Instant};
 
 use rdkafka::message::{Message, OwnedMessage};
 
+/// The one classification of failures ([`crate::failure`]), where the loop and processors
+/// name it.
+pub use crate::failure as error;
+pub use crate::failure::{Service, StepError};
+pub use crate::log::{logged_at, Origin};
 pub use consumer::GroupConsumer;
-pub use error::{Service, StepError};
 pub use hold::HoldSummary;
 pub use run::run;
 
-use crate::events::Event;
-use crate::servers::{Server, Servers};
-
-/// When the log has a message: the broker's timestamp (epoch ms), or now if it gives none.
-pub fn logged_at(msg: &impl Message) -> i64 {
-    msg.timestamp()
-        .to_millis()
-        .filter(|t| *t > 0)
-        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis())
-}
-
-/// Where a message came from; named in logs and dead letters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    /// The message key as text (the tenant's organisation id), if any.
-    pub key: Option<String>,
-}
-
-impl Origin {
-    pub fn of(msg: &impl Message) -> Origin {
-        Origin {
-            topic: msg.topic().to_owned(),
-            partition: msg.partition(),
-            offset: msg.offset(),
-            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-        }
-    }
-}
+use crate::log::events::Event;
+use crate::store::servers::{Server, Servers};
 
 /// One consumed event as a processor sees it: where it came from and what it means.
 pub struct Msg<I> {

@@ -43,13 +43,13 @@ use schema_registry_converter::avro_common::AvroSchema;
 use tokio_util::sync::CancellationToken;
 
 use super::consumer::{self, describe, GroupConsumer, Partition, Rebalance};
-use super::dead_letters::{DeadLetters, SendError};
 use super::error::{Service, StepError};
 use super::health::ProcessorHealth;
 use super::hold::HoldQueue;
 use super::{Failed, Gate, Msg, Origin, Position, Processor, Settings, SkipReason, Wait};
-use crate::servers::{Server, HOME};
-use crate::wire::{decode_batch, Codec};
+use crate::log::dead_letters::{DeadLetters, SendError};
+use crate::log::wire::{decode_batch, Codec};
+use crate::store::servers::{Server, HOME};
 
 /// How long a probe of a MySQL server may take before the server counts as not answering.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -1598,7 +1598,7 @@ async fn blame(error: StepError, own: &[Server], all: &[Server]) -> Blame {
             error,
         } if !all.is_empty() => {
             // A tenant on a server this process was not given: that server's, not a probe's.
-            if let Some(name) = crate::servers::NotConfigured::in_chain(&error) {
+            if let Some(name) = crate::store::servers::NotConfigured::in_chain(&error) {
                 return Blame::Server {
                     server: Server::stand_in(name),
                     error: "not configured here (TENANCY_SERVERS)".to_owned(),

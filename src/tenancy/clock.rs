@@ -15,7 +15,24 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, TimeZone, Utc};
+
+/// Epoch milliseconds as a time (the epoch for what no time has).
+pub fn at(millis: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(millis)
+        .single()
+        .unwrap_or_default()
+}
+
 /// How far ahead of the log's time an `occurred_at` is still believed.
+/// Where a change of one thing (a brand and supplier pair's access, a custom host) falls among
+/// the thing's changes: by when it happened; in the same millisecond, a change that takes away
+/// (a revoke, a removal) after one that gives, so taking away wins a tie; then by event id, the
+/// same in every replay. A change ordered before the one recorded changes nothing.
+pub fn change_order(at: i64, takes_away: bool, event_id: &str) -> (i64, bool, &str) {
+    (at, takes_away, event_id)
+}
+
 pub const AHEAD: Duration = Duration::from_secs(60);
 /// How far behind the log's time an `occurred_at` is still believed.
 pub const BEHIND: Duration = Duration::from_secs(24 * 3600);
@@ -76,8 +93,8 @@ impl EventTime {
             metrics::counter!("tenancy_untrusted_timestamps_total", "processor" => processor)
                 .increment(1);
             tracing::warn!(processor, tenant, event = what,
-                occurred_at = %super::lifecycle::at(self.occurred_at).to_rfc3339(),
-                logged_at = %super::lifecycle::at(self.logged_at).to_rfc3339(),
+                occurred_at = %at(self.occurred_at).to_rfc3339(),
+                logged_at = %at(self.logged_at).to_rfc3339(),
                 "occurred_at too far from the log's time: placed at the log's time instead");
         }
         self.effective()

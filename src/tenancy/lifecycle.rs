@@ -1,5 +1,5 @@
 //! Termination and restore: the seed's 30-day grace as stream processing (the purge is in
-//! [`super::purge`]).
+//! `tenancy::purge`).
 //!
 //! - OrganisationTerminated: the tenant's row goes `archived` with the termination marked under
 //!   way (projectors hold its events meanwhile), the tables move to `{ns}_arc_{id}` with one
@@ -21,28 +21,18 @@
 //! log time. A termination stamped in 1970 gets its full grace; one stamped a year ahead does
 //! not hide the restore that follows. Who asked and why go to the audit trail.
 
-use chrono::{DateTime, TimeZone, Utc};
 use sqlx::MySqlPool;
 
-use super::clock::EventTime;
+use super::clock::{at, EventTime};
 use super::outcomes::derived_event_id;
 use super::provisioning::Provisioner;
-use super::tenants::{Audit, Logged, Pending, Status, TenantRecord};
-use crate::db::tables;
-use crate::events::{EventKind, OrganisationRestored, OrganisationTerminated};
+use crate::fault::{crash_after, FailPoint};
+use crate::log::events::{EventKind, OrganisationRestored, OrganisationTerminated};
+use crate::store::schema::tables;
+use crate::store::servers::Server;
+use crate::store::tenants::{Audit, Logged, Pending, Status, TenantRecord};
 use crate::stream::{error::kafka_outage, Origin, StepError};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, Slug};
-
-/// A step after which `tenancy run --fail-after` aborts the process, for crash tests.
-pub const FAULT_AFTER_ARCHIVE: &str = "archive";
-/// Aborts after a restore moved the tables back, before the tenant is active again.
-pub const FAULT_AFTER_RESTORE_MOVE: &str = "restore-move";
-
-pub(super) fn at(millis: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(millis)
-        .single()
-        .unwrap_or_default()
-}
 
 /// Moves every table of `from` into `to` with one atomic `RENAME TABLE`, then drops `from`.
 /// Re-running after a crash finds fewer (or no) tables left and finishes the job.
@@ -51,12 +41,9 @@ async fn move_tables(
     from: &DatabaseName,
     to: &DatabaseName,
 ) -> Result<usize, sqlx::Error> {
-    sqlx::query(&format!(
-        "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-        to.quoted()
-    ))
-    .execute(pool)
-    .await?;
+    sqlx::query(&crate::store::schema::create_database(to, true))
+        .execute(pool)
+        .await?;
     let names = tables(pool, from).await?;
     // Table names come from information_schema, not from input; quoted as identifiers.
     if !names.is_empty() {
@@ -125,6 +112,8 @@ impl Provisioner {
         result
     }
 
+    /// The termination's phases: is it due; the row first (projectors gate on it); the tables
+    /// into the archive; the caches; the audit trail; the outcome; done.
     async fn terminate_locked(
         &self,
         ev: &OrganisationTerminated,
@@ -132,50 +121,14 @@ impl Provisioner {
         time: EventTime,
     ) -> Result<(), StepError> {
         let org = &ev.organisation_id;
-        let row = self.tenants.get(org).await?;
-        let Some(row) = row.filter(|r| r.status != Status::Failed) else {
-            return self
-                .refuse_lifecycle(
-                    ev.organisation_type,
-                    org,
-                    &ev.slug,
-                    &ev.event_id,
-                    "termination refused: the organisation has no tenant".into(),
-                )
-                .await;
+        let asked = Asked::of(ev.organisation_type, org, &ev.slug, &ev.event_id);
+        let Some(row) = self.known_tenant(&asked, "termination", true).await? else {
+            return Ok(());
         };
-        if let Some(reason) = kind_mismatch(&row, ev.organisation_type, "termination") {
-            return self
-                .refuse_lifecycle(ev.organisation_type, org, &row.slug, &ev.event_id, reason)
-                .await;
-        }
-        // Resuming means this termination is marked under way (a crash part-way): finish it.
-        // Otherwise an event already logged is a duplicate (a redelivery after the tenant was
-        // perhaps restored since), never applied twice.
         let mine = Pending::Terminate(ev.event_id.clone());
         let resuming = row.pending().as_ref() == Some(&mine);
-        if !resuming && self.tenants.logged(&ev.event_id).await? {
-            tracing::info!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                "OrganisationTerminated already applied: ignored");
+        if !self.termination_due(&row, &asked, resuming, time).await? {
             return Ok(());
-        }
-        match row.status {
-            Status::Purged => {
-                tracing::info!(tenant = %row.slug, organisation_id = %org, "OrganisationTerminated for a purged tenant: nothing left to archive");
-                return Ok(());
-            }
-            Status::Archived if !resuming => {
-                tracing::info!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    "already archived by an earlier termination: ignored");
-                return Ok(());
-            }
-            _ if !resuming && is_stale(&row, time.effective()) => {
-                tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
-                    "OrganisationTerminated older than the latest lifecycle event applied: ignored");
-                return Ok(());
-            }
-            _ => {}
         }
         let (live, archive) = databases(&self.ns, &row)?;
         // The archive is on the tenant's own server: RENAME TABLE cannot cross servers.
@@ -196,31 +149,9 @@ impl Provisioner {
             )
             .await
             .map_err(|e| StepError::from(e).context("marking the tenant archived"))?;
-        // A redelivery after a crash past the move finds the live database gone: nothing left
-        // to clean up there (RENAME TABLE moved every table at once).
-        let still_live = !tables(server.pool(), &live).await?.is_empty();
-        if let (Some(hooks), true) = (&self.hooks, still_live) {
-            hooks
-                .before_archive(org, row.organisation_type, server, &live)
-                .await
-                .map_err(|e| StepError::retry(e.context("removing the tenant's copies")))?;
-        }
-        let moved = move_tables(server.pool(), &live, &archive)
-            .await
-            .map_err(|e| StepError::from(e).context(format!("archiving {live} into {archive}")))?;
-        if self.fail_after.as_deref() == Some(FAULT_AFTER_ARCHIVE) {
-            tracing::error!(tenant = %row.slug, "--fail-after archive: aborting as a crash would");
-            std::process::abort();
-        }
-        let domains: Vec<String> = if row.organisation_type == OrganisationType::Retailer {
-            sqlx::query_scalar(&format!("SELECT domain FROM {}.domains", archive.quoted()))
-                .fetch_all(server.pool())
-                .await
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        let forgotten = self.redis.forget_tenant(org, &domains).await?;
+        let moved = self.archive_tables(&row, server, &live, &archive).await?;
+        crash_after(self.fail_after, FailPoint::Archive);
+        let forgotten = self.forget_archived(&row, server, &archive).await?;
         let audit = Audit {
             actor: Some(&ev.terminated_by),
             reason: Some(&ev.reason),
@@ -230,7 +161,7 @@ impl Provisioner {
             .log(&ev.event_id, org, Logged::Terminated, archived_at, &audit)
             .await
             .map_err(|e| StepError::from(e).context("logging the termination"))?;
-        let outcome = crate::events::TenantArchived {
+        let outcome = crate::log::events::TenantArchived {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantArchived),
             occurred_at: ev.occurred_at,
             organisation_id: org.clone(),
@@ -254,6 +185,127 @@ impl Provisioner {
         Ok(())
     }
 
+    /// The tenant a lifecycle event names, or `None` after refusing it (with the reason, as
+    /// TenantProvisioningFailed): no tenant (a `failed` one counts as none when
+    /// `failed_is_none`), or a tenant of another kind than the event says.
+    async fn known_tenant(
+        &self,
+        asked: &Asked<'_>,
+        what: &str,
+        failed_is_none: bool,
+    ) -> Result<Option<TenantRecord>, StepError> {
+        let row = self.tenants.get(asked.org).await?;
+        let Some(row) = row.filter(|r| !(failed_is_none && r.status == Status::Failed)) else {
+            self.refuse_asked(
+                asked,
+                asked.slug,
+                format!("{what} refused: the organisation has no tenant"),
+            )
+            .await?;
+            return Ok(None);
+        };
+        if let Some(reason) = kind_mismatch(&row, asked.kind, what) {
+            self.refuse_asked(asked, &row.slug, reason).await?;
+            return Ok(None);
+        }
+        Ok(Some(row))
+    }
+
+    /// Refuses a lifecycle request (logged, and announced as TenantProvisioningFailed).
+    async fn refuse_asked(
+        &self,
+        asked: &Asked<'_>,
+        slug: &str,
+        reason: String,
+    ) -> Result<(), StepError> {
+        self.refuse_lifecycle(asked.kind, asked.org, slug, asked.event_id, reason)
+            .await
+    }
+
+    /// Whether this termination is still to apply: resumed after a crash part-way (finish it),
+    /// not applied before, the tenant not purged or archived already, and not placed before the
+    /// latest lifecycle step applied.
+    async fn termination_due(
+        &self,
+        row: &TenantRecord,
+        asked: &Asked<'_>,
+        resuming: bool,
+        time: EventTime,
+    ) -> Result<bool, StepError> {
+        if resuming {
+            return Ok(true);
+        }
+        let (org, event_id) = (asked.org, asked.event_id);
+        if self.tenants.logged(event_id).await? {
+            tracing::info!(tenant = %row.slug, organisation_id = %org, event_id,
+                "OrganisationTerminated already applied: ignored");
+            return Ok(false);
+        }
+        match row.status {
+            Status::Purged => {
+                tracing::info!(tenant = %row.slug, organisation_id = %org,
+                    "OrganisationTerminated for a purged tenant: nothing left to archive");
+                Ok(false)
+            }
+            Status::Archived => {
+                tracing::info!(tenant = %row.slug, organisation_id = %org, event_id,
+                    "already archived by an earlier termination: ignored");
+                Ok(false)
+            }
+            _ if is_stale(row, time.effective()) => {
+                tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id,
+                    occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
+                    "OrganisationTerminated older than the latest lifecycle event applied: ignored");
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// The tenant's copies removed, then its tables moved into the archive; returns how many
+    /// moved. A redelivery after a crash past the move finds the live database gone: nothing
+    /// left to clean up there (RENAME TABLE moved every table at once).
+    async fn archive_tables(
+        &self,
+        row: &TenantRecord,
+        server: &Server,
+        live: &DatabaseName,
+        archive: &DatabaseName,
+    ) -> Result<usize, StepError> {
+        let still_live = !tables(server.pool(), live).await?.is_empty();
+        if let (Some(hooks), true) = (&self.hooks, still_live) {
+            hooks
+                .before_archive(&row.organisation_id, row.organisation_type, server, live)
+                .await
+                .map_err(|e| StepError::retry(e.context("removing the tenant's copies")))?;
+        }
+        move_tables(server.pool(), live, archive)
+            .await
+            .map_err(|e| StepError::from(e).context(format!("archiving {live} into {archive}")))
+    }
+
+    /// Every cached answer naming the archived tenant (its retailer hosts too) deleted; how
+    /// many keys went.
+    async fn forget_archived(
+        &self,
+        row: &TenantRecord,
+        server: &Server,
+        archive: &DatabaseName,
+    ) -> Result<usize, StepError> {
+        let domains: Vec<String> = if row.organisation_type == OrganisationType::Retailer {
+            sqlx::query_scalar(&format!("SELECT domain FROM {}.domains", archive.quoted()))
+                .fetch_all(server.pool())
+                .await
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        Ok(self
+            .redis
+            .forget_tenant(&row.organisation_id, &domains)
+            .await?)
+    }
+
     pub(super) async fn restore(
         &self,
         ev: &OrganisationRestored,
@@ -266,6 +318,9 @@ impl Provisioner {
         result
     }
 
+    /// The restore's phases: may it proceed (and the archive claimed for it); the tables back
+    /// and migrated; copies brought up to date before `active`; the audit trail and the row;
+    /// caches; the outcome; done.
     async fn restore_locked(
         &self,
         ev: &OrganisationRestored,
@@ -273,119 +328,21 @@ impl Provisioner {
         time: EventTime,
     ) -> Result<(), StepError> {
         let org = &ev.organisation_id;
-        let row = self.tenants.get(org).await?;
-        let Some(row) = row else {
-            return self
-                .refuse_lifecycle(
-                    ev.organisation_type,
-                    org,
-                    &ev.slug,
-                    &ev.event_id,
-                    "restore refused: the organisation has no tenant".into(),
-                )
-                .await;
+        let asked = Asked::of(ev.organisation_type, org, &ev.slug, &ev.event_id);
+        let Some(row) = self.known_tenant(&asked, "restore", false).await? else {
+            return Ok(());
         };
-        if let Some(reason) = kind_mismatch(&row, ev.organisation_type, "restore") {
-            return self
-                .refuse_lifecycle(ev.organisation_type, org, &row.slug, &ev.event_id, reason)
-                .await;
-        }
         let mine = Pending::Restore(ev.event_id.clone());
         // A restore that crashed half-way is finished by its redelivery, whatever else holds.
-        if row.pending().as_ref() != Some(&mine) {
-            if self.tenants.logged(&ev.event_id).await? {
-                tracing::info!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    "OrganisationRestored already applied: ignored");
-                return Ok(());
-            }
-            if is_stale(&row, time.effective()) {
-                tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id = %ev.event_id,
-                    occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
-                    "OrganisationRestored older than the latest lifecycle event applied: ignored");
-                return Ok(());
-            }
-            match row.status {
-                Status::Archived => {
-                    let purge_after = row.purge_after.unwrap_or_default();
-                    if at(time.effective()) > purge_after {
-                        return self
-                            .refuse_lifecycle(
-                                ev.organisation_type,
-                                org,
-                                &row.slug,
-                                &ev.event_id,
-                                format!(
-                                    "restore refused: the grace period ended at {}",
-                                    purge_after.to_rfc3339()
-                                ),
-                            )
-                            .await;
-                    }
-                }
-                Status::Active => {
-                    tracing::info!(tenant = %row.slug, organisation_id = %org, "OrganisationRestored for an active tenant: nothing to restore");
-                    return Ok(());
-                }
-                Status::Purged => {
-                    let when = row.purged_at.map(|t| t.to_rfc3339()).unwrap_or_default();
-                    return self
-                        .refuse_lifecycle(
-                            ev.organisation_type,
-                            org,
-                            &row.slug,
-                            &ev.event_id,
-                            format!("restore refused: the tenant was purged at {when}"),
-                        )
-                        .await;
-                }
-                other => {
-                    return self
-                        .refuse_lifecycle(
-                            ev.organisation_type,
-                            org,
-                            &row.slug,
-                            &ev.event_id,
-                            format!("restore refused: the tenant is {other}, not archived"),
-                        )
-                        .await;
-                }
-            }
-            let placed = at(time.judged("provisioner", "OrganisationRestored", org));
-            if !self
-                .tenants
-                .claim_restore(org, &ev.event_id, placed)
-                .await?
-            {
-                return self
-                    .refuse_lifecycle(
-                        ev.organisation_type,
-                        org,
-                        &row.slug,
-                        &ev.event_id,
-                        "restore refused: the archive is being purged or restored by another event"
-                            .into(),
-                    )
-                    .await;
-            }
+        if row.pending().as_ref() != Some(&mine)
+            && !self.restore_claimed(&row, &asked, time).await?
+        {
+            return Ok(());
         }
         let (live, archive) = databases(&self.ns, &row)?;
         let server = self.tenants.server_of(&row)?;
-        let moved = move_tables(server.pool(), &archive, &live)
-            .await
-            .map_err(|e| StepError::from(e).context(format!("restoring {archive} into {live}")))?;
-        // A migration shipped while the tenant was archived reaches it now.
-        super::migrations::create_and_migrate(
-            server.pool(),
-            server.url(),
-            &live,
-            super::migrations::for_tenant(row.organisation_type),
-        )
-        .await
-        .map_err(|e| StepError::from(e).context(format!("migrating restored {live}")))?;
-        if self.fail_after.as_deref() == Some(FAULT_AFTER_RESTORE_MOVE) {
-            tracing::error!(tenant = %row.slug, "--fail-after restore-move: aborting as a crash would");
-            std::process::abort();
-        }
+        let moved = self.restore_tables(&row, server, &live, &archive).await?;
+        crash_after(self.fail_after, FailPoint::RestoreMove);
         // Copies are refreshed before the status flips, so `active` means caught up.
         if let Some(hooks) = &self.hooks {
             hooks
@@ -422,7 +379,7 @@ impl Provisioner {
                     StepError::retry(e.context("caching the restored tenant's permissions"))
                 })?;
         }
-        let outcome = crate::events::TenantRestored {
+        let outcome = crate::log::events::TenantRestored {
             event_id: derived_event_id(&ev.event_id, EventKind::TenantRestored),
             occurred_at: ev.occurred_at,
             organisation_id: org.clone(),
@@ -440,5 +397,105 @@ impl Provisioner {
         tracing::info!(tenant = %row.slug, organisation_id = %org, database = %live, tables = moved,
             offset = origin.offset, "tenant restored");
         Ok(())
+    }
+
+    /// Whether a new restore may proceed, the archive claimed for it if so: not applied before,
+    /// not placed before the latest lifecycle step, within the grace period, the tenant archived
+    /// and not being purged or restored by another event. Anything else is ignored or refused.
+    async fn restore_claimed(
+        &self,
+        row: &TenantRecord,
+        asked: &Asked<'_>,
+        time: EventTime,
+    ) -> Result<bool, StepError> {
+        let (org, event_id) = (asked.org, asked.event_id);
+        if self.tenants.logged(event_id).await? {
+            tracing::info!(tenant = %row.slug, organisation_id = %org, event_id,
+                "OrganisationRestored already applied: ignored");
+            return Ok(false);
+        }
+        if is_stale(row, time.effective()) {
+            tracing::warn!(tenant = %row.slug, organisation_id = %org, event_id,
+                occurred_at = %at(time.effective()), latest = ?row.lifecycle_at,
+                "OrganisationRestored older than the latest lifecycle event applied: ignored");
+            return Ok(false);
+        }
+        let refusal = match row.status {
+            Status::Archived => {
+                let purge_after = row.purge_after.unwrap_or_default();
+                (at(time.effective()) > purge_after).then(|| {
+                    format!(
+                        "restore refused: the grace period ended at {}",
+                        purge_after.to_rfc3339()
+                    )
+                })
+            }
+            Status::Active => {
+                tracing::info!(tenant = %row.slug, organisation_id = %org,
+                    "OrganisationRestored for an active tenant: nothing to restore");
+                return Ok(false);
+            }
+            Status::Purged => {
+                let when = row.purged_at.map(|t| t.to_rfc3339()).unwrap_or_default();
+                Some(format!("restore refused: the tenant was purged at {when}"))
+            }
+            other => Some(format!(
+                "restore refused: the tenant is {other}, not archived"
+            )),
+        };
+        if let Some(reason) = refusal {
+            self.refuse_asked(asked, &row.slug, reason).await?;
+            return Ok(false);
+        }
+        let placed = at(time.judged("provisioner", "OrganisationRestored", org));
+        if !self.tenants.claim_restore(org, event_id, placed).await? {
+            let reason =
+                "restore refused: the archive is being purged or restored by another event";
+            self.refuse_asked(asked, &row.slug, reason.into()).await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The archive's tables back under the live name, and any migration shipped while it was
+    /// archived applied; returns how many tables moved.
+    async fn restore_tables(
+        &self,
+        row: &TenantRecord,
+        server: &Server,
+        live: &DatabaseName,
+        archive: &DatabaseName,
+    ) -> Result<usize, StepError> {
+        let moved = move_tables(server.pool(), archive, live)
+            .await
+            .map_err(|e| StepError::from(e).context(format!("restoring {archive} into {live}")))?;
+        super::migrations::create_and_migrate(
+            server.pool(),
+            server.url(),
+            live,
+            super::migrations::for_tenant(row.organisation_type),
+        )
+        .await
+        .map_err(|e| StepError::from(e).context(format!("migrating restored {live}")))?;
+        Ok(moved)
+    }
+}
+
+/// What a lifecycle event asks about, for its refusals.
+struct Asked<'a> {
+    kind: OrganisationType,
+    org: &'a str,
+    slug: &'a str,
+    event_id: &'a str,
+}
+
+impl<'a> Asked<'a> {
+    fn of(kind: OrganisationType, org: &'a str, slug: &'a str, event_id: &'a str) -> Asked<'a> {
+        Asked {
+            kind,
+            org,
+            slug,
+            event_id,
+        }
     }
 }

@@ -41,7 +41,7 @@ pub fn latest_version(migrator: &Migrator) -> i64 {
 }
 
 /// `CREATE DATABASE IF NOT EXISTS`, then every pending migration, on a connection opened for
-/// this database alone (the shared pool never `USE`s a tenant database, see DESIGN.md).
+/// this database alone (the shared pool never `USE`s a tenant database, see `store::pools`).
 ///
 /// Two workers racing on the same tenant serialise on a MySQL named lock per database, taken
 /// here with a bounded wait: sqlx's own migration lock uses `GET_LOCK(…, -1)` and ignores the
@@ -54,13 +54,10 @@ pub async fn create_and_migrate(
     db: &DatabaseName,
     migrator: &Migrator,
 ) -> Result<i64, sqlx::Error> {
-    let created = sqlx::query(&format!(
-        "CREATE DATABASE IF NOT EXISTS {} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci",
-        db.quoted()
-    ))
-    .execute(pool)
-    .await?
-    .rows_affected()
+    let created = sqlx::query(&crate::store::schema::create_database(db, true))
+        .execute(pool)
+        .await?
+        .rows_affected()
         > 0;
     if created {
         return migrate_fresh(database_url, db, migrator).await;
@@ -69,7 +66,7 @@ pub async fn create_and_migrate(
 }
 
 /// A new tenant's database: created, migrated and its bookkeeping written by one script on a
-/// connection of `ddl` ([`crate::db::ddl_pool`]), one round trip as from the `mysql` client.
+/// connection of `ddl` ([`crate::store::pools::ddl_pool`]), one round trip as from the `mysql` client.
 ///
 /// Only for a tenant whose lifecycle lock the caller holds: no one else creates or migrates
 /// that database meanwhile (the upgrade at start-up takes the same lock, and a name another
@@ -84,9 +81,10 @@ pub async fn create_and_migrate_tenant(
     migrator: &Migrator,
 ) -> Result<i64, sqlx::Error> {
     let script = format!(
-        "CREATE DATABASE {db} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;\nUSE {db};\n{}",
-        fresh_script(migrator),
-        db = db.quoted()
+        "{};\nUSE {};\n{}",
+        crate::store::schema::create_database(db, false),
+        db.quoted(),
+        fresh_script(migrator)
     );
     match sqlx::raw_sql(&script).execute(ddl).await {
         Ok(_) => Ok(latest_version(migrator)),
@@ -229,6 +227,72 @@ pub async fn migrate(
     Ok(latest_version(migrator))
 }
 
+/// Platform migrations rewritten after they shipped, with the SHA-384 checksum of their first
+/// form: they used MariaDB's `ADD COLUMN IF NOT EXISTS`, which MySQL 8.4 refuses, and now add
+/// their columns the portable way, as safely re-runnable (see `migrations/platform/0004`). The
+/// schema both forms make is the same. A database migrated by the first form holds the old
+/// checksum in `_sqlx_migrations`, which sqlx would refuse as a modified migration:
+/// [`reconcile_rewritten`] gives such a row the new checksum before the migrator runs.
+pub const REWRITTEN: &[(i64, &str)] = &[
+    (
+        4,
+        "1317f79625495d003a03d8dfc7602b9492ac89dda7e904006828ce94ea2bf2a91614340611c0bbf0ef260bcc6228c115",
+    ),
+    (
+        5,
+        "3de1ea142b7b0abe5cc4434f9f648293c9af30cfa74a2d9e5d294d610636b441f2a6b977fca935e7f0b45c586f628287",
+    ),
+    (
+        10,
+        "d80ffb76c539f26604fb391429307d318c49b8e81f465b989cacb277ad4e4ed9222561d91000100f4d5550c794877efb",
+    ),
+    (
+        11,
+        "28aea7ca665e9ce630add475f2f6782e0f7063e703cac88556ce5ce643a7a1549dc64a48773b017596a66e2f0d466b78",
+    ),
+];
+
+/// See [`REWRITTEN`]: only a row holding exactly a first form's checksum moves; anything else
+/// (a fresh database, one already reconciled, one a migration was really changed under) is
+/// left for sqlx to judge.
+async fn reconcile_rewritten(
+    conn: &mut sqlx::MySqlConnection,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<(), sqlx::Error> {
+    if !std::ptr::eq(migrator, &PLATFORM) {
+        return Ok(());
+    }
+    let recorded = sqlx::raw_sql("SHOW TABLES LIKE '\\_sqlx\\_migrations'")
+        .fetch_all(&mut *conn)
+        .await?;
+    if recorded.is_empty() {
+        return Ok(());
+    }
+    for (version, old) in REWRITTEN {
+        let Some(now) = migrator.iter().find(|m| m.version == *version) else {
+            continue;
+        };
+        let old: Vec<u8> = (0..old.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(&old[i..i + 2], 16).ok())
+            .collect();
+        let moved = sqlx::query(
+            "UPDATE _sqlx_migrations SET checksum = ? WHERE version = ? AND checksum = ?",
+        )
+        .bind(now.checksum.as_ref())
+        .bind(version)
+        .bind(&old)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        if moved > 0 {
+            tracing::info!(database = %db, version, "migration rewritten for MySQL: checksum of its first form updated");
+        }
+    }
+    Ok(())
+}
+
 /// `sqlx`'s run on a connection holding the migration lock. Under that lock, a migration left
 /// half-applied (`Dirty`) can only be a killed worker's, so it is re-run.
 async fn run_locked(
@@ -236,6 +300,7 @@ async fn run_locked(
     db: &DatabaseName,
     migrator: &Migrator,
 ) -> Result<(), sqlx::Error> {
+    reconcile_rewritten(conn, db, migrator).await?;
     match migrator.run(&mut *conn).await {
         Err(MigrateError::Dirty(version)) => {
             tracing::warn!(database = %db, version, "migration was left half-applied; re-running it");

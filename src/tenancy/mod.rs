@@ -12,6 +12,5 @@ pub mod outcomes;
 mod processor;
 pub mod provisioning;
 pub mod purge;
-pub mod tenants;
 pub mod verdict;
 pub mod watermark;

@@ -23,10 +23,11 @@ use futures::stream::{self, StreamExt};
 
 use super::migrations;
 use super::provisioning::{provisioned_outcome, timestamp, Provisioner};
-use super::tenants::{Logged, NewTenant};
-use crate::db::{databases_existing, NamedLock};
-use crate::events::{EventKind, OrganisationCreated};
-use crate::servers::Server;
+use crate::log::events::{EventKind, OrganisationCreated};
+use crate::store::locks::NamedLock;
+use crate::store::schema::databases_existing;
+use crate::store::servers::Server;
+use crate::store::tenants::{Logged, NewTenant};
 use crate::tenant::{DatabaseName, Slug};
 
 /// One organisation of the batch on its way.
@@ -116,7 +117,9 @@ impl Provisioner {
         done
     }
 
-    /// [`Provisioner::onboard`] for the organisations whose lifecycle locks are held.
+    /// [`Provisioner::onboard`] for the organisations whose lifecycle locks are held, in
+    /// phases: claim what is plainly new, create and migrate (the one step per tenant),
+    /// activate, publish, log. What a phase leaves out takes the one-by-one path.
     async fn onboard_locked(
         &self,
         mut batch: Vec<Onboarding<'_>>,
@@ -124,8 +127,50 @@ impl Provisioner {
         done: &mut [bool],
     ) -> anyhow::Result<()> {
         let started = Instant::now();
-        // Claim: only what is plainly new (no log entry, no row naming it or its database, no
-        // database of that name), then the rows in one statement.
+        self.claim_new(&mut batch).await?;
+        let claimed = started.elapsed();
+        self.create_databases(&mut batch, concurrency).await;
+        let migrated = started.elapsed();
+        self.activate_batch(&batch).await?;
+        let activated = started.elapsed();
+        self.publish_provisioned(&mut batch).await;
+        let published = started.elapsed();
+        let entries: Vec<(&str, &str, _)> = batch
+            .iter()
+            .map(|o| {
+                (
+                    o.ev.event_id.as_str(),
+                    o.ev.organisation_id.as_str(),
+                    timestamp(o.ev.occurred_at),
+                )
+            })
+            .collect();
+        self.tenants.log_all(&entries, Logged::Created).await?;
+        let elapsed = started.elapsed();
+
+        // Where the time went: the steps done once are the batch's, the DDL each tenant's own.
+        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
+        let tenants = batch.len();
+        for o in &batch {
+            done[o.index] = true;
+            let kind = o.ev.organisation_type;
+            metrics::counter!("tenancy_tenants_provisioned_total", "type" => kind.db_word())
+                .increment(1);
+            metrics::histogram!("tenancy_provisioning_seconds").record(elapsed.as_secs_f64());
+            tracing::info!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
+                organisation_type = %kind, database = %o.db, migration_version = o.version(),
+                batch = tenants, elapsed_ms = elapsed.as_millis() as u64,
+                claim_ms = ms(claimed), migrate_ms = ms(o.migrated.map_or(Duration::ZERO, |(_, took)| took)),
+                activate_ms = ms(activated - migrated), publish_ms = ms(published - activated),
+                log_ms = ms(elapsed - published), "tenant provisioned");
+        }
+        Ok(())
+    }
+
+    /// Keeps in `batch` only what is plainly new (no log entry, no row naming it or its
+    /// database, no database of that name on the server it would be placed on) and inserts their
+    /// rows in one statement.
+    async fn claim_new(&self, batch: &mut Vec<Onboarding<'_>>) -> anyhow::Result<()> {
         let event_ids: Vec<&str> = batch.iter().map(|o| o.ev.event_id.as_str()).collect();
         let logged = self.tenants.logged_among(&event_ids).await?;
         let ids: Vec<&str> = batch
@@ -180,9 +225,13 @@ impl Provisioner {
             .collect();
         let inserted = self.tenants.insert_new(&rows).await?;
         batch.retain(|o| inserted.contains(&o.ev.organisation_id));
-        let claimed = started.elapsed();
+        Ok(())
+    }
 
-        // Create and migrate: the one step that is per tenant.
+    /// Creates and migrates each claimed tenant's database, `concurrency` at a time; keeps in
+    /// `batch` those that succeeded (with their version and time).
+    async fn create_databases(&self, batch: &mut Vec<Onboarding<'_>>, concurrency: usize) {
+        let servers = self.tenants.servers();
         let migrated: Vec<(usize, anyhow::Result<(i64, Duration)>)> =
             stream::iter(batch.iter().enumerate())
                 .map(|(i, o)| async move {
@@ -215,11 +264,12 @@ impl Provisioner {
             }
         }
         batch.retain(|o| o.migrated.is_some());
-        let migrated = started.elapsed();
+    }
 
-        // Activate, one statement per migration version (per kind).
+    /// Marks the batch active, one statement per migration version (per kind).
+    async fn activate_batch(&self, batch: &[Onboarding<'_>]) -> anyhow::Result<()> {
         let mut by_version: HashMap<i64, Vec<&str>> = HashMap::new();
-        for o in &batch {
+        for o in batch {
             by_version
                 .entry(o.version())
                 .or_default()
@@ -230,9 +280,12 @@ impl Provisioner {
         }
         // A request that found no such tenant may have cached that for a few seconds.
         self.redis.domains_changed(&[]).await?;
-        let activated = started.elapsed();
+        Ok(())
+    }
 
-        // Publish every outcome at once: the producer batches them, one ack wait for all.
+    /// Publishes every outcome at once (the producer batches them, one wait for all their
+    /// acknowledgements); keeps in `batch` those acknowledged.
+    async fn publish_provisioned(&self, batch: &mut Vec<Onboarding<'_>>) {
         let sent = futures::future::join_all(batch.iter().map(|o| {
             let outcome = provisioned_outcome(o.ev, &o.slug, &o.db, o.version());
             async move {
@@ -256,37 +309,5 @@ impl Provisioner {
             }
             None => false,
         });
-        let published = started.elapsed();
-
-        let entries: Vec<(&str, &str, _)> = batch
-            .iter()
-            .map(|o| {
-                (
-                    o.ev.event_id.as_str(),
-                    o.ev.organisation_id.as_str(),
-                    timestamp(o.ev.occurred_at),
-                )
-            })
-            .collect();
-        self.tenants.log_all(&entries, Logged::Created).await?;
-        let elapsed = started.elapsed();
-
-        // Where the time went: the steps done once are the batch's, the DDL each tenant's own.
-        let ms = |d: Duration| d.as_micros() as f64 / 1000.0;
-        let tenants = batch.len();
-        for o in &batch {
-            done[o.index] = true;
-            let kind = o.ev.organisation_type;
-            metrics::counter!("tenancy_tenants_provisioned_total", "type" => kind.db_word())
-                .increment(1);
-            metrics::histogram!("tenancy_provisioning_seconds").record(elapsed.as_secs_f64());
-            tracing::info!(tenant = %o.slug, organisation_id = %o.ev.organisation_id,
-                organisation_type = %kind, database = %o.db, migration_version = o.version(),
-                batch = tenants, elapsed_ms = elapsed.as_millis() as u64,
-                claim_ms = ms(claimed), migrate_ms = ms(o.migrated.map_or(Duration::ZERO, |(_, took)| took)),
-                activate_ms = ms(activated - migrated), publish_ms = ms(published - activated),
-                log_ms = ms(elapsed - published), "tenant provisioned");
-        }
-        Ok(())
     }
 }

@@ -10,10 +10,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::events::{self, EventKind};
+use crate::log::events::{self, EventKind};
+use crate::log::topics::Topic;
+use crate::log::wire::Codec;
 use crate::tenant::Namespace;
-use crate::topics::Topic;
-use crate::wire::Codec;
 
 /// Fixed uuid-v5 namespace for ids derived from other events' ids.
 const DERIVED_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1d_0c5e_8f2a_4e57_9a3c_51d2_7e0f_b1a4);

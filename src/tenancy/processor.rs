@@ -1,6 +1,6 @@
 //! The provisioner as a stream processor over `{ns}.organisations`.
 
-use crate::events::{Event, OrganisationCreated};
+use crate::log::events::{Event, OrganisationCreated};
 use crate::stream::{apply_each, Failed, Gate, Msg, Origin, Position, Processor, StepError};
 
 use super::clock::EventTime;
@@ -52,7 +52,7 @@ impl Processor for Provisioner {
 
     /// Provisioning, archives and restores write on the tenant's server: a server that does
     /// not answer parks its own tenants' lifecycle steps only.
-    fn servers(&self) -> Option<&crate::servers::Servers> {
+    fn servers(&self) -> Option<&crate::store::servers::Servers> {
         Some(self.tenants.servers())
     }
 

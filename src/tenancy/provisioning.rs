@@ -16,12 +16,15 @@ use sqlx::MySqlPool;
 
 use super::migrations;
 use super::outcomes::{derived_event_id, OutcomePublisher};
-use super::tenants::{Claim, Logged, Status, Tenants};
 use super::watermark::Watermark;
-use crate::caches::Redis;
-use crate::db::{database_exists, NamedLock};
-use crate::events::{EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed};
-use crate::servers::{Server, Servers};
+use crate::cache::Redis;
+use crate::log::events::{
+    EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed,
+};
+use crate::store::locks::NamedLock;
+use crate::store::schema::database_exists;
+use crate::store::servers::{Server, Servers};
+use crate::store::tenants::{Claim, Logged, Status, Tenants};
 use crate::stream::{error::kafka_outage, Origin, StepError};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
@@ -65,7 +68,7 @@ pub trait LifecycleHooks {
 pub struct Provisioner {
     pub ns: Namespace,
     /// Where new tenant databases are created and migrated, per server
-    /// ([`crate::db::ddl_pools`]).
+    /// ([`crate::store::pools::ddl_pools`]).
     pub ddl: Servers,
     /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,
@@ -78,7 +81,7 @@ pub struct Provisioner {
     pub watermark: Watermark,
     pub hooks: Option<Arc<dyn LifecycleHooks>>,
     /// Crash tests only: abort after this lifecycle step.
-    pub fail_after: Option<String>,
+    pub fail_after: crate::fault::FailAfter,
 }
 
 pub(super) fn timestamp(millis: i64) -> DateTime<Utc> {
@@ -384,7 +387,7 @@ impl Provisioner {
         reason: String,
     ) -> Result<(), StepError> {
         tracing::warn!(tenant = %slug, organisation_id = %org, %reason, "lifecycle request refused");
-        let audit = super::tenants::Audit {
+        let audit = crate::store::tenants::Audit {
             reason: Some(&reason),
             ..Default::default()
         };
@@ -392,7 +395,7 @@ impl Provisioner {
             .log(
                 event_id,
                 org,
-                super::tenants::Logged::Refused,
+                crate::store::tenants::Logged::Refused,
                 Utc::now(),
                 &audit,
             )

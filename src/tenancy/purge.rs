@@ -24,15 +24,16 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use super::lifecycle::{at, databases};
+use super::clock::at;
+use super::lifecycle::databases;
 use super::outcomes::{derived_event_id, OutcomePublisher};
 use super::provisioning::LifecycleHooks;
-use super::tenants::{Audit, Logged, Pending, Status, TenantRecord, Tenants};
 use super::watermark::{settled, LogEnds, Watermark};
-use crate::caches::Redis;
-use crate::db::NamedLock;
-use crate::events::{Event, EventKind, TenantPurged};
-use crate::stream::error::kafka_outage;
+use crate::cache::Redis;
+use crate::failure::kafka_outage;
+use crate::log::events::{Event, EventKind, TenantPurged};
+use crate::store::locks::NamedLock;
+use crate::store::tenants::{Audit, Logged, Pending, Status, TenantRecord, Tenants};
 use crate::stream::{Failed, Gate, Msg, Origin, Processor, SkipReason, StepError, Wait};
 use crate::tenant::{Namespace, OrganisationType, ServiceDatabase};
 
@@ -84,7 +85,7 @@ impl Processor for Purger {
 
     /// A purge drops databases on its tenant's server: a server that does not answer parks
     /// its own purges only.
-    fn servers(&self) -> Option<&crate::servers::Servers> {
+    fn servers(&self) -> Option<&crate::store::servers::Servers> {
         Some(self.tenants.servers())
     }
 
@@ -302,7 +303,7 @@ pub async fn existing_databases(
     ns: &Namespace,
     tenants: &Tenants,
     row: &TenantRecord,
-) -> Result<Vec<(crate::servers::Server, crate::tenant::DatabaseName)>, StepError> {
+) -> Result<Vec<(crate::store::servers::Server, crate::tenant::DatabaseName)>, StepError> {
     let (live, archive) = databases(ns, row)?;
     let mut names = vec![live, archive];
     names.extend(ns.shadow_database(&row.organisation_id));
@@ -310,7 +311,7 @@ pub async fn existing_databases(
     let refs: Vec<&crate::tenant::DatabaseName> = names.iter().collect();
     let mut found = Vec::new();
     for server in tenants.servers().all() {
-        let here = crate::db::databases_existing(server.pool(), &refs).await?;
+        let here = crate::store::schema::databases_existing(server.pool(), &refs).await?;
         for db in &names {
             if here.contains(db.as_str()) {
                 found.push((server.clone(), db.clone()));

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use super::tenants::{Status, TenantRef};
+use crate::store::tenants::{Status, TenantRef};
 use crate::stream::{Gate, SkipReason, Wait};
 use crate::tenant::OrganisationType;
 

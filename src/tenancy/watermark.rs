@@ -22,9 +22,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use sqlx::MySqlPool;
 
 use crate::config::Config;
+use crate::log::topics::Topic;
 use crate::stream::{error::kafka_outage, Position, StepError};
 use crate::tenant::{DatabaseName, ServiceDatabase};
-use crate::topics::Topic;
 
 /// The `projection_offsets` name the provisioner's progress is kept under.
 pub const PROJECTION: &str = "lifecycle";

@@ -10,10 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blindstrader_tenancy::config::Config;
-use blindstrader_tenancy::events::{Event, EventKind};
+use blindstrader_tenancy::log::events::{Event, EventKind};
+use blindstrader_tenancy::log::topics::Topic;
+use blindstrader_tenancy::log::wire::Codec;
 use blindstrader_tenancy::tenant::Namespace;
-use blindstrader_tenancy::topics::Topic;
-use blindstrader_tenancy::wire::Codec;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -29,7 +29,7 @@ pub fn east_url() -> String {
 /// An organisation id that rendezvous placement puts on `server` of `servers` (as `tenancy
 /// run` would place it with those servers, all open to new tenants).
 pub fn id_placed_on(server: &str, servers: &[&str]) -> String {
-    use blindstrader_tenancy::servers::placement_weight;
+    use blindstrader_tenancy::store::servers::placement_weight;
     loop {
         let id = new_id();
         let best = servers
@@ -483,7 +483,7 @@ impl TestNs {
                 value: Some(*v),
             });
         }
-        let producer = blindstrader_tenancy::kafka::producer(&self.config).unwrap();
+        let producer = blindstrader_tenancy::log::kafka::producer(&self.config).unwrap();
         let mut record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)

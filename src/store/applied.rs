@@ -14,7 +14,7 @@ use std::collections::HashSet;
 
 use sqlx::{MySql, Transaction};
 
-use crate::stream::Origin;
+use crate::log::Origin;
 use crate::tenant::DatabaseName;
 
 /// How long an applied id is remembered.
@@ -39,7 +39,7 @@ pub async fn seen(
         let sql = format!(
             "SELECT event_id FROM {}.applied_events WHERE projection = ? AND event_id IN ({})",
             db.quoted(),
-            vec!["?"; chunk.len()].join(",")
+            crate::store::schema::placeholders(chunk.len())
         );
         let mut q = sqlx::query_scalar::<_, String>(&sql).bind(projection);
         for id in chunk {

@@ -1,7 +1,7 @@
 //! JSON → Avro for `tenancy emit`: a JSON object is checked against an event schema field by
 //! field, so a bad line is refused with the path of the field at fault.
 //!
-//! Conventions (DESIGN.md): timestamps as epoch milliseconds or RFC 3339, enums by symbol,
+//! Conventions (docs/architecture.md, "Events"): timestamps as epoch milliseconds or RFC 3339, enums by symbol,
 //! uuids as their text, nested records and arrays as JSON objects and arrays; a field the schema
 //! gives a default may be left out; a field the schema lacks is an error (likely a typo).
 
@@ -213,7 +213,7 @@ fn timestamp_millis(json: &Json, path: &str) -> Result<i64, FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EventKind;
+    use crate::log::events::EventKind;
     use serde_json::json;
 
     fn created(extra: Json) -> Json {
@@ -257,7 +257,7 @@ mod tests {
             fields[3],
             ("organisation_type".into(), Value::Enum(0, "BRAND".into()))
         );
-        crate::events::encode_datum(EventKind::OrganisationCreated, value).unwrap();
+        crate::log::events::encode_datum(EventKind::OrganisationCreated, value).unwrap();
     }
 
     #[test]
@@ -306,6 +306,6 @@ mod tests {
         fixed["fabrics_upserted"][0]["width_mm"] = json!(2000);
         let v = record_from_json(EventKind::BrandCatalogUpdated.schema(), &fixed, &[]).unwrap();
         // fabrics_removed and discontinued took their defaults.
-        crate::events::encode_datum(EventKind::BrandCatalogUpdated, v).unwrap();
+        crate::log::events::encode_datum(EventKind::BrandCatalogUpdated, v).unwrap();
     }
 }

@@ -1,4 +1,4 @@
-//! Topic names of a namespace (DESIGN.md "Names") and their creation on first use.
+//! Topic names of a namespace (docs/architecture.md, "Names") and their creation on first use.
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Writing poison events to `{ns}.dead-letter`: the message byte for byte (key, payload, its
 //! own headers) plus `dlq.*` headers naming why, where it came from and which tenant it was
-//! about. Reading and replaying them is `crate::dead_letter`.
+//! about.
 //!
 //! A dead letter always fits: one too large for the producer's or the broker's message limit
 //! (its payload near the limit, plus the `dlq.*` headers) is written without its payload and
@@ -15,21 +15,8 @@ use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::Origin;
-
-pub const HEADER_REASON: &str = "dlq.reason";
-pub const HEADER_TOPIC: &str = "dlq.source.topic";
-pub const HEADER_PARTITION: &str = "dlq.source.partition";
-pub const HEADER_OFFSET: &str = "dlq.source.offset";
-pub const HEADER_TENANT: &str = "dlq.tenant";
-/// The processor that gave up on it.
-pub const HEADER_PROCESSOR: &str = "dlq.processor";
-/// The original message's log timestamp (epoch ms): a replay keeps it, so the event keeps its
-/// place among the changes it races with ([`crate::tenancy::clock`]).
-pub const HEADER_TIMESTAMP: &str = "dlq.source.timestamp";
-/// Set (to the original payload's size in bytes) when the dead letter carries no payload
-/// because the original would not fit: a replay fetches it from the source position.
-pub const HEADER_PAYLOAD_OMITTED: &str = "dlq.payload-omitted";
+use super::*;
+use crate::log::Origin;
 
 /// Why a dead letter could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +141,7 @@ impl DeadLetters {
         }
         let tenant = tenant.or(origin.key.as_deref()).unwrap_or("");
         let omitted = msg.payload().map_or(0, <[u8]>::len).to_string();
-        let timestamp = super::logged_at(msg).to_string();
+        let timestamp = crate::log::logged_at(msg).to_string();
         for (key, value) in [
             (HEADER_REASON, reason),
             (HEADER_TOPIC, origin.topic.as_str()),

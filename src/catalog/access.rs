@@ -17,28 +17,23 @@
 //! side is archived is applied too, to the archive ([`crate::tenancy::verdict::revoke_verdict`]),
 //! so the restore finds it revoked.
 
-use super::apply::{copy_projection, read_permissions};
+use super::apply::read_permissions;
 use super::copies::backfill_copy;
 use super::gate::Target;
 use super::item::{Change, Item};
 use super::store;
 use super::store::BrandSource;
+use super::store::{access_projection, copy_projection};
 use super::CatalogProcessor;
-use crate::access::cache::PermissionCache;
-use crate::applied;
-use crate::db::NamedLock;
-use crate::offsets;
-use crate::servers::Server;
+use crate::cache::permissions::PermissionCache;
+use crate::store::applied;
+use crate::store::locks::NamedLock;
+use crate::store::offsets;
+use crate::store::servers::Server;
+use crate::store::tenants::Status;
 use crate::stream::{Msg, Origin, StepError};
-use crate::tenancy::clock::EventTime;
-use crate::tenancy::tenants::Status;
+use crate::tenancy::clock::{change_order, EventTime};
 use crate::tenant::DatabaseName;
-
-/// Offsets and event ids of a brand's access events in a supplier's database (per brand, so
-/// purging a brand can take its grants' bookkeeping with it).
-pub(crate) fn access_projection(brand_id: &str) -> String {
-    format!("access:{brand_id}")
-}
 
 fn access_index_projection(brand_id: &str, supplier_id: &str) -> String {
     format!("access_index:{brand_id}:{supplier_id}")
@@ -63,15 +58,16 @@ pub(crate) async fn superseded(
     item: &Item,
     at: i64,
 ) -> Result<bool, sqlx::Error> {
-    let latest: Option<(i64, String)> = sqlx::query_as(&format!(
-        "SELECT changed_at, event_id FROM {}.access_changes WHERE brand_id = ?",
+    let latest: Option<(i64, String, bool)> = sqlx::query_as(&format!(
+        "SELECT changed_at, event_id, granted FROM {}.access_changes WHERE brand_id = ?",
         supplier_db.quoted()
     ))
     .bind(&item.brand)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(latest.is_some_and(|(changed_at, event_id)| {
-        (changed_at, event_id.as_str()) > (at, item.event_id.as_str())
+    let revoke = matches!(item.change, Change::Revoke { .. });
+    Ok(latest.is_some_and(|(changed_at, event_id, granted)| {
+        change_order(changed_at, !granted, &event_id) > change_order(at, revoke, &item.event_id)
     }))
 }
 

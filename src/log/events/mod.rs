@@ -1,4 +1,4 @@
-//! The Avro events of DESIGN.md: their schemas (`schemas/*.avsc`, embedded at build time),
+//! The Avro events (docs/architecture.md, "Events"): their schemas (`schemas/*.avsc`, embedded at build time),
 //! which topic each lives on, how it is keyed, and typed views of the ones we consume.
 //!
 //! Schemas are parsed once per process ([`EventKind::schema`]); decoded values are resolved
@@ -14,8 +14,8 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use serde::{Deserialize, Serialize};
 
+use crate::log::topics::Topic;
 use crate::tenant::OrganisationType;
-use crate::topics::Topic;
 
 /// Avro namespace of every record we define.
 pub const AVRO_NAMESPACE: &str = "blindstrader.events";
@@ -46,7 +46,7 @@ macro_rules! event_kinds {
 
             fn schema_text(self) -> &'static str {
                 match self {
-                    $(EventKind::$kind => include_str!(concat!("../../schemas/", stringify!($kind), ".avsc")),)*
+                    $(EventKind::$kind => include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/", stringify!($kind), ".avsc")),)*
                 }
             }
         }

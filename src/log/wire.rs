@@ -26,7 +26,7 @@ use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use crate::events::{Event, EventError, EventKind};
+use crate::log::events::{Event, EventError, EventKind};
 
 /// Why a payload could not be turned into an [`Event`].
 #[derive(Debug, thiserror::Error)]

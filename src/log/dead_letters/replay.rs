@@ -1,7 +1,4 @@
-//! The dead-letter topic `{ns}.dead-letter`: poison events, byte for byte, with headers naming
-//! why and where they came from, so they can be inspected and replayed.
-//!
-//! `stream::dead_letters` writes them (the processors). [`DeadLetterLog`] reads the topic up to the end
+//! Reading and replaying the dead-letter topic. [`DeadLetterLog`] reads the topic up to the end
 //! it had when opened and replays dead letters to the partition they came from, recording
 //! progress as committed offsets of consumer groups that never join: `{ns}.dead-letter-replay`
 //! for full replays and `{ns}.dead-letter-replay.{source topic}` for filtered ones. A dead letter
@@ -16,23 +13,17 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::Config;
-pub use crate::stream::dead_letters::{
-    HEADER_OFFSET, HEADER_PARTITION, HEADER_PAYLOAD_OMITTED, HEADER_PROCESSOR, HEADER_REASON,
-    HEADER_TENANT, HEADER_TIMESTAMP, HEADER_TOPIC,
+use super::{
+    HEADER_OFFSET, HEADER_PARTITION, HEADER_PAYLOAD_OMITTED, HEADER_PREFIX, HEADER_REASON,
+    HEADER_REPLAYED_FROM, HEADER_TENANT, HEADER_TIMESTAMP, HEADER_TOPIC,
 };
+use crate::config::Config;
+use crate::log::topics::Topic;
 use crate::tenant::Namespace;
-use crate::topics::Topic;
 
 // ---------------------------------------------------------------------------------------------
 // Reading and replaying (`tenancy dead-letter list|replay`).
 // ---------------------------------------------------------------------------------------------
-
-/// Set on a replayed copy: the dead letter it came from, as `partition/offset`.
-pub const HEADER_REPLAYED_FROM: &str = "dlq.replayed-from";
-
-/// Headers starting with this belong to the dead-letter machinery, not to the original event.
-const HEADER_PREFIX: &str = "dlq.";
 
 /// How long reading the topic up to its end, or a broker round trip, may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -349,7 +340,7 @@ impl DeadLetterLog {
         let producer = if options.dry_run || to_send.is_empty() {
             None
         } else {
-            Some(crate::kafka::producer(&self.config)?)
+            Some(crate::log::kafka::producer(&self.config)?)
         };
 
         for l in &letters {

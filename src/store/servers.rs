@@ -19,8 +19,7 @@ use sqlx::MySqlPool;
 
 use crate::config::Config;
 
-/// The name of the server `DATABASE_URL` points at.
-pub const HOME: &str = "home";
+pub use crate::config::{parse_list, valid_name, HOME};
 
 /// Connections per server for reads that feed copies on another server ([`Server::reads`]).
 const CROSS_READS: u32 = 4;
@@ -185,22 +184,12 @@ impl std::fmt::Debug for Servers {
     }
 }
 
-/// A server name: lower-case letters, digits and `_`, a letter first, at most 32 characters
-/// (it is stored in `tenants.server` and shown in logs and metrics).
-pub fn valid_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
 impl Servers {
     /// A pool of at most `connections` per server, in the shared pools' settings
-    /// ([`crate::db::pool_options`]). Home is connected now (nothing works without it); the
+    /// ([`crate::store::pools::pool_options`]). Home is connected now (nothing works without it); the
     /// others on first use, so a server that is down delays only its own tenants.
     pub async fn connect(config: &Config, connections: u32) -> anyhow::Result<Servers> {
-        Self::connect_with(config, || crate::db::pool_options(connections)).await
+        Self::connect_with(config, || crate::store::pools::pool_options(connections)).await
     }
 
     /// [`Servers::connect`] with the pool settings `options` makes, once per server.
@@ -375,43 +364,6 @@ fn connect_options(url: &str) -> anyhow::Result<MySqlConnectOptions> {
     use std::str::FromStr;
     MySqlConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("bad MySQL server URL {url}: {e}"))
-}
-
-/// Parses `TENANCY_SERVERS` entries (`NAME=URL`) into the servers list, home first.
-pub fn parse_list(database_url: &str, entries: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    let mut list = vec![(HOME.to_owned(), database_url.to_owned())];
-    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
-        let (name, url) = entry.split_once('=').ok_or_else(|| {
-            anyhow::anyhow!("TENANCY_SERVERS entry {entry:?} is not NAME=URL (e.g. east=mysql://root@10.0.0.2:3306)")
-        })?;
-        let (name, url) = (name.trim(), url.trim());
-        anyhow::ensure!(
-            valid_name(name),
-            "server name {name:?} must be lower-case letters, digits and _, a letter first, at most 32 characters"
-        );
-        anyhow::ensure!(
-            name != HOME || url == database_url,
-            "server name {HOME:?} is DATABASE_URL's ({database_url}); name {url} otherwise"
-        );
-        anyhow::ensure!(
-            url.starts_with("mysql://") || url.starts_with("mariadb://"),
-            "server {name}: {url:?} is not a mysql:// URL"
-        );
-        if name == HOME {
-            continue;
-        }
-        anyhow::ensure!(
-            !list.iter().any(|(n, _)| n == name),
-            "server {name:?} is listed twice"
-        );
-        anyhow::ensure!(
-            !list.iter().any(|(_, u)| u == url),
-            "server {name:?} has the URL of server {:?}: one server, one name (two pools on one server would split its locks and counts)",
-            list.iter().find(|(_, u)| u == url).map(|(n, _)| n.as_str()).unwrap_or_default()
-        );
-        list.push((name.to_owned(), url.to_owned()));
-    }
-    Ok(list)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The namespace's Redis caches: the connection, the key layout of DESIGN.md, and forgetting
+//! The namespace's Redis caches: the connection, the key layout (docs/architecture.md, "Names"), and forgetting
 //! every key that names a tenant (what a termination or purge leaves behind).
 //!
 //! - permission cache: `{ns}:supplier:{supplier_id}:brand_access:{brand_id}` (see
@@ -9,6 +9,8 @@
 //! - catalog version: `{ns}:catalog-version:{brand_id}`, moved on by the catalog processor after
 //!   every commit to the brand's database ([`Redis::catalog_changed`]); `tenancy serve` keeps a
 //!   page of a brand's catalog only while it holds (see `serve::pages`).
+
+pub mod permissions;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 

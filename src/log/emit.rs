@@ -14,11 +14,11 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::Value as Json;
 
-use crate::events::json::record_from_json;
-use crate::events::EventKind;
+use crate::log::events::json::record_from_json;
+use crate::log::events::EventKind;
+use crate::log::topics::Topic;
+use crate::log::wire::Codec;
 use crate::tenant::Slug;
-use crate::topics::Topic;
-use crate::wire::Codec;
 
 /// One validated input line, ready to encode.
 #[derive(Debug, Clone)]
@@ -88,7 +88,7 @@ pub fn prepare_line(line: usize, text: &str) -> Result<PreparedEvent, LineError>
             known.join(", ")
         ))
     })?;
-    if kind.topic() == crate::topics::Topic::Tenancy {
+    if kind.topic() == crate::log::topics::Topic::Tenancy {
         return Err(fail(format!(
             "field `type`: {} is an outcome event; only the processors publish those (emit \
              the input event instead: OrganisationCreated, OrganisationTerminated, …)",

@@ -8,7 +8,7 @@ use sqlx::{MySqlPool, Row};
 
 use std::collections::{HashMap, HashSet};
 
-use crate::servers::{Server, Servers};
+use crate::store::servers::{Server, Servers};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -148,7 +148,7 @@ pub struct TenantRecord {
     pub lifecycle_pending: Option<String>,
     /// occurred_at of the latest termination or restore applied.
     pub lifecycle_at: Option<DateTime<Utc>>,
-    /// The MySQL server its database is on ([`crate::servers`]).
+    /// The MySQL server its database is on ([`crate::store::servers`]).
     pub server: String,
 }
 
@@ -284,7 +284,7 @@ impl Tenants {
         // A new organisation goes where placement says; one that has a row stays where it is
         // (read under the row lock below).
         let placed = self.servers.place(organisation_id);
-        let exists = crate::db::database_exists(placed.pool(), db).await?;
+        let exists = crate::store::schema::database_exists(placed.pool(), db).await?;
         if !exists {
             let inserted = self
                 .insert_provisioning(
@@ -425,8 +425,8 @@ impl Tenants {
                 "SELECT organisation_id, database_name FROM {} \
                  WHERE organisation_id IN ({}) OR database_name IN ({})",
                 self.table,
-                vec!["?"; ids.len()].join(","),
-                vec!["?"; dbs.len()].join(",")
+                crate::store::schema::placeholders(ids.len()),
+                crate::store::schema::placeholders(dbs.len())
             );
             let mut query = sqlx::query_as::<_, (String, Option<String>)>(&sql);
             for id in ids {
@@ -475,7 +475,7 @@ impl Tenants {
             let sql = format!(
                 "SELECT organisation_id FROM {} WHERE organisation_id IN ({})",
                 self.table,
-                vec!["?"; ids.len()].join(",")
+                crate::store::schema::placeholders(ids.len())
             );
             let mut query = sqlx::query_scalar::<_, String>(&sql);
             for id in &ids {
@@ -498,7 +498,7 @@ impl Tenants {
                  provisioned_at = COALESCE(provisioned_at, UTC_TIMESTAMP(3)) \
                  WHERE organisation_id IN ({}) AND status IN ('provisioning', 'active')",
                 self.table,
-                vec!["?"; chunk.len()].join(",")
+                crate::store::schema::placeholders(chunk.len())
             );
             let mut query = sqlx::query(&sql).bind(version);
             for id in chunk {
@@ -577,7 +577,7 @@ impl Tenants {
     pub async fn lookup(&self, ids: &[&str]) -> Result<HashMap<String, TenantRef>, sqlx::Error> {
         let mut found = HashMap::new();
         for chunk in ids.chunks(500) {
-            let placeholders = vec!["?"; chunk.len()].join(",");
+            let placeholders = crate::store::schema::placeholders(chunk.len());
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
                  CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending, server \
@@ -676,7 +676,7 @@ impl Tenants {
             let sql = format!(
                 "SELECT event_id FROM {} WHERE event_id IN ({})",
                 self.log_table(),
-                vec!["?"; chunk.len()].join(",")
+                crate::store::schema::placeholders(chunk.len())
             );
             let mut query = sqlx::query_scalar::<_, String>(&sql);
             for id in chunk {

@@ -26,12 +26,12 @@
 //! loses its Redis/MySQL connection) between its SET and the check leaves a possibly stale value
 //! for at most [`PERMISSION_TTL_SECS`]. A DEL is always safe here: the next reader reloads.
 
-use crate::servers::Servers;
+use crate::store::servers::Servers;
 use redis::aio::ConnectionManager;
 use uuid::Uuid;
 
-use crate::caches::Redis;
-use crate::tenancy::tenants::{Status, TenantRecord, Tenants};
+use crate::cache::Redis;
+use crate::store::tenants::{Status, TenantRecord, Tenants};
 use crate::tenant::{DatabaseName, Namespace, OrganisationType, ServiceDatabase, Slug};
 
 /// Lifetime of a cached answer; bounds how long a missed invalidation can be served.
@@ -195,7 +195,7 @@ pub fn supplier_database(
 
 /// `{ns}:supplier:{supplier_id}:brand_access:{brand_id}`, see [`PermissionCache::key`].
 pub fn permission_key(ns: &Namespace, supplier_id: &str, brand_id: &str) -> String {
-    crate::caches::permission_key(ns, supplier_id, brand_id)
+    crate::cache::permission_key(ns, supplier_id, brand_id)
 }
 
 /// A permission key's value, read from Redis by the caller along with other keys.

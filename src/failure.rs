@@ -159,8 +159,8 @@ impl From<redis::RedisError> for StepError {
     }
 }
 
-impl From<crate::wire::DecodeError> for StepError {
-    fn from(e: crate::wire::DecodeError) -> Self {
+impl From<crate::log::wire::DecodeError> for StepError {
+    fn from(e: crate::log::wire::DecodeError) -> Self {
         if e.is_transient() {
             StepError::outage(Service::Registry, e)
         } else {
