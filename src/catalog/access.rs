@@ -166,17 +166,20 @@ impl CatalogProcessor {
             .database
             .clone()
             .ok_or_else(|| StepError::reject("brand has no valid database"))?;
-        let lock = NamedLock::brand(self.home(), &self.ns, &brand.organisation_id).await?;
-        // After the brand's: fences this supplier's database for a rebuild's swap, which holds
-        // the supplier's lock and those of the brands it reads (see `rebuild::supplier`).
-        let supplier_lock =
-            match NamedLock::writes(self.home(), &self.ns, &supplier.organisation_id).await {
-                Ok(l) => l,
-                Err(e) => {
-                    lock.release().await;
-                    return Err(e);
-                }
-            };
+        // The brand's lock, then the supplier's writes lock, which fences this supplier's
+        // database for a rebuild's swap (the swap holds the supplier's lock and those of the
+        // brands it reads, see `rebuild::supplier`). Both on one connection: a write in flight
+        // holds at most two of the pool's (this and its transaction), which is what the
+        // worker's pools are sized for; a second lock connection per access change starved
+        // the pool when every lane had a backlog (the two-server kill test, after a restart).
+        let lock = NamedLock::all(
+            self.home(),
+            vec![
+                NamedLock::brand_name(&self.ns, &brand.organisation_id),
+                NamedLock::writes_name(&self.ns, &supplier.organisation_id),
+            ],
+        )
+        .await?;
         let result = async {
             self.still(brand).await?;
             self.still(supplier).await?;
@@ -240,7 +243,6 @@ impl CatalogProcessor {
             Ok(())
         }
         .await;
-        supplier_lock.release().await;
         lock.release().await;
         result
     }

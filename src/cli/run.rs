@@ -67,7 +67,7 @@ pub struct RunArgs {
     /// Tenants written at the same time per MySQL server, per processor: each tenant's events
     /// are applied in its own lane, so a tenant that is slow or failing holds one of these and
     /// nobody else. The worker's pool per server is sized from it (two connections per write
-    /// in flight, per processor, plus four).
+    /// in flight on any server, per processor, plus four).
     #[arg(long, default_value_t = 4)]
     pub write_concurrency: usize,
     /// Tenant databases created and migrated at the same time (new organisations arriving
@@ -171,11 +171,15 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         session_timeout: Duration::from_millis(args.session_timeout_ms),
         assignor: args.assignor,
     };
+    // Lanes are per server, so a processor has `concurrency` writes in flight on each server
+    // at once, and any of them may touch any server (a brand's copies on another one) and
+    // takes its locks on home.
+    let lanes = config.servers.len().max(1);
     let options = |concurrency: usize| WorkerOptions {
-        // Each write in flight holds two connections (a tenant's named lock and its
-        // transaction): fewer than twice the writes could starve the pool. A few more for
-        // gating and the watermark.
-        db_connections: (2 * concurrency + 4) as u32,
+        // Each write in flight holds two connections (its named locks, on one connection, and
+        // its transaction): fewer than twice the writes could starve the pool, every write
+        // holding one and waiting for another. A few more for gating and the watermark.
+        db_connections: (2 * concurrency * lanes + 4) as u32,
         grace: args.grace,
         purge_check: args.purge_check,
         #[cfg(feature = "fault-injection")]
