@@ -584,6 +584,7 @@ mod tests {
             database_name: database_name.map(str::to_owned),
             status: Status::Active,
             migration_version: None,
+            migration_failure: None,
             failure_reason: None,
             created_at: chrono::Utc::now(),
             provisioned_at: None,

@@ -123,6 +123,7 @@ mod tests {
             archive_database: None,
             past_archives: vec![(10, 20)],
             changing: false,
+            behind: false,
         }
     }
 
@@ -162,6 +163,34 @@ mod tests {
             },
             tenants,
         )
+    }
+
+    #[test]
+    fn a_tenant_behind_its_migrations_is_waited_for_and_only_it() {
+        let applied = HashMap::from([(0, 2)]);
+        let mut tenants = HashMap::from([
+            (
+                "b".to_string(),
+                tenant("b", OrganisationType::Brand, Status::Active),
+            ),
+            (
+                "s".to_string(),
+                tenant("s", OrganisationType::Supplier, Status::Active),
+            ),
+        ]);
+        assert!(matches!(
+            verdict(&grant(50), &applied, &tenants),
+            Gate::Ready(_)
+        ));
+        tenants.get_mut("s").unwrap().behind = true;
+        assert!(
+            matches!(verdict(&grant(50), &applied, &tenants), Gate::Hold(Wait::Schema(t)) if t == "s")
+        );
+        tenants.get_mut("s").unwrap().behind = false;
+        tenants.get_mut("b").unwrap().behind = true;
+        assert!(
+            matches!(verdict(&grant(50), &applied, &tenants), Gate::Hold(Wait::Schema(t)) if t == "b")
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 mod access;
 mod dead_letter;
 mod emit;
+mod migrate;
 mod rebuild;
 mod run;
 mod serve;
@@ -39,12 +40,21 @@ pub enum Command {
     /// start more
     /// copies (on any host) to scale out, stop or kill them at will: partitions move to the
     /// others and nothing is lost or applied twice. Creates the namespace's topics and service
-    /// databases first if missing, and brings existing tenant databases to the latest migration.
+    /// databases first if missing, and brings tenant databases behind the latest migration up
+    /// to it in the background (their events wait meanwhile; see `tenancy migrate`).
     /// On shutdown the batch in progress is finished and its offsets committed.
     Run(run::RunArgs),
     /// Where each processor's group stands per partition and who owns it, which workers are
     /// alive and ready, and what they hold for which tenant.
     Status(status::StatusArgs),
+    /// Bring every tenant database behind the latest migration of its kind up to it.
+    ///
+    /// Workers do the same in the background when they start; this is the rollout by hand:
+    /// --parallel tenants at a time per MySQL server, a --canary first, halting past
+    /// --max-failures, with progress and an estimate of the time left. Resumable: run it again
+    /// after a crash. A tenant whose migration fails is marked with the reason (`tenancy
+    /// status` lists it), its events wait, the rest go on; --retry ORG after the fix.
+    Migrate(migrate::MigrateArgs),
     /// Validate JSON lines and produce them as Avro events.
     ///
     /// Each line is {"type": "OrganisationCreated", ...fields}; event_id and occurred_at may be
@@ -195,6 +205,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(config, args).await,
         Command::Status(args) => status::run(config, args).await,
+        Command::Migrate(args) => migrate::run(config, args).await,
         Command::Emit(args) => emit::emit(config, args).await,
         Command::Registry(args) => {
             let listener = tokio::net::TcpListener::bind(args.listen)

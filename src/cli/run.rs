@@ -11,7 +11,7 @@ use crate::log::topics::Topic;
 use crate::store::tenants::Tenants;
 use crate::stream::health::Health;
 use crate::stream::{self, consumer, Settings};
-use crate::tenancy::provisioning::{prepare_service_databases, upgrade_tenant_databases};
+use crate::tenancy::provisioning::{check_servers, prepare_service_databases};
 use crate::worker::{Processors, WorkerOptions};
 
 /// The processors `tenancy run` can run, each its own consumer group `{ns}.{name}`.
@@ -76,6 +76,12 @@ pub struct RunArgs {
     /// organisations (`scripts/bench-provisioning`) took 3.0–3.3 s at 4, 3.4 s at 8, 3.8 s at 2.
     #[arg(long, default_value_t = 4)]
     pub provision_concurrency: usize,
+    /// Tenant databases migrated at once per MySQL server by the worker's background rollout
+    /// (those behind the latest migration of their kind, found at start-up; their events wait
+    /// until theirs is done). The rollout starts with one canary and halts past 10 % failures:
+    /// `tenancy migrate` for more control.
+    #[arg(long, default_value_t = 2)]
+    pub migrate_parallel: usize,
     /// Most messages applied in one batch (memory grows with it: the catalog benchmark peaks at
     /// 78 MiB with 1000 and 221 MiB with 5000, for similar throughput).
     #[arg(long, default_value_t = 1000)]
@@ -148,14 +154,35 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(addr) => Some(stream::health::serve(addr, health.clone(), shutdown.clone()).await?),
         None => None,
     };
-    // The worker's own work (topics, service databases, upgrades, the status reporter) on a
+    // The worker's own work (topics, service databases, the status reporter) on a
     // small pool; each processor brings its own.
     let servers = crate::store::servers::Servers::connect(&config, 4).await?;
     let pool = servers.home().pool().clone();
     crate::log::topics::ensure_topics(&config).await?;
     prepare_service_databases(&pool, &config.database_url, &ns).await?;
     let tenants = Tenants::on(servers, &ns);
-    upgrade_tenant_databases(&tenants).await?;
+    check_servers(&tenants).await?;
+    // Tenant databases behind the latest migration are brought up in the background, on
+    // connections of their own: the worker consumes at once, and their events wait.
+    let rollout = crate::tenancy::rollout::Options {
+        parallel: args.migrate_parallel.max(1),
+        ..Default::default()
+    };
+    let rollout_servers =
+        crate::store::servers::Servers::connect(&config, (2 * rollout.parallel + 2) as u32).await?;
+    let rollout_tenants = Tenants::on(rollout_servers, &ns);
+    let handle = tokio::runtime::Handle::current();
+    // A thread of its own, driving the runtime's I/O (the rollout's future borrows across its
+    // awaits in ways a spawned task's `Send` bound does not accept).
+    std::thread::Builder::new()
+        .name("rollout".into())
+        .spawn(move || {
+            handle.block_on(crate::tenancy::rollout::in_background(
+                rollout_tenants,
+                rollout,
+            ))
+        })
+        .map_err(|e| anyhow::anyhow!("cannot start the migration rollout's thread: {e}"))?;
     let settings = Settings {
         batch_max: args.batch_max,
         max_held: args.max_held,

@@ -12,7 +12,7 @@ use crate::store::tenants::{Pending, TenantRecord, Tenants};
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// One JSON object instead of tables: {"partitions": [...], "workers": [...],
-    /// "rebuilds": [...], "lifecycle_under_way": [...]}.
+    /// "rebuilds": [...], "lifecycle_under_way": [...], "servers": [...], "migrations": [...]}.
     #[arg(long)]
     pub json: bool,
 }
@@ -107,11 +107,15 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let under_way: Vec<StepRow> = under_way.iter().filter_map(StepRow::of).collect();
+    let migrations = crate::tenancy::rollout::versions(&tenants)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the tenants of {}: {e}", config.namespace))?;
     if args.json {
         println!(
             "{}",
             serde_json::json!({"partitions": partitions, "workers": workers, "rebuilds": rebuilds,
-                "lifecycle_under_way": under_way, "servers": server_rows})
+                "lifecycle_under_way": under_way, "servers": server_rows,
+                "migrations": migrations})
         );
         return Ok(ExitCode::SUCCESS);
     }
@@ -120,7 +124,35 @@ pub async fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     print_rebuilds(&rebuilds);
     print_under_way(&under_way);
     print_servers(&server_rows);
+    print_migrations(&migrations);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per kind, how many tenant databases (active, and archives) are at which migration version,
+/// and every tenant whose migration failed.
+fn print_migrations(rows: &[crate::tenancy::rollout::Versions]) {
+    println!("\nTenant migrations (version: tenants):");
+    for r in rows {
+        if r.at.is_empty() {
+            continue;
+        }
+        let at: Vec<String> =
+            r.at.iter()
+                .map(|(v, n)| {
+                    let v = v.map_or("unknown".to_owned(), |v| v.to_string());
+                    format!("{v}: {n}")
+                })
+                .collect();
+        println!(
+            "  {:<9} latest {:<4} {}",
+            r.kind.db_word(),
+            r.latest,
+            at.join(", ")
+        );
+        for (id, slug, reason) in &r.failed {
+            println!("    FAILED {slug} ({id}): {reason} -- `tenancy migrate --retry {id}` after the fix");
+        }
+    }
 }
 
 /// One MySQL server of the servers list, as `tenancy status` shows it.

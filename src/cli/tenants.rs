@@ -74,7 +74,7 @@ pub enum TenantsCommand {
     },
 }
 
-fn parse_kind(s: &str) -> Result<OrganisationType, String> {
+pub(super) fn parse_kind(s: &str) -> Result<OrganisationType, String> {
     OrganisationType::parse(s).map_err(|e| e.to_string())
 }
 

@@ -135,6 +135,9 @@ pub struct TenantRecord {
     pub status: Status,
     pub migration_version: Option<i64>,
     pub failure_reason: Option<String>,
+    /// Why its database's last migration failed (its events wait until one succeeds:
+    /// `tenancy migrate --retry`).
+    pub migration_failure: Option<String>,
     pub created_at: DateTime<Utc>,
     pub provisioned_at: Option<DateTime<Utc>>,
     pub archived_at: Option<DateTime<Utc>>,
@@ -201,6 +204,9 @@ pub struct TenantRef {
     pub past_archives: Vec<(i64, i64)>,
     /// A termination or restore is under way: events for it wait until it is done.
     pub changing: bool,
+    /// Its database is behind the latest migration of its kind this binary knows, or its last
+    /// migration failed: events for it wait for the rollout (`tenancy::rollout`).
+    pub behind: bool,
 }
 
 impl TenantRef {
@@ -232,7 +238,7 @@ pub struct Tenants {
 }
 
 const COLUMNS: &str = "organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
-    name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, created_at, \
+    name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, migration_failure, created_at, \
     provisioned_at, archived_at, purge_after, archive_database, terminated_by_event, \
     termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at, server";
 
@@ -580,7 +586,8 @@ impl Tenants {
             let placeholders = crate::store::schema::placeholders(chunk.len());
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
-                 CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending, server \
+                 CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending, server, \
+                 migration_version, migration_failure \
                  FROM {} WHERE organisation_id IN ({placeholders})",
                 self.table
             );
@@ -606,6 +613,15 @@ impl Tenants {
                 // Never an error for a server this process was not given: an archived tenant
                 // there is skipped without it, an active one is parked by the loop.
                 let server = self.servers.named(row.try_get("server")?);
+                let version: Option<i64> = row.try_get("migration_version")?;
+                let failure: Option<String> = row.try_get("migration_failure")?;
+                let behind = matches!(status, Status::Active | Status::Archived)
+                    && (failure.is_some()
+                        || version.is_some_and(|v| {
+                            v < crate::tenancy::migrations::latest_version(
+                                crate::tenancy::migrations::for_tenant(kind),
+                            )
+                        }));
                 found.insert(
                     id.clone(),
                     TenantRef {
@@ -618,6 +634,7 @@ impl Tenants {
                         archived_at: archived_at.map(|t| t.timestamp_millis()),
                         past_archives: Vec::new(),
                         changing: pending.is_some(),
+                        behind,
                     },
                 );
             }
@@ -933,6 +950,42 @@ impl Tenants {
         Ok(done.rows_affected() == 1)
     }
 
+    /// A tenant's database is at `version`: its events may apply again.
+    pub async fn record_migrated(
+        &self,
+        organisation_id: &str,
+        version: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET migration_version = ?, migration_failure = NULL, \
+             migration_failed_at = NULL WHERE organisation_id = ?",
+            self.table
+        ))
+        .bind(version)
+        .bind(organisation_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A tenant's migration failed with `reason`: its events wait, the rollout passes it by.
+    pub async fn record_migration_failure(
+        &self,
+        organisation_id: &str,
+        reason: &str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET migration_failure = ?, migration_failed_at = NOW(3) \
+             WHERE organisation_id = ?",
+            self.table
+        ))
+        .bind(reason)
+        .bind(organisation_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Tenants not purged, per server.
     pub async fn per_server(&self) -> Result<HashMap<String, i64>, sqlx::Error> {
         let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
@@ -973,6 +1026,7 @@ fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
             .ok_or_else(|| decode("status", format!("unknown status {status:?}")))?,
         migration_version: row.try_get("migration_version")?,
         failure_reason: row.try_get("failure_reason")?,
+        migration_failure: row.try_get("migration_failure")?,
         created_at: row.try_get("created_at")?,
         provisioned_at: row.try_get("provisioned_at")?,
         archived_at: row.try_get("archived_at")?,

@@ -123,6 +123,10 @@ pub enum Wait {
         at: Instant,
         error: String,
     },
+    /// A tenant whose database is behind the latest migration of its kind, or whose migration
+    /// failed (its organisation id): waits, never dead-lettered, until the rollout (a worker's
+    /// or `tenancy migrate`'s) brings it up. Its backlog waits in the log past `max_held`.
+    Schema(String),
     /// The MySQL server the key's tenant is on does not answer, or is not configured here:
     /// released when a probe finds it answering again.
     Server(String),
@@ -134,7 +138,10 @@ impl Wait {
     /// The tenant (or server) named in status output and dead letters.
     pub fn tenant(&self) -> &str {
         match self {
-            Wait::Tenant(t) | Wait::Changing(t) | Wait::Retry { tenant: t, .. } => t,
+            Wait::Tenant(t)
+            | Wait::Changing(t)
+            | Wait::Schema(t)
+            | Wait::Retry { tenant: t, .. } => t,
             Wait::Lifecycle => "(lifecycle)",
             Wait::Server(_) => "(server)",
             Wait::Busy => "(applying)",
@@ -147,6 +154,10 @@ impl Wait {
             Wait::Tenant(_) => "tenant not active yet".to_owned(),
             Wait::Lifecycle => "lifecycle log not applied yet".to_owned(),
             Wait::Changing(_) => "tenant being terminated or restored".to_owned(),
+            Wait::Schema(_) => {
+                "tenant database behind its migrations or its migration failed (tenancy migrate)"
+                    .to_owned()
+            }
             Wait::Retry { error, .. } => format!("retrying: {error}"),
             Wait::Server(name) => format!("MySQL server {name} unavailable"),
             Wait::Busy => "behind an attempt under way".to_owned(),

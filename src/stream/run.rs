@@ -1183,7 +1183,9 @@ impl<'a, P: Processor> Loop<'a, P> {
                     release.push(key)
                 }
                 Wait::Server(name) if !self.down.contains_key(name) => release.push(key),
-                Wait::Tenant(_) | Wait::Lifecycle | Wait::Changing(_) if gate_due => {
+                Wait::Tenant(_) | Wait::Lifecycle | Wait::Changing(_) | Wait::Schema(_)
+                    if gate_due =>
+                {
                     to_gate.push(key)
                 }
                 _ => {}

@@ -69,7 +69,7 @@ pub async fn create_and_migrate(
 /// connection of `ddl` ([`crate::store::pools::ddl_pool`]), one round trip as from the `mysql` client.
 ///
 /// Only for a tenant whose lifecycle lock the caller holds: no one else creates or migrates
-/// that database meanwhile (the upgrade at start-up takes the same lock, and a name another
+/// that database meanwhile (the migration rollout takes the same lock, and a name another
 /// organisation holds was refused at the claim), so the migration lock and the check for
 /// bookkeeping written by another worker that [`create_and_migrate`] needs are not. If the
 /// database exists already (a crash part-way, a redelivery), `CREATE DATABASE` fails before
@@ -100,8 +100,8 @@ fn is_database_exists(e: &sqlx::Error) -> bool {
         .is_some_and(|m| m.number() == 1007)
 }
 
-/// The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs): its later runs (the upgrade at
-/// start-up) refuse anything they do not recognise.
+/// The table as sqlx 0.8 creates it (sqlx-mysql migrate.rs): its later runs (the migration
+/// rollout) refuse anything they do not recognise.
 const SQLX_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations (\
      version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
      installed_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP, success BOOLEAN NOT NULL, \
@@ -144,7 +144,7 @@ pub fn fresh_script(migrator: &Migrator) -> String {
 /// `sqlx` applies each migration on its own with three commits of bookkeeping, which made the
 /// migration step four times the DDL it runs (the provisioning benchmark); the bookkeeping then
 /// sent as statements of its own and `sqlx`'s check of it still cost seven round trips per
-/// tenant. `sqlx` reads the rows back at the next start-up's upgrade (and refuses a checksum it
+/// tenant. `sqlx` reads the rows back at the next migration rollout (and refuses a checksum it
 /// does not recognise). A crash part-way leaves a database that exists with some migrations
 /// missing or unrecorded: the next attempt takes the ordinary path, which re-runs them (every
 /// migration is idempotent).

@@ -2,7 +2,7 @@
 //! kind, the provisioner (one organisation at a time, or many new ones as one unit:
 //! [`onboarding`]), termination/restore/purge, the lifecycle watermark projectors wait on,
 //! and the outcome events on `{ns}.tenancy`. [`clock`] says which time a lifecycle decision
-//! trusts.
+//! trusts; [`rollout`] brings existing tenant databases up to the latest migration.
 
 pub mod clock;
 pub mod lifecycle;
@@ -12,5 +12,6 @@ pub mod outcomes;
 mod processor;
 pub mod provisioning;
 pub mod purge;
+pub mod rollout;
 pub mod verdict;
 pub mod watermark;

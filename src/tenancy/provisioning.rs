@@ -22,7 +22,6 @@ use crate::log::events::{
     EventKind, OrganisationCreated, TenantProvisioned, TenantProvisioningFailed,
 };
 use crate::store::locks::NamedLock;
-use crate::store::schema::database_exists;
 use crate::store::servers::{Server, Servers};
 use crate::store::tenants::{Claim, Logged, Status, Tenants};
 use crate::stream::{error::kafka_outage, Origin, StepError};
@@ -134,42 +133,15 @@ pub async fn prepare_service_databases(
     Ok(())
 }
 
-/// Brings every tenant database up to the latest migration of its kind, so a migration shipped
-/// after a tenant was created reaches it without anyone running it by hand: an active tenant's
-/// live database, and an archived one's archive (a revoke made while it is archived is written
-/// there, and the tables it writes must exist). Each tenant is migrated under its lifecycle lock
-/// and only if its status is unchanged and the database exists: a termination or restore applied
-/// meanwhile by another worker must not see its database brought back. Several workers starting
-/// at once are safe (the migration lock serialises them per database). Returns how many
-/// databases were checked.
-pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize> {
-    let home = tenants.servers().home().pool();
-    let started = std::time::Instant::now();
-    let mut rows = tenants.list(Some(Status::Active)).await?;
-    rows.extend(tenants.list(Some(Status::Archived)).await?);
-    let mut checked = 0;
-    for t in &rows {
-        let ns = tenants.namespace();
-        let db = match t.status {
-            Status::Active => Slug::parse(&t.slug)
-                .ok()
-                .and_then(|slug| ns.tenant_database(t.organisation_type, &slug).ok()),
-            _ => ns.archive_database(&t.organisation_id),
-        };
-        let Some(db) = db else {
-            continue;
-        };
-        let server = match tenants.server_of(t) {
-            Ok(server) => server,
-            // An archive on a server this worker was not given waits for one that has it.
-            Err(_) if t.status == Status::Archived => {
-                tracing::warn!(tenant = %t.slug, organisation_id = %t.organisation_id,
-                    server = %t.server, "archive on a server not given here: not migrated");
-                continue;
-            }
-            // A worker not given a server its active tenants are on would stall on their
-            // events: it refuses to start instead, saying which server to add.
-            Err(_) => anyhow::bail!(
+/// Refuses to start a worker not given a server its active tenants are on: it would hold their
+/// events for ever. It says which server to add instead. (Archives on such a server wait for a
+/// worker that has it.) Bringing tenant databases up to the latest migration is the rollout's
+/// job ([`super::rollout`]), in the background, so a worker starts consuming whatever the
+/// fleet's size.
+pub async fn check_servers(tenants: &Tenants) -> anyhow::Result<()> {
+    for t in tenants.list(Some(Status::Active)).await? {
+        if tenants.server_of(&t).is_err() {
+            anyhow::bail!(
                 "tenant {} ({} {}) is on MySQL server {:?}, which this worker was not given: \
                  add it to TENANCY_SERVERS ({}=mysql://…) and start again",
                 t.organisation_id,
@@ -177,41 +149,10 @@ pub async fn upgrade_tenant_databases(tenants: &Tenants) -> anyhow::Result<usize
                 t.slug,
                 t.server,
                 t.server
-            ),
-        };
-        let lock = NamedLock::lifecycle(home, tenants.namespace(), &t.organisation_id)
-            .await
-            .map_err(|e| anyhow::anyhow!("locking tenant {}: {e}", t.organisation_id))?;
-        let result = async {
-            let now = tenants.get(&t.organisation_id).await?;
-            if !now.is_some_and(|r| r.status == t.status && r.lifecycle_pending.is_none())
-                || !database_exists(server.pool(), &db).await?
-            {
-                return Ok::<_, anyhow::Error>(false);
-            }
-            migrations::migrate(
-                server.url(),
-                &db,
-                migrations::for_tenant(t.organisation_type),
-            )
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!("cannot migrate {db} (tenant {}): {e}", t.organisation_id)
-            })?;
-            Ok(true)
+            );
         }
-        .await;
-        lock.release().await;
-        checked += usize::from(result?);
     }
-    if checked > 0 {
-        tracing::info!(
-            tenants = checked,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "tenant databases at their latest migration"
-        );
-    }
-    Ok(checked)
+    Ok(())
 }
 
 impl Provisioner {

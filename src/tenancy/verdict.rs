@@ -8,8 +8,9 @@ use crate::stream::{Gate, SkipReason, Wait};
 use crate::tenant::OrganisationType;
 
 /// Why the tenant `id` names in `field` cannot be judged by its status yet: it does not exist,
-/// is not of the `expected` kind, or is in the middle of a termination or restore. `None` when
-/// it can.
+/// is not of the `expected` kind, is in the middle of a termination or restore, or its database
+/// is not at the migration this binary writes for (behind, or its migration failed). `None`
+/// when it can.
 fn unsettled(
     tenants: &HashMap<String, TenantRef>,
     id: &str,
@@ -25,8 +26,10 @@ fn unsettled(
             t.kind
         )));
     }
-    t.changing
-        .then(|| Gate::Hold(Wait::Changing(id.to_owned())))
+    if t.changing {
+        return Some(Gate::Hold(Wait::Changing(id.to_owned())));
+    }
+    t.behind.then(|| Gate::Hold(Wait::Schema(id.to_owned())))
 }
 
 /// One tenant's verdict for an event placed at `occurred_at` (by [`super::clock`]) that names it
