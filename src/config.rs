@@ -57,6 +57,18 @@ pub struct ConnectionArgs {
         value_delimiter = ','
     )]
     pub place_new_on: Vec<String>,
+    /// The region each server keeps its data in, NAME=REGION comma separated (e.g.
+    /// home=eu,east=us). An organisation created with a `region` is placed only on servers of
+    /// that region, and `rebuild --to-server` never moves it out; none there: its provisioning
+    /// fails with that reason. Organisations without one go anywhere, as before.
+    #[arg(
+        long,
+        global = true,
+        env = "TENANCY_SERVER_REGIONS",
+        value_name = "NAME=REGION[,NAME=REGION…]",
+        value_delimiter = ','
+    )]
+    pub server_regions: Vec<String>,
     /// Redis URL for the permission and domain caches.
     #[arg(
         long,
@@ -134,6 +146,8 @@ pub struct Config {
     pub servers: Vec<(String, String)>,
     /// Servers new tenants go to (empty: all).
     pub place_new_on: Vec<String>,
+    /// `(server, region)` for each server that names its region.
+    pub regions: Vec<(String, String)>,
     pub redis_url: String,
     pub namespace: Namespace,
     pub partitions: i32,
@@ -148,11 +162,14 @@ impl Config {
             "--partitions must be between 1 and 1000, got {}",
             args.partitions
         );
+        let servers = parse_list(&args.database_url, &args.servers)?;
+        let regions = parse_regions(&servers, &args.server_regions)?;
         Ok(Config {
             kafka_bootstrap_servers: args.bootstrap_servers.clone(),
             schema_registry_url: args.schema_registry_url.trim_end_matches('/').to_owned(),
             database_url: args.database_url.clone(),
-            servers: parse_list(&args.database_url, &args.servers)?,
+            servers,
+            regions,
             place_new_on: args
                 .place_new_on
                 .iter()
@@ -174,18 +191,26 @@ impl Config {
     pub fn home_only(&mut self) {
         self.servers.truncate(1);
         self.place_new_on.clear();
+        self.regions.retain(|(server, _)| server == HOME);
     }
 
-    /// `TENANCY_SERVERS` and `TENANCY_PLACE_NEW_ON` as this configuration has them, for a
-    /// child process (which must reach every server its tenants are on).
-    pub fn servers_env(&self) -> [(&'static str, String); 2] {
+    /// `TENANCY_SERVERS`, `TENANCY_PLACE_NEW_ON` and `TENANCY_SERVER_REGIONS` as this
+    /// configuration has them, for a child process (which must reach every server its tenants
+    /// are on, and place them alike).
+    pub fn servers_env(&self) -> [(&'static str, String); 3] {
         let extra: Vec<String> = self.servers[1..]
             .iter()
             .map(|(name, url)| format!("{name}={url}"))
             .collect();
+        let regions: Vec<String> = self
+            .regions
+            .iter()
+            .map(|(server, region)| format!("{server}={region}"))
+            .collect();
         [
             ("TENANCY_SERVERS", extra.join(",")),
             ("TENANCY_PLACE_NEW_ON", self.place_new_on.join(",")),
+            ("TENANCY_SERVER_REGIONS", regions.join(",")),
         ]
     }
 
@@ -212,6 +237,52 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A region name: lower-case letters, digits and `-`, a letter first, at most 32 characters
+/// (stored in `tenants.region`).
+pub fn valid_region(region: &str) -> bool {
+    (1..=32).contains(&region.len())
+        && region.starts_with(|c: char| c.is_ascii_lowercase())
+        && region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// Parses `TENANCY_SERVER_REGIONS` entries (`NAME=REGION`), each naming a server of `servers`
+/// once.
+pub fn parse_regions(
+    servers: &[(String, String)],
+    entries: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let mut regions: Vec<(String, String)> = Vec::new();
+    for entry in entries.iter().map(|e| e.trim()).filter(|e| !e.is_empty()) {
+        let (name, region) = entry.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!(
+                "TENANCY_SERVER_REGIONS entry {entry:?} is not NAME=REGION (e.g. east=eu)"
+            )
+        })?;
+        let (name, region) = (name.trim(), region.trim());
+        anyhow::ensure!(
+            servers.iter().any(|(n, _)| n == name),
+            "TENANCY_SERVER_REGIONS names server {name:?}, which is not in the servers list ({})",
+            servers
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        anyhow::ensure!(
+            valid_region(region),
+            "region {region:?} of server {name} must be lower-case letters, digits and -, a letter first, at most 32 characters"
+        );
+        anyhow::ensure!(
+            !regions.iter().any(|(n, _)| n == name),
+            "TENANCY_SERVER_REGIONS gives server {name:?} twice"
+        );
+        regions.push((name.to_owned(), region.to_owned()));
+    }
+    Ok(regions)
 }
 
 /// Parses `TENANCY_SERVERS` entries (`NAME=URL`) into the servers list, home first.

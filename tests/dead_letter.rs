@@ -40,6 +40,7 @@ async fn organisation_created_schema_id(t: &TestNs) -> u32 {
         organisation_type: OrganisationType::Brand,
         slug: "unused".into(),
         name: "Unused".into(),
+        region: None,
     };
     let value =
         blindstrader_tenancy::log::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();

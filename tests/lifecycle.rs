@@ -619,7 +619,15 @@ async fn status_lists_a_lifecycle_step_left_under_way() {
             .unwrap();
     let now = chrono::Utc::now();
     tenants
-        .claim(&org, OrganisationType::Brand, "stuck", "Stuck", &db, now)
+        .claim(
+            &org,
+            OrganisationType::Brand,
+            "stuck",
+            "Stuck",
+            &db,
+            now,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(t.status()["lifecycle_under_way"], json!([]));
@@ -674,7 +682,7 @@ async fn a_restore_and_a_termination_in_the_same_millisecond_keep_their_order() 
             .unwrap();
     let t0 = chrono::Utc::now() - chrono::Duration::seconds(60);
     tenants
-        .claim(&org, OrganisationType::Brand, "ties", "Ties", &db, t0)
+        .claim(&org, OrganisationType::Brand, "ties", "Ties", &db, t0, None)
         .await
         .unwrap();
     let (t1, t2) = (

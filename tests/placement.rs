@@ -765,3 +765,105 @@ async fn tenants_move_between_servers_online_and_everything_follows_them() {
     assert!(!database_exists(&east, &mn).await, "the stale copy is gone");
     assert!(database_exists(&home, &mn).await);
 }
+
+/// Residency: with `home` in region eu and `east` in us, an organisation that asks for a region
+/// is placed only on its servers (whichever path provisions it: these arrive together, as one
+/// batch), one asking for a region no server is in fails provisioning with that reason, one
+/// asking for none goes anywhere, and `rebuild --to-server` refuses to move a tenant out of its
+/// region while moving within it is allowed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_stays_in_its_region_and_one_with_no_server_there_is_refused() {
+    let mut t = TestNs::with_east();
+    t.config.regions = vec![
+        ("home".to_owned(), "eu".to_owned()),
+        ("east".to_owned(), "us".to_owned()),
+    ];
+    let home = t.prepared_pool().await;
+    let created = |org: &str, slug: &str, region: Option<&str>| {
+        let mut line: serde_json::Value =
+            serde_json::from_str(&lines::created(org, "BRAND", slug)).unwrap();
+        if let Some(r) = region {
+            line["region"] = serde_json::json!(r);
+        }
+        line.to_string()
+    };
+    // Ids whose hash alone would put them on the other server.
+    let us: Vec<String> = (0..3).map(|_| id_placed_on("home", &SERVERS)).collect();
+    let eu: Vec<String> = (0..3).map(|_| id_placed_on("east", &SERVERS)).collect();
+    let (nowhere, any) = (new_id(), new_id());
+    let mut events: Vec<String> = Vec::new();
+    for (i, org) in us.iter().enumerate() {
+        events.push(created(org, &format!("us{i}"), Some("us")));
+    }
+    for (i, org) in eu.iter().enumerate() {
+        events.push(created(org, &format!("eu{i}"), Some("eu")));
+    }
+    events.push(created(&nowhere, "nowhere", Some("ap")));
+    events.push(created(&any, "any", None));
+    let _worker = t.spawn_run("regions");
+    t.emit_ok(&events);
+
+    let row = |org: String| {
+        let (home, t) = (&home, &t);
+        async move {
+            sqlx::query_as::<_, (String, String, Option<String>, Option<String>)>(&format!(
+                "SELECT CAST(status AS CHAR), server, region, failure_reason \
+                 FROM `{}_platform`.tenants WHERE organisation_id = ?",
+                t.ns
+            ))
+            .bind(org)
+            .fetch_optional(home)
+            .await
+            .unwrap()
+        }
+    };
+    for org in us.iter().chain(&eu).chain([&any]) {
+        t.wait_status(&home, org, "active").await;
+    }
+    for org in &us {
+        let (_, server, region, _) = row(org.clone()).await.unwrap();
+        assert_eq!((server.as_str(), region.as_deref()), ("east", Some("us")));
+    }
+    for org in &eu {
+        let (_, server, region, _) = row(org.clone()).await.unwrap();
+        assert_eq!((server.as_str(), region.as_deref()), ("home", Some("eu")));
+    }
+    let (status, _, _, reason) = wait_for("the refusal", SETTLE, || async {
+        row(nowhere.clone()).await.filter(|r| r.0 == "failed")
+    })
+    .await;
+    assert_eq!(status, "failed");
+    let reason = reason.unwrap();
+    assert!(
+        reason.contains("no MySQL server of region \"ap\"") && reason.contains("home=eu, east=us"),
+        "{reason}"
+    );
+    assert_eq!(row(any.clone()).await.unwrap().2, None, "no region asked");
+    assert!(
+        !database_exists(&home, &format!("{}_brand_nowhere", t.ns)).await
+            && !database_exists(&east_pool().await, &format!("{}_brand_nowhere", t.ns)).await,
+        "a database was created for the refused organisation"
+    );
+
+    let (code, out, _) = t.tenancy_output(&["tenants", "list"]);
+    assert_eq!(code, Some(0));
+    let us0 = out.lines().find(|l| l.contains(" us0 ")).unwrap();
+    assert!(us0.contains(" east ") && us0.contains(" us "), "{us0}");
+
+    // Out of its region: refused, nothing moved. Within (a tenant with no region): allowed.
+    let (code, out, err) = t.tenancy_output(&["rebuild", &us[0], "--to-server", "home"]);
+    assert_ne!(code, Some(0), "{out}{err}");
+    assert!(
+        err.contains("--to-server home refused") && err.contains("must stay in region us"),
+        "{err}"
+    );
+    assert_eq!(row(us[0].clone()).await.unwrap().1, "east");
+    let to = if row(any.clone()).await.unwrap().1 == "home" {
+        "east"
+    } else {
+        "home"
+    };
+    let (code, out, err) = t.tenancy_output(&["rebuild", &any, "--to-server", to]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(row(any.clone()).await.unwrap().1, to);
+}

@@ -328,6 +328,7 @@ async fn produce_created(t: &TestNs, org: &str, slug: &str) {
         organisation_type: OrganisationType::Retailer,
         slug: slug.to_owned(),
         name: "Foreign".into(),
+        region: None,
     };
     let value =
         blindstrader_tenancy::log::events::to_avro(EventKind::OrganisationCreated, &event).unwrap();
@@ -435,7 +436,7 @@ async fn events_from_another_confluent_client_with_an_evolved_schema_are_consume
         {"name":"organisation_type","type":{"type":"enum","name":"OrganisationType","symbols":["BRAND","SUPPLIER","RETAILER"]}},
         {"name":"slug","type":"string"},
         {"name":"name","type":"string"},
-        {"name":"region","type":"string","default":"uk"}]}"#;
+        {"name":"tier","type":"string","default":"standard"}]}"#;
     let encoder = AvroEncoder::new(SrSettings::new(t.config.schema_registry_url.clone()));
     let strategy = SubjectNameStrategy::TopicRecordNameStrategyWithSchema(
         topic.clone(),
@@ -456,7 +457,7 @@ async fn events_from_another_confluent_client_with_an_evolved_schema_are_consume
                 ("organisation_type", Value::Enum(1, "SUPPLIER".into())),
                 ("slug", Value::String("foreigner".into())),
                 ("name", Value::String("Foreign Client Ltd".into())),
-                ("region", Value::String("ie".into())),
+                ("tier", Value::String("gold".into())),
             ],
             strategy,
         )
@@ -505,6 +506,7 @@ async fn two_workers_racing_on_one_event_end_with_one_database_and_one_outcome_i
         organisation_type: OrganisationType::Brand,
         slug: "contested".into(),
         name: "Contested".into(),
+        region: None,
     };
     let msg = message(
         &t.topic(Topic::Organisations),
@@ -696,6 +698,7 @@ async fn concurrent_claims_never_deadlock_and_one_name_goes_to_one_organisation(
                         "Race",
                         &db,
                         now,
+                        None,
                     )
                     .await;
                 (slug.to_string(), org, claim)
@@ -768,6 +771,7 @@ fn created_msg(
         organisation_type: kind,
         slug: slug.into(),
         name: format!("Org {slug}"),
+        region: None,
     };
     message(
         &t.topic(Topic::Organisations),
@@ -857,7 +861,15 @@ async fn a_batch_of_new_organisations_is_provisioned_as_one_unit_and_the_odd_one
         t.ns.tenant_database(Brand, &Slug::parse("torn").unwrap())
             .unwrap();
     Tenants::on(Servers::single(pool.clone(), &t.config.database_url), &t.ns)
-        .claim(&torn, Brand, "torn", "Torn", &torn_db, chrono::Utc::now())
+        .claim(
+            &torn,
+            Brand,
+            "torn",
+            "Torn",
+            &torn_db,
+            chrono::Utc::now(),
+            None,
+        )
         .await
         .unwrap();
     sqlx::query(&format!("CREATE DATABASE {}", torn_db.quoted()))

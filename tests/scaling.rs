@@ -515,6 +515,7 @@ async fn two_workers_racing_on_one_termination_apply_it_once() {
             organisation_type: OrganisationType::Brand,
             slug: "raced".into(),
             name: "Raced".into(),
+            region: None,
         }),
     );
     a.provisioner.apply(&[(&created, &())]).await.unwrap();

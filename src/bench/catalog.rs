@@ -149,6 +149,7 @@ pub(super) async fn provision(
             slug.as_str(),
             &db,
             chrono::Utc::now(),
+            None,
         )
         .await?;
     anyhow::ensure!(

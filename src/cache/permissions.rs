@@ -598,6 +598,7 @@ mod tests {
             lifecycle_pending: None,
             lifecycle_at: None,
             server: "home".into(),
+            region: None,
         }
     }
 

@@ -124,6 +124,7 @@ mod tests {
             past_archives: vec![(10, 20)],
             changing: false,
             behind: false,
+            region: None,
         }
     }
 

@@ -12,7 +12,7 @@ use crate::tenant::OrganisationType;
 
 #[derive(Debug, Subcommand)]
 pub enum TenantsCommand {
-    /// One line per tenant: type, slug, status, database, organisation id.
+    /// One line per tenant: type, slug, status, database, server, region, organisation id.
     List {
         /// Only tenants with this status (provisioning, active, archived, purged, failed).
         #[arg(long, value_parser = parse_status)]
@@ -226,17 +226,18 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
 
 fn print_table(rows: &[TenantRecord]) {
     println!(
-        "{:<9} {:<24} {:<12} {:<40} {:<10} ORGANISATION",
-        "TYPE", "SLUG", "STATUS", "DATABASE", "SERVER"
+        "{:<9} {:<24} {:<12} {:<40} {:<10} {:<8} ORGANISATION",
+        "TYPE", "SLUG", "STATUS", "DATABASE", "SERVER", "REGION"
     );
     for r in rows {
         println!(
-            "{:<9} {:<24} {:<12} {:<40} {:<10} {}",
+            "{:<9} {:<24} {:<12} {:<40} {:<10} {:<8} {}",
             r.organisation_type,
             r.slug,
             r.status,
             r.database_name.as_deref().unwrap_or("-"),
             r.server,
+            r.region.as_deref().unwrap_or("-"),
             r.organisation_id
         );
     }

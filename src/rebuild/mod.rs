@@ -345,11 +345,18 @@ impl Rebuilder {
         Topic::BrandCatalog.name(&self.config.namespace)
     }
 
-    /// The server `t`'s rebuilt database is built on: its own, or `--to-server`'s.
+    /// The server `t`'s rebuilt database is built on: its own, or `--to-server`'s, which must
+    /// be in the tenant's region if it has one (its data never leaves it).
     fn target_of(&self, t: &TenantRef) -> anyhow::Result<Server> {
         match &self.options.to_server {
             None => Ok(t.server.clone()),
-            Some(name) => Ok(self.tenants.servers().get(name)?.clone()),
+            Some(name) => {
+                let servers = self.tenants.servers();
+                servers
+                    .allows(t.region.as_deref(), name)
+                    .map_err(|why| anyhow::anyhow!("--to-server {name} refused: {why}"))?;
+                Ok(servers.get(name)?.clone())
+            }
         }
     }
 
@@ -876,6 +883,7 @@ mod tests {
             database_url: String::new(),
             servers: Vec::new(),
             place_new_on: Vec::new(),
+            regions: Vec::new(),
             redis_url: String::new(),
             namespace: Namespace::parse("mock").unwrap(),
             partitions: 2,

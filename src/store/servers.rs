@@ -173,6 +173,8 @@ pub struct Servers {
     all: Arc<[Server]>,
     /// Indexes into `all` of the servers new tenants go to.
     place_new_on: Arc<[usize]>,
+    /// The region of each server that names one (`TENANCY_SERVER_REGIONS`).
+    regions: Arc<std::collections::HashMap<String, String>>,
     /// Stand-ins for servers tenant rows name but this process was not given, one per name
     /// (a std Mutex: taken for a lookup, never across an await).
     unconfigured: Arc<std::sync::Mutex<std::collections::HashMap<String, Server>>>,
@@ -225,7 +227,7 @@ impl Servers {
                 configured: true,
             });
         }
-        Self::new(all, &config.place_new_on)
+        Self::new(all, config)
     }
 
     /// Pools opened lazily with the settings `options` makes, for work only some processes do
@@ -245,7 +247,7 @@ impl Servers {
                 configured: true,
             });
         }
-        Self::new(all, &config.place_new_on)
+        Self::new(all, config)
     }
 
     /// Only the home server, on `pool` (tests and tools that never see another server).
@@ -260,11 +262,13 @@ impl Servers {
             }]
             .into(),
             place_new_on: vec![0].into(),
+            regions: Arc::default(),
             unconfigured: Arc::default(),
         }
     }
 
-    fn new(all: Vec<Server>, place_new_on: &[String]) -> anyhow::Result<Servers> {
+    fn new(all: Vec<Server>, config: &Config) -> anyhow::Result<Servers> {
+        let place_new_on = &config.place_new_on;
         let place: Vec<usize> = if place_new_on.is_empty() {
             (0..all.len()).collect()
         } else {
@@ -283,6 +287,7 @@ impl Servers {
         Ok(Servers {
             all: all.into(),
             place_new_on: place.into(),
+            regions: Arc::new(config.regions.iter().cloned().collect()),
             unconfigured: Arc::default(),
         })
     }
@@ -347,6 +352,53 @@ impl Servers {
             .unwrap_or(0);
         &self.all[best]
     }
+
+    /// [`Servers::place`] among the servers of `region` only, when the organisation asked for
+    /// one: its data never lands outside it. An error, for the provisioning failure, when no
+    /// server of that region takes new tenants.
+    pub fn place_in(&self, organisation_id: &str, region: Option<&str>) -> Result<&Server, String> {
+        let Some(region) = region else {
+            return Ok(self.place(organisation_id));
+        };
+        self.place_new_on
+            .iter()
+            .copied()
+            .filter(|&i| self.region_of(self.all[i].name()) == Some(region))
+            .max_by_key(|&i| placement_weight(self.all[i].name(), organisation_id))
+            .map(|i| &self.all[i])
+            .ok_or_else(|| {
+                let known: Vec<String> = self
+                    .place_new_on
+                    .iter()
+                    .map(|&i| {
+                        let name = self.all[i].name();
+                        format!("{name}={}", self.region_of(name).unwrap_or("(none)"))
+                    })
+                    .collect();
+                format!(
+                    "no MySQL server of region {region:?} takes new tenants (servers taking new \
+                     tenants, by region: {}; see TENANCY_SERVER_REGIONS)",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// The region `server` keeps its data in, if it names one.
+    pub fn region_of(&self, server: &str) -> Option<&str> {
+        self.regions.get(server).map(String::as_str)
+    }
+
+    /// Whether a tenant that must stay in `region` (None: anywhere) may have its database on
+    /// `server`: why not, if it may not.
+    pub fn allows(&self, region: Option<&str>, server: &str) -> Result<(), String> {
+        match region {
+            Some(r) if self.region_of(server) != Some(r) => Err(format!(
+                "server {server} is in region {}, and the tenant's data must stay in region {r}",
+                self.region_of(server).unwrap_or("(none)")
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The rendezvous weight of `server` for `organisation_id`: the first 8 bytes of a SHA-256 of
@@ -402,6 +454,7 @@ mod tests {
         let servers = Servers {
             all: Vec::new().into(),
             place_new_on: Vec::new().into(),
+            regions: Arc::default(),
             unconfigured: Arc::default(),
         };
         let e = anyhow::Error::from(servers.get("east").unwrap_err())
@@ -411,6 +464,50 @@ mod tests {
         assert!(e.to_string().contains("tenant 42"));
         let other = anyhow::Error::from(sqlx::Error::Configuration("bad url".into()));
         assert_eq!(NotConfigured::in_chain(&other), None);
+    }
+
+    #[tokio::test]
+    async fn a_region_keeps_placement_and_moves_within_it() {
+        let servers = Servers {
+            all: vec![
+                Server::stand_in("home"),
+                Server::stand_in("east"),
+                Server::stand_in("west"),
+            ]
+            .into(),
+            place_new_on: vec![0, 1, 2].into(),
+            regions: Arc::new(
+                [("home", "eu"), ("east", "us"), ("west", "us")]
+                    .map(|(s, r)| (s.to_owned(), r.to_owned()))
+                    .into_iter()
+                    .collect(),
+            ),
+            unconfigured: Arc::default(),
+        };
+        let mut us = std::collections::BTreeSet::new();
+        let mut any = std::collections::BTreeSet::new();
+        for i in 0..200 {
+            let id = format!("org-{i}");
+            us.insert(servers.place_in(&id, Some("us")).unwrap().name().to_owned());
+            assert_eq!(servers.place_in(&id, Some("eu")).unwrap().name(), "home");
+            any.insert(servers.place_in(&id, None).unwrap().name().to_owned());
+            assert_eq!(
+                servers.place_in(&id, None).unwrap().name(),
+                servers.place(&id).name()
+            );
+        }
+        assert_eq!(us, ["east", "west"].map(str::to_owned).into());
+        assert_eq!(any.len(), 3);
+        let refused = servers.place_in("org-1", Some("ap")).unwrap_err();
+        assert!(
+            refused.contains("no MySQL server of region \"ap\""),
+            "{refused}"
+        );
+        assert!(refused.contains("home=eu, east=us, west=us"), "{refused}");
+        assert!(servers.allows(Some("us"), "west").is_ok());
+        assert!(servers.allows(None, "home").is_ok());
+        let moved = servers.allows(Some("us"), "home").unwrap_err();
+        assert!(moved.contains("must stay in region us"), "{moved}");
     }
 
     #[test]

@@ -153,6 +153,8 @@ pub struct TenantRecord {
     pub lifecycle_at: Option<DateTime<Utc>>,
     /// The MySQL server its database is on ([`crate::store::servers`]).
     pub server: String,
+    /// The region its data must stay in (OrganisationCreated's `region`); None: any.
+    pub region: Option<String>,
 }
 
 impl TenantRecord {
@@ -181,8 +183,10 @@ pub struct NewTenant<'a> {
     pub name: &'a str,
     pub database: &'a DatabaseName,
     pub occurred_at: DateTime<Utc>,
-    /// Where it is placed ([`Servers::place`]).
+    /// Where it is placed ([`Servers::place_in`]).
     pub server: &'a str,
+    /// The region its data must stay in, if it asked for one.
+    pub region: Option<&'a str>,
 }
 
 /// What a projector needs to know about a tenant before writing to it.
@@ -207,6 +211,8 @@ pub struct TenantRef {
     /// Its database is behind the latest migration of its kind this binary knows, or its last
     /// migration failed: events for it wait for the rollout (`tenancy::rollout`).
     pub behind: bool,
+    /// The region its data must stay in; None: any server.
+    pub region: Option<String>,
 }
 
 impl TenantRef {
@@ -240,7 +246,7 @@ pub struct Tenants {
 const COLUMNS: &str = "organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
     name, database_name, CAST(status AS CHAR) AS status, migration_version, failure_reason, migration_failure, created_at, \
     provisioned_at, archived_at, purge_after, archive_database, terminated_by_event, \
-    termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at, server";
+    termination_reason, restored_at, purged_at, lifecycle_pending, lifecycle_at, server, region";
 
 impl Tenants {
     /// The tenants of `ns`, each reached on its own server of `servers`.
@@ -270,7 +276,9 @@ impl Tenants {
     }
 
     /// Decides, under row locks, whether `organisation_id` may be provisioned into `db`, and if
-    /// so marks it `provisioning` (or keeps it `active`).
+    /// so marks it `provisioning` (or keeps it `active`). A new organisation that must stay in
+    /// `region` is refused when no server of that region takes new tenants.
+    #[allow(clippy::too_many_arguments)]
     pub async fn claim(
         &self,
         organisation_id: &str,
@@ -279,6 +287,7 @@ impl Tenants {
         name: &str,
         db: &DatabaseName,
         occurred_at: DateTime<Utc>,
+        region: Option<&str>,
     ) -> Result<Claim, sqlx::Error> {
         // The common case, a new organisation into a name nobody holds, is one INSERT: it takes
         // no gap locks. The locking read below takes next-key locks on both indexes even where
@@ -289,9 +298,12 @@ impl Tenants {
         // (The schema catalog is not transactional: read once, its answer serves both paths.)
         // A new organisation goes where placement says; one that has a row stays where it is
         // (read under the row lock below).
-        let placed = self.servers.place(organisation_id);
-        let exists = crate::store::schema::database_exists(placed.pool(), db).await?;
-        if !exists {
+        let placed = self.servers.place_in(organisation_id, region);
+        let exists = match placed {
+            Ok(placed) => crate::store::schema::database_exists(placed.pool(), db).await?,
+            Err(_) => false,
+        };
+        if let (Ok(placed), false) = (&placed, exists) {
             let inserted = self
                 .insert_provisioning(
                     &self.pool,
@@ -302,10 +314,11 @@ impl Tenants {
                     db,
                     occurred_at,
                     placed.name(),
+                    region,
                 )
                 .await;
             match inserted {
-                Ok(()) => return Ok(Claim::Proceed(placed.clone())),
+                Ok(()) => return Ok(Claim::Proceed((*placed).clone())),
                 Err(e)
                     if e.as_database_error()
                         .is_some_and(|d| d.is_unique_violation()) => {}
@@ -323,7 +336,7 @@ impl Tenants {
         .fetch_all(&mut *tx)
         .await?;
         let mut own: Option<(Option<String>, Status)> = None;
-        let mut own_server = placed.clone();
+        let mut own_server: Option<Server> = None;
         for row in &rows {
             let org: String = row.try_get("organisation_id")?;
             let database: Option<String> = row.try_get("database_name")?;
@@ -334,7 +347,7 @@ impl Tenants {
                 )));
             }
             own = Some((database, status));
-            own_server = self.servers.get(row.try_get("server")?)?.clone();
+            own_server = Some(self.servers.get(row.try_get("server")?)?.clone());
         }
         let claim = match own {
             Some((_, status @ (Status::Archived | Status::Purged))) => Claim::Terminated(status),
@@ -352,16 +365,17 @@ impl Tenants {
                 .bind(organisation_id)
                 .execute(&mut *tx)
                 .await?;
-                Claim::Proceed(own_server)
+                Claim::Proceed(own_server.expect("its own row was read"))
             }
-            None => {
+            None => match placed {
+                // Its data must stay in a region where no server takes new tenants.
+                Err(why) => Claim::Conflict(why),
                 // Never adopt a database nobody registered: it may hold someone's data.
-                if exists {
-                    Claim::Conflict(format!(
-                        "database {db} exists but is not registered to any organisation; \
-                         refusing to adopt it"
-                    ))
-                } else {
+                Ok(_) if exists => Claim::Conflict(format!(
+                    "database {db} exists but is not registered to any organisation; \
+                     refusing to adopt it"
+                )),
+                Ok(placed) => {
                     self.insert_provisioning(
                         &mut *tx,
                         organisation_id,
@@ -371,11 +385,12 @@ impl Tenants {
                         db,
                         occurred_at,
                         placed.name(),
+                        region,
                     )
                     .await?;
                     Claim::Proceed(placed.clone())
                 }
-            }
+            },
         };
         tx.commit().await?;
         Ok(claim)
@@ -393,11 +408,12 @@ impl Tenants {
         db: &DatabaseName,
         occurred_at: DateTime<Utc>,
         server: &str,
+        region: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         sqlx::query(&format!(
             "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
-             database_name, status, created_at, server) \
-             VALUES (?, ?, ?, ?, ?, 'provisioning', ?, ?)",
+             database_name, status, created_at, server, region) \
+             VALUES (?, ?, ?, ?, ?, 'provisioning', ?, ?, ?)",
             self.table
         ))
         .bind(organisation_id)
@@ -407,6 +423,7 @@ impl Tenants {
         .bind(db.as_str())
         .bind(occurred_at)
         .bind(server)
+        .bind(region)
         .execute(on)
         .await?;
         Ok(())
@@ -460,10 +477,10 @@ impl Tenants {
             // truncated one. A duplicate key changes nothing; any other error fails the whole.
             let sql = format!(
                 "INSERT INTO {} (organisation_id, organisation_type, slug, name, \
-                 database_name, status, created_at, server) VALUES {} \
+                 database_name, status, created_at, server, region) VALUES {} \
                  ON DUPLICATE KEY UPDATE organisation_id = organisation_id",
                 self.table,
-                vec!["(?, ?, ?, ?, ?, 'provisioning', ?, ?)"; chunk.len()].join(", ")
+                vec!["(?, ?, ?, ?, ?, 'provisioning', ?, ?, ?)"; chunk.len()].join(", ")
             );
             let mut query = sqlx::query(&sql);
             for r in chunk {
@@ -474,7 +491,8 @@ impl Tenants {
                     .bind(r.name)
                     .bind(r.database.as_str())
                     .bind(r.occurred_at)
-                    .bind(r.server);
+                    .bind(r.server)
+                    .bind(r.region);
             }
             query.execute(&self.pool).await?;
             let ids: Vec<&str> = chunk.iter().map(|r| r.organisation_id).collect();
@@ -587,7 +605,7 @@ impl Tenants {
             let sql = format!(
                 "SELECT organisation_id, CAST(organisation_type AS CHAR) AS organisation_type, slug, \
                  CAST(status AS CHAR) AS status, database_name, archived_at, lifecycle_pending, server, \
-                 migration_version, migration_failure \
+                 migration_version, migration_failure, region \
                  FROM {} WHERE organisation_id IN ({placeholders})",
                 self.table
             );
@@ -635,6 +653,7 @@ impl Tenants {
                         past_archives: Vec::new(),
                         changing: pending.is_some(),
                         behind,
+                        region: row.try_get("region")?,
                     },
                 );
             }
@@ -1039,5 +1058,6 @@ fn record(row: &sqlx::mysql::MySqlRow) -> Result<TenantRecord, sqlx::Error> {
         lifecycle_pending: row.try_get("lifecycle_pending")?,
         lifecycle_at: row.try_get("lifecycle_at")?,
         server: row.try_get("server")?,
+        region: row.try_get("region")?,
     })
 }

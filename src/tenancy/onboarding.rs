@@ -49,6 +49,15 @@ impl Onboarding<'_> {
     }
 }
 
+/// Where a new organisation goes: as the one-by-one claim would place it, within its region if
+/// it asked for one (`Err`: no server there takes new tenants).
+fn placement<'s>(
+    servers: &'s crate::store::servers::Servers,
+    ev: &OrganisationCreated,
+) -> Result<&'s Server, String> {
+    servers.place_in(&ev.organisation_id, ev.region.as_deref())
+}
+
 impl Provisioner {
     /// Provisions `evs` (OrganisationCreated of distinct organisations) as one unit. Returns,
     /// per event, whether it is done (false: left to the ordinary path, nothing of it lost).
@@ -182,13 +191,18 @@ impl Provisioner {
         // Each new organisation's server, as the one-by-one claim would place it; a database of
         // its name is looked for there.
         let servers = self.tenants.servers();
-        let placed: Vec<&Server> = ids.iter().map(|id| servers.place(id)).collect();
+        // One whose region has no server taking new tenants is left to the one-by-one path,
+        // which refuses it with the reason.
+        let placed: Vec<Option<&Server>> = batch
+            .iter()
+            .map(|o| placement(servers, o.ev).ok())
+            .collect();
         let mut existing = std::collections::HashSet::new();
         for server in servers.all() {
             let here: Vec<&DatabaseName> = dbs
                 .iter()
                 .zip(&placed)
-                .filter(|(_, s)| **s == server)
+                .filter(|(_, s)| **s == Some(server))
                 .map(|(db, _)| *db)
                 .collect();
             if !here.is_empty() {
@@ -196,7 +210,9 @@ impl Provisioner {
             }
         }
         batch.retain(|o| {
-            let why = if logged.contains(&o.ev.event_id) {
+            let why = if placement(servers, o.ev).is_err() {
+                "no server of its region takes new tenants"
+            } else if logged.contains(&o.ev.event_id) {
                 "already applied"
             } else if with_rows.contains(&o.ev.organisation_id) {
                 "the organisation has a row"
@@ -220,7 +236,10 @@ impl Provisioner {
                 name: &o.ev.name,
                 database: &o.db,
                 occurred_at: timestamp(o.ev.occurred_at),
-                server: servers.place(&o.ev.organisation_id).name(),
+                server: placement(servers, o.ev)
+                    .expect("placeable, kept above")
+                    .name(),
+                region: o.ev.region.as_deref(),
             })
             .collect();
         let inserted = self.tenants.insert_new(&rows).await?;
@@ -236,20 +255,27 @@ impl Provisioner {
             stream::iter(batch.iter().enumerate())
                 .map(|(i, o)| async move {
                     let began = Instant::now();
-                    let server = servers.place(&o.ev.organisation_id);
                     let version = async {
-                        migrations::create_and_migrate_tenant(
-                            self.ddl.get(server.name())?.pool(),
-                            server.url(),
-                            &o.db,
-                            migrations::for_tenant(o.ev.organisation_type),
-                        )
+                        let server = placement(servers, o.ev).map_err(|e| anyhow::anyhow!(e))?;
+                        async {
+                            migrations::create_and_migrate_tenant(
+                                self.ddl.get(server.name())?.pool(),
+                                server.url(),
+                                &o.db,
+                                migrations::for_tenant(o.ev.organisation_type),
+                            )
+                            .await
+                        }
                         .await
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "creating and migrating {} on {}: {e}",
+                                o.db,
+                                server.name()
+                            )
+                        })
                     }
-                    .await
-                    .map_err(|e| {
-                        anyhow::anyhow!("creating and migrating {} on {}: {e}", o.db, server.name())
-                    });
+                    .await;
                     (i, version.map(|v| (v, began.elapsed())))
                 })
                 .buffer_unordered(concurrency.max(1))

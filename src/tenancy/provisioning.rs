@@ -209,6 +209,7 @@ impl Provisioner {
                 &ev.name,
                 &db,
                 timestamp(ev.occurred_at),
+                ev.region.as_deref(),
             )
             .await
             .map_err(|e| StepError::from(e).context("claiming the tenant's row"))?;

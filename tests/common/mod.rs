@@ -64,6 +64,7 @@ impl TestNs {
             database_url: env_or("DATABASE_URL", DATABASE_URL),
             servers: vec![("home".to_owned(), env_or("DATABASE_URL", DATABASE_URL))],
             place_new_on: Vec::new(),
+            regions: Vec::new(),
             redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
             namespace: ns.clone(),
             // Fewer partitions keep Tansu's per-test topic creation quick.

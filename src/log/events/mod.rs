@@ -137,6 +137,10 @@ pub struct OrganisationCreated {
     pub organisation_type: OrganisationType,
     pub slug: String,
     pub name: String,
+    /// The region its data must stay in (`TENANCY_SERVER_REGIONS`); None: any server. A field
+    /// added after the first version, with a default: older events have none.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -362,6 +366,36 @@ mod tests {
         }
     }
 
+    /// An OrganisationCreated of the first version (no `region`) still decodes, as one that
+    /// asked for no region: old producers are unaffected.
+    #[test]
+    fn an_organisation_created_without_region_decodes_with_none() {
+        let first = Value::Record(vec![
+            (
+                "event_id".into(),
+                Value::String("6f1c1a56-6d0e-4a47-9a43-2a4a8f1f7c11".into()),
+            ),
+            (
+                "occurred_at".into(),
+                Value::TimestampMillis(1_700_000_000_000),
+            ),
+            (
+                "organisation_id".into(),
+                Value::String("0b6f3c1e-3e43-4c55-9d0b-1c1c1c1c1c1c".into()),
+            ),
+            ("organisation_type".into(), Value::Enum(0, "BRAND".into())),
+            ("slug".into(), Value::String("louvolite".into())),
+            ("name".into(), Value::String("Louvolite".into())),
+        ]);
+        match Event::from_writer_value("blindstrader.events.OrganisationCreated", first, true) {
+            Ok(Event::OrganisationCreated(c)) => {
+                assert_eq!(c.slug, "louvolite");
+                assert_eq!(c.region, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn typed_events_round_trip_through_avro() {
         let created = OrganisationCreated {
@@ -371,6 +405,7 @@ mod tests {
             organisation_type: OrganisationType::Brand,
             slug: "louvolite".into(),
             name: "Louvolite".into(),
+            region: Some("eu".into()),
         };
         let value = to_avro(EventKind::OrganisationCreated, &created).unwrap();
         let bytes = encode_datum(EventKind::OrganisationCreated, value).expect("encodes");
