@@ -1053,3 +1053,59 @@ async fn a_platform_migrated_by_the_first_forms_of_rewritten_migrations_still_st
         assert_eq!(now, shipped.checksum.as_ref(), "migration {version}");
     }
 }
+
+/// `tenancy tenants top` ranks tenants by the events applied to their databases and by size.
+#[tokio::test(flavor = "multi_thread")]
+async fn tenants_top_ranks_the_busiest_first() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let _worker = t.spawn_run("top");
+    let (busy, quiet) = (new_id(), new_id());
+    t.provisioned(
+        &pool,
+        &[(&busy, "BRAND", "busy"), (&quiet, "BRAND", "quiet")],
+    )
+    .await;
+    let codes: Vec<String> = (1..=12).map(|r| format!("B{r:02}")).collect();
+    let mut updates: Vec<String> = codes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| lines::catalog(&busy, i as i64 + 1, &[c.as_str()], &[]))
+        .collect();
+    updates.push(lines::catalog(&quiet, 1, &["Q1"], &[]));
+    t.emit_ok(&updates);
+    wait_for("both brands' updates", SETTLE, || async {
+        let busy_rows = fabric_rows(&pool, &format!("{}_brand_busy", t.ns))
+            .await
+            .len();
+        let quiet_rows = fabric_rows(&pool, &format!("{}_brand_quiet", t.ns))
+            .await
+            .len();
+        (busy_rows == 12 && quiet_rows == 1).then_some(())
+    })
+    .await;
+    let (code, out, err) = t.tenancy_output(&["tenants", "top", "--by", "events", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let ranked: Vec<(&str, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["slug"].as_str().unwrap(),
+                r["events_last_day"].as_u64().unwrap(),
+                r["events_last_week"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(ranked, vec![("busy", 12, 12), ("quiet", 1, 1)]);
+    assert!(
+        rows.iter().all(|r| r["bytes"].as_u64().unwrap() > 0),
+        "{out}"
+    );
+    let (code, out, _) = t.tenancy_output(&["tenants", "top", "--limit", "1"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(out.lines().count(), 2, "a header and one tenant: {out}");
+}

@@ -21,6 +21,21 @@ pub enum TenantsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The biggest or busiest tenants first, to choose which to give a server of their own
+    /// (`tenancy rebuild ORG --to-server S`): each active tenant's database (and archived
+    /// one's archive) with its size and rows (InnoDB's estimates, from information_schema) and
+    /// the events applied to it in the last day and week (from its applied_events).
+    Top {
+        /// Rank by database size, or by events applied in the last 7 days.
+        #[arg(long, value_enum, default_value = "size")]
+        by: crate::store::usage::By,
+        /// Show this many (0: all).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Every field of one tenant, by organisation id or slug. Exit 1 if unknown.
     Show {
         id_or_slug: String,
@@ -110,6 +125,31 @@ pub async fn run(config: Config, command: TenantsCommand) -> anyhow::Result<Exit
                 }
             } else {
                 print_table(&rows);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        TenantsCommand::Top { by, limit, json } => {
+            let mut rows = crate::store::usage::ranked(&tenants, by)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot rank the tenants of {}: {e} (has `tenancy run` started for \
+                         namespace {}?)",
+                        config.namespace,
+                        config.namespace
+                    )
+                })?;
+            let total = rows.len();
+            if limit > 0 {
+                rows.truncate(limit);
+            }
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                print_top(&rows);
+                eprintln!("{} of {total} tenant database(s)", rows.len());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -242,6 +282,28 @@ fn print_table(rows: &[TenantRecord]) {
         );
     }
     eprintln!("{} tenant(s)", rows.len());
+}
+
+fn print_top(rows: &[crate::store::usage::Usage]) {
+    println!(
+        "{:<9} {:<24} {:>10} {:>10} {:>10} {:>10} {:<10} {:<8} ORGANISATION",
+        "TYPE", "SLUG", "SIZE MiB", "ROWS", "EVENTS/1D", "EVENTS/7D", "SERVER", "REGION"
+    );
+    let count = |n: Option<u64>| n.map_or("-".to_owned(), |n| n.to_string());
+    for r in rows {
+        println!(
+            "{:<9} {:<24} {:>10.1} {:>10} {:>10} {:>10} {:<10} {:<8} {}",
+            r.kind,
+            r.slug,
+            r.bytes as f64 / (1024.0 * 1024.0),
+            r.rows,
+            count(r.events_last_day),
+            count(r.events_last_week),
+            r.server,
+            r.region.as_deref().unwrap_or("-"),
+            r.organisation_id
+        );
+    }
 }
 
 /// An audit trail as lines: when, what, by whom, why.

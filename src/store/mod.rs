@@ -9,6 +9,7 @@
 //! - [`offsets`], [`applied`]: `projection_offsets` and `applied_events` in each tenant database
 //!   (by offset, and by event id).
 //! - [`tenants`]: `{ns}_platform.tenants` and the lifecycle log beside it.
+//! - [`usage`]: each tenant database's size and recent events (`tenancy tenants top`).
 
 pub mod applied;
 pub mod locks;
@@ -17,3 +18,4 @@ pub mod pools;
 pub mod schema;
 pub mod servers;
 pub mod tenants;
+pub mod usage;
