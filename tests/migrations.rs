@@ -273,3 +273,50 @@ async fn a_rollout_halts_on_its_canary_and_past_max_failures_then_resumes() {
         );
     }
 }
+
+/// A migration a killed sqlx run left half-applied (its row recorded with success = FALSE, its
+/// table missing) is run again by the rollout, and the tenant ends at the latest version.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_migration_left_half_applied_is_run_again() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let org = new_id();
+    {
+        let _worker = t.spawn_run("provision");
+        t.provisioned(&pool, &[(&org, "BRAND", "torn")]).await;
+    }
+    let db = format!("{}_brand_torn", t.ns);
+    sqlx::raw_sql(&format!(
+        "DROP TABLE `{db}`.applied_events; \
+         UPDATE `{db}`._sqlx_migrations SET success = FALSE WHERE version = {v}; \
+         UPDATE `{ns}_platform`.tenants SET migration_version = {b} WHERE organisation_id = '{org}'",
+        v = latest_brand(),
+        b = latest_brand() - 1,
+        ns = t.ns
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, out, err) = t.tenancy_output(&["migrate"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("1 migrated, 0 failed"), "{out}");
+    assert_eq!(
+        migration_state(&t, &pool, &org).await,
+        (Some(latest_brand()), None)
+    );
+    let recorded: Vec<(i64, bool)> = sqlx::query_as(&format!(
+        "SELECT version, success FROM `{db}`._sqlx_migrations ORDER BY version"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        (1..=latest_brand()).map(|v| (v, true)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        row_count(&pool, &db, "applied_events").await,
+        0,
+        "the table is back"
+    );
+}

@@ -7,6 +7,8 @@
 //! - [`e2e`]: `tenancy emit` to the last event applied, against the broker's consume rate.
 //! - [`isolation`]: the healthy brands' catalog throughput and latency with one brand's table
 //!   locked, against every brand healthy.
+//! - [`migrate`]: the rolling migration of a fleet, against the same SQL from plain clients;
+//!   a worker's start-up with that fleet.
 //! - [`rebuild`]: `tenancy rebuild` of a large brand, against plain upserts of the same rows.
 //! - [`serve`]: `tenancy serve`'s brand catalog API, against the same query sent straight to
 //!   MariaDB.
@@ -18,6 +20,7 @@ pub mod broker;
 pub mod catalog;
 pub mod e2e;
 pub mod isolation;
+pub mod migrate;
 pub mod rebuild;
 pub mod serve;
 

@@ -54,6 +54,7 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     )
     .await?;
     let tenants = Tenants::on(servers, &config.namespace);
+    let ddl = crate::store::pools::ddl_pools(&config, args.parallel.max(1) as u32)?;
     let mut only = None;
     if !args.retry.is_empty() {
         let mut ids = Vec::new();
@@ -103,7 +104,7 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     }
     let terminal = std::io::stderr().is_terminal();
     let mut bar: Option<ProgressBar> = None;
-    let report = rollout::run(&tenants, &options, |p| match p {
+    let report = rollout::run(&tenants, &ddl, &options, |p| match p {
         Progress::Started { total } => {
             eprintln!("{total} tenant database(s) behind their latest migration");
             if terminal && total > 0 {

@@ -178,6 +178,10 @@ pub enum BenchCommand {
     /// locked for the whole run; prints the other brands' throughput and p99 apply latency in
     /// both, and `ratio isolated/healthy`. Fresh namespaces, dropped afterwards unless --keep.
     Isolation(crate::bench::isolation::IsolationArgs),
+    /// A fleet of brand databases one migration behind: the rolling migration's wall time next
+    /// to the same SQL from as many plain clients, then `tenancy run`'s time from its start to
+    /// its first applied event with that fleet. Fresh namespace, dropped unless --keep.
+    Migrate(crate::bench::migrate::MigrateBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -278,6 +282,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Serve(args),
         } => {
             crate::bench::serve::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Migrate(args),
+        } => {
+            crate::bench::migrate::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -171,6 +171,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let rollout_servers =
         crate::store::servers::Servers::connect(&config, (2 * rollout.parallel + 2) as u32).await?;
     let rollout_tenants = Tenants::on(rollout_servers, &ns);
+    let rollout_ddl = crate::store::pools::ddl_pools(&config, rollout.parallel as u32)?;
     let handle = tokio::runtime::Handle::current();
     // A thread of its own, driving the runtime's I/O (the rollout's future borrows across its
     // awaits in ways a spawned task's `Send` bound does not accept).
@@ -179,6 +180,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
         .spawn(move || {
             handle.block_on(crate::tenancy::rollout::in_background(
                 rollout_tenants,
+                rollout_ddl,
                 rollout,
             ))
         })

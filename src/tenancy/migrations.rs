@@ -122,10 +122,14 @@ pub fn fresh_script(migrator: &Migrator) -> String {
         script.push_str(";\n");
     }
     script.push_str(SQLX_MIGRATIONS_TABLE);
-    script.push_str(
-        ";\nINSERT INTO _sqlx_migrations \
-        (version, description, success, checksum, execution_time) VALUES ",
-    );
+    script.push_str(";\n");
+    script.push_str(&bookkeeping(&ups));
+    script
+}
+
+/// The `_sqlx_migrations` rows sqlx would write for `ups`, as one INSERT of literals (all from
+/// the embedded migrations, never from input).
+fn bookkeeping(ups: &[&sqlx::migrate::Migration]) -> String {
     let rows: Vec<String> = ups
         .iter()
         .map(|m| {
@@ -134,8 +138,135 @@ pub fn fresh_script(migrator: &Migrator) -> String {
             format!("({}, '{description}', TRUE, X'{checksum}', -1)", m.version)
         })
         .collect();
-    script.push_str(&rows.join(", "));
-    script
+    format!(
+        "INSERT INTO _sqlx_migrations \
+         (version, description, success, checksum, execution_time) VALUES {}",
+        rows.join(", ")
+    )
+}
+
+/// The name of the named lock that serialises migrations of `db` across workers (names are
+/// limited to 64 characters; a uuid of the database name fits any name).
+fn migrate_lock(db: &DatabaseName) -> String {
+    format!(
+        "migrate:{}",
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, db.as_str().as_bytes())
+    )
+}
+
+/// Every pending migration of an existing tenant database, on a connection of `ddl` (text
+/// protocol only, `USE` first: see [`crate::store::pools::ddl_pool`]): the rollout's path.
+///
+/// Under the database's migration lock, the applied migrations are read and checked as sqlx
+/// checks them (a changed checksum, or a version this binary does not know, is refused with
+/// sqlx's own error), then the pending ones and their bookkeeping go as one script: three round
+/// trips on a connection already open, where sqlx's run opened one and spent a round trip per
+/// check and three commits of bookkeeping per migration (the migrate benchmark). A database
+/// sqlx left half-applied, or one without bookkeeping, takes sqlx's own path ([`migrate`]).
+/// A crash in the middle of the script leaves the migration unrecorded: it is re-run next time
+/// (every migration is safe to re-run).
+pub async fn migrate_on(
+    ddl: &MySqlPool,
+    database_url: &str,
+    db: &DatabaseName,
+    migrator: &Migrator,
+) -> Result<i64, sqlx::Error> {
+    let lock = migrate_lock(db);
+    let mut conn = ddl.acquire().await?;
+    let got: Option<i64> = sqlx::raw_sql(&format!(
+        "USE {}; SELECT GET_LOCK('{lock}', 120)",
+        db.quoted()
+    ))
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get(0)?;
+    if got != Some(1) {
+        conn.close_on_drop();
+        return Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("timed out waiting for another worker migrating {db}"),
+        )));
+    }
+    let result = apply_pending(&mut conn, migrator).await;
+    let released = sqlx::raw_sql(&format!("SELECT RELEASE_LOCK('{lock}')"))
+        .execute(&mut *conn)
+        .await;
+    if result.is_err() || released.is_err() {
+        // Never hand back a connection that may still hold the lock or be mid-script.
+        conn.close_on_drop();
+    }
+    match result? {
+        true => Ok(latest_version(migrator)),
+        false => {
+            drop(conn);
+            migrate(database_url, db, migrator).await
+        }
+    }
+}
+
+/// See [`migrate_on`]: false when sqlx's own path must take over.
+async fn apply_pending(
+    conn: &mut sqlx::MySqlConnection,
+    migrator: &Migrator,
+) -> Result<bool, sqlx::Error> {
+    let applied = match sqlx::raw_sql("SELECT version, checksum, success FROM _sqlx_migrations")
+        .fetch_all(&mut *conn)
+        .await
+    {
+        Ok(rows) => rows,
+        // ER_NO_SUCH_TABLE: no bookkeeping at all.
+        Err(e)
+            if e.as_database_error()
+                .and_then(|d| d.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>())
+                .is_some_and(|m| m.number() == 1146) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
+    };
+    let ups: Vec<&sqlx::migrate::Migration> = migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    let mut done = std::collections::HashSet::new();
+    for row in &applied {
+        let version: i64 = row.try_get(0)?;
+        let checksum: Vec<u8> = row.try_get(1)?;
+        let success: bool = row.try_get(2)?;
+        if !success {
+            return Ok(false);
+        }
+        match ups.iter().find(|m| m.version == version) {
+            None => {
+                return Err(sqlx::Error::Migrate(Box::new(
+                    MigrateError::VersionMissing(version),
+                )))
+            }
+            Some(m) if *m.checksum != *checksum => {
+                return Err(sqlx::Error::Migrate(Box::new(
+                    MigrateError::VersionMismatch(version),
+                )))
+            }
+            Some(_) => {
+                done.insert(version);
+            }
+        }
+    }
+    let pending: Vec<&sqlx::migrate::Migration> = ups
+        .into_iter()
+        .filter(|m| !done.contains(&m.version))
+        .collect();
+    if pending.is_empty() {
+        return Ok(true);
+    }
+    let mut script = String::new();
+    for m in &pending {
+        script.push_str(m.sql.trim_end().trim_end_matches(';'));
+        script.push_str(";\n");
+    }
+    script.push_str(&bookkeeping(&pending));
+    sqlx::raw_sql(&script).execute(&mut *conn).await?;
+    Ok(true)
 }
 
 /// A database this call has just created: every migration and its bookkeeping in
@@ -191,11 +322,7 @@ async fn connect_locked(
         .database(db.as_str())
         .disable_statement_logging();
     let mut conn = options.connect().await?;
-    // Lock names are limited to 64 characters; a uuid of the database name fits any name.
-    let lock = format!(
-        "migrate:{}",
-        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, db.as_str().as_bytes())
-    );
+    let lock = migrate_lock(db);
     // Text protocol (the name is a uuid, safe to inline): on a new connection a prepared
     // statement costs a second round trip.
     let got: Option<i64> = sqlx::raw_sql(&format!("SELECT GET_LOCK('{lock}', 120)"))

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use super::migrations;
 use crate::store::locks::NamedLock;
 use crate::store::schema::database_exists;
+use crate::store::servers::Servers;
 use crate::store::tenants::{Status, TenantRecord, Tenants};
 use crate::tenant::{DatabaseName, OrganisationType, Slug};
 
@@ -145,7 +146,8 @@ pub async fn behind(tenants: &Tenants, options: &Options) -> anyhow::Result<Vec<
 
 /// Migrates one tenant's database under its lifecycle lock, if it is still as `b` found it,
 /// and records the outcome on the tenant. `retry`: a failure recorded earlier does not stop it.
-pub async fn migrate_one(tenants: &Tenants, b: &Behind, retry: bool) -> Done {
+/// `ddl`: the DDL connections of every server ([`crate::store::pools::ddl_pools`]).
+pub async fn migrate_one(tenants: &Tenants, ddl: &Servers, b: &Behind, retry: bool) -> Done {
     let t = &b.tenant;
     let server = match tenants.server_of(t) {
         Ok(server) => server.clone(),
@@ -179,7 +181,8 @@ pub async fn migrate_one(tenants: &Tenants, b: &Behind, retry: bool) -> Done {
             return Ok(Done::Skipped(format!("database {} does not exist", b.database)));
         }
         let started = std::time::Instant::now();
-        match migrations::migrate(
+        match migrations::migrate_on(
+            ddl.get(server.name())?.pool(),
             server.url(),
             &b.database,
             migrations::for_tenant(t.organisation_type),
@@ -221,6 +224,7 @@ pub async fn migrate_one(tenants: &Tenants, b: &Behind, retry: bool) -> Done {
 /// server, halting once more than `options.max_failures` of the tenants failed.
 pub async fn run(
     tenants: &Tenants,
+    ddl: &Servers,
     options: &Options,
     mut progress: impl FnMut(Progress<'_>),
 ) -> anyhow::Result<Report> {
@@ -252,7 +256,7 @@ pub async fn run(
         });
     };
     for b in first {
-        let done = migrate_one(tenants, b, retry).await;
+        let done = migrate_one(tenants, ddl, b, retry).await;
         let failed = matches!(done, Done::Failed(_));
         tally(&mut report, b, done);
         if failed {
@@ -282,7 +286,7 @@ pub async fn run(
                 if halt.load(Ordering::Relaxed) {
                     return (b, None);
                 }
-                (b, Some(migrate_one(tenants, b, retry).await))
+                (b, Some(migrate_one(tenants, ddl, b, retry).await))
             });
         }
         while let Some((b, done)) = all.next().await {
@@ -306,9 +310,9 @@ pub async fn run(
 
 /// The rollout a worker runs in the background after it starts consuming: logs what it does,
 /// and says so loudly when it halts (the tenants it did not reach keep waiting).
-pub async fn in_background(tenants: Tenants, options: Options) {
+pub async fn in_background(tenants: Tenants, ddl: Servers, options: Options) {
     let started = std::time::Instant::now();
-    let result = run(&tenants, &options, |p| {
+    let result = run(&tenants, &ddl, &options, |p| {
         if let Progress::Started { total } = p {
             if total > 0 {
                 tracing::info!(
