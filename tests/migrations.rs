@@ -257,7 +257,7 @@ async fn a_rollout_halts_on_its_canary_and_past_max_failures_then_resumes() {
     let (code, out, err) = t.tenancy_output(&["migrate"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(
-        out.contains("2 migrated, 0 failed, 0 skipped of 2"),
+        out.contains("2 migrated, 0 failed, 0 skipped, 0 to try again of 2"),
         "{out}"
     );
     for id in &ids[2..] {

@@ -121,6 +121,7 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
             let line = match done {
                 Done::Migrated(v) => format!("migrated to {v}"),
                 Done::Skipped(why) => format!("skipped: {why}"),
+                Done::Later(why) => format!("not done, try again: {why}"),
                 Done::Failed(why) => format!("FAILED: {why}"),
             };
             let line = format!(
@@ -152,10 +153,11 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
         b.finish_and_clear();
     }
     println!(
-        "{} migrated, {} failed, {} skipped of {}{}",
+        "{} migrated, {} failed, {} skipped, {} to try again of {}{}",
         report.migrated,
         report.failed.len(),
         report.skipped,
+        report.later,
         report.total,
         report
             .halted
@@ -165,7 +167,10 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     for (id, reason) in &report.failed {
         println!("failed\t{id}\t{reason}");
     }
-    let clean = report.failed.is_empty() && report.halted.is_none() && report.skipped == 0;
+    let clean = report.failed.is_empty()
+        && report.halted.is_none()
+        && report.skipped == 0
+        && report.later == 0;
     Ok(if clean {
         ExitCode::SUCCESS
     } else {

@@ -76,6 +76,9 @@ pub enum Done {
     /// Nothing to do any more: another worker got there first, its status changed, or a
     /// lifecycle step holds it (the next rollout looks again).
     Skipped(String),
+    /// Not tried to the end for a reason that passes (its server did not answer, a lock was
+    /// held too long): nothing recorded on the tenant, tried again by a later pass.
+    Later(String),
     /// Failed, with the reason recorded on the tenant.
     Failed(String),
 }
@@ -87,6 +90,8 @@ pub struct Report {
     pub total: usize,
     pub migrated: usize,
     pub skipped: usize,
+    /// Tenants left for a later pass ([`Done::Later`]).
+    pub later: usize,
     /// Organisation id and reason, per tenant that failed.
     pub failed: Vec<(String, String)>,
     /// Why it stopped before the end, if it did.
@@ -161,7 +166,7 @@ pub async fn migrate_one(tenants: &Tenants, ddl: &Servers, b: &Behind, retry: bo
     let home = tenants.servers().home().pool();
     let lock = match NamedLock::lifecycle(home, tenants.namespace(), &t.organisation_id).await {
         Ok(lock) => lock,
-        Err(e) => return Done::Skipped(format!("its lifecycle lock: {e}")),
+        Err(e) => return Done::Later(format!("its lifecycle lock: {e}")),
     };
     let result = async {
         let Some(now) = tenants.get(&t.organisation_id).await? else {
@@ -199,6 +204,9 @@ pub async fn migrate_one(tenants: &Tenants, ddl: &Servers, b: &Behind, retry: bo
                     "tenant database migrated");
                 Ok(Done::Migrated(version))
             }
+            // A server that does not answer, a lock held too long: not the migration's fault,
+            // and not worth marking the tenant failed (a retry by name would be needed).
+            Err(e) if passing(&e) => Ok(Done::Later(format!("migrating {}: {e}", b.database))),
             Err(e) => {
                 let reason = format!("migrating {} to version {}: {e}", b.database, b.latest);
                 tenants
@@ -215,9 +223,27 @@ pub async fn migrate_one(tenants: &Tenants, ddl: &Servers, b: &Behind, retry: bo
     .await;
     lock.release().await;
     result.unwrap_or_else(|e: sqlx::Error| {
-        // The platform's own bookkeeping failed: nothing is recorded, the next rollout retries.
-        Done::Skipped(format!("cannot read or record its state: {e}"))
+        // The platform's own bookkeeping failed: nothing is recorded, a later pass retries.
+        Done::Later(format!("cannot read or record its state: {e}"))
     })
+}
+
+/// Whether a migration's error passes with time (the server unreachable or restarting, a lock
+/// or statement waited out) rather than being the migration's or the database's own.
+fn passing(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            // Lock wait timeout, deadlock, server shutting down, too many connections,
+            // MariaDB's and MySQL's statement time limits.
+            .is_some_and(|m| matches!(m.number(), 1205 | 1213 | 1053 | 1040 | 1969 | 3024)),
+        _ => false,
+    }
 }
 
 /// Runs a rollout: the canary one by one, then the rest `options.parallel` at a time per
@@ -246,6 +272,7 @@ pub async fn run(
         match &done {
             Done::Migrated(_) => report.migrated += 1,
             Done::Skipped(_) => report.skipped += 1,
+            Done::Later(_) => report.later += 1,
             Done::Failed(reason) => report
                 .failed
                 .push((b.tenant.organisation_id.clone(), reason.clone())),
@@ -308,43 +335,61 @@ pub async fn run(
     Ok(report)
 }
 
+/// How long the background rollout waits before another pass over tenants left for later.
+const LATER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The rollout a worker runs in the background after it starts consuming: logs what it does,
-/// and says so loudly when it halts (the tenants it did not reach keep waiting).
+/// says so loudly when it halts (the tenants it did not reach keep waiting), and passes again
+/// every 30 s while tenants were left for later (a server that did not answer), so a passing
+/// outage does not leave them behind until the next start.
 pub async fn in_background(tenants: Tenants, ddl: Servers, options: Options) {
-    let started = std::time::Instant::now();
-    let result = run(&tenants, &ddl, &options, |p| {
-        if let Progress::Started { total } = p {
-            if total > 0 {
-                tracing::info!(
-                    tenants = total,
-                    parallel = options.parallel,
-                    "tenant databases behind their latest migration: rolling them forward; \
-                     their events wait until then"
-                );
+    loop {
+        let started = std::time::Instant::now();
+        let result = run(&tenants, &ddl, &options, |p| {
+            if let Progress::Started { total } = p {
+                if total > 0 {
+                    tracing::info!(
+                        tenants = total,
+                        parallel = options.parallel,
+                        "tenant databases behind their latest migration: rolling them forward; \
+                         their events wait until then"
+                    );
+                }
             }
-        }
-    })
-    .await;
-    match result {
-        Ok(report) if report.total == 0 => {}
-        Ok(report) => {
-            let elapsed_ms = started.elapsed().as_millis() as u64;
-            match &report.halted {
-                Some(reason) => tracing::error!(migrated = report.migrated,
-                    failed = report.failed.len(), skipped = report.skipped, elapsed_ms,
-                    reason = %reason, "migration rollout halted: the tenants it did not reach \
-                     wait; see `tenancy status`, fix, then `tenancy migrate`"),
-                None => tracing::info!(
-                    migrated = report.migrated,
-                    failed = report.failed.len(),
-                    skipped = report.skipped,
-                    elapsed_ms,
-                    "migration rollout finished"
-                ),
+        })
+        .await;
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                tracing::error!(error = %e, "migration rollout could not start: tenants behind \
+                    wait; trying again in 30 s (or run `tenancy migrate`)");
+                tokio::time::sleep(LATER).await;
+                continue;
             }
+        };
+        if report.total == 0 {
+            return;
         }
-        Err(e) => tracing::error!(error = %e,
-            "migration rollout could not start: tenants behind wait; run `tenancy migrate`"),
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if let Some(reason) = &report.halted {
+            tracing::error!(migrated = report.migrated, failed = report.failed.len(),
+                skipped = report.skipped, later = report.later, elapsed_ms, reason = %reason,
+                "migration rollout halted: the tenants it did not reach wait; see `tenancy \
+                 status`, fix, then `tenancy migrate`");
+            return;
+        }
+        tracing::info!(
+            migrated = report.migrated,
+            failed = report.failed.len(),
+            skipped = report.skipped,
+            later = report.later,
+            elapsed_ms,
+            "migration rollout pass finished"
+        );
+        if report.later == 0 {
+            return;
+        }
+        tokio::time::sleep(LATER).await;
     }
 }
 
@@ -385,4 +430,23 @@ pub async fn versions(tenants: &Tenants) -> anyhow::Result<Vec<Versions>> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_tried_again_and_a_bad_migration_is_marked() {
+        let io = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ));
+        assert!(passing(&io));
+        assert!(passing(&sqlx::Error::PoolTimedOut));
+        let changed =
+            sqlx::Error::Migrate(Box::new(sqlx::migrate::MigrateError::VersionMismatch(1)));
+        assert!(!passing(&changed));
+        assert!(!passing(&sqlx::Error::RowNotFound));
+    }
 }
