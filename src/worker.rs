@@ -98,7 +98,7 @@ impl Processors {
             dead_letters: DeadLetters::new(producer.clone(), Topic::DeadLetter.name(&ns)),
             provisioner: Provisioner {
                 ns: ns.clone(),
-                ddl: crate::store::pools::ddl_pools(config, options.db_connections)?,
+                ddl: crate::store::servers::Servers::ddl(config, options.db_connections)?,
                 tenants: tenants.clone(),
                 outcomes: OutcomePublisher::new(producer.clone(), codec.clone(), &ns),
                 redis: redis.clone(),

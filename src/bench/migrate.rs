@@ -142,7 +142,7 @@ async fn measure(
         ..Default::default()
     };
     let started = Instant::now();
-    let ddl = crate::store::pools::ddl_pools(config, parallel as u32)?;
+    let ddl = crate::store::servers::Servers::ddl(config, parallel as u32)?;
     let report = rollout::run(tenants, &ddl, &options, |_| {}).await?;
     let ours_secs = started.elapsed().as_secs_f64();
     anyhow::ensure!(

@@ -123,7 +123,8 @@ mod tests {
             archive_database: None,
             past_archives: vec![(10, 20)],
             changing: false,
-            behind: false,
+            migration_version: None,
+            migration_failed: false,
             region: None,
         }
     }
@@ -183,15 +184,25 @@ mod tests {
             verdict(&grant(50), &applied, &tenants),
             Gate::Ready(_)
         ));
-        tenants.get_mut("s").unwrap().behind = true;
+        tenants.get_mut("s").unwrap().migration_failed = true;
         assert!(
             matches!(verdict(&grant(50), &applied, &tenants), Gate::Hold(Wait::Schema(t)) if t == "s")
         );
-        tenants.get_mut("s").unwrap().behind = false;
-        tenants.get_mut("b").unwrap().behind = true;
+        tenants.get_mut("s").unwrap().migration_failed = false;
+        // One migration behind the brand migrations this binary knows.
+        let latest = crate::tenancy::migrations::latest_version(
+            crate::tenancy::migrations::for_tenant(OrganisationType::Brand),
+        );
+        tenants.get_mut("b").unwrap().migration_version = Some(latest - 1);
         assert!(
             matches!(verdict(&grant(50), &applied, &tenants), Gate::Hold(Wait::Schema(t)) if t == "b")
         );
+        // Ahead (a newer worker migrated it): applied.
+        tenants.get_mut("b").unwrap().migration_version = Some(latest + 1);
+        assert!(matches!(
+            verdict(&grant(50), &applied, &tenants),
+            Gate::Ready(_)
+        ));
     }
 
     #[test]

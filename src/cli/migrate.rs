@@ -54,7 +54,7 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     )
     .await?;
     let tenants = Tenants::on(servers, &config.namespace);
-    let ddl = crate::store::pools::ddl_pools(&config, args.parallel.max(1) as u32)?;
+    let ddl = crate::store::servers::Servers::ddl(&config, args.parallel.max(1) as u32)?;
     let mut only = None;
     if !args.retry.is_empty() {
         let mut ids = Vec::new();

@@ -171,7 +171,7 @@ pub async fn run(config: Config, args: RunArgs) -> anyhow::Result<ExitCode> {
     let rollout_servers =
         crate::store::servers::Servers::connect(&config, (2 * rollout.parallel + 2) as u32).await?;
     let rollout_tenants = Tenants::on(rollout_servers, &ns);
-    let rollout_ddl = crate::store::pools::ddl_pools(&config, rollout.parallel as u32)?;
+    let rollout_ddl = crate::store::servers::Servers::ddl(&config, rollout.parallel as u32)?;
     let handle = tokio::runtime::Handle::current();
     // A thread of its own, driving the runtime's I/O (the rollout's future borrows across its
     // awaits in ways a spawned task's `Send` bound does not accept).

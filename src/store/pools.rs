@@ -14,7 +14,6 @@ use sqlx::ConnectOptions;
 use sqlx::MySqlPool;
 
 use crate::config::Config;
-use crate::store::servers::Servers;
 
 /// One pool per MySQL server.
 pub async fn connect_pool(config: &Config) -> anyhow::Result<MySqlPool> {
@@ -139,12 +138,8 @@ pub fn ddl_pool(config: &Config, connections: u32) -> anyhow::Result<MySqlPool> 
     Ok(ddl_pool_with(options, connections))
 }
 
-/// [`ddl_pool`] for every server.
-pub fn ddl_pools(config: &Config, connections: u32) -> anyhow::Result<Servers> {
-    Servers::lazy(config, |options| ddl_pool_with(options, connections))
-}
-
-fn ddl_pool_with(options: MySqlConnectOptions, connections: u32) -> MySqlPool {
+/// [`ddl_pool`]'s settings on `options`' server (see [`crate::store::servers::Servers::ddl`]).
+pub(crate) fn ddl_pool_with(options: MySqlConnectOptions, connections: u32) -> MySqlPool {
     sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(connections.max(1))
         .min_connections(0)

@@ -250,6 +250,14 @@ impl Servers {
         Self::new(all, config)
     }
 
+    /// DDL connections ([`crate::store::pools::ddl_pool`]) for every server, opened on first
+    /// use: for the provisioner's new databases and the migration rollout.
+    pub fn ddl(config: &Config, connections: u32) -> anyhow::Result<Servers> {
+        Self::lazy(config, |options| {
+            crate::store::pools::ddl_pool_with(options, connections)
+        })
+    }
+
     /// Only the home server, on `pool` (tests and tools that never see another server).
     pub fn single(pool: MySqlPool, url: &str) -> Servers {
         Servers {

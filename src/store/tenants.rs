@@ -208,9 +208,11 @@ pub struct TenantRef {
     pub past_archives: Vec<(i64, i64)>,
     /// A termination or restore is under way: events for it wait until it is done.
     pub changing: bool,
-    /// Its database is behind the latest migration of its kind this binary knows, or its last
-    /// migration failed: events for it wait for the rollout (`tenancy::rollout`).
-    pub behind: bool,
+    /// The migration version its database is at (None: never recorded), and whether its last
+    /// migration failed: `tenancy::verdict` holds its events while it is behind what this
+    /// binary writes for (`tenancy::rollout` brings it up).
+    pub migration_version: Option<i64>,
+    pub migration_failed: bool,
     /// The region its data must stay in; None: any server.
     pub region: Option<String>,
 }
@@ -631,15 +633,7 @@ impl Tenants {
                 // Never an error for a server this process was not given: an archived tenant
                 // there is skipped without it, an active one is parked by the loop.
                 let server = self.servers.named(row.try_get("server")?);
-                let version: Option<i64> = row.try_get("migration_version")?;
                 let failure: Option<String> = row.try_get("migration_failure")?;
-                let behind = matches!(status, Status::Active | Status::Archived)
-                    && (failure.is_some()
-                        || version.is_some_and(|v| {
-                            v < crate::tenancy::migrations::latest_version(
-                                crate::tenancy::migrations::for_tenant(kind),
-                            )
-                        }));
                 found.insert(
                     id.clone(),
                     TenantRef {
@@ -652,7 +646,8 @@ impl Tenants {
                         archived_at: archived_at.map(|t| t.timestamp_millis()),
                         past_archives: Vec::new(),
                         changing: pending.is_some(),
-                        behind,
+                        migration_version: row.try_get("migration_version")?,
+                        migration_failed: failure.is_some(),
                         region: row.try_get("region")?,
                     },
                 );

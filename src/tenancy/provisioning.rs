@@ -67,7 +67,7 @@ pub trait LifecycleHooks {
 pub struct Provisioner {
     pub ns: Namespace,
     /// Where new tenant databases are created and migrated, per server
-    /// ([`crate::store::pools::ddl_pools`]).
+    /// ([`crate::store::servers::Servers::ddl`]).
     pub ddl: Servers,
     /// Also the router: `tenants.servers()`.
     pub tenants: Tenants,

@@ -151,7 +151,7 @@ pub async fn behind(tenants: &Tenants, options: &Options) -> anyhow::Result<Vec<
 
 /// Migrates one tenant's database under its lifecycle lock, if it is still as `b` found it,
 /// and records the outcome on the tenant. `retry`: a failure recorded earlier does not stop it.
-/// `ddl`: the DDL connections of every server ([`crate::store::pools::ddl_pools`]).
+/// `ddl`: the DDL connections of every server ([`crate::store::servers::Servers::ddl`]).
 pub async fn migrate_one(tenants: &Tenants, ddl: &Servers, b: &Behind, retry: bool) -> Done {
     let t = &b.tenant;
     let server = match tenants.server_of(t) {

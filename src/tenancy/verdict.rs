@@ -29,7 +29,16 @@ fn unsettled(
     if t.changing {
         return Some(Gate::Hold(Wait::Changing(id.to_owned())));
     }
-    t.behind.then(|| Gate::Hold(Wait::Schema(id.to_owned())))
+    behind(t).then(|| Gate::Hold(Wait::Schema(id.to_owned())))
+}
+
+/// Whether a live or archived tenant's database is behind the latest migration of its kind
+/// this binary knows (a database ahead, migrated by a newer worker, is not), or its last
+/// migration failed.
+fn behind(t: &TenantRef) -> bool {
+    let latest = super::migrations::latest_version(super::migrations::for_tenant(t.kind));
+    matches!(t.status, Status::Active | Status::Archived)
+        && (t.migration_failed || t.migration_version.is_some_and(|v| v < latest))
 }
 
 /// One tenant's verdict for an event placed at `occurred_at` (by [`super::clock`]) that names it
