@@ -1,5 +1,5 @@
 -- Termination, restore and purge (organisation lifecycle).
--- Written for MySQL 8.4 and MariaDB 10.11 alike (no ADD COLUMN IF NOT EXISTS), and safe to run
+-- Written for MySQL 8.4 and MariaDB 10.11 alike (no MariaDB-only column clause), and safe to run
 -- again after a crash half-way: the ALTER runs only if its first column is missing. (Databases
 -- migrated by this file's first, MariaDB-only form have its checksum updated at start-up: see
 -- `tenancy::migrations::REWRITTEN`.)

@@ -355,7 +355,7 @@ pub async fn migrate(
 }
 
 /// Platform migrations rewritten after they shipped, with the SHA-384 checksum of their first
-/// form: they used MariaDB's `ADD COLUMN IF NOT EXISTS`, which MySQL 8.4 refuses, and now add
+/// form: they guarded `ADD COLUMN` with MariaDB's own existence clause, which MySQL 8.4 refuses, and now add
 /// their columns the portable way, as safely re-runnable (see `migrations/platform/0004`). The
 /// schema both forms make is the same. A database migrated by the first form holds the old
 /// checksum in `_sqlx_migrations`, which sqlx would refuse as a modified migration:
