@@ -233,19 +233,7 @@ async fn first_applied_event(
         "fabrics_upserted": [{"code": "FIRST", "name": "First", "collection": "Aurora",
             "colour": "White", "material": "Blackout", "width_mm": 2000, "price_minor": 1500,
             "currency": "GBP"}]});
-    let event = crate::log::emit::prepare_line(1, &line.to_string())
-        .map_err(|e| anyhow::anyhow!("line {}: {}", e.line, e.reason))?;
-    let codec = crate::log::wire::Codec::new(&config.schema_registry_url);
-    let producer = crate::log::kafka::producer(config)?;
-    let ns = config.namespace.clone();
-    crate::log::emit::send_all(
-        vec![event],
-        |k| k.topic().name(&ns),
-        &codec,
-        &producer,
-        |_| {},
-    )
-    .await?;
+    crate::log::emit::send_line(config, &line).await?;
     eprintln!("tenancy run: its start to the event's row");
     let started = Instant::now();
     let mut worker = super::tenancy_command(config)?

@@ -347,27 +347,14 @@ async fn resolve(tenants: &Tenants, org: &str) -> Result<Option<TenantRecord>, s
 
 /// Validates and produces one lifecycle event, printing where it landed.
 async fn send_one(config: &Config, line: &serde_json::Value) -> anyhow::Result<ExitCode> {
-    let event = crate::log::emit::prepare_line(1, &line.to_string())?;
-    crate::log::topics::ensure_topics(config).await?;
-    let codec = crate::log::wire::Codec::new(&config.schema_registry_url);
-    let producer = crate::log::kafka::producer(config)?;
-    let ns = config.namespace.clone();
-    crate::log::emit::send_all(
-        vec![event],
-        |k| k.topic().name(&ns),
-        &codec,
-        &producer,
-        |sent| {
-            println!(
-                "{}/{}/{}\t{}\t{}",
-                sent.topic,
-                sent.partition,
-                sent.offset,
-                sent.kind.name(),
-                sent.key
-            )
-        },
-    )
-    .await?;
+    let sent = crate::log::emit::send_line(config, line).await?;
+    println!(
+        "{}/{}/{}\t{}\t{}",
+        sent.topic,
+        sent.partition,
+        sent.offset,
+        sent.kind.name(),
+        sent.key
+    );
     Ok(ExitCode::SUCCESS)
 }

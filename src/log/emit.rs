@@ -158,6 +158,26 @@ pub fn prepare_all(input: impl BufRead) -> Result<Vec<PreparedEvent>, Vec<LineEr
     }
 }
 
+/// Validates one JSON line as `tenancy emit` does and produces it to its topic in `config`'s
+/// namespace, creating missing topics: for commands that send a single event.
+pub async fn send_line(config: &crate::config::Config, line: &Json) -> anyhow::Result<Sent> {
+    let event = prepare_line(1, &line.to_string())?;
+    crate::log::topics::ensure_topics(config).await?;
+    let codec = Codec::new(&config.schema_registry_url);
+    let producer = crate::log::kafka::producer(config)?;
+    let ns = config.namespace.clone();
+    let mut sent = None;
+    send_all(
+        vec![event],
+        |k| k.topic().name(&ns),
+        &codec,
+        &producer,
+        |s| sent = Some(s),
+    )
+    .await?;
+    sent.ok_or_else(|| anyhow::anyhow!("the event was not sent"))
+}
+
 /// Where one event landed.
 #[derive(Debug, Clone)]
 pub struct Sent {
