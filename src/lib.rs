@@ -24,6 +24,8 @@
 //!   lifecycle watermark and clock), [`catalog`] (brand catalogs, supplier copies and the
 //!   access projection), [`domains`] (retailers' custom hosts).
 //! - [`worker`]: one worker's processors, built one way; [`status`]: what workers report.
+//! - [`backup`]: per-tenant snapshots that know their place in the log: the format, taking one,
+//!   loading one into a database.
 //! - [`rebuild`]: a tenant's database rebuilt from the topics beside the live one, compared and
 //!   swapped in online, or moved to another server.
 //! - [`serve`]: the HTTP API (`tenancy serve`).
@@ -34,6 +36,7 @@
 //! The schema registry (`tenancy registry`) is a crate of its own, `blindstrader-registry`
 //! (`crates/registry`): it uses nothing of this one.
 
+pub mod backup;
 pub mod bench;
 pub mod cache;
 pub mod catalog;

@@ -766,15 +766,6 @@ async fn supplier_with_history(t: &TestNs, pool: &MySqlPool) -> (Worker, String,
     (worker, supplier, brands)
 }
 
-async fn copy_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, String, Option<i64>)> {
-    sqlx::query_as(&format!(
-        "SELECT brand_id, code, name, price_minor FROM `{db}`.brand_fabrics ORDER BY brand_id, code"
-    ))
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
 /// A supplier rebuilt from its grants and the brands' projections equals the live one; a
 /// corrupted copy and a lost grant are reported by the dry run, repaired by the rebuild (the
 /// worker keeps writing into the swapped-in tables) and brought back by --rollback.

@@ -1,6 +1,8 @@
 //! Benchmarks (`tenancy bench …`): each measures a path of ours next to a raw baseline in the
 //! same run and prints both. Figures only mean something from a `--release` build.
 //!
+//! - [`backup`]: `tenancy backup` and `tenancy restore` of a large brand, against
+//!   `mariadb-dump` and loading its dump; `tenancy rebuild` of the same tenant.
 //! - [`catalog`]: the catalog processor against plain multi-row upserts.
 //! - [`broker`]: the broker's own produce and consume rates, the ceiling every processor sits
 //!   under.
@@ -16,6 +18,7 @@
 //! Each ends with one [`Row`] line (`bench-row {json}`) that `scripts/bench` gathers into
 //! `docs/benchmarks.md`; the lines before it are for the reader.
 
+pub mod backup;
 pub mod broker;
 pub mod catalog;
 pub mod e2e;

@@ -75,56 +75,15 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
     );
     let codec = Codec::new(&config.schema_registry_url);
     let topic = Topic::BrandCatalog.name(&ns);
-    let producer = crate::log::kafka::producer(&config)?;
-    let mut last: HashMap<i32, i64> = HashMap::new();
-    let mut in_flight = std::collections::VecDeque::new();
-    // Every event's id, for the raw baseline's bookkeeping rows (about 18 MiB at 500,000).
-    let mut ids: Vec<String> = Vec::with_capacity(args.events);
-    for n in 0..args.events {
-        let fabrics: Vec<serde_json::Value> = codes_of(&args, n)
-            .map(|i| fabric_json(i, n as i64))
-            .collect();
-        let event_id = uuid::Uuid::new_v4().to_string();
-        let line = json!({"event_id": &event_id, "occurred_at": 0,
-            "brand_id": brand.id, "brand_slug": "brand0", "revision": n as i64,
-            "fabrics_upserted": fabrics, "fabrics_removed": []});
-        ids.push(event_id);
-        let value = record_from_json(EventKind::BrandCatalogUpdated.schema(), &line, &[])
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let payload = codec
-            .encode(&topic, EventKind::BrandCatalogUpdated, value)
-            .await
-            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
-        loop {
-            match producer.send_result(FutureRecord::to(&topic).key(&brand.id).payload(&payload)) {
-                Ok(d) => {
-                    in_flight.push_back(d);
-                    break;
-                }
-                Err((rdkafka::error::KafkaError::MessageProduction(_), _)) => {
-                    // The queue is full: settle the oldest.
-                    let d = in_flight.pop_front().expect("something in flight");
-                    let d = d
-                        .await?
-                        .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-                    let e = last.entry(d.partition).or_insert(-1);
-                    *e = (*e).max(d.offset);
-                }
-                Err((e, _)) => anyhow::bail!("produce: {e}"),
-            }
-        }
-        if (n + 1) % 100_000 == 0 {
-            eprintln!("  {} produced", n + 1);
-        }
-    }
-    for d in in_flight {
-        let d = d
-            .await?
-            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
-        let e = last.entry(d.partition).or_insert(-1);
-        *e = (*e).max(d.offset);
-    }
-    drop(producer);
+    let (last, ids) = produce_catalog(
+        &config,
+        &codec,
+        &brand.id,
+        0..args.events,
+        args.per_event,
+        args.catalog,
+    )
+    .await?;
 
     eprintln!("applying them live with the catalog processor");
     let started = Instant::now();
@@ -201,6 +160,71 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
         super::drop_namespace(&config, &pool).await?;
     }
     Ok(())
+}
+
+/// Produces one BrandCatalogUpdated event of `brand` for each revision in `revisions`, each
+/// upserting `per_event` fabrics cycling over `catalog` codes (what `codes_of` replays). Returns
+/// the last offset written per partition and the events' ids, in order.
+pub(super) async fn produce_catalog(
+    config: &Config,
+    codec: &Codec,
+    brand: &str,
+    revisions: std::ops::Range<usize>,
+    per_event: usize,
+    catalog: usize,
+) -> anyhow::Result<(HashMap<i32, i64>, Vec<String>)> {
+    let topic = Topic::BrandCatalog.name(&config.namespace);
+    let producer = crate::log::kafka::producer(config)?;
+    let mut last: HashMap<i32, i64> = HashMap::new();
+    let mut in_flight = std::collections::VecDeque::new();
+    // Every event's id, for the raw baseline's bookkeeping rows (about 18 MiB at 500,000).
+    let mut ids: Vec<String> = Vec::with_capacity(revisions.len());
+    let (first, count) = (revisions.start, revisions.len());
+    for n in revisions {
+        let fabrics: Vec<serde_json::Value> = (0..per_event)
+            .map(|j| fabric_json((n * per_event + j) % catalog, n as i64))
+            .collect();
+        let event_id = uuid::Uuid::new_v4().to_string();
+        let line = json!({"event_id": &event_id, "occurred_at": 0,
+            "brand_id": brand, "brand_slug": "brand0", "revision": n as i64,
+            "fabrics_upserted": fabrics, "fabrics_removed": []});
+        ids.push(event_id);
+        let value = record_from_json(EventKind::BrandCatalogUpdated.schema(), &line, &[])
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let payload = codec
+            .encode(&topic, EventKind::BrandCatalogUpdated, value)
+            .await
+            .map_err(|e| anyhow::anyhow!("encode: {e}"))?;
+        loop {
+            match producer.send_result(FutureRecord::to(&topic).key(brand).payload(&payload)) {
+                Ok(d) => {
+                    in_flight.push_back(d);
+                    break;
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(_), _)) => {
+                    // The queue is full: settle the oldest.
+                    let d = in_flight.pop_front().expect("something in flight");
+                    let d = d
+                        .await?
+                        .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+                    let e = last.entry(d.partition).or_insert(-1);
+                    *e = (*e).max(d.offset);
+                }
+                Err((e, _)) => anyhow::bail!("produce: {e}"),
+            }
+        }
+        if (n + 1 - first) % 100_000 == 0 {
+            eprintln!("  {} of {count} produced", n + 1 - first);
+        }
+    }
+    for d in in_flight {
+        let d = d
+            .await?
+            .map_err(|(e, _)| anyhow::anyhow!("delivery: {e}"))?;
+        let e = last.entry(d.partition).or_insert(-1);
+        *e = (*e).max(d.offset);
+    }
+    Ok((last, ids))
 }
 
 /// The brand's raw baseline: the rebuild's final rows written straight into an empty brand

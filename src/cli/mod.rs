@@ -1,6 +1,7 @@
 //! The `tenancy` command line: one subcommand per job, each with its own `--help`.
 
 mod access;
+mod backup;
 mod dead_letter;
 mod emit;
 mod migrate;
@@ -95,6 +96,26 @@ pub enum Command {
     /// copies backfilled from the brands' live projections) and retailers (domain events
     /// replayed from {ns}.retailer-domains).
     Rebuild(rebuild::RebuildArgs),
+    /// Write a consistent snapshot of a tenant database (or of every active one) that knows
+    /// its place in the log.
+    ///
+    /// One transaction per tenant (its writers are not blocked; a migration of it waits): every
+    /// table as JSON lines, and a manifest.json with the tenant, its server, the migration
+    /// version, the offsets the log must be read from to bring it up to date, row counts and
+    /// SHA-256 checksums. Written as DIR/{kind}_{slug}_{time}.partial, renamed when complete.
+    /// Backups are files outside the platform: a purge cannot reach them (delete a purged
+    /// tenant's backups by your retention rules).
+    Backup(backup::BackupArgs),
+    /// Restore a tenant from a backup and the log since it, beside the live database, and swap
+    /// it in as a rebuild does.
+    ///
+    /// Loads the backup into {ns}_shadow_{id} at its migration version, migrates it, replays
+    /// the tenant's events from the backup's offsets up to what the live database holds (or to
+    /// the log's end if the live database was dropped; --until: to a moment), compares, and
+    /// swaps with one RENAME TABLE. Works when the log's start was trimmed, as long as it
+    /// still holds the backup's offsets (otherwise refused, naming the offsets gone). The
+    /// replaced tables stay in {ns}_old_{id}: `tenancy rebuild ORG --rollback` / `--drop-old`.
+    Restore(backup::RestoreArgs),
     /// Serve the tenant API: brand catalogs for suppliers (bearer tokens), retailers by host.
     ///
     /// GET /api/brands/{slug}/fabrics (or /api/fabrics on SLUG.brand.BASE) answers a supplier
@@ -182,6 +203,10 @@ pub enum BenchCommand {
     /// to the same SQL from as many plain clients, then `tenancy run`'s time from its start to
     /// its first applied event with that fleet. Fresh namespace, dropped unless --keep.
     Migrate(crate::bench::migrate::MigrateBenchArgs),
+    /// One brand of many events: `tenancy backup` next to `mariadb-dump --single-transaction`,
+    /// then (after more events) `tenancy restore` next to loading that dump with `mariadb`, and
+    /// `tenancy rebuild` of the same tenant. Fresh namespace, dropped unless --keep.
+    Backup(crate::bench::backup::BackupBenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,6 +235,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(config, args).await,
         Command::Status(args) => status::run(config, args).await,
         Command::Migrate(args) => migrate::run(config, args).await,
+        Command::Backup(args) => backup::backup(config, args).await,
+        Command::Restore(args) => backup::restore(config, args).await,
         Command::Emit(args) => emit::emit(config, args).await,
         Command::Registry(args) => {
             let listener = tokio::net::TcpListener::bind(args.listen)
@@ -288,6 +315,12 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             command: BenchCommand::Migrate(args),
         } => {
             crate::bench::migrate::run(config, args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::Backup(args),
+        } => {
+            crate::bench::backup::run(config, args).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -91,6 +91,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
         fail_after: args.fail_after,
         #[cfg(not(feature = "fault-injection"))]
         fail_after: None,
+        access_from: Default::default(),
     };
     let r = Rebuilder::new(&config, options).await?;
     let mode = if args.dry_run {

@@ -45,7 +45,7 @@ impl Rebuilder {
     }
 
     /// Brings `target` (on `into`) up to what the live database held at `live` (its offsets).
-    async fn catch_up(
+    pub(super) async fn catch_up(
         &self,
         t: &TenantRef,
         into: &Server,
@@ -72,7 +72,7 @@ impl Rebuilder {
 
     /// Holds every writer of `t`'s live database off; `None` when it has to be tried again.
     /// `other` (on `on`) is the database about to replace it.
-    async fn hold_tenant_writes(
+    pub(super) async fn hold_tenant_writes(
         &self,
         t: &TenantRef,
         live: &DatabaseName,

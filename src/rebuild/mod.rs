@@ -33,6 +33,7 @@ mod fenced;
 pub mod kept;
 pub mod replay;
 pub mod report;
+pub mod restore;
 mod retailer;
 mod supplier;
 
@@ -279,6 +280,9 @@ pub struct Options {
     pub pause_before_swap: Option<Duration>,
     /// Crash tests only: where to abort (the `fault-injection` feature).
     pub fail_after: FailAfter,
+    /// Where a supplier's grants are read from, per partition of `{ns}.brand-access`: from 0
+    /// for a rebuild; from a backup's offsets for a restore (the log before them may be gone).
+    pub access_from: std::collections::HashMap<i32, i64>,
 }
 
 impl Default for Options {
@@ -292,6 +296,7 @@ impl Default for Options {
             replay_batch: replay::BATCH,
             pause_before_swap: None,
             fail_after: None,
+            access_from: Default::default(),
         }
     }
 }
@@ -867,18 +872,62 @@ impl Rebuilder {
     }
 }
 
+/// A log whose start is gone, for the tests of the refusals that need one. The local broker
+/// cannot delete records (its SQLite storage's DeleteRecords is `todo!()`), but librdkafka's
+/// mock broker keeps at most 5 MiB a partition and drops the oldest messages beyond that, as
+/// retention would.
 #[cfg(test)]
-mod tests {
+pub(crate) mod mock_log {
+    use std::time::Duration;
+
     use rdkafka::mocking::MockCluster;
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
     use rdkafka::ClientConfig;
 
-    use super::*;
+    use crate::config::Config;
     use crate::tenant::Namespace;
 
-    fn config_for(bootstrap_servers: String) -> Config {
-        Config {
-            kafka_bootstrap_servers: bootstrap_servers,
+    /// A mock cluster holding `topics` of 2 partitions each; `trimmed`'s partition 1 has lost
+    /// its offsets 0 to 2 (it keeps 3 to 7) and its partition 0 holds one message; every
+    /// other topic holds one message in each partition. Also a Config that reaches it.
+    pub async fn with_trimmed(
+        topics: &[&str],
+        trimmed: &str,
+    ) -> (MockCluster<'static, DefaultProducerContext>, Config) {
+        let cluster = MockCluster::new(1).unwrap();
+        for topic in topics {
+            cluster.create_topic(topic, 2, 1).unwrap();
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap();
+        let send = async |topic: &str, partition: i32, payload: Vec<u8>| {
+            producer
+                .send(
+                    FutureRecord::to(topic)
+                        .partition(partition)
+                        .key("k")
+                        .payload(&payload),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        };
+        for topic in topics.iter().filter(|t| **t != trimmed) {
+            for p in 0..2 {
+                send(topic, p, b"small".to_vec()).await;
+            }
+        }
+        send(trimmed, 0, b"small".to_vec()).await;
+        // One at a time, so each is a message set of its own: 8 x 900 KiB, of which the mock
+        // keeps the last 5.
+        for _ in 0..8 {
+            send(trimmed, 1, vec![b'x'; 900 * 1024]).await;
+        }
+        let config = Config {
+            kafka_bootstrap_servers: cluster.bootstrap_servers(),
             schema_registry_url: String::new(),
             database_url: String::new(),
             servers: Vec::new(),
@@ -888,48 +937,18 @@ mod tests {
             namespace: Namespace::parse("mock").unwrap(),
             partitions: 2,
             kafka_options: Vec::new(),
-        }
+        };
+        (cluster, config)
     }
+}
 
-    /// The refusal needs a log whose start is gone. The local broker cannot delete records
-    /// (its SQLite storage's DeleteRecords is `todo!()`), but librdkafka's mock broker keeps at
-    /// most 5 MiB a partition and drops the oldest messages beyond that, as retention would.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
     #[tokio::test(flavor = "multi_thread")]
     async fn a_log_whose_start_is_gone_is_refused_naming_the_partition_and_offsets() {
-        let cluster = MockCluster::new(1).unwrap();
-        for topic in ["whole", "trimmed"] {
-            cluster.create_topic(topic, 2, 1).unwrap();
-        }
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .create()
-            .unwrap();
-        let send = |topic: &'static str, partition: i32, payload: Vec<u8>| {
-            let producer = producer.clone();
-            async move {
-                producer
-                    .send(
-                        FutureRecord::to(topic)
-                            .partition(partition)
-                            .key("k")
-                            .payload(&payload),
-                        Duration::from_secs(10),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-                    .unwrap()
-            }
-        };
-        for p in 0..2 {
-            send("whole", p, b"small".to_vec()).await;
-        }
-        send("trimmed", 0, b"small".to_vec()).await;
-        // One at a time, so each is a message set of its own: 8 × 900 KiB, of which the mock
-        // keeps the last 5.
-        for _ in 0..8 {
-            send("trimmed", 1, vec![b'x'; 900 * 1024]).await;
-        }
-        let config = config_for(cluster.bootstrap_servers());
+        let (_cluster, config) = mock_log::with_trimmed(&["whole", "trimmed"], "trimmed").await;
         refuse_unless_log_complete(&config, "whole").await.unwrap();
         let refused = refuse_unless_log_complete(&config, "trimmed")
             .await

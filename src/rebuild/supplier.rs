@@ -102,8 +102,10 @@ impl Rebuilder {
         // What the live projector dead-lettered it did not apply (a grant whose supplier came
         // too late, say); a replayed copy of it comes later in the log and is judged there.
         let dead = self.dead_lettered(&topic).await?;
-        // From 0: a partition holds every brand's events, each applied up to its own offset.
-        let Some(mut range) = Range::new(&self.config, &topic, &HashMap::new(), upto)? else {
+        // From 0 (or a restored backup's offsets): a partition holds every brand's events,
+        // each applied up to its own offset.
+        let Some(mut range) = Range::new(&self.config, &topic, &self.options.access_from, upto)?
+        else {
             return Ok(done);
         };
         let codec = self.codec.get().await;

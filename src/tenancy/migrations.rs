@@ -111,10 +111,16 @@ const SQLX_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _sqlx_migrations
 /// for them, as one script: the DDL, `_sqlx_migrations`, and one row per migration. Values are
 /// literals (a script cannot bind), all from the embedded migrations, never from input.
 pub fn fresh_script(migrator: &Migrator) -> String {
+    fresh_script_upto(migrator, i64::MAX)
+}
+
+/// [`fresh_script`] with the migrations up to `version` only: the schema a backup taken at that
+/// version was written from (a restore loads its rows there, then migrates on).
+pub fn fresh_script_upto(migrator: &Migrator, version: i64) -> String {
     let mut script = String::new();
     let ups: Vec<_> = migrator
         .iter()
-        .filter(|m| m.migration_type.is_up_migration())
+        .filter(|m| m.migration_type.is_up_migration() && m.version <= version)
         .collect();
     for m in &ups {
         // A trailing `;` would leave an empty statement, which MySQL refuses.
@@ -147,7 +153,7 @@ fn bookkeeping(ups: &[&sqlx::migrate::Migration]) -> String {
 
 /// The name of the named lock that serialises migrations of `db` across workers (names are
 /// limited to 64 characters; a uuid of the database name fits any name).
-fn migrate_lock(db: &DatabaseName) -> String {
+pub fn migrate_lock(db: &DatabaseName) -> String {
     format!(
         "migrate:{}",
         uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, db.as_str().as_bytes())

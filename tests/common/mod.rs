@@ -849,6 +849,16 @@ pub async fn domains_of(pool: &MySqlPool, db: &str) -> Vec<String> {
 }
 
 /// Fabric rows (code, name, revision) of a brand database, in code order.
+/// A supplier's copies: (brand, code, name, price).
+pub async fn copy_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, String, Option<i64>)> {
+    sqlx::query_as(&format!(
+        "SELECT brand_id, code, name, price_minor FROM `{db}`.brand_fabrics ORDER BY brand_id, code"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 pub async fn fabric_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, i64)> {
     sqlx::query_as(&format!(
         "SELECT code, name, revision FROM `{db}`.fabrics ORDER BY code"
