@@ -320,3 +320,117 @@ async fn a_migration_left_half_applied_is_run_again() {
         "the table is back"
     );
 }
+
+/// Named canaries go first; the rest goes in waves, and a wave that fails past --max-failures
+/// stops the rollout before the next wave starts (with --parallel 4 and no waves, the whole rest
+/// would have been started at once). A named canary that is not behind is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_goes_canary_first_then_in_waves_and_stops_after_a_failed_wave() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let ids: Vec<String> = (0..5).map(|_| new_id()).collect();
+    let slugs = ["w1", "w2", "w3", "w4", "w5"];
+    {
+        let _worker = t.spawn_run("provision");
+        let orgs: Vec<(&str, &str, &str)> = ids
+            .iter()
+            .zip(slugs)
+            .map(|(id, slug)| (id.as_str(), "BRAND", slug))
+            .collect();
+        t.provisioned(&pool, &orgs).await;
+    }
+    for (id, slug) in ids.iter().zip(slugs) {
+        one_behind(&t, &pool, id, slug).await;
+    }
+    break_migrations(&t, &pool, "w2").await;
+    let behind = (Some(latest_brand() - 1), None);
+
+    let (code, out, err) = t.tenancy_output(&[
+        "migrate",
+        "--canary-tenant",
+        "w5",
+        "--wave",
+        "2",
+        "--parallel",
+        "4",
+        "--max-failures",
+        "0",
+    ]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("wave 1 of 2: 2 tenant(s)"), "{err}");
+    assert!(!err.contains("wave 2 of 2"), "{err}");
+    assert!(out.contains("halted: 1 of 5 tenants failed"), "{out}");
+    let canary = err.find("brand w5").expect("the canary is reported");
+    let first_wave = err.find("brand w1").expect("the first wave is reported");
+    assert!(canary < first_wave, "the named canary went first: {err}");
+    assert_eq!(
+        migration_state(&t, &pool, &ids[4]).await,
+        (Some(latest_brand()), None)
+    );
+    assert_eq!(
+        migration_state(&t, &pool, &ids[0]).await,
+        (Some(latest_brand()), None)
+    );
+    assert!(migration_state(&t, &pool, &ids[1]).await.1.is_some());
+    for id in &ids[2..4] {
+        assert_eq!(
+            migration_state(&t, &pool, id).await,
+            behind,
+            "the second wave never started"
+        );
+    }
+
+    let (code, out, err) = t.tenancy_output(&["migrate", "--canary-tenant", "w1"]);
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(err.contains("is not behind its latest migration"), "{err}");
+    assert_eq!(
+        migration_state(&t, &pool, &ids[2]).await,
+        behind,
+        "nothing migrated"
+    );
+}
+
+/// Old and new workers side by side during an upgrade: a tenant a newer binary has already
+/// brought to a later migration (an expand: a column added, nullable) is served by this
+/// binary as before, which neither holds its events nor tries to migrate it back or mark it
+/// failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_a_newer_binary_has_expanded_is_still_served_by_this_one() {
+    let t = TestNs::new();
+    let pool = t.pool().await;
+    let org = new_id();
+    let _worker = t.spawn_run("old");
+    t.provisioned(&pool, &[(&org, "BRAND", "ahead")]).await;
+    let db = format!("{}_brand_ahead", t.ns);
+    let newer = latest_brand() + 1;
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE `{db}`.fabrics ADD COLUMN pattern_repeat_mm INT NULL; \
+         INSERT INTO `{db}`._sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES ({newer}, 'fabric pattern repeat', TRUE, X'00', 1); \
+         UPDATE `{ns}_platform`.tenants SET migration_version = {newer} WHERE organisation_id = '{org}'",
+        ns = t.ns
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    t.emit_ok(&[lines::catalog(&org, 1, &["A", "B"], &[])]);
+    wait_for("the catalog to apply", SETTLE, || async {
+        (fabrics(&t, &pool, "ahead").await == 2).then_some(())
+    })
+    .await;
+    // A worker of this binary starting now (its background rollout) and `tenancy migrate`
+    // leave it alone.
+    let _second = t.spawn_run("old-again");
+    let (code, out, err) = t.tenancy_output(&["migrate"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("0 migrated, 0 failed, 0 skipped, 0 to try again of 0"),
+        "{out}"
+    );
+    t.emit_ok(&[lines::catalog(&org, 2, &["C"], &[])]);
+    wait_for("the second event to apply", SETTLE, || async {
+        (fabrics(&t, &pool, "ahead").await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(migration_state(&t, &pool, &org).await, (Some(newer), None));
+}

@@ -30,6 +30,14 @@ pub struct MigrateArgs {
     /// Migrate this many tenants one at a time first: if one fails, stop before the rest.
     #[arg(long, default_value_t = 1)]
     pub canary: usize,
+    /// A tenant to be a canary (organisation id or slug), migrated first, in the order given;
+    /// repeatable. The first behind make up the rest of --canary. Refused if it is not behind.
+    #[arg(long, value_name = "ORG")]
+    pub canary_tenant: Vec<String>,
+    /// After the canary, go on in waves of this many tenants: a wave starts only when the one
+    /// before ended within --max-failures. Default: the rest in one wave.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub wave: Option<u32>,
     /// Halt once more than this share of the tenants failed (0 to 1; 0: at the first failure).
     #[arg(long, default_value_t = 0.1)]
     pub max_failures: f64,
@@ -59,20 +67,17 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     if !args.retry.is_empty() {
         let mut ids = Vec::new();
         for org in &args.retry {
-            let rows = tenants.find(org).await?;
-            let live: Vec<_> = rows
-                .iter()
-                .filter(|r| r.status != crate::store::tenants::Status::Purged)
-                .collect();
-            match live.as_slice() {
-                [one] => ids.push(one.organisation_id.clone()),
-                [] => anyhow::bail!("no tenant {org:?} (organisation id or slug)"),
-                _ => anyhow::bail!("{org:?} names several tenants: give the organisation id"),
-            }
+            ids.push(one_tenant(&tenants, org).await?);
         }
         only = Some(ids);
     }
+    let mut canary_named = Vec::new();
+    for org in &args.canary_tenant {
+        canary_named.push(one_tenant(&tenants, org).await?);
+    }
     let options = Options {
+        canary_named,
+        wave: args.wave.map(|n| n as usize),
         kind: args.kind,
         parallel: args.parallel.max(1),
         only,
@@ -140,6 +145,19 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
                 None => eprintln!("{line}"),
             }
         }
+        Progress::Wave {
+            wave,
+            waves,
+            tenants,
+        } => {
+            if waves > 1 {
+                let line = format!("wave {wave} of {waves}: {tenants} tenant(s)");
+                match &bar {
+                    Some(b) => b.println(&line),
+                    None => eprintln!("{line}"),
+                }
+            }
+        }
         Progress::Halted { reason } => {
             let line = format!("halted: {reason}");
             match &bar {
@@ -176,4 +194,27 @@ pub async fn run(config: Config, args: MigrateArgs) -> anyhow::Result<ExitCode> 
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The organisation id of the one tenant (not purged) `org` names: an id, a slug, or
+/// `kind/slug`.
+async fn one_tenant(tenants: &Tenants, org: &str) -> anyhow::Result<String> {
+    let (kind, key) = match org.split_once('/') {
+        Some((kind, slug)) => (
+            Some(super::tenants::parse_kind(kind).map_err(anyhow::Error::msg)?),
+            slug,
+        ),
+        None => (None, org),
+    };
+    let rows = tenants.find(key).await?;
+    let live: Vec<_> = rows
+        .iter()
+        .filter(|r| r.status != crate::store::tenants::Status::Purged)
+        .filter(|r| kind.is_none_or(|k| r.organisation_type == k))
+        .collect();
+    match live.as_slice() {
+        [one] => Ok(one.organisation_id.clone()),
+        [] => anyhow::bail!("no tenant {org:?} (organisation id or slug)"),
+        _ => anyhow::bail!("{org:?} names several tenants: give the organisation id"),
+    }
 }

@@ -11,9 +11,10 @@
 //! the tenants it finished recorded, and the next one starts with what is still behind (a
 //! migration interrupted half-way is re-run, every migration being safe to re-run).
 //!
-//! A rollout can start with a canary (tenants migrated one by one first; one failure halts it
-//! before the rest) and halts by itself once more than a set share of its tenants failed, so a
-//! bad migration stops before it reaches the whole fleet.
+//! A rollout can start with a canary (tenants migrated one by one first, named or the first
+//! behind; one failure halts it before the rest), go on in waves (each starts once the one
+//! before ended well), and halts by itself once more than a set share of its tenants failed,
+//! so a bad migration stops before it reaches the whole fleet.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +40,13 @@ pub struct Options {
     /// Tenants migrated one at a time before the rest; any failure among them halts the
     /// rollout before the first wave.
     pub canary: usize,
+    /// Organisation ids of the canaries, migrated first in this order (the first behind make up
+    /// the rest of `canary`). Each must be behind: a canary with nothing to migrate proves
+    /// nothing, so the rollout refuses to start.
+    pub canary_named: Vec<String>,
+    /// After the canary, the rest in waves of this many tenants: a wave starts once the one
+    /// before has ended within `max_failures` (None: one wave).
+    pub wave: Option<usize>,
     /// The share of the rollout's tenants (0 to 1) allowed to fail: one more halts it.
     pub max_failures: f64,
     /// List what would be migrated; change nothing.
@@ -52,6 +60,8 @@ impl Default for Options {
             parallel: 2,
             only: None,
             canary: 1,
+            canary_named: Vec::new(),
+            wave: None,
             max_failures: 0.1,
             dry_run: false,
         }
@@ -100,9 +110,22 @@ pub struct Report {
 
 /// What a rollout tells its caller as it goes (a progress bar, log lines).
 pub enum Progress<'a> {
-    Started { total: usize },
-    Finished { behind: &'a Behind, done: &'a Done },
-    Halted { reason: &'a str },
+    Started {
+        total: usize,
+    },
+    /// A wave after the canary begins (1-based), of `tenants`.
+    Wave {
+        wave: usize,
+        waves: usize,
+        tenants: usize,
+    },
+    Finished {
+        behind: &'a Behind,
+        done: &'a Done,
+    },
+    Halted {
+        reason: &'a str,
+    },
 }
 
 /// Every tenant database `options` covers that is behind its kind's latest migration (failed
@@ -255,37 +278,35 @@ pub async fn run(
     mut progress: impl FnMut(Progress<'_>),
 ) -> anyhow::Result<Report> {
     let list = behind(tenants, options).await?;
+    let total = list.len();
     let mut report = Report {
-        total: list.len(),
+        total,
         ..Report::default()
     };
-    progress(Progress::Started { total: list.len() });
-    if options.dry_run || list.is_empty() {
+    let (first, rest) = canaries_first(list, options)?;
+    progress(Progress::Started { total });
+    if options.dry_run || total == 0 {
         return Ok(report);
     }
     let retry = options.only.is_some();
     // More failures than this halt the rollout.
-    let allowed = (options.max_failures.clamp(0.0, 1.0) * list.len() as f64).floor() as usize;
-    let canary = options.canary.min(list.len());
-    let (first, rest) = list.split_at(canary);
-    let mut tally = |report: &mut Report, b: &Behind, done: Done| {
-        match &done {
-            Done::Migrated(_) => report.migrated += 1,
-            Done::Skipped(_) => report.skipped += 1,
-            Done::Later(_) => report.later += 1,
-            Done::Failed(reason) => report
-                .failed
-                .push((b.tenant.organisation_id.clone(), reason.clone())),
-        }
+    let allowed = (options.max_failures.clamp(0.0, 1.0) * total as f64).floor() as usize;
+    let tally = |report: &mut Report, b: &Behind, done: &Done| match done {
+        Done::Migrated(_) => report.migrated += 1,
+        Done::Skipped(_) => report.skipped += 1,
+        Done::Later(_) => report.later += 1,
+        Done::Failed(reason) => report
+            .failed
+            .push((b.tenant.organisation_id.clone(), reason.clone())),
+    };
+    for b in &first {
+        let done = migrate_one(tenants, ddl, b, retry).await;
+        let failed = matches!(done, Done::Failed(_));
+        tally(&mut report, b, &done);
         progress(Progress::Finished {
             behind: b,
             done: &done,
         });
-    };
-    for b in first {
-        let done = migrate_one(tenants, ddl, b, retry).await;
-        let failed = matches!(done, Done::Failed(_));
-        tally(&mut report, b, done);
         if failed {
             report.halted = Some(format!(
                 "canary {} ({}) failed: nothing else was migrated",
@@ -294,18 +315,30 @@ pub async fn run(
             break;
         }
     }
-    if report.halted.is_none() {
+    let waves: Vec<&[Behind]> = match options.wave {
+        Some(n) => rest.chunks(n.max(1)).collect(),
+        None => vec![&rest[..]],
+    };
+    for (i, wave) in waves.iter().enumerate() {
+        if report.halted.is_some() || wave.is_empty() {
+            break;
+        }
+        progress(Progress::Wave {
+            wave: i + 1,
+            waves: waves.len(),
+            tenants: wave.len(),
+        });
         // `parallel` at a time per server, all servers at once (a slow server slows its own
         // tenants' migrations only), in the list's order (the semaphores are fair).
         let mut limits: BTreeMap<&str, tokio::sync::Semaphore> = BTreeMap::new();
-        for b in rest {
+        for b in wave.iter() {
             limits
                 .entry(b.tenant.server.as_str())
                 .or_insert_with(|| tokio::sync::Semaphore::new(options.parallel.max(1)));
         }
         let halt = AtomicBool::new(false);
         let mut all = futures::stream::FuturesUnordered::new();
-        for b in rest {
+        for b in wave.iter() {
             let (limit, halt) = (&limits[b.tenant.server.as_str()], &halt);
             all.push(async move {
                 let _turn = limit.acquire().await.expect("never closed");
@@ -318,7 +351,11 @@ pub async fn run(
         }
         while let Some((b, done)) = all.next().await {
             let Some(done) = done else { continue };
-            tally(&mut report, b, done);
+            tally(&mut report, b, &done);
+            progress(Progress::Finished {
+                behind: b,
+                done: &done,
+            });
             if report.failed.len() > allowed && report.halted.is_none() {
                 halt.store(true, Ordering::Relaxed);
                 report.halted = Some(format!(
@@ -333,6 +370,27 @@ pub async fn run(
         progress(Progress::Halted { reason });
     }
     Ok(report)
+}
+
+/// The rollout's list split into its canaries (the named ones first, in the order given, then
+/// the first behind up to `options.canary`) and the rest, in the list's order.
+fn canaries_first(
+    mut list: Vec<Behind>,
+    options: &Options,
+) -> anyhow::Result<(Vec<Behind>, Vec<Behind>)> {
+    let mut first = Vec::new();
+    for id in &options.canary_named {
+        let Some(i) = list.iter().position(|b| b.tenant.organisation_id == *id) else {
+            anyhow::bail!(
+                "canary {id} is not behind its latest migration (or not covered by this rollout): it would prove nothing"
+            );
+        };
+        first.push(list.remove(i));
+    }
+    let more = options.canary.saturating_sub(first.len()).min(list.len());
+    let rest = list.split_off(more);
+    first.extend(list);
+    Ok((first, rest))
 }
 
 /// How long the background rollout waits before another pass over tenants left for later.
