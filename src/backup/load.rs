@@ -6,7 +6,7 @@ use std::io::BufRead;
 
 use sha2::{Digest, Sha256};
 use sqlx::migrate::Migrator;
-use sqlx::MySqlConnection;
+use sqlx::Connection;
 
 use super::{Backup, Table};
 use crate::store::servers::Server;
@@ -15,8 +15,11 @@ use crate::tenant::DatabaseName;
 
 /// Rows per INSERT (fewer for wide tables: a statement binds at most 65,535 values).
 const ROWS_PER_INSERT: usize = 1000;
-/// Rows per transaction.
-const ROWS_PER_COMMIT: u64 = 20_000;
+/// INSERTs per transaction of each writer.
+const INSERTS_PER_COMMIT: usize = 20;
+/// Connections inserting one table's rows at once: the file is read, checked and parsed on a
+/// thread of its own while they write, so MySQL is kept busy on both cores.
+const WRITERS: usize = 2;
 
 /// Creates `db` on `server` (it must not exist) from `backup`, migrated to the latest version
 /// of `migrator`; `rows` is told the rows loaded so far. On error the caller drops `db`.
@@ -51,30 +54,38 @@ pub async fn load(
         migrations::fresh_script_upto(migrator, m.migration_version)
     );
     sqlx::raw_sql(&schema).execute(&mut conn).await?;
-    let mut total = 0u64;
-    for table in &m.tables {
-        let n = load_table(&mut conn, db, backup, table, &mut |n| rows(total + n)).await?;
-        total += n;
-    }
     drop(conn);
+    let loaded = std::sync::atomic::AtomicU64::new(0);
+    for table in &m.tables {
+        load_table(server, db, backup, table, &|n| {
+            let total = loaded.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+            rows(total);
+        })
+        .await?;
+    }
     if m.migration_version < latest {
         migrations::migrate(server.url(), db, migrator).await?;
     }
     Ok(())
 }
 
-/// One table's file into `db`, in transactions of [`ROWS_PER_COMMIT`] rows. Returns its rows.
+/// A batch of rows, parsed.
+type Batch = Vec<Vec<Option<String>>>;
+
+/// One table's file into `db`: read, hashed and parsed on a blocking thread, inserted by
+/// [`WRITERS`] connections in transactions of [`INSERTS_PER_COMMIT`] statements. The rows
+/// are checked against the manifest's count and SHA-256 once the file is read; a mismatch
+/// fails the load (the caller drops the database). `rows` is told each batch written.
 async fn load_table(
-    conn: &mut MySqlConnection,
+    server: &Server,
     db: &DatabaseName,
     backup: &Backup,
     table: &Table,
-    rows: &mut (dyn FnMut(u64) + Send),
+    rows: &(dyn Fn(u64) + Sync),
 ) -> anyhow::Result<u64> {
     let path = backup.dir.join(&table.file);
     let file = std::fs::File::open(&path)
         .map_err(|e| anyhow::anyhow!("{}: {e} (the backup is incomplete)", path.display()))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let width = table.columns.len();
     let per_insert = ROWS_PER_INSERT.min(60_000 / width.max(1)).max(1);
     let row_sql = format!(
@@ -98,50 +109,60 @@ async fn load_table(
             .join(",")
     );
     let full = format!("{head}{}", vec![row_sql.as_str(); per_insert].join(","));
-    let mut hash = Sha256::new();
-    let mut batch: Vec<Vec<Option<String>>> = Vec::with_capacity(per_insert);
-    let mut count = 0u64;
-    let mut line = Vec::new();
-    let mut line_no = 0u64;
-    sqlx::raw_sql("START TRANSACTION")
-        .execute(&mut *conn)
-        .await?;
-    loop {
-        line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
-            break;
-        }
-        line_no += 1;
-        hash.update(&line);
-        let values: Vec<Option<String>> = serde_json::from_slice(&line)
-            .map_err(|e| anyhow::anyhow!("{} line {line_no}: not a row: {e}", path.display()))?;
-        if values.len() != width {
-            anyhow::bail!(
-                "{} line {line_no}: {} values for {width} columns",
-                path.display(),
-                values.len()
-            );
-        }
-        batch.push(values);
-        if batch.len() == per_insert {
-            insert(&mut *conn, &full, &mut batch).await?;
-            count += per_insert as u64;
-            if count % ROWS_PER_COMMIT < per_insert as u64 {
+    let (feed, batches) = tokio::sync::mpsc::channel::<Batch>(2 * WRITERS);
+    let reader_path = path.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        read_batches(file, &reader_path, width, per_insert, feed)
+    });
+    let batches = tokio::sync::Mutex::new(batches);
+    let write = async || -> anyhow::Result<()> {
+        let mut conn = super::take::connect(server).await?;
+        let mut statements = 0;
+        sqlx::raw_sql("START TRANSACTION")
+            .execute(&mut conn)
+            .await?;
+        loop {
+            let Some(batch) = batches.lock().await.recv().await else {
+                break;
+            };
+            let n = batch.len();
+            let partial;
+            let sql = match n == per_insert {
+                true => &full,
+                false => {
+                    partial = format!("{head}{}", vec![row_sql.as_str(); n].join(","));
+                    &partial
+                }
+            };
+            let mut query = sqlx::query(sql);
+            for row in batch {
+                for value in row {
+                    query = query.bind(value);
+                }
+            }
+            query.execute(&mut conn).await?;
+            rows(n as u64);
+            statements += 1;
+            if statements % INSERTS_PER_COMMIT == 0 {
                 sqlx::raw_sql("COMMIT; START TRANSACTION")
-                    .execute(&mut *conn)
+                    .execute(&mut conn)
                     .await?;
-                rows(count);
             }
         }
-    }
-    if !batch.is_empty() {
-        count += batch.len() as u64;
-        let last = format!("{head}{}", vec![row_sql.as_str(); batch.len()].join(","));
-        insert(&mut *conn, &last, &mut batch).await?;
-    }
-    let sha256 = format!("{:x}", hash.finalize());
+        sqlx::raw_sql("COMMIT").execute(&mut conn).await?;
+        conn.close().await.ok();
+        Ok(())
+    };
+    let writers = async {
+        let written = futures::future::try_join_all((0..WRITERS).map(|_| write())).await;
+        // After a writer failed, the reader's next send fails and it stops.
+        batches.lock().await.close();
+        written
+    };
+    let (written, read) = tokio::join!(writers, reader);
+    let (count, sha256) = read??;
+    written?;
     if sha256 != table.sha256 || count != table.rows {
-        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
         anyhow::bail!(
             "{}: {count} rows with SHA-256 {sha256}, but the manifest says {} rows with {}: the backup is damaged",
             path.display(),
@@ -149,22 +170,50 @@ async fn load_table(
             table.sha256
         );
     }
-    sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
-    rows(count);
     Ok(count)
 }
 
-async fn insert(
-    conn: &mut MySqlConnection,
-    sql: &str,
-    batch: &mut Vec<Vec<Option<String>>>,
-) -> Result<(), sqlx::Error> {
-    let mut query = sqlx::query(sql);
-    for row in batch.drain(..) {
-        for value in row {
-            query = query.bind(value);
+/// Reads `file` line by line, hashing every byte, and sends its rows in batches of
+/// `per_insert`; returns the rows read and the file's SHA-256. Stops early (with an error) on
+/// a line that is not a row of `width` values, or when the writers are gone.
+fn read_batches(
+    file: std::fs::File,
+    path: &std::path::Path,
+    width: usize,
+    per_insert: usize,
+    feed: tokio::sync::mpsc::Sender<Batch>,
+) -> anyhow::Result<(u64, String)> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut hash = Sha256::new();
+    let mut batch: Batch = Vec::with_capacity(per_insert);
+    let mut line = Vec::new();
+    let mut count = 0u64;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            break;
+        }
+        count += 1;
+        hash.update(&line);
+        let values: Vec<Option<String>> = serde_json::from_slice(&line)
+            .map_err(|e| anyhow::anyhow!("{} line {count}: not a row: {e}", path.display()))?;
+        if values.len() != width {
+            anyhow::bail!(
+                "{} line {count}: {} values for {width} columns",
+                path.display(),
+                values.len()
+            );
+        }
+        batch.push(values);
+        if batch.len() == per_insert {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(per_insert));
+            if feed.blocking_send(full).is_err() {
+                anyhow::bail!("loading {} stopped", path.display());
+            }
         }
     }
-    query.execute(conn).await?;
-    Ok(())
+    if !batch.is_empty() && feed.blocking_send(batch).is_err() {
+        anyhow::bail!("loading {} stopped", path.display());
+    }
+    Ok((count, format!("{:x}", hash.finalize())))
 }

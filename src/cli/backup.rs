@@ -233,14 +233,16 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCo
         println!("… and {} more differences", differences.len() - 50);
     }
     println!(
-        "restored {} from {} ({} rows, taken {}), then {} of its events from the log ({} messages read) in {:.1} s; {}",
+        "restored {} from {} ({} rows, taken {}, loaded in {:.1} s), then {} of its events from the log ({} messages read) in {:.1} s (the comparison {:.1} s); {}",
         outcome.database,
         backup.dir.display(),
         restored.rows_loaded,
         backup.manifest.taken_at,
+        restored.load_elapsed.as_secs_f64(),
         outcome.replayed.applied,
         outcome.replayed.read,
         outcome.elapsed.as_secs_f64(),
+        outcome.comparison.elapsed.as_secs_f64(),
         match restored.live_was_missing {
             true => "the live database was missing: nothing compared".to_owned(),
             false => format!("{} difference(s) from the live database", differences.len()),

@@ -156,6 +156,8 @@ impl LogView {
 pub struct Restored {
     pub outcome: Outcome,
     pub rows_loaded: u64,
+    /// How long loading the backup into the shadow took (with its migrations).
+    pub load_elapsed: Duration,
     /// The live database did not exist (it was dropped): nothing was compared.
     pub live_was_missing: bool,
 }
@@ -236,7 +238,9 @@ impl Rebuilder {
             sqlx::query(&format!("DROP DATABASE IF EXISTS {}", shadow.quoted()))
                 .execute(db)
                 .await?;
+            let loading = Instant::now();
             load::load(&t.server, &shadow, backup, migrations::for_tenant(t.kind), loaded).await?;
+            let load_elapsed = loading.elapsed();
             if mode != Mode::DryRun {
                 sqlx::query(&crate::store::schema::create_database(&old, true))
                     .execute(db)
@@ -273,6 +277,7 @@ impl Rebuilder {
                     moved_to: None,
                 },
                 rows_loaded: m.rows(),
+                load_elapsed,
                 live_was_missing: live_missing,
             })
         }
