@@ -162,8 +162,9 @@ async fn a_dropped_brand_is_restored_from_its_backup_and_the_log_since() {
 
     emit_revisions(&t, &pool, &brand, "kept", 6..=6).await;
     assert_eq!(fabric_rows(&pool, &db).await.len(), 8);
-    let (code, out, err) = t.tenancy_output(&["rebuild", "brand/kept", "--drop-old"]);
+    let (code, out, err) = t.tenancy_output(&["restore", "brand/kept", "--drop-old"]);
     assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("old tables dropped"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -200,6 +201,14 @@ async fn restore_until_a_moment_gives_the_state_at_that_moment() {
         "{out}"
     );
     assert_eq!(fabric_rows(&pool, &db).await, then, "the state at {moment}");
+
+    // Changed one's mind: the tables the restore replaced come back, R3 included.
+    let (code, out, err) = t.tenancy_output(&["restore", &brand, "--rollback"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_eq!(fabric_rows(&pool, &db).await.len(), then.len() + 1);
+    let (code, out, _) = t.tenancy_output(&["restore", &brand, "--drop-old"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("no old tables to drop"), "{out}");
 
     let (code, _, err) = t.tenancy_output(&["restore", &brand, "--from", "/nonexistent"]);
     assert_eq!(code, Some(1));

@@ -37,8 +37,8 @@ pub struct RestoreArgs {
     /// The tenant: organisation id, or `brand/SLUG`, `supplier/SLUG`, `retailer/SLUG`.
     pub tenant: String,
     /// The backup directory (the one holding manifest.json).
-    #[arg(long, value_name = "PATH")]
-    pub from: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["rollback", "drop_old"])]
+    pub from: Option<PathBuf>,
     /// Replay only the tenant's events logged at or before this moment (RFC 3339, e.g.
     /// 2026-12-07T10:15:00Z): the tenant as it was then. Events after it stay in the log; a
     /// later `tenancy rebuild` would apply them again.
@@ -47,10 +47,17 @@ pub struct RestoreArgs {
     /// Restore beside the live database and compare; change nothing. Exit 1 if they differ.
     #[arg(long)]
     pub dry_run: bool,
-    /// How long the replaced tables are kept (for `tenancy rebuild ORG --rollback`) after the
-    /// swap; `tenancy rebuild ORG --drop-old` drops them sooner. E.g. 7d, 12h.
+    /// How long the replaced tables are kept for --rollback after the swap; then a worker's
+    /// purge timer drops them (--drop-old drops them sooner). E.g. 7d, 12h.
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub keep_old: std::time::Duration,
+    /// Bring back the tables the last restore (or rebuild) replaced, with the events applied
+    /// since replayed into them: `tenancy rebuild ORG --rollback`.
+    #[arg(long, conflicts_with_all = ["from", "drop_old", "dry_run", "until"])]
+    pub rollback: bool,
+    /// Drop the tables the last restore (or rebuild) replaced: `tenancy rebuild ORG --drop-old`.
+    #[arg(long, conflicts_with_all = ["from", "dry_run", "until"])]
+    pub drop_old: bool,
 }
 
 /// An RFC 3339 time as epoch milliseconds.
@@ -170,7 +177,21 @@ pub async fn backup(config: Config, args: BackupArgs) -> anyhow::Result<ExitCode
 }
 
 pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let backup = Backup::open(&args.from)?;
+    let Some(from) = &args.from else {
+        // --rollback or --drop-old: the rebuild's, on the same replaced tables.
+        let r = Rebuilder::new(&config, Default::default()).await?;
+        let t = resolve(&r.tenants, &args.tenant).await?;
+        if args.drop_old {
+            return super::rebuild::drop_old(&r, &t).await;
+        }
+        let replayed = r.rollback(&t).await?;
+        println!(
+            "rolled back {}: the tables before the restore are live again ({} events applied since replayed into them)",
+            t.organisation_id, replayed.applied
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let backup = Backup::open(from)?;
     let access =
         crate::rebuild::restore::topic_of(&config, crate::tenant::OrganisationType::Supplier);
     let options = crate::rebuild::Options {
@@ -251,7 +272,7 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCo
     match &outcome.swapped_to {
         Some(old) => {
             println!(
-                "swapped in; writes held {} ms; the replaced tables are kept in {old} for {} (`tenancy rebuild {} --rollback` brings them back, `--drop-old` drops them)",
+                "swapped in; writes held {} ms; the replaced tables are kept in {old} for {} (`tenancy restore {} --rollback` brings them back, `--drop-old` drops them)",
                 outcome.pause.as_millis(),
                 humantime::format_duration(args.keep_old),
                 t.organisation_id

@@ -114,7 +114,7 @@ pub enum Command {
     /// the log's end if the live database was dropped; --until: to a moment), compares, and
     /// swaps with one RENAME TABLE. Works when the log's start was trimmed, as long as it
     /// still holds the backup's offsets (otherwise refused, naming the offsets gone). The
-    /// replaced tables stay in {ns}_old_{id}: `tenancy rebuild ORG --rollback` / `--drop-old`.
+    /// replaced tables stay in {ns}_old_{id} for --rollback, until --drop-old.
     Restore(backup::RestoreArgs),
     /// Serve the tenant API: brand catalogs for suppliers (bearer tokens), retailers by host.
     ///

@@ -75,6 +75,22 @@ pub struct RebuildArgs {
     pub replay_batch: u32,
 }
 
+/// `--drop-old` (of `tenancy rebuild` and `tenancy restore`): the replaced tables dropped.
+pub(super) async fn drop_old(
+    r: &Rebuilder,
+    t: &crate::store::tenants::TenantRef,
+) -> anyhow::Result<ExitCode> {
+    let dropped = r.drop_old(t).await?;
+    println!(
+        "{}",
+        match dropped {
+            true => "old tables dropped",
+            false => "no old tables to drop",
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Differences printed per rebuild before the rest are only counted.
 const SHOWN_DIFFERENCES: usize = 50;
 
@@ -106,16 +122,7 @@ pub async fn run(config: Config, args: RebuildArgs) -> anyhow::Result<ExitCode> 
     };
     let t = resolve(&r.tenants, name).await?;
     if args.drop_old {
-        let dropped = r.drop_old(&t).await?;
-        println!(
-            "{}",
-            if dropped {
-                "old tables dropped"
-            } else {
-                "no old tables to drop"
-            }
-        );
-        return Ok(ExitCode::SUCCESS);
+        return drop_old(&r, &t).await;
     }
     if args.rollback {
         let replayed = r.rollback(&t).await?;
