@@ -149,6 +149,17 @@ async fn a_dropped_brand_is_restored_from_its_backup_and_the_log_since() {
     assert!(err.contains("not of brand"), "{err}");
 
     drop_database(&pool, &db).await;
+    // A tenant marked behind and failed (its events held) is served again once the restored
+    // tables, made by this binary's migrations, are in.
+    sqlx::query(&format!(
+        "UPDATE `{}_platform`.tenants SET migration_version = 1, migration_failure = 'broken' \
+         WHERE organisation_id = ?",
+        t.ns
+    ))
+    .bind(&brand)
+    .execute(&pool)
+    .await
+    .unwrap();
     let (code, out, err) =
         t.tenancy_output(&["restore", "brand/kept", "--from", taken.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{out}\n{err}\n{}", worker.log_text());
@@ -160,6 +171,20 @@ async fn a_dropped_brand_is_restored_from_its_backup_and_the_log_since() {
     assert_eq!(code, Some(0), "equal to a rebuild: {out}\n{err}");
     assert!(out.contains("0 difference(s)"), "{out}");
 
+    let state: (Option<i64>, Option<String>) = sqlx::query_as(&format!(
+        "SELECT migration_version, migration_failure FROM `{}_platform`.tenants WHERE organisation_id = ?",
+        t.ns
+    ))
+    .bind(&brand)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let latest = blindstrader_tenancy::tenancy::migrations::latest_version(
+        blindstrader_tenancy::tenancy::migrations::for_tenant(
+            blindstrader_tenancy::tenant::OrganisationType::Brand,
+        ),
+    );
+    assert_eq!(state, (Some(latest), None));
     emit_revisions(&t, &pool, &brand, "kept", 6..=6).await;
     assert_eq!(fabric_rows(&pool, &db).await.len(), 8);
     let (code, out, err) = t.tenancy_output(&["restore", "brand/kept", "--drop-old"]);

@@ -688,6 +688,17 @@ impl Rebuilder {
                 tracing::warn!(tenant = %t.organisation_id, database = %old, error = %e,
                     "cannot record when the old tables expire; drop them with --drop-old");
             }
+            // The swapped-in tables were made by this binary's migrations: the tenant is at
+            // its latest version now (a tenant held as behind, or failed, is served again).
+            let latest = migrations::latest_version(migrations::for_tenant(t.kind));
+            if let Err(e) = self
+                .tenants
+                .record_migrated(&t.organisation_id, latest)
+                .await
+            {
+                tracing::warn!(tenant = %t.organisation_id, error = %e,
+                    "cannot record the migration version of the swapped-in tables; the next rollout will");
+            }
         }
         let db = t.server.pool();
         if mode != Mode::DryRun && !swapped {
