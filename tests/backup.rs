@@ -211,20 +211,35 @@ async fn restore_until_a_moment_gives_the_state_at_that_moment() {
     t.wait_caught_up().await;
     assert_eq!(fabric_rows(&pool, &db).await.len(), then.len() + 1);
 
-    let (code, out, err) = t.tenancy_output(&[
-        "restore",
-        &brand,
-        "--from",
-        taken.to_str().unwrap(),
-        "--until",
-        &moment,
-    ]);
-    assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("1 of its events from the log"), "{out}");
+    let restore = |extra: &[&str]| {
+        let mut args = vec![
+            "restore",
+            &brand,
+            "--from",
+            taken.to_str().unwrap(),
+            "--until",
+            &moment,
+        ];
+        args.extend(extra);
+        t.tenancy_output(&args)
+    };
+    let (code, out, err) = restore(&["--dry-run"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "it differs from the live database: {out}\n{err}"
+    );
     assert!(
         out.contains("fabrics [R3]: only in the live database"),
         "{out}"
     );
+    assert!(out.contains("dry run: nothing changed"), "{out}");
+    assert_eq!(fabric_rows(&pool, &db).await.len(), then.len() + 1);
+
+    let (code, out, err) = restore(&[]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("1 of its events from the log"), "{out}");
+    assert!(out.contains("not compared with the live database"), "{out}");
     assert_eq!(fabric_rows(&pool, &db).await, then, "the state at {moment}");
 
     // Changed one's mind: the tables the restore replaced come back, R3 included.
@@ -338,5 +353,16 @@ async fn a_dropped_supplier_is_restored_with_the_grants_since_its_backup() {
         copies,
         "copies as before the drop"
     );
+
+    // Again with the live database there: the grants since the backup are replayed up to
+    // what it holds, and it is swapped out.
+    let (code, out, err) = t.tenancy_output(&["restore", &supplier, "--drop-old"]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let (code, out, err) =
+        t.tenancy_output(&["restore", &supplier, "--from", taken.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("swapped in"), "{out}");
+    assert_eq!(access_rows(&pool, &db).await, access);
+    assert_eq!(copy_rows(&pool, &db).await, copies);
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -254,7 +254,7 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCo
         println!("… and {} more differences", differences.len() - 50);
     }
     println!(
-        "restored {} from {} ({} rows, taken {}, loaded in {:.1} s), then {} of its events from the log ({} messages read) in {:.1} s (the comparison {:.1} s); {}",
+        "restored {} from {} ({} rows, taken {}, loaded in {:.1} s), then {} of its events from the log ({} messages read) in {:.1} s{}; {}",
         outcome.database,
         backup.dir.display(),
         restored.rows_loaded,
@@ -263,10 +263,14 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCo
         outcome.replayed.applied,
         outcome.replayed.read,
         outcome.elapsed.as_secs_f64(),
-        outcome.comparison.elapsed.as_secs_f64(),
-        match restored.live_was_missing {
-            true => "the live database was missing: nothing compared".to_owned(),
-            false => format!("{} difference(s) from the live database", differences.len()),
+        match restored.compared {
+            true => format!(" (the comparison {:.1} s)", outcome.comparison.elapsed.as_secs_f64()),
+            false => String::new(),
+        },
+        match (restored.live_was_missing, restored.compared) {
+            (true, _) => "the live database was missing".to_owned(),
+            (false, true) => format!("{} difference(s) from the live database", differences.len()),
+            (false, false) => "not compared with the live database (--dry-run compares)".to_owned(),
         }
     );
     match &outcome.swapped_to {

@@ -111,8 +111,8 @@ pub enum Command {
     ///
     /// Loads the backup into {ns}_shadow_{id} at its migration version, migrates it, replays
     /// the tenant's events from the backup's offsets up to what the live database holds (or to
-    /// the log's end if the live database was dropped; --until: to a moment), compares, and
-    /// swaps with one RENAME TABLE. Works when the log's start was trimmed, as long as it
+    /// the log's end if the live database was dropped; --until: to a moment), and swaps with
+    /// one RENAME TABLE (--dry-run compares with the live database instead). Works when the log's start was trimmed, as long as it
     /// still holds the backup's offsets (otherwise refused, naming the offsets gone). The
     /// replaced tables stay in {ns}_old_{id} for --rollback, until --drop-old.
     Restore(backup::RestoreArgs),

@@ -11,9 +11,10 @@
 //!    log's end; with `--until`, never past the last event logged at or before that moment (a
 //!    point-in-time restore of one tenant: a server's binlog cannot tell one tenant's writes
 //!    from another's).
-//! 4. The swap is the rebuild's (`{ns}_old_{id}` keeps the replaced tables for `tenancy rebuild
-//!    --rollback` / `--drop-old`). A restore swaps in whatever the comparison says (it is
-//!    printed): the live database is what the operator is replacing.
+//! 4. The swap is the rebuild's, under the tenant's locks after a last catch-up
+//!    (`{ns}_old_{id}` keeps the replaced tables for `--rollback` / `--drop-old`). Nothing is
+//!    compared first: the live database is what the operator is replacing. `--dry-run` compares
+//!    instead of swapping.
 //!
 //! A supplier's copies of brands are backfilled from the brands' live catalogs, as in a
 //! rebuild: `--until` applies to its grants, not to the brands' catalogs.
@@ -158,8 +159,10 @@ pub struct Restored {
     pub rows_loaded: u64,
     /// How long loading the backup into the shadow took (with its migrations).
     pub load_elapsed: Duration,
-    /// The live database did not exist (it was dropped): nothing was compared.
+    /// The live database did not exist (it was dropped).
     pub live_was_missing: bool,
+    /// Whether the shadow was compared with the live database (`--dry-run` only).
+    pub compared: bool,
 }
 
 impl Rebuilder {
@@ -247,18 +250,25 @@ impl Rebuilder {
                     .await?;
             }
             let reported = report::Progress::default();
-            let converged = if live_missing {
-                tracing::warn!(tenant = %t.organisation_id, database = %live,
-                    "the live database does not exist: restoring up to the log's end without a comparison");
-                sqlx::query(&crate::store::schema::create_database(&live, true))
-                    .execute(db)
-                    .await?;
-                live_created = true;
-                self.restore_missing(t, &topic, &view, &live, &shadow, &old, &mut progress)
-                    .await?
-            } else {
-                self.restore_beside(t, &topic, &view, mode, &live, &shadow, &old, &reported, &mut progress)
-                    .await?
+            let converged = match (mode, live_missing) {
+                (Mode::DryRun, _) => {
+                    self.restore_beside(t, &topic, &view, mode, &live, &shadow, &old, &reported, &mut progress)
+                        .await?
+                }
+                (Mode::Swap { .. }, true) => {
+                    tracing::warn!(tenant = %t.organisation_id, database = %live,
+                        "the live database does not exist: restoring up to the log's end");
+                    sqlx::query(&crate::store::schema::create_database(&live, true))
+                        .execute(db)
+                        .await?;
+                    live_created = true;
+                    self.restore_swap(t, &topic, &view, true, &live, &shadow, &old, &mut progress)
+                        .await?
+                }
+                (Mode::Swap { .. }, false) => {
+                    self.restore_swap(t, &topic, &view, false, &live, &shadow, &old, &mut progress)
+                        .await?
+                }
             };
             self.finish(t, &t.server, mode, converged.swapped, &shadow, &old)
                 .await?;
@@ -279,6 +289,7 @@ impl Rebuilder {
                 rows_loaded: m.rows(),
                 load_elapsed,
                 live_was_missing: live_missing,
+                compared: mode == Mode::DryRun,
             })
         }
         .await;
@@ -301,8 +312,8 @@ impl Rebuilder {
         result
     }
 
-    /// The shadow caught up with the live database (held to `--until`), compared and swapped
-    /// in as a rebuild is: [`converge`](Rebuilder::converge).
+    /// `--dry-run`: the shadow caught up with the live database (held to `--until`) and
+    /// compared with it as a rebuild's is ([`converge`](Rebuilder::converge)).
     #[allow(clippy::too_many_arguments)]
     async fn restore_beside(
         &self,
@@ -347,31 +358,36 @@ impl Rebuilder {
         .await
     }
 
-    /// With no live database: the shadow caught up to the log's end (or `--until`), then again
-    /// under the tenant's locks, and swapped into the (empty) live name. Nothing to compare.
+    /// The shadow caught up without holding anyone up, then again under the tenant's locks,
+    /// and swapped in: up to what the live database holds, or with `live_missing` up to the
+    /// log's end (the live name is then an empty database); either held to `--until`. Nothing
+    /// is compared: the live database is what is being replaced (`--dry-run` compares).
     #[allow(clippy::too_many_arguments)]
-    async fn restore_missing(
+    async fn restore_swap(
         &self,
         t: &TenantRef,
         topic: &str,
         view: &LogView,
+        live_missing: bool,
         live: &DatabaseName,
         shadow: &DatabaseName,
         old: &DatabaseName,
         progress: &mut impl FnMut(&Replayed, &HashMap<i32, i64>),
     ) -> anyhow::Result<converge::Converged> {
         let reported = report::Progress::default();
+        let db = t.server.pool();
+        // A supplier's writers are named by the brands its copies hold: the live database's,
+        // or the shadow's when there is none.
+        let named_by = if live_missing { shadow } else { live };
         let mut replayed = Replayed::default();
-        // Twice: most of the way without holding anyone up, the rest under the locks.
         for locked in [false, true] {
             let held = match locked {
                 false => None,
                 true => loop {
-                    // A supplier's writers are named by the brands its copies hold.
                     let hold = match t.kind {
                         OrganisationType::Brand => Some(self.hold_writes(t).await?),
                         _ => {
-                            self.hold_tenant_writes(t, shadow, &t.server, shadow)
+                            self.hold_tenant_writes(t, named_by, &t.server, shadow)
                                 .await?
                         }
                     };
@@ -381,27 +397,38 @@ impl Rebuilder {
                 },
             };
             let caught_up = async {
-                let mut now = LogView::read(&self.config, topic, None).await?;
-                now.partitions
-                    .retain(|p, _| view.partitions.contains_key(p));
-                let view = LogView {
-                    partitions: now.partitions,
-                    until: view.until.clone(),
+                let ends: HashMap<i32, i64> = match live_missing {
+                    true => {
+                        let mut now = LogView::read(&self.config, topic, None).await?;
+                        now.partitions
+                            .retain(|p, _| view.partitions.contains_key(p));
+                        let now = LogView {
+                            partitions: now.partitions,
+                            until: view.until.clone(),
+                        };
+                        now.partitions.keys().map(|p| (*p, now.end(*p))).collect()
+                    }
+                    false => HashMap::new(),
                 };
-                let ends: HashMap<i32, i64> =
-                    view.partitions.keys().map(|p| (*p, view.end(*p))).collect();
                 let done = match t.kind {
                     OrganisationType::Brand => {
+                        let upto = match live_missing {
+                            true => ends,
+                            false => view.cap(held_offsets(db, live, &self.spec, topic).await?),
+                        };
                         let replay = self.replay(t, topic, &t.server, true);
-                        replay.run(shadow, &ends, &mut *progress).await?
+                        replay.run(shadow, &upto, &mut *progress).await?
                     }
                     _ => {
-                        let fp = self.log_end_fingerprint(t, topic, &ends).await?;
+                        let fp = match live_missing {
+                            true => self.log_end_fingerprint(t, topic, &ends).await?,
+                            false => cap_fingerprint(fingerprint(db, live).await?, topic, view),
+                        };
                         self.catch_up(t, &t.server, shadow, &fp, &reported).await?
                     }
                 };
                 if locked {
-                    super::exchange(t.server.pool(), live, shadow, old).await?;
+                    super::exchange(db, live, shadow, old).await?;
                 }
                 anyhow::Ok(done)
             }
