@@ -301,7 +301,8 @@ async fn dump_table(
             if i > 0 {
                 line.push(b',');
             }
-            let value: Option<String> = row.try_get(i)?;
+            // Borrowed from the row: no allocation per value.
+            let value: Option<&str> = row.try_get(i)?;
             match value {
                 Some(v) => serde_json::to_writer(&mut line, &v)?,
                 None => line.extend_from_slice(b"null"),
