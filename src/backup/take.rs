@@ -121,8 +121,13 @@ pub async fn take(
     manifest.namespace = config.namespace.to_string();
     manifest.log = log_starts(config, t.kind, &manifest.offsets, committed);
     let text = serde_json::to_string_pretty(&manifest)?;
-    std::fs::write(partial.join(super::MANIFEST), text + "\n")?;
+    let mut file = std::fs::File::create(partial.join(super::MANIFEST))?;
+    file.write_all((text + "\n").as_bytes())?;
+    file.sync_all()?;
+    // The manifest on disk before the name says the backup is whole, and the new name with it.
     std::fs::rename(&partial, &dir)?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    std::fs::File::open(parent.unwrap_or(Path::new(".")))?.sync_all()?;
     tracing::info!(tenant = %t.organisation_id, database = %db, dir = %dir.display(),
         rows = manifest.rows(), "backed up");
     Ok(Taken {
