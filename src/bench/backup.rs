@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use super::catalog::provision;
-use super::rebuild::produce_catalog;
+use super::rebuild::produce_and_apply;
 use crate::config::Config;
 use crate::log::wire::Codec;
 use crate::tenant::OrganisationType;
@@ -97,27 +97,19 @@ pub async fn run(config: Config, args: BackupBenchArgs) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tenancy-bench-{ns}"));
     std::fs::create_dir_all(&dir)?;
     let codec = Codec::new(&config.schema_registry_url);
-    eprintln!(
-        "namespace {ns}: producing {} events for one brand",
-        args.events
-    );
-    let (last, _) = produce_catalog(
-        &config,
-        &codec,
-        &brand.id,
-        0..args.events,
-        args.per_event,
-        args.catalog,
-    )
-    .await?;
-    eprintln!("applying them live with the catalog processor");
-    let brands = [brand.db.clone()];
-    super::with_catalog_processor(
-        &config,
-        &Default::default(),
-        super::wait_applied(&pool, &brands, &last),
-    )
-    .await?;
+    eprintln!("namespace {ns}");
+    let catalog = |revisions| {
+        produce_and_apply(
+            &config,
+            &pool,
+            &codec,
+            &brand,
+            revisions,
+            args.per_event,
+            args.catalog,
+        )
+    };
+    catalog(0..args.events).await?;
     let rows: i64 = sqlx::query_scalar(&format!(
         "SELECT (SELECT COUNT(*) FROM {db}.fabrics) + (SELECT COUNT(*) FROM {db}.applied_events)",
         db = brand.db.quoted()
@@ -173,22 +165,7 @@ pub async fn run(config: Config, args: BackupBenchArgs) -> anyhow::Result<()> {
         .sum();
     let dump_bytes = std::fs::metadata(&dump)?.len();
 
-    eprintln!("{} newer events, applied live", args.newer);
-    let (last, _) = produce_catalog(
-        &config,
-        &codec,
-        &brand.id,
-        args.events..args.events + args.newer,
-        args.per_event,
-        args.catalog,
-    )
-    .await?;
-    super::with_catalog_processor(
-        &config,
-        &Default::default(),
-        super::wait_applied(&pool, &brands, &last),
-    )
-    .await?;
+    catalog(args.events..args.events + args.newer).await?;
 
     super::settle().await;
     eprintln!(

@@ -14,7 +14,7 @@ use std::time::Instant;
 use rdkafka::producer::FutureRecord;
 use serde_json::json;
 
-use super::catalog::{fabric_json, provision, raw_upsert, RawRow};
+use super::catalog::{fabric_json, provision, raw_upsert, RawRow, Tenant};
 use crate::config::Config;
 use crate::log::events::json::record_from_json;
 use crate::log::events::EventKind;
@@ -52,8 +52,14 @@ const BATCH: usize = 1000;
 /// Rows per statement in the raw baseline (as the projector's store).
 const ROWS_PER_STATEMENT: usize = 500;
 
+/// The fabric codes (indexes) revision `n` upserts: `per_event` of them, cycling over
+/// `catalog`.
+fn codes(n: usize, per_event: usize, catalog: usize) -> impl Iterator<Item = usize> {
+    (0..per_event).map(move |j| (n * per_event + j) % catalog)
+}
+
 fn codes_of(args: &RebuildBenchArgs, n: usize) -> impl Iterator<Item = usize> + '_ {
-    (0..args.per_event).map(move |j| (n * args.per_event + j) % args.catalog)
+    codes(n, args.per_event, args.catalog)
 }
 
 pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
@@ -69,32 +75,19 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
     let ns = config.namespace.clone();
     let brand = provision(&pool, &tenants, &config, OrganisationType::Brand, 0).await?;
 
-    eprintln!(
-        "namespace {ns}: producing {} events for one brand",
-        args.events
-    );
+    eprintln!("namespace {ns}");
     let codec = Codec::new(&config.schema_registry_url);
     let topic = Topic::BrandCatalog.name(&ns);
-    let (last, ids) = produce_catalog(
+    let (ids, live) = produce_and_apply(
         &config,
+        &pool,
         &codec,
-        &brand.id,
+        &brand,
         0..args.events,
         args.per_event,
         args.catalog,
     )
     .await?;
-
-    eprintln!("applying them live with the catalog processor");
-    let started = Instant::now();
-    let brands = [brand.db.clone()];
-    super::with_catalog_processor(
-        &config,
-        &Default::default(),
-        super::wait_applied(&pool, &brands, &last),
-    )
-    .await?;
-    let live = started.elapsed();
 
     // The raw baseline runs once before the rebuild and once after, and the ratio is against
     // their mean: on this VM the same baseline differs by up to 45% within one run (before
@@ -162,10 +155,36 @@ pub async fn run(config: Config, args: RebuildBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One brand's catalog events for `revisions` ([`produce_catalog`]), then applied live by the
+/// catalog processor in this process until the brand's database holds them all. Returns the
+/// events' ids, in order, and how long applying them took.
+pub(super) async fn produce_and_apply(
+    config: &Config,
+    pool: &sqlx::MySqlPool,
+    codec: &Codec,
+    brand: &Tenant,
+    revisions: std::ops::Range<usize>,
+    per_event: usize,
+    catalog: usize,
+) -> anyhow::Result<(Vec<String>, std::time::Duration)> {
+    eprintln!("producing {} events for one brand", revisions.len());
+    let (last, ids) =
+        produce_catalog(config, codec, &brand.id, revisions, per_event, catalog).await?;
+    eprintln!("applying them live with the catalog processor");
+    let started = Instant::now();
+    super::with_catalog_processor(
+        config,
+        &Default::default(),
+        super::wait_applied(pool, std::slice::from_ref(&brand.db), &last),
+    )
+    .await?;
+    Ok((ids, started.elapsed()))
+}
+
 /// Produces one BrandCatalogUpdated event of `brand` for each revision in `revisions`, each
-/// upserting `per_event` fabrics cycling over `catalog` codes (what `codes_of` replays). Returns
+/// upserting the fabrics [`codes`] names. Returns
 /// the last offset written per partition and the events' ids, in order.
-pub(super) async fn produce_catalog(
+async fn produce_catalog(
     config: &Config,
     codec: &Codec,
     brand: &str,
@@ -181,8 +200,8 @@ pub(super) async fn produce_catalog(
     let mut ids: Vec<String> = Vec::with_capacity(revisions.len());
     let (first, count) = (revisions.start, revisions.len());
     for n in revisions {
-        let fabrics: Vec<serde_json::Value> = (0..per_event)
-            .map(|j| fabric_json((n * per_event + j) % catalog, n as i64))
+        let fabrics: Vec<serde_json::Value> = codes(n, per_event, catalog)
+            .map(|i| fabric_json(i, n as i64))
             .collect();
         let event_id = uuid::Uuid::new_v4().to_string();
         let line = json!({"event_id": &event_id, "occurred_at": 0,

@@ -192,8 +192,7 @@ pub async fn restore(config: Config, args: RestoreArgs) -> anyhow::Result<ExitCo
         return Ok(ExitCode::SUCCESS);
     };
     let backup = Backup::open(from)?;
-    let access =
-        crate::rebuild::restore::topic_of(&config, crate::tenant::OrganisationType::Supplier);
+    let access = crate::log::topics::Topic::BrandAccess.name(&config.namespace);
     let options = crate::rebuild::Options {
         keep_old: args.keep_old,
         access_from: backup

@@ -31,21 +31,10 @@ use super::replay::{held_offsets, Replayed};
 use super::{converge, refuse_unless_rebuildable, report, Mode, Outcome, Rebuilder};
 use crate::backup::{load, Backup};
 use crate::config::Config;
-use crate::log::topics::Topic;
 use crate::store::schema::{database_exists, tables};
 use crate::store::tenants::TenantRef;
 use crate::tenancy::migrations;
 use crate::tenant::{DatabaseName, OrganisationType};
-
-/// The topic holding a tenant's own events, replayed by a restore.
-pub fn topic_of(config: &Config, kind: OrganisationType) -> String {
-    let topic = match kind {
-        OrganisationType::Brand => Topic::BrandCatalog,
-        OrganisationType::Supplier => Topic::BrandAccess,
-        OrganisationType::Retailer => Topic::RetailerDomains,
-    };
-    topic.name(&config.namespace)
-}
 
 /// A topic's partitions as the broker has them now: first and next offsets, and with
 /// `--until`, the last offset logged at or before it.
@@ -206,7 +195,10 @@ impl Rebuilder {
         let live = refuse_unless_rebuildable(t, false)?;
         let (shadow, old) = self.beside(t)?;
         let db = t.server.pool();
-        let topic = topic_of(&self.config, t.kind);
+        let topic = match t.kind {
+            OrganisationType::Brand => self.topic(),
+            _ => self.fenced_topic(t),
+        };
         let claim = self.claim(t).await?;
         let mut live_created = false;
         let result = async {
