@@ -47,45 +47,6 @@ async fn drop_database(pool: &MySqlPool, db: &str) {
         .unwrap();
 }
 
-/// A running worker with one active brand `slug` and `revisions` catalog events applied.
-async fn brand_with_catalog(
-    t: &TestNs,
-    pool: &MySqlPool,
-    slug: &str,
-    revisions: i64,
-) -> (Worker, String, String) {
-    let worker = t.spawn_run("w");
-    let brand = new_id();
-    t.emit_ok(&[lines::created(&brand, "BRAND", slug)]);
-    t.wait_status(pool, &brand, "active").await;
-    emit_revisions(t, pool, &brand, slug, 1..=revisions).await;
-    (worker, brand, format!("{}_brand_{slug}", t.ns))
-}
-
-/// Emits catalog revisions (each adds a fabric `R{n}`) and waits until they are applied.
-async fn emit_revisions(
-    t: &TestNs,
-    pool: &MySqlPool,
-    brand: &str,
-    slug: &str,
-    revisions: std::ops::RangeInclusive<i64>,
-) {
-    let last = *revisions.end();
-    let events: Vec<String> = revisions
-        .map(|r| lines::catalog(brand, r, &["A", "B", &format!("R{r}")], &[]))
-        .collect();
-    t.emit_ok(&events);
-    let db = format!("{}_brand_{slug}", t.ns);
-    wait_for("the catalog to apply", Duration::from_secs(60), || async {
-        fabric_rows(pool, &db)
-            .await
-            .iter()
-            .any(|(c, _, _)| *c == format!("R{last}"))
-            .then_some(())
-    })
-    .await;
-}
-
 /// A brand backed up, more events applied, its database dropped by hand: restored from the
 /// backup and the log since, it holds what it held before the drop, equals a rebuild from the
 /// whole log, and the worker writes into it again. A damaged backup and another tenant's are

@@ -42,6 +42,25 @@ async fn one_behind(t: &TestNs, pool: &MySqlPool, org: &str, slug: &str) {
     .unwrap();
 }
 
+/// Brands of these slugs provisioned by a worker (stopped again), each then put one migration
+/// back ([`one_behind`]); their organisation ids, in the same order.
+async fn brands_one_behind(t: &TestNs, pool: &MySqlPool, slugs: &[&str]) -> Vec<String> {
+    let ids: Vec<String> = slugs.iter().map(|_| new_id()).collect();
+    {
+        let _worker = t.spawn_run("provision");
+        let orgs: Vec<(&str, &str, &str)> = ids
+            .iter()
+            .zip(slugs)
+            .map(|(id, slug)| (id.as_str(), "BRAND", *slug))
+            .collect();
+        t.provisioned(pool, &orgs).await;
+    }
+    for (id, slug) in ids.iter().zip(slugs) {
+        one_behind(t, pool, id, slug).await;
+    }
+    ids
+}
+
 /// Makes a brand's next migration fail: its first migration's recorded checksum no longer
 /// matches the file's, which sqlx refuses (as it would a migration edited after it shipped).
 async fn break_migrations(t: &TestNs, pool: &MySqlPool, slug: &str) {
@@ -189,20 +208,8 @@ async fn a_tenant_whose_migration_fails_waits_alone_and_applies_after_a_retry() 
 async fn a_rollout_halts_on_its_canary_and_past_max_failures_then_resumes() {
     let t = TestNs::new();
     let pool = t.pool().await;
-    let ids: Vec<String> = (0..4).map(|_| new_id()).collect();
     let slugs = ["m1", "m2", "m3", "m4"];
-    {
-        let _worker = t.spawn_run("provision");
-        let orgs: Vec<(&str, &str, &str)> = ids
-            .iter()
-            .zip(slugs)
-            .map(|(id, slug)| (id.as_str(), "BRAND", slug))
-            .collect();
-        t.provisioned(&pool, &orgs).await;
-    }
-    for (id, slug) in ids.iter().zip(slugs) {
-        one_behind(&t, &pool, id, slug).await;
-    }
+    let ids = brands_one_behind(&t, &pool, &slugs).await;
     // The rollout goes in slug order: the canary (m1) and the next (m2) are broken.
     break_migrations(&t, &pool, "m1").await;
     break_migrations(&t, &pool, "m2").await;
@@ -328,20 +335,8 @@ async fn a_migration_left_half_applied_is_run_again() {
 async fn a_rollout_goes_canary_first_then_in_waves_and_stops_after_a_failed_wave() {
     let t = TestNs::new();
     let pool = t.pool().await;
-    let ids: Vec<String> = (0..5).map(|_| new_id()).collect();
     let slugs = ["w1", "w2", "w3", "w4", "w5"];
-    {
-        let _worker = t.spawn_run("provision");
-        let orgs: Vec<(&str, &str, &str)> = ids
-            .iter()
-            .zip(slugs)
-            .map(|(id, slug)| (id.as_str(), "BRAND", slug))
-            .collect();
-        t.provisioned(&pool, &orgs).await;
-    }
-    for (id, slug) in ids.iter().zip(slugs) {
-        one_behind(&t, &pool, id, slug).await;
-    }
+    let ids = brands_one_behind(&t, &pool, &slugs).await;
     break_migrations(&t, &pool, "w2").await;
     let behind = (Some(latest_brand() - 1), None);
 

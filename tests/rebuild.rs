@@ -10,30 +10,6 @@ use blindstrader_tenancy::log::topics::Topic;
 use common::*;
 use sqlx::MySqlPool;
 
-/// A running worker with one active brand `slug` and its catalog events applied.
-async fn brand_with_catalog(
-    t: &TestNs,
-    pool: &MySqlPool,
-    slug: &str,
-    revisions: i64,
-) -> (Worker, String, String) {
-    let worker = t.spawn_run("w");
-    let brand = new_id();
-    t.emit_ok(&[lines::created(&brand, "BRAND", slug)]);
-    t.wait_status(pool, &brand, "active").await;
-    let events: Vec<String> = (1..=revisions)
-        .map(|r| lines::catalog(&brand, r, &["A", "B", &format!("R{r}")], &[]))
-        .collect();
-    t.emit_ok(&events);
-    let db = format!("{}_brand_{slug}", t.ns);
-    let want = 2 + revisions as usize;
-    wait_for("the catalog to apply", Duration::from_secs(60), || async {
-        (fabric_rows(pool, &db).await.len() == want).then_some(())
-    })
-    .await;
-    (worker, brand, db)
-}
-
 /// `tenancy rebuild tenant` while a reader and a producer run (stopped through `stop` when it
 /// ends): it swaps in with no difference, the reader read throughout, and once the workers have
 /// caught up a fresh dry run finds the live database equal.

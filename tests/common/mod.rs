@@ -849,6 +849,45 @@ pub async fn domains_of(pool: &MySqlPool, db: &str) -> Vec<String> {
 }
 
 /// Fabric rows (code, name, revision) of a brand database, in code order.
+/// A running worker with one active brand `slug` and `revisions` catalog events applied.
+pub async fn brand_with_catalog(
+    t: &TestNs,
+    pool: &MySqlPool,
+    slug: &str,
+    revisions: i64,
+) -> (Worker, String, String) {
+    let worker = t.spawn_run("w");
+    let brand = new_id();
+    t.emit_ok(&[lines::created(&brand, "BRAND", slug)]);
+    t.wait_status(pool, &brand, "active").await;
+    emit_revisions(t, pool, &brand, slug, 1..=revisions).await;
+    (worker, brand, format!("{}_brand_{slug}", t.ns))
+}
+
+/// Emits catalog revisions (each adds a fabric `R{n}`) and waits until they are applied.
+pub async fn emit_revisions(
+    t: &TestNs,
+    pool: &MySqlPool,
+    brand: &str,
+    slug: &str,
+    revisions: std::ops::RangeInclusive<i64>,
+) {
+    let last = *revisions.end();
+    let events: Vec<String> = revisions
+        .map(|r| lines::catalog(brand, r, &["A", "B", &format!("R{r}")], &[]))
+        .collect();
+    t.emit_ok(&events);
+    let db = format!("{}_brand_{slug}", t.ns);
+    wait_for("the catalog to apply", Duration::from_secs(60), || async {
+        fabric_rows(pool, &db)
+            .await
+            .iter()
+            .any(|(c, _, _)| *c == format!("R{last}"))
+            .then_some(())
+    })
+    .await;
+}
+
 /// A supplier's copies: (brand, code, name, price).
 pub async fn copy_rows(pool: &MySqlPool, db: &str) -> Vec<(String, String, String, Option<i64>)> {
     sqlx::query_as(&format!(
