@@ -224,6 +224,48 @@ impl Config {
         }
         c
     }
+
+    /// Base settings for a client that reads: [`Config::kafka_client_config`] with the fetch
+    /// settings for `reads` (a `--kafka-option` still overrides them).
+    pub fn kafka_reader_config(&self, reads: Reads) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for &(k, v) in reads.fetch_settings() {
+            c.set(k, v);
+        }
+        for (k, v) in self.kafka_client_config().config_map() {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// How a consumer reads, which decides what it asks of each fetch.
+///
+/// Why it matters on the local broker (nisshi 0.7.0-pre.2, sqlite storage): a fetch that has
+/// not filled its byte budget when its wait (`fetch.wait.max.ms`) runs out carries on with the
+/// budget left one record per storage query, each paying the whole query again. With
+/// librdkafka's defaults (500 ms, up to 5 MiB granted by the broker) a consumer behind by more
+/// than a few thousand records read 4,800 messages/s; with either setting below, 17,800-20,500
+/// (`tenancy bench broker`, 100,000 messages of 200 B, docs/benchmarks.md). Harmless on Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// A processor's group consumer: events must arrive soon after they are written, so the
+    /// broker's wait stays short and each fetch asks for at most 1 MB (librdkafka's least,
+    /// `message.max.bytes`), which the broker fills well within the wait.
+    Live,
+    /// A replay of a known range (rebuild, restore, a benchmark's plain reader): as much per
+    /// fetch as the broker grants, and wait long enough to fill it, since the broker reads
+    /// every record to the partition's end for each fetch and fewer, larger fetches read less.
+    Replay,
+}
+
+impl Reads {
+    fn fetch_settings(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Reads::Live => &[("fetch.max.bytes", "1000000")],
+            Reads::Replay => &[("fetch.wait.max.ms", "5000")],
+        }
+    }
 }
 
 /// The name of the server `DATABASE_URL` points at.

@@ -1035,3 +1035,80 @@ async fn a_stuck_catalog_batch_does_not_delay_provisioning() {
     )
     .await;
 }
+
+/// Each processor group's state and member count as the broker describes it.
+fn groups_described(t: &TestNs) -> Vec<(String, String, usize)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = t.config.kafka_client_config().create().unwrap();
+    ["provisioner", "catalog", "purger", "domains"]
+        .iter()
+        .map(|p| {
+            let group = format!("{}.{p}", t.ns);
+            let list = client
+                .fetch_group_list(Some(&group), Duration::from_secs(10))
+                .unwrap();
+            let g = list.groups().iter().find(|g| g.name() == group);
+            (
+                group.clone(),
+                g.map(|g| g.state().to_owned()).unwrap_or_default(),
+                g.map_or(0, |g| g.members().len()),
+            )
+        })
+        .collect()
+}
+
+/// A worker stopped while it is its groups' only member leaves them, so a restarted worker is
+/// let in at once instead of after the old member's session expires. One stopped beside another
+/// worker does not leave (the local broker wedges a group whose leader leaves mid-rebalance):
+/// the groups still count it until its session expires, and then move its partitions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_worker_leaves_its_groups_only_when_alone() {
+    let t = TestNs::new();
+    let stable_with = |n: usize| {
+        let t = &t;
+        move || async move {
+            let groups = groups_described(t);
+            groups
+                .iter()
+                .all(|(_, state, members)| state.eq_ignore_ascii_case("stable") && *members == n)
+                .then_some(groups)
+        }
+    };
+    let mut alone = t.spawn_run("alone");
+    wait_for("one worker in every group", SETTLE, stable_with(1)).await;
+    assert!(alone.terminate().success());
+    // At once: without the leave, each group would count the stopped member for 6 s.
+    for (group, state, members) in groups_described(&t) {
+        assert_eq!(
+            members, 0,
+            "{group} ({state}) still counts the worker that left"
+        );
+    }
+    assert!(
+        alone.log_text().matches("leaving the group").count() == 4,
+        "{}",
+        alone.log_text()
+    );
+
+    let _stays = t.spawn_run("stays");
+    let mut stops = t.spawn_run("stops");
+    wait_for("two workers in every group", SETTLE, stable_with(2)).await;
+    assert!(stops.terminate().success());
+    for (group, state, members) in groups_described(&t) {
+        assert_eq!(
+            members, 2,
+            "{group} ({state}): the stopped worker left beside another"
+        );
+    }
+    assert!(
+        stops.log_text().matches("not leaving the group").count() == 4,
+        "{}",
+        stops.log_text()
+    );
+    wait_for(
+        "the stopped worker's session expiring",
+        SETTLE,
+        stable_with(1),
+    )
+    .await;
+}

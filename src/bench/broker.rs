@@ -12,7 +12,7 @@ use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::Config;
+use crate::config::{Config, Reads};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
@@ -27,16 +27,42 @@ pub struct BrokerArgs {
     pub partitions: i32,
 }
 
-/// Rates of one run.
+/// Figures of one run.
 #[derive(Debug, Clone, Copy)]
 pub struct Rates {
+    /// Records the broker held before the run (every topic), and in how many topics.
+    pub log_records: i64,
+    pub log_topics: usize,
     pub produce_per_sec: f64,
     pub consume_per_sec: f64,
+    /// From a new consumer group's subscribe to its first message, as a worker's group joins.
+    pub first_message: Duration,
+}
+
+/// How many records the broker holds: the sum of every partition's high watermark (the log is
+/// kept forever, so every offset below it is a record).
+fn log_size(config: &Config) -> anyhow::Result<(i64, usize)> {
+    let consumer: BaseConsumer = config.kafka_client_config().create()?;
+    let meta = consumer.fetch_metadata(None, Duration::from_secs(30))?;
+    let mut records = 0;
+    for t in meta.topics() {
+        for p in t.partitions() {
+            let (_, high) = consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(10))?;
+            records += high;
+        }
+    }
+    Ok((records, meta.topics().len()))
 }
 
 /// Produces `messages` to a fresh topic with our idempotent producer, then reads them all back
-/// with a plain consumer (assigned partitions, no group), timing both.
+/// with a plain consumer (assigned partitions, no group), timing both; then times a new group's
+/// first message from that topic.
 pub async fn measure(config: &Config, args: &BrokerArgs) -> anyhow::Result<Rates> {
+    let (log_records, log_topics) = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || log_size(&config)).await??
+    };
+    eprintln!("the broker holds {log_records} records in {log_topics} topics");
     let topic = format!(
         "{}.bench-broker-{}",
         config.namespace,
@@ -88,13 +114,14 @@ pub async fn measure(config: &Config, args: &BrokerArgs) -> anyhow::Result<Rates
     producer.flush(Duration::from_secs(30))?;
     let produce_per_sec = args.messages as f64 / started.elapsed().as_secs_f64();
 
-    let config = config.clone();
+    let reader_config = config.clone();
     let messages = args.messages;
     let partitions = args.partitions;
     let consume_topic = topic.clone();
     let consume_per_sec = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let config = reader_config;
         let consumer: BaseConsumer = config
-            .kafka_client_config()
+            .kafka_reader_config(Reads::Replay)
             .set("group.id", format!("{}.bench-broker", config.namespace))
             .set("enable.auto.commit", "false")
             .create()?;
@@ -120,12 +147,41 @@ pub async fn measure(config: &Config, args: &BrokerArgs) -> anyhow::Result<Rates
         Ok(messages as f64 / started.elapsed().as_secs_f64())
     })
     .await??;
+    let first_message = first_message(config, &topic).await?;
     // The topic is left: deleting one topic on the local broker deletes them all
     // (`bench::drop_namespace`).
     Ok(Rates {
+        log_records,
+        log_topics,
         produce_per_sec,
         consume_per_sec,
+        first_message,
     })
+}
+
+/// A new group joins the way a worker's does (`stream::consumer::join`, the default session
+/// timeout and assignor) and waits for its first message.
+async fn first_message(config: &Config, topic: &str) -> anyhow::Result<Duration> {
+    use crate::stream::consumer::{join, Assignor, Membership, DEFAULT_SESSION_TIMEOUT_MS};
+    let group = format!(
+        "{}.bench-first-{}",
+        config.namespace,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let membership = Membership {
+        session_timeout: Duration::from_millis(DEFAULT_SESSION_TIMEOUT_MS),
+        assignor: Assignor::CooperativeSticky,
+    };
+    let started = Instant::now();
+    let consumer = join(config, "bench", &group, &[topic.to_owned()], &membership)?;
+    match tokio::time::timeout(Duration::from_secs(120), consumer.recv()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => anyhow::bail!("group {group} reading {topic}: {e}"),
+        Err(_) => anyhow::bail!("group {group} had no message from {topic} within 120 s"),
+    }
+    let elapsed = started.elapsed();
+    crate::stream::consumer::depart(consumer, true);
+    Ok(elapsed)
 }
 
 pub async fn run(config: Config, args: BrokerArgs) -> anyhow::Result<()> {
@@ -135,19 +191,31 @@ pub async fn run(config: Config, args: BrokerArgs) -> anyhow::Result<()> {
     );
     let r = measure(&config, &args).await?;
     println!(
-        "broker at {}: produce {:.0} msg/s ({:.1} MB/s), consume {:.0} msg/s ({:.1} MB/s)",
+        "broker at {} holding {} records: produce {:.0} msg/s ({:.1} MB/s), consume {:.0} msg/s ({:.1} MB/s), a new group's first message {:.1} s",
         config.kafka_bootstrap_servers,
+        r.log_records,
         r.produce_per_sec,
         r.produce_per_sec * args.size as f64 / 1e6,
         r.consume_per_sec,
-        r.consume_per_sec * args.size as f64 / 1e6
+        r.consume_per_sec * args.size as f64 / 1e6,
+        r.first_message.as_secs_f64()
     );
     // The broker is the others' baseline, with none of its own.
+    // One row for a young log and one for a big one: the broker's reads slow as it grows.
+    let benchmark = if r.log_records >= 2_000_000 {
+        "tenancy bench broker, on a log of 2 million records or more"
+    } else {
+        "tenancy bench broker"
+    };
     super::Row {
-        benchmark: "tenancy bench broker".into(),
+        benchmark: benchmark.into(),
         figure: format!(
-            "produce {:.0} msg/s, consume {:.0} msg/s ({} B)",
-            r.produce_per_sec, r.consume_per_sec, args.size
+            "produce {:.0} msg/s, consume {:.0} msg/s ({} B), new group's first message {:.1} s; log of {} records",
+            r.produce_per_sec,
+            r.consume_per_sec,
+            args.size,
+            r.first_message.as_secs_f64(),
+            r.log_records
         ),
         baseline: "none: the ceiling of the others".into(),
         ratio: None,

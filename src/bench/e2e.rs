@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::catalog::{fabric_json, provision, Tenant};
 use super::peak_rss_mib;
-use crate::config::Config;
+use crate::config::{Config, Reads};
 use crate::log::topics::{ensure_topics, Topic};
 use crate::store::tenants::Tenants;
 use crate::stream::Settings;
@@ -250,7 +250,7 @@ async fn plain_consume(config: &Config, topic: &str, count: usize) -> anyhow::Re
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = config
-            .kafka_client_config()
+            .kafka_reader_config(Reads::Replay)
             .set("group.id", format!("{}.bench-plain", config.namespace))
             .set("enable.auto.commit", "false")
             .create()?;

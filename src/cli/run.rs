@@ -53,15 +53,19 @@ pub struct RunArgs {
     /// host needs its own port (port 0 picks a free one and logs it).
     #[arg(long, default_value = "127.0.0.1:9464", value_name = "ADDR|off", value_parser = http_addr)]
     pub http: Listen,
-    /// Consumer-group session timeout: how long before a dead worker's partitions move.
-    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    /// Consumer-group session timeout: how long before a dead worker's partitions move. The
+    /// local broker also holds every JoinGroup for half of it, so it sets how soon a worker
+    /// starts: 6 s gives a start in about 3.7 s.
+    #[arg(long, default_value_t = consumer::DEFAULT_SESSION_TIMEOUT_MS, value_name = "MS")]
     pub session_timeout_ms: u64,
     /// Partition assignment protocol (every worker of a group must use the same).
     #[arg(long, value_enum, default_value = "cooperative-sticky")]
     pub assignor: consumer::Assignor,
-    /// Leave the consumer groups when stopping, so partitions move at once. Off by default: the
-    /// local broker (nisshi, Tansu) can wedge a group when its leader leaves mid-rebalance, so a
-    /// stopped worker's partitions move after the session timeout instead. Safe with Kafka.
+    /// Always leave the consumer groups when stopping, so partitions move at once. Without it a
+    /// worker leaves a group only when it is the group's one member and no rebalance is under
+    /// way: the local broker (nisshi, Tansu) can wedge a group whose leader leaves
+    /// mid-rebalance, so among several workers a stopped one's partitions move after the
+    /// session timeout instead. Safe with Kafka.
     #[arg(long)]
     pub leave_group_on_exit: bool,
     /// Tenants written at the same time per MySQL server, per processor: each tenant's events

@@ -25,7 +25,7 @@ use crate::catalog::item::{self, Change};
 use crate::catalog::shadow::ShadowState;
 use crate::catalog::spec::CatalogSpec;
 use crate::catalog::store;
-use crate::config::Config;
+use crate::config::{Config, Reads};
 use crate::log::wire::{decode_batch, Codec, DecodeError, PendingCodec};
 use crate::store::applied;
 use crate::store::offsets;
@@ -78,7 +78,7 @@ pub async fn held_offsets(
 /// hand), and reads ahead little.
 pub fn consumer(config: &Config) -> anyhow::Result<StreamConsumer> {
     Ok(config
-        .kafka_client_config()
+        .kafka_reader_config(Reads::Replay)
         .set("group.id", format!("{}.rebuild", config.namespace))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

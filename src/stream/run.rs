@@ -118,6 +118,15 @@ pub async fn run<P: Processor>(
             "final commit failed; events since the last commit will be redelivered (and skipped)"),
     }
     drop(l);
+    let leave = leave || consumer::alone_in_stable_group(&consumer);
+    if leave {
+        tracing::info!(processor = processor.name(), "leaving the group");
+    } else {
+        tracing::info!(
+            processor = processor.name(),
+            "not leaving the group (others in it, or a rebalance under way): its partitions move when the session expires"
+        );
+    }
     consumer::depart(consumer, leave);
     Ok(())
 }

@@ -17,7 +17,7 @@ use super::{
     HEADER_OFFSET, HEADER_PARTITION, HEADER_PAYLOAD_OMITTED, HEADER_PREFIX, HEADER_REASON,
     HEADER_REPLAYED_FROM, HEADER_TENANT, HEADER_TIMESTAMP, HEADER_TOPIC,
 };
-use crate::config::Config;
+use crate::config::{Config, Reads};
 use crate::log::topics::Topic;
 use crate::tenant::Namespace;
 
@@ -616,7 +616,7 @@ struct Original {
 /// A consumer that never joins its group: it reads assigned partitions and commits offsets.
 fn group_consumer(config: &Config, group: &str) -> anyhow::Result<BaseConsumer> {
     Ok(config
-        .kafka_client_config()
+        .kafka_reader_config(Reads::Live)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
