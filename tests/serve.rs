@@ -441,12 +441,25 @@ async fn retailers_are_resolved_by_host_and_custom_domain() {
         index_owner("shop.example").await.is_none().then_some(())
     })
     .await;
-    let exists: i64 = redis::cmd("EXISTS")
-        .arg(&key)
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    assert_eq!(exists, 0, "{key} is deleted when the removal is applied");
+    // The key is deleted just after the index row's commit (the worker's next Redis round
+    // trips), so it may outlive the row by milliseconds; it must go without a lookup's help.
+    wait_for(
+        &format!("{key} deleted once the removal is applied"),
+        Duration::from_secs(10),
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move {
+                let exists: i64 = redis::cmd("EXISTS")
+                    .arg(&key)
+                    .query_async(&mut redis)
+                    .await
+                    .unwrap();
+                (exists == 0).then_some(())
+            }
+        },
+    )
+    .await;
     assert_eq!(
         server
             .get("/api/retailer/profile", None, Some("shop.example"))
