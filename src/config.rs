@@ -235,6 +235,20 @@ impl Config {
         for (k, v) in self.kafka_client_config().config_map() {
             c.set(k, v);
         }
+        // librdkafka refuses a fetch.max.bytes below message.max.bytes: one raised by
+        // `--kafka-option` raises the fetch size with it rather than failing every consumer.
+        let raised = c
+            .get("message.max.bytes")
+            .filter(|_| {
+                !self
+                    .kafka_options
+                    .iter()
+                    .any(|(k, _)| k == "fetch.max.bytes")
+            })
+            .map(str::to_owned);
+        if let Some(max) = raised {
+            c.set("fetch.max.bytes", max);
+        }
         c
     }
 }
@@ -374,6 +388,28 @@ mod tests {
 
     fn pair(k: &str, v: &str) -> (String, String) {
         (k.to_owned(), v.to_owned())
+    }
+
+    #[test]
+    fn readers_fetch_what_they_need_and_options_still_win() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            connection: ConnectionArgs,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["t"]).connection;
+        let mut config = Config::resolve(&args).unwrap();
+        let live = config.kafka_reader_config(Reads::Live);
+        assert_eq!(live.get("fetch.max.bytes"), Some("1000000"));
+        let replay = config.kafka_reader_config(Reads::Replay);
+        assert_eq!(replay.get("fetch.wait.max.ms"), Some("5000"));
+        assert_eq!(replay.get("fetch.max.bytes"), None);
+        config.kafka_options = vec![("message.max.bytes".into(), "4000000".into())];
+        let live = config.kafka_reader_config(Reads::Live);
+        assert_eq!(live.get("fetch.max.bytes"), Some("4000000"));
+        config.kafka_options = vec![("fetch.wait.max.ms".into(), "100".into())];
+        let replay = config.kafka_reader_config(Reads::Replay);
+        assert_eq!(replay.get("fetch.wait.max.ms"), Some("100"));
     }
 
     #[test]
