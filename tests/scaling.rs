@@ -1038,23 +1038,36 @@ async fn a_stuck_catalog_batch_does_not_delay_provisioning() {
 
 /// Each processor group's state and member count as the broker describes it.
 fn groups_described(t: &TestNs) -> Vec<(String, String, usize)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = t.config.kafka_client_config().create().unwrap();
+    use blindstrader_tenancy::stream::consumer::described;
+    let client: rdkafka::consumer::BaseConsumer = t.config.kafka_client_config().create().unwrap();
     ["provisioner", "catalog", "purger", "domains"]
         .iter()
         .map(|p| {
             let group = format!("{}.{p}", t.ns);
-            let list = client
-                .fetch_group_list(Some(&group), Duration::from_secs(10))
-                .unwrap();
-            let g = list.groups().iter().find(|g| g.name() == group);
-            (
-                group.clone(),
-                g.map(|g| g.state().to_owned()).unwrap_or_default(),
-                g.map_or(0, |g| g.members().len()),
-            )
+            // A group no worker has joined yet is unknown to the broker: no state, no members.
+            let (state, members) =
+                described(&client, &group, Duration::from_secs(10)).unwrap_or_default();
+            (group, state, members)
         })
         .collect()
+}
+
+/// Every group counts `members` right after `worker` stopped, and each of its four processors
+/// logged whether it left (`left`).
+fn after_stop(t: &TestNs, worker: &Worker, members: usize, left: bool) {
+    for (group, state, counted) in groups_described(t) {
+        assert_eq!(
+            counted, members,
+            "{group} ({state}) right after a worker stopped"
+        );
+    }
+    let log = worker.log_text();
+    let (leaving, staying) = (
+        log.matches("INFO leaving the group").count(),
+        log.matches("not leaving the group").count(),
+    );
+    let expected = if left { (4, 0) } else { (0, 4) };
+    assert_eq!((leaving, staying), expected, "{log}");
 }
 
 /// A worker stopped while it is its groups' only member leaves them, so a restarted worker is
@@ -1078,33 +1091,14 @@ async fn a_stopped_worker_leaves_its_groups_only_when_alone() {
     wait_for("one worker in every group", SETTLE, stable_with(1)).await;
     assert!(alone.terminate().success());
     // At once: without the leave, each group would count the stopped member for 6 s.
-    for (group, state, members) in groups_described(&t) {
-        assert_eq!(
-            members, 0,
-            "{group} ({state}) still counts the worker that left"
-        );
-    }
-    assert!(
-        alone.log_text().matches("leaving the group").count() == 4,
-        "{}",
-        alone.log_text()
-    );
+    after_stop(&t, &alone, 0, true);
 
     let _stays = t.spawn_run("stays");
     let mut stops = t.spawn_run("stops");
     wait_for("two workers in every group", SETTLE, stable_with(2)).await;
     assert!(stops.terminate().success());
-    for (group, state, members) in groups_described(&t) {
-        assert_eq!(
-            members, 2,
-            "{group} ({state}): the stopped worker left beside another"
-        );
-    }
-    assert!(
-        stops.log_text().matches("not leaving the group").count() == 4,
-        "{}",
-        stops.log_text()
-    );
+    // Beside another worker it does not leave: both still counted.
+    after_stop(&t, &stops, 2, false);
     wait_for(
         "the stopped worker's session expiring",
         SETTLE,

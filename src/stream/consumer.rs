@@ -159,14 +159,22 @@ pub fn depart(consumer: GroupConsumer, leave: bool) {
 /// Blocks for up to two seconds (one DescribeGroups request); any error answers no.
 pub fn alone_in_stable_group(consumer: &GroupConsumer) -> bool {
     use rdkafka::consumer::Consumer;
-    let group = consumer.context().group.clone();
-    let Ok(list) = consumer.fetch_group_list(Some(&group), Duration::from_secs(2)) else {
-        return false;
-    };
+    described(consumer, &consumer.context().group, Duration::from_secs(2))
+        .is_some_and(|(state, members)| state.eq_ignore_ascii_case("stable") && members == 1)
+}
+
+/// `group`'s state and member count as the broker describes it (DescribeGroups), through any
+/// client; `None` if the broker does not answer or does not know the group.
+pub fn described<X: ConsumerContext, C: rdkafka::consumer::Consumer<X>>(
+    client: &C,
+    group: &str,
+    timeout: Duration,
+) -> Option<(String, usize)> {
+    let list = client.fetch_group_list(Some(group), timeout).ok()?;
     list.groups()
         .iter()
         .find(|g| g.name() == group)
-        .is_some_and(|g| g.state().eq_ignore_ascii_case("stable") && g.members().len() == 1)
+        .map(|g| (g.state().to_owned(), g.members().len()))
 }
 
 /// `tenancy run --session-timeout-ms`'s default.
